@@ -1,1 +1,357 @@
-fn main() {}
+//! The `hearth` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use hearth_proto::{ExecRequest, WriteFileRequest};
+use hearth_vm::snapshot::Verify;
+use hearth_vm::{Assets, BootRequest, Driver, MachineShape, QemuDriver, Snapshot, VmState};
+
+mod bench;
+
+#[derive(Debug, Parser)]
+#[command(name = "hearth", version, about = "Run untrusted code in microVMs")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Engine-level VM control (boot, exec, snapshot, launch, suspend, resume).
+    #[command(subcommand)]
+    Vm(VmCommand),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum VmCommand {
+    /// Boot a VM from a base image and wait until its agent answers.
+    Boot {
+        #[arg(long, default_value = "debian-12")]
+        image: String,
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        shape: ShapeArgs,
+    },
+    /// Run a command in a VM, streaming its output; exits with its status.
+    Exec(ExecArgs),
+    /// Copy a file into or out of a VM: `hearth vm cp LOCAL NAME:/path` or
+    /// `hearth vm cp NAME:/path LOCAL`.
+    Cp {
+        src: String,
+        dst: String,
+        /// Mode of the file written in the guest (octal), default: the local file's.
+        #[arg(long)]
+        mode: Option<String>,
+    },
+    /// Snapshot a running VM into a directory; the VM keeps running.
+    Snapshot {
+        name: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Start a new VM from a snapshot.
+    Launch {
+        #[arg(long)]
+        snapshot: PathBuf,
+        #[arg(long)]
+        name: String,
+    },
+    /// Write a VM's memory and state to disk and end its process.
+    Suspend { name: String },
+    /// Resume a suspended VM.
+    Resume { name: String },
+    /// List VMs.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop a VM and remove all it left on disk.
+    Rm { names: Vec<String> },
+}
+
+#[derive(Debug, Args)]
+struct ShapeArgs {
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(64..=65536))]
+    memory_mib: u32,
+    /// Virtual CPUs.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=64))]
+    vcpus: u8,
+}
+
+#[derive(Debug, Args)]
+struct ExecArgs {
+    name: String,
+    /// Environment variable for the command (repeatable).
+    #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// Working directory in the guest.
+    #[arg(long)]
+    cwd: Option<String>,
+    /// Run as UID[:GID].
+    #[arg(long)]
+    user: Option<String>,
+    /// Kill the command after this many seconds.
+    #[arg(long)]
+    timeout: Option<u64>,
+    /// Forward this process's standard input.
+    #[arg(long, short = 'i')]
+    interactive: bool,
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Launch-from-snapshot benchmark (see README).
+    Launch(bench::LaunchArgs),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HEARTH_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("hearth: cannot start the runtime: {err}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("hearth: {err:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Vm(command) => vm(command).await,
+        Command::Bench(BenchCommand::Launch(args)) => bench::launch(args).await,
+    }
+}
+
+fn driver() -> Result<QemuDriver> {
+    Ok(QemuDriver::new(Assets::from_env())?)
+}
+
+async fn vm(command: VmCommand) -> Result<ExitCode> {
+    let driver = driver()?;
+    match command {
+        VmCommand::Boot { image, name, shape } => {
+            eprintln!("hearth: booting {name} from {image} (waiting for the guest agent)");
+            let vm = driver
+                .boot(&BootRequest {
+                    name,
+                    image,
+                    shape: MachineShape {
+                        memory_mib: shape.memory_mib,
+                        vcpus: shape.vcpus,
+                    },
+                })
+                .await?;
+            println!("{}", vm.name);
+        }
+        VmCommand::Exec(args) => return exec(&driver, args).await,
+        VmCommand::Cp { src, dst, mode } => copy(&driver, &src, &dst, mode.as_deref()).await?,
+        VmCommand::Snapshot { name, out } => {
+            let vm = driver.load(&name)?;
+            let snapshot = driver.snapshot(&vm, &out).await?;
+            println!("{}", snapshot.dir.display());
+        }
+        VmCommand::Launch { snapshot, name } => {
+            let snapshot = Snapshot::open(&snapshot, Verify::Full)?;
+            let vm = driver.launch(&snapshot, &name).await?;
+            println!("{}", vm.name);
+        }
+        VmCommand::Suspend { name } => {
+            let mut vm = driver.load(&name)?;
+            driver.suspend(&mut vm).await?;
+        }
+        VmCommand::Resume { name } => {
+            let mut vm = driver.load(&name)?;
+            driver.resume(&mut vm).await?;
+        }
+        VmCommand::Ls { json } => {
+            let vms = driver.list()?;
+            if json {
+                let rows: Vec<_> = vms
+                    .iter()
+                    .map(|vm| {
+                        serde_json::json!({
+                            "name": vm.name,
+                            "state": status(vm),
+                            "pid": vm.pid,
+                            "memoryMiB": vm.shape.memory_mib,
+                            "vcpus": vm.shape.vcpus,
+                            "origin": vm.origin,
+                            "dir": vm.dir,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!("{:<24} {:<10} {:>8} {:>7}  ORIGIN", "NAME", "STATE", "PID", "MEM");
+                for vm in &vms {
+                    let origin = match &vm.origin {
+                        hearth_vm::Origin::Boot { image } => format!("image {image}"),
+                        hearth_vm::Origin::Snapshot { dir } => format!("snapshot {}", dir.display()),
+                    };
+                    println!(
+                        "{:<24} {:<10} {:>8} {:>6}M  {}",
+                        vm.name,
+                        status(vm),
+                        vm.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                        vm.shape.memory_mib,
+                        origin
+                    );
+                }
+            }
+        }
+        VmCommand::Rm { names } => {
+            let mut failed = false;
+            for name in names {
+                match driver.load(&name) {
+                    Ok(vm) => driver.remove(&vm).await?,
+                    Err(err) => {
+                        eprintln!("hearth: {err}");
+                        failed = true;
+                    }
+                }
+            }
+            if failed {
+                return Ok(ExitCode::from(1));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn status(vm: &hearth_vm::VmRecord) -> &'static str {
+    match vm.state {
+        VmState::Suspended => "suspended",
+        VmState::Running if QemuDriver::is_alive(vm) => "running",
+        VmState::Running => "dead",
+    }
+}
+
+async fn exec(driver: &QemuDriver, args: ExecArgs) -> Result<ExitCode> {
+    let vm = driver.load(&args.name)?;
+    let agent = driver.agent(&vm).await?;
+    let mut env = Vec::new();
+    for pair in &args.env {
+        let Some((key, value)) = pair.split_once('=') else {
+            bail!("--env wants KEY=VALUE, got {pair:?}");
+        };
+        env.push((key.to_string(), value.to_string()));
+    }
+    let (uid, gid) = match &args.user {
+        None => (None, None),
+        Some(user) => {
+            let (uid, gid) = user.split_once(':').unwrap_or((user, user));
+            (
+                Some(uid.parse().context("--user wants UID[:GID]")?),
+                Some(gid.parse().context("--user wants UID[:GID]")?),
+            )
+        }
+    };
+    let request = ExecRequest {
+        argv: args.command,
+        env,
+        cwd: args.cwd,
+        uid,
+        gid,
+        timeout_ms: args.timeout.map(|s| s.saturating_mul(1000)),
+        ..Default::default()
+    };
+    let stdin = args.interactive.then(tokio::io::stdin);
+    let status = agent
+        .exec(request, stdin, &mut tokio::io::stdout(), &mut tokio::io::stderr())
+        .await?;
+    if status.timed_out {
+        eprintln!("hearth: command timed out");
+    }
+    Ok(match (status.code, status.signal) {
+        (Some(code), _) => ExitCode::from(code.clamp(0, 255) as u8),
+        (None, Some(signal)) => ExitCode::from((128 + signal).clamp(0, 255) as u8),
+        _ => ExitCode::from(255),
+    })
+}
+
+/// `NAME:/path` → (NAME, /path).
+fn guest_path(spec: &str) -> Option<(&str, &str)> {
+    let (name, path) = spec.split_once(':')?;
+    (hearth_vm::validate_name(name) && path.starts_with('/')).then_some((name, path))
+}
+
+async fn copy(driver: &QemuDriver, src: &str, dst: &str, mode: Option<&str>) -> Result<()> {
+    match (guest_path(src), guest_path(dst)) {
+        (None, Some((name, path))) => {
+            let file = tokio::fs::File::open(src)
+                .await
+                .with_context(|| format!("cannot open {src}"))?;
+            let local_mode = std::os::unix::fs::PermissionsExt::mode(&file.metadata().await?.permissions());
+            let mode = match mode {
+                Some(m) => u32::from_str_radix(m, 8).context("--mode wants an octal mode")?,
+                None => local_mode & 0o7777,
+            };
+            let vm = driver.load(name)?;
+            let agent = driver.agent(&vm).await?;
+            agent
+                .write_file(
+                    WriteFileRequest {
+                        path: path.to_string(),
+                        mode: Some(mode),
+                        uid: None,
+                        gid: None,
+                        create_parents: false,
+                    },
+                    file,
+                )
+                .await?;
+        }
+        (Some((name, path)), None) => {
+            let vm = driver.load(name)?;
+            let agent = driver.agent(&vm).await?;
+            let tmp = format!("{dst}.hearth-partial");
+            let mut file = tokio::fs::File::create(&tmp)
+                .await
+                .with_context(|| format!("cannot create {dst}"))?;
+            let result = agent.read_file(path, &mut file).await;
+            drop(file);
+            match result {
+                Ok(_) => tokio::fs::rename(&tmp, dst).await?,
+                Err(err) => {
+                    let _ = tokio::fs::remove_file(&tmp).await;
+                    return Err(err.into());
+                }
+            }
+        }
+        _ => bail!("exactly one of SRC and DST must be NAME:/absolute/path"),
+    }
+    Ok(())
+}
+
+/// Used by the benchmark for waits that print what they wait for.
+pub(crate) fn progress(message: &str) {
+    eprintln!("hearth: {message}");
+}

@@ -1,0 +1,502 @@
+//! Host side of the agent protocol: one connection to a guest's agent over the
+//! VM's virtio-serial chardev socket, multiplexing many streams.
+//!
+//! A background task reads frames and routes each to the stream that owns it; a
+//! second task owns the write half. Streams are bounded channels, so a reader
+//! that stops consuming slows down the guest rather than growing memory.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use hearth_proto::{
+    ConnectRequest, ErrorKind, ErrorReply, ExecRequest, ExitStatus, Frame, FrameCodec, FrameKind,
+    Hello, Incoming, ReadFileRequest, Reply, Request, RestoredRequest, SignalRequest,
+    WriteFileRequest, CONTROL_STREAM, FLAG_STDERR, FLAG_STDOUT, PROTOCOL_VERSION,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+use tokio_util::codec::Framed;
+
+/// Frames buffered per stream before the reader task waits.
+const STREAM_QUEUE: usize = 64;
+/// Chunk size for data we send (well under the protocol's frame limit).
+const CHUNK: usize = 128 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("cannot reach the agent socket")]
+    Connect(#[source] std::io::Error),
+    #[error("agent connection failed")]
+    Io(#[source] std::io::Error),
+    #[error("agent did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("agent connection closed")]
+    Closed,
+    #[error("agent speaks protocol version {0}, expected {PROTOCOL_VERSION}")]
+    Version(u32),
+    #[error("agent broke the protocol: {0}")]
+    Protocol(String),
+    #[error("{}", .0.message)]
+    Remote(ErrorReply),
+}
+
+impl AgentError {
+    /// The guest's error kind, when the guest refused the request.
+    pub fn remote_kind(&self) -> Option<ErrorKind> {
+        match self {
+            Self::Remote(reply) => Some(reply.kind),
+            _ => None,
+        }
+    }
+}
+
+type Routes = Arc<Mutex<HashMap<u32, mpsc::Sender<Frame>>>>;
+
+/// A live connection to one guest's agent.
+#[derive(Debug, Clone)]
+pub struct AgentClient {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    outgoing: mpsc::Sender<Frame>,
+    routes: Routes,
+    next_stream: AtomicU32,
+    software: String,
+}
+
+impl AgentClient {
+    /// Connects to the agent socket and completes the `Hello` handshake, retrying
+    /// until `timeout` (the guest may still be booting or being restored).
+    pub async fn connect(socket: &Path, timeout: Duration) -> Result<Self, AgentError> {
+        let deadline = Instant::now() + timeout;
+        let stream = loop {
+            match UnixStream::connect(socket).await {
+                Ok(stream) => break stream,
+                Err(err) if Instant::now() >= deadline => return Err(AgentError::Connect(err)),
+                Err(_) => tokio::time::sleep(Duration::from_millis(2)).await,
+            }
+        };
+        let mut framed = Framed::new(stream, FrameCodec::default());
+        let hello = Hello {
+            version: PROTOCOL_VERSION,
+            software: format!("hearth-vm {}", env!("CARGO_PKG_VERSION")),
+        };
+        framed
+            .send(Frame::json(CONTROL_STREAM, FrameKind::Hello, &hello))
+            .await
+            .map_err(AgentError::Io)?;
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let answer = tokio::time::timeout(remaining, async {
+            loop {
+                match framed.next().await {
+                    None => return Err(AgentError::Closed),
+                    Some(Err(err)) => return Err(AgentError::Io(err)),
+                    Some(Ok(Incoming::Frame(frame))) if frame.stream == CONTROL_STREAM => {
+                        return Ok(frame)
+                    }
+                    // Anything else is left over from a previous session.
+                    Some(Ok(_)) => continue,
+                }
+            }
+        })
+        .await
+        .map_err(|_| AgentError::Timeout(timeout))??;
+        let software = match answer.kind {
+            FrameKind::Hello => {
+                let hello: Hello = answer
+                    .parse()
+                    .map_err(|err| AgentError::Protocol(err.to_string()))?;
+                if hello.version != PROTOCOL_VERSION {
+                    return Err(AgentError::Version(hello.version));
+                }
+                hello.software
+            }
+            FrameKind::Error => return Err(remote_error(&answer)),
+            other => return Err(AgentError::Protocol(format!("{other:?} before Hello"))),
+        };
+
+        let (mut sink, mut source) = framed.split();
+        let (outgoing, mut outgoing_rx) = mpsc::channel::<Frame>(STREAM_QUEUE);
+        tokio::spawn(async move {
+            while let Some(frame) = outgoing_rx.recv().await {
+                if sink.send(frame).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let routes: Routes = Arc::default();
+        let reader_routes = routes.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(incoming)) = source.next().await {
+                let (stream, frame) = match incoming {
+                    Incoming::Frame(frame) => (frame.stream, frame),
+                    Incoming::Rejected { stream, reason } => (
+                        stream,
+                        Frame::error(stream, ErrorKind::Protocol, reason.to_string()),
+                    ),
+                };
+                let closes = matches!(
+                    frame.kind,
+                    FrameKind::Exit | FrameKind::Error | FrameKind::Close
+                );
+                let route = lock(&reader_routes).get(&stream).cloned();
+                if let Some(route) = route {
+                    // A stream whose owner went away is simply dropped.
+                    let _ = route.send(frame).await;
+                }
+                if closes {
+                    lock(&reader_routes).remove(&stream);
+                }
+            }
+            // Connection gone: dropping the senders ends every open stream.
+            lock(&reader_routes).clear();
+        });
+        Ok(Self {
+            inner: Arc::new(Inner {
+                outgoing,
+                routes,
+                next_stream: AtomicU32::new(1),
+                software,
+            }),
+        })
+    }
+
+    /// What the agent said it is in the handshake.
+    pub fn agent_software(&self) -> &str {
+        &self.inner.software
+    }
+
+    /// Opens a new stream with `request`.
+    pub async fn open(&self, request: &Request) -> Result<AgentStream, AgentError> {
+        let id = self.inner.next_stream.fetch_add(1, Ordering::Relaxed).max(1);
+        let (tx, rx) = mpsc::channel(STREAM_QUEUE);
+        lock(&self.inner.routes).insert(id, tx);
+        let stream = AgentStream {
+            id,
+            rx,
+            client: self.inner.clone(),
+            finished: false,
+        };
+        stream
+            .send(Frame::json(id, FrameKind::Open, request))
+            .await?;
+        Ok(stream)
+    }
+
+    /// Round trip to the agent.
+    pub async fn ping(&self) -> Result<u64, AgentError> {
+        let mut stream = self.open(&Request::Ping).await?;
+        match stream.reply().await? {
+            Reply::Pong { uptime_ms } => Ok(uptime_ms),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Tells the guest it was restored: sets its clock to ours and reseeds its RNG.
+    /// Returns the guest's clock before the change.
+    pub async fn restored(&self) -> Result<SystemTime, AgentError> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as u64;
+        let mut entropy = [0u8; 64];
+        rand::Rng::fill(&mut rand::rngs::OsRng, &mut entropy[..]);
+        let request = Request::Restored(RestoredRequest {
+            unix_time_ns: now,
+            entropy_hex: hex::encode(entropy),
+        });
+        let mut stream = self.open(&request).await?;
+        match stream.reply().await? {
+            Reply::Restored { previous_time_ns } => {
+                Ok(UNIX_EPOCH + Duration::from_nanos(previous_time_ns))
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Runs a process, streaming its output to `stdout`/`stderr` and feeding it
+    /// `stdin` when given.
+    pub async fn exec<R, O, E>(
+        &self,
+        mut request: ExecRequest,
+        stdin: Option<R>,
+        stdout: &mut O,
+        stderr: &mut E,
+    ) -> Result<ExitStatus, AgentError>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        O: AsyncWrite + Unpin,
+        E: AsyncWrite + Unpin,
+    {
+        request.stdin = stdin.is_some();
+        let mut stream = self.open(&Request::Exec(request)).await?;
+        let feeder = stdin.map(|input| {
+            let sender = stream.sender();
+            tokio::spawn(async move { sender.send_all(input).await })
+        });
+        let result = async {
+            loop {
+                let frame = stream.recv().await?;
+                match frame.kind {
+                    FrameKind::Data if frame.flags == FLAG_STDERR => {
+                        stderr.write_all(&frame.payload).await.map_err(AgentError::Io)?;
+                    }
+                    FrameKind::Data if frame.flags == FLAG_STDOUT => {
+                        stdout.write_all(&frame.payload).await.map_err(AgentError::Io)?;
+                    }
+                    FrameKind::Eof | FrameKind::Data => {}
+                    FrameKind::Exit => {
+                        stream.finished = true;
+                        stdout.flush().await.map_err(AgentError::Io)?;
+                        stderr.flush().await.map_err(AgentError::Io)?;
+                        return frame
+                            .parse::<ExitStatus>()
+                            .map_err(|err| AgentError::Protocol(err.to_string()));
+                    }
+                    _ => return Err(stream.unexpected_frame(&frame)),
+                }
+            }
+        }
+        .await;
+        if let Some(feeder) = feeder {
+            feeder.abort();
+        }
+        result
+    }
+
+    /// Runs a process and collects its output.
+    pub async fn exec_output(&self, request: ExecRequest) -> Result<ExecOutput, AgentError> {
+        let mut stdout = Vec::new();
+        let mut stderr = Vec::new();
+        let status = self
+            .exec(request, None::<tokio::io::Empty>, &mut stdout, &mut stderr)
+            .await?;
+        Ok(ExecOutput {
+            status,
+            stdout,
+            stderr,
+        })
+    }
+
+    /// Writes a file in the guest from `content`; returns the bytes written.
+    pub async fn write_file<R: AsyncRead + Unpin + Send + 'static>(
+        &self,
+        request: WriteFileRequest,
+        content: R,
+    ) -> Result<u64, AgentError> {
+        let mut stream = self.open(&Request::WriteFile(request)).await?;
+        let sender = stream.sender();
+        let feeder = tokio::spawn(async move { sender.send_all(content).await });
+        let reply = stream.reply().await;
+        feeder.abort();
+        match reply? {
+            Reply::Written { bytes } => Ok(bytes),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Reads a file from the guest into `out`; returns its size and mode.
+    pub async fn read_file<W: AsyncWrite + Unpin>(
+        &self,
+        path: &str,
+        out: &mut W,
+    ) -> Result<(u64, u32), AgentError> {
+        let mut stream = self
+            .open(&Request::ReadFile(ReadFileRequest { path: path.into() }))
+            .await?;
+        let (size, mode) = match stream.reply().await? {
+            Reply::FileInfo { size, mode } => (size, mode),
+            other => return Err(unexpected(&other)),
+        };
+        let mut copied = 0u64;
+        loop {
+            let frame = stream.recv().await?;
+            match frame.kind {
+                FrameKind::Data => {
+                    copied += frame.payload.len() as u64;
+                    out.write_all(&frame.payload).await.map_err(AgentError::Io)?;
+                }
+                FrameKind::Eof => break,
+                _ => return Err(stream.unexpected_frame(&frame)),
+            }
+        }
+        stream.finished = true;
+        out.flush().await.map_err(AgentError::Io)?;
+        let _ = size;
+        Ok((copied, mode))
+    }
+
+    /// Opens a TCP connection to `127.0.0.1:port` inside the guest.
+    pub async fn connect_tcp(&self, port: u16) -> Result<AgentStream, AgentError> {
+        let mut stream = self
+            .open(&Request::Connect(ConnectRequest { port }))
+            .await?;
+        match stream.reply().await? {
+            Reply::Connected => Ok(stream),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Asks the guest to sync and power off.
+    pub async fn shutdown(&self) -> Result<(), AgentError> {
+        let mut stream = self.open(&Request::Shutdown).await?;
+        match stream.reply().await? {
+            Reply::ShuttingDown => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+}
+
+/// Output of [`AgentClient::exec_output`].
+#[derive(Debug, Clone)]
+pub struct ExecOutput {
+    pub status: ExitStatus,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+/// One open stream. Dropping it before the guest ended it tells the guest to
+/// abandon it (an exec'd process is killed, a socket closed).
+#[derive(Debug)]
+pub struct AgentStream {
+    id: u32,
+    rx: mpsc::Receiver<Frame>,
+    client: Arc<Inner>,
+    finished: bool,
+}
+
+/// The sending half of a stream, usable from another task.
+#[derive(Debug, Clone)]
+pub struct StreamSender {
+    id: u32,
+    outgoing: mpsc::Sender<Frame>,
+}
+
+impl StreamSender {
+    pub async fn send_data(&self, data: Bytes) -> Result<(), AgentError> {
+        self.outgoing
+            .send(Frame::new(self.id, FrameKind::Data, data))
+            .await
+            .map_err(|_| AgentError::Closed)
+    }
+
+    pub async fn send_eof(&self) -> Result<(), AgentError> {
+        self.outgoing
+            .send(Frame::new(self.id, FrameKind::Eof, Bytes::new()))
+            .await
+            .map_err(|_| AgentError::Closed)
+    }
+
+    pub async fn signal(&self, signal: i32) -> Result<(), AgentError> {
+        self.outgoing
+            .send(Frame::json(
+                self.id,
+                FrameKind::Signal,
+                &SignalRequest { signal },
+            ))
+            .await
+            .map_err(|_| AgentError::Closed)
+    }
+
+    /// Copies `input` into the stream as `Data` frames, then sends `Eof`.
+    pub async fn send_all<R: AsyncRead + Unpin>(&self, mut input: R) -> Result<u64, AgentError> {
+        let mut total = 0u64;
+        loop {
+            let mut buf = vec![0u8; CHUNK];
+            let n = input.read(&mut buf).await.map_err(AgentError::Io)?;
+            if n == 0 {
+                break;
+            }
+            buf.truncate(n);
+            total += n as u64;
+            self.send_data(Bytes::from(buf)).await?;
+        }
+        self.send_eof().await?;
+        Ok(total)
+    }
+}
+
+impl AgentStream {
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    pub fn sender(&self) -> StreamSender {
+        StreamSender {
+            id: self.id,
+            outgoing: self.client.outgoing.clone(),
+        }
+    }
+
+    async fn send(&self, frame: Frame) -> Result<(), AgentError> {
+        self.client
+            .outgoing
+            .send(frame)
+            .await
+            .map_err(|_| AgentError::Closed)
+    }
+
+    /// Next frame of this stream; `Error` frames become `Err`.
+    pub async fn recv(&mut self) -> Result<Frame, AgentError> {
+        let frame = self.rx.recv().await.ok_or(AgentError::Closed)?;
+        if frame.kind == FrameKind::Error {
+            self.finished = true;
+            return Err(remote_error(&frame));
+        }
+        Ok(frame)
+    }
+
+    /// Waits for a `Reply` frame.
+    pub async fn reply(&mut self) -> Result<Reply, AgentError> {
+        let frame = self.recv().await?;
+        if frame.kind != FrameKind::Reply {
+            return Err(self.unexpected_frame(&frame));
+        }
+        frame
+            .parse()
+            .map_err(|err| AgentError::Protocol(err.to_string()))
+    }
+
+    fn unexpected_frame(&self, frame: &Frame) -> AgentError {
+        AgentError::Protocol(format!(
+            "unexpected {:?} frame on stream {}",
+            frame.kind, self.id
+        ))
+    }
+}
+
+impl Drop for AgentStream {
+    fn drop(&mut self) {
+        lock(&self.client.routes).remove(&self.id);
+        if !self.finished {
+            let _ = self
+                .client
+                .outgoing
+                .try_send(Frame::new(self.id, FrameKind::Close, Bytes::new()));
+        }
+    }
+}
+
+fn remote_error(frame: &Frame) -> AgentError {
+    match frame.parse::<ErrorReply>() {
+        Ok(reply) => AgentError::Remote(reply),
+        Err(err) => AgentError::Protocol(err.to_string()),
+    }
+}
+
+fn unexpected(reply: &Reply) -> AgentError {
+    AgentError::Protocol(format!("unexpected reply {reply:?}"))
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding this lock cannot leave the map inconsistent.
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}

@@ -1,0 +1,151 @@
+//! Where hearth finds what a guest is made of: the kernel and its modules, base
+//! root filesystems, the agent binary, and where it keeps per-VM state.
+//!
+//! `scripts/setup-host` fills the cache; this module only reads it.
+
+use std::path::{Path, PathBuf};
+
+use crate::initramfs::{self, InitramfsError, InitramfsSpec};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AssetError {
+    #[error("guest kernel not found at {0}; run scripts/setup-host")]
+    MissingKernel(PathBuf),
+    #[error("base image {name:?} not found at {path}; run scripts/setup-host")]
+    MissingImage { name: String, path: PathBuf },
+    #[error("image name {0:?} is invalid")]
+    BadImageName(String),
+    #[error("hearth-agent binary not found (looked in {0}); build it with scripts/build-agent or set HEARTH_AGENT")]
+    MissingAgent(String),
+    #[error("cannot build the initramfs")]
+    Initramfs(#[from] InitramfsError),
+}
+
+/// The guest kernel and initramfs for a boot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestKernel {
+    pub vmlinuz: PathBuf,
+    pub initrd: PathBuf,
+    pub version: String,
+}
+
+/// Locations of hearth's cache (downloads, base images) and state (VMs).
+#[derive(Debug, Clone)]
+pub struct Assets {
+    pub cache_dir: PathBuf,
+    pub state_dir: PathBuf,
+}
+
+impl Assets {
+    /// From the environment: `HEARTH_CACHE` (default `$XDG_CACHE_HOME/hearth` or
+    /// `~/.cache/hearth`) and `HEARTH_HOME` (default `$XDG_DATA_HOME/hearth` or
+    /// `~/.local/share/hearth`).
+    pub fn from_env() -> Self {
+        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| "/tmp".into());
+        let env_dir = |var: &str| std::env::var_os(var).filter(|v| !v.is_empty()).map(PathBuf::from);
+        let cache_dir = env_dir("HEARTH_CACHE").unwrap_or_else(|| {
+            env_dir("XDG_CACHE_HOME")
+                .unwrap_or_else(|| home.join(".cache"))
+                .join("hearth")
+        });
+        let state_dir = env_dir("HEARTH_HOME").unwrap_or_else(|| {
+            env_dir("XDG_DATA_HOME")
+                .unwrap_or_else(|| home.join(".local/share"))
+                .join("hearth")
+        });
+        Self {
+            cache_dir,
+            state_dir,
+        }
+    }
+
+    pub fn vms_dir(&self) -> PathBuf {
+        self.state_dir.join("vms")
+    }
+
+    /// The immutable ext4 root disk of base image `name` (e.g. `debian-12`).
+    pub fn base_image(&self, name: &str) -> Result<PathBuf, AssetError> {
+        let valid = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+            && !name.starts_with('.');
+        if !valid {
+            return Err(AssetError::BadImageName(name.to_string()));
+        }
+        let link = self.cache_dir.join("images").join(name).join("current");
+        let path = link.join("rootfs.ext4");
+        if !path.is_file() {
+            return Err(AssetError::MissingImage {
+                name: name.to_string(),
+                path,
+            });
+        }
+        // Resolve the `current` link so VMs keep pointing at the exact content
+        // they booted from even after a newer build replaces it.
+        Ok(std::fs::canonicalize(&path).unwrap_or(path))
+    }
+
+    /// The guest kernel, with an initramfs for the agent found by [`Self::agent_binary`].
+    pub fn guest_kernel(&self) -> Result<GuestKernel, AssetError> {
+        let dir = self.cache_dir.join("kernel").join("current");
+        let vmlinuz = dir.join("vmlinuz");
+        if !vmlinuz.is_file() {
+            return Err(AssetError::MissingKernel(vmlinuz));
+        }
+        let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
+        let version = std::fs::read_to_string(dir.join("version"))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default();
+        let initrd = initramfs::ensure(
+            &InitramfsSpec {
+                agent: self.agent_binary()?,
+                modules_dir: dir.join("modules"),
+            },
+            &self.cache_dir.join("initramfs"),
+        )?;
+        Ok(GuestKernel {
+            vmlinuz: dir.join("vmlinuz"),
+            initrd,
+            version,
+        })
+    }
+
+    /// The static agent binary: `$HEARTH_AGENT`, else beside the running
+    /// executable, else where `scripts/build-agent` puts it in the target dir.
+    pub fn agent_binary(&self) -> Result<PathBuf, AssetError> {
+        if let Some(path) = std::env::var_os("HEARTH_AGENT").filter(|v| !v.is_empty()) {
+            let path = PathBuf::from(path);
+            return if path.is_file() {
+                Ok(path)
+            } else {
+                Err(AssetError::MissingAgent(path.display().to_string()))
+            };
+        }
+        // The static build (scripts/build-agent) lives in the target-triple
+        // directory of a cargo target dir: the CLI runs from target/{debug,release}/
+        // and test binaries from target/debug/deps/. Installed, it sits beside the CLI.
+        let mut candidates = Vec::new();
+        if let Ok(exe) = std::env::current_exe() {
+            let mut dir: Option<&Path> = exe.parent();
+            for _ in 0..3 {
+                let Some(d) = dir else { break };
+                candidates.push(d.join("x86_64-unknown-linux-gnu/release/hearth-agent"));
+                dir = d.parent();
+            }
+            if let Some(d) = exe.parent() {
+                candidates.push(d.join("hearth-agent"));
+            }
+        }
+        candidates.iter().find(|p| p.is_file()).cloned().ok_or_else(|| {
+            AssetError::MissingAgent(
+                candidates
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            )
+        })
+    }
+}

@@ -1,0 +1,156 @@
+//! Disk and file helpers: copy-on-write qcow2 overlays, sparse copies, and
+//! durable writes (fsync of files and of the directories that name them).
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{seek, SeekFrom as RxSeekFrom};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error("qemu-img could not be run")]
+    Spawn(#[source] std::io::Error),
+    #[error("qemu-img failed to create {path}: {stderr}")]
+    QemuImg { path: PathBuf, stderr: String },
+    #[error("I/O on {0}")]
+    Io(PathBuf, #[source] std::io::Error),
+}
+
+/// Backing file formats an overlay can sit on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackingFormat {
+    /// An immutable ext4 image (a base image).
+    Raw,
+    /// Another overlay (a snapshot's disk).
+    Qcow2,
+}
+
+/// Creates a qcow2 overlay at `path` whose unwritten blocks read from `backing`.
+pub async fn create_overlay(
+    path: &Path,
+    backing: &Path,
+    format: BackingFormat,
+) -> Result<(), DiskError> {
+    let format = match format {
+        BackingFormat::Raw => "raw",
+        BackingFormat::Qcow2 => "qcow2",
+    };
+    let output = tokio::process::Command::new("qemu-img")
+        .arg("create")
+        .arg("-q")
+        .args(["-f", "qcow2", "-F", format, "-b"])
+        .arg(backing)
+        .arg(path)
+        .output()
+        .await
+        .map_err(DiskError::Spawn)?;
+    if !output.status.success() {
+        return Err(DiskError::QemuImg {
+            path: path.to_path_buf(),
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Copies `from` to `to`, keeping holes as holes (memory files are mostly
+/// unwritten), and fsyncs the copy. Returns the bytes of data copied.
+pub fn sparse_copy(from: &Path, to: &Path) -> Result<u64, DiskError> {
+    let io_from = |e| DiskError::Io(from.to_path_buf(), e);
+    let io_to = |e| DiskError::Io(to.to_path_buf(), e);
+    let mut src = File::open(from).map_err(io_from)?;
+    let len = src.metadata().map_err(io_from)?.len();
+    let mut dst = File::create(to).map_err(io_to)?;
+    dst.set_len(len).map_err(io_to)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut copied = 0u64;
+    let mut offset = 0u64;
+    while offset < len {
+        // Next data region; ENXIO means only a hole remains.
+        let data = match seek(&src, RxSeekFrom::Data(offset as i64)) {
+            Ok(at) => at,
+            Err(rustix::io::Errno::NXIO) => break,
+            Err(e) => return Err(io_from(e.into())),
+        };
+        let hole = seek(&src, RxSeekFrom::Hole(data as i64))
+            .map_err(|e| io_from(e.into()))?
+            .min(len);
+        src.seek(SeekFrom::Start(data)).map_err(io_from)?;
+        dst.seek(SeekFrom::Start(data)).map_err(io_to)?;
+        let mut remaining = hole - data;
+        while remaining > 0 {
+            let want = remaining.min(buf.len() as u64) as usize;
+            let n = src.read(&mut buf[..want]).map_err(io_from)?;
+            if n == 0 {
+                break;
+            }
+            // Skip all-zero blocks inside data regions too: they read back as zero.
+            if buf[..n].iter().any(|&b| b != 0) {
+                dst.write_all(&buf[..n]).map_err(io_to)?;
+            } else {
+                dst.seek(SeekFrom::Current(n as i64)).map_err(io_to)?;
+            }
+            remaining -= n as u64;
+            copied += n as u64;
+        }
+        offset = hole;
+    }
+    dst.sync_all().map_err(io_to)?;
+    Ok(copied)
+}
+
+/// fsyncs a directory so that renames and creations in it are durable.
+pub fn sync_dir(dir: &Path) -> Result<(), DiskError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| DiskError::Io(dir.to_path_buf(), e))
+}
+
+/// Writes `bytes` to `path` atomically: temporary file, fsync, rename, fsync dir.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), DiskError> {
+    let tmp = path.with_extension("tmp");
+    let io = |e| DiskError::Io(path.to_path_buf(), e);
+    let mut file = File::create(&tmp).map_err(io)?;
+    file.write_all(bytes).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)?;
+    if let Some(parent) = path.parent() {
+        sync_dir(parent)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sparse_copy_keeps_content_and_holes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let src = dir.path().join("src");
+        let dst = dir.path().join("dst");
+        {
+            let mut f = File::create(&src).expect("create");
+            f.set_len(8 << 20).expect("set_len");
+            f.seek(SeekFrom::Start(3 << 20)).expect("seek");
+            f.write_all(&[7u8; 5000]).expect("write");
+            f.seek(SeekFrom::Start((8 << 20) - 10)).expect("seek");
+            f.write_all(b"0123456789").expect("write");
+        }
+        sparse_copy(&src, &dst).expect("copy");
+        assert_eq!(std::fs::read(&src).expect("read"), std::fs::read(&dst).expect("read"));
+        let blocks = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&dst).expect("meta"));
+        assert!(blocks * 512 < 1 << 20, "copy is not sparse: {blocks} blocks");
+    }
+
+    #[test]
+    fn atomic_write_replaces() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("m.json");
+        write_atomic(&path, b"one").expect("write");
+        write_atomic(&path, b"two").expect("write");
+        assert_eq!(std::fs::read(&path).expect("read"), b"two");
+        assert!(!path.with_extension("tmp").exists());
+    }
+}

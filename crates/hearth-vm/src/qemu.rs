@@ -1,0 +1,857 @@
+//! The QEMU driver: `-M microvm` guests controlled over QMP.
+//!
+//! Every VM lives in its own directory (`vm.json`, sockets, logs, disk overlay,
+//! RAM file). The record is written before QEMU is started and after every state
+//! change, so another process can find the VM and a crash leaves a record that
+//! says what was intended.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::process::Command;
+use tracing::{debug, info};
+
+use crate::accel::{self, AccelError};
+use crate::agent::{AgentClient, AgentError};
+use crate::assets::{AssetError, Assets};
+use crate::disk::{self, BackingFormat, DiskError};
+use crate::qmp::{Qmp, QmpError};
+use crate::snapshot::{self, Manifest, Snapshot, SnapshotError};
+use crate::{
+    validate_name, Accel, BootRequest, Driver, MachineShape, Memory, Origin, VmRecord, VmState,
+};
+
+/// How long a cold boot may take to reach the agent (TCG boots take seconds).
+const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+/// How long a restored guest's agent may take to answer.
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long QEMU may take to open its QMP socket.
+const QMP_START_TIMEOUT: Duration = Duration::from_secs(20);
+/// Migration to or from a file of a few hundred MiB.
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(300);
+const RECORD_FILE: &str = "vm.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("VM name {0:?} is invalid: use 1-40 of A-Z a-z 0-9 _ -")]
+    BadName(String),
+    #[error("a VM named {0:?} already exists")]
+    Exists(String),
+    #[error("no VM named {0:?}")]
+    NotFound(String),
+    #[error("VM {name} is {state:?}; cannot {action}")]
+    BadState {
+        name: String,
+        state: VmState,
+        action: &'static str,
+    },
+    #[error("VM {0} was restored from a snapshot and has not been suspended since; snapshot it after a suspend/resume, or snapshot its origin")]
+    NotSnapshottable(String),
+    #[error("QEMU could not be started")]
+    Spawn(#[source] std::io::Error),
+    #[error("QEMU exited: {log}")]
+    QemuDied { log: String },
+    #[error("QEMU control failed")]
+    Qmp(#[from] QmpError),
+    #[error("guest agent failed")]
+    Agent(#[from] AgentError),
+    #[error(transparent)]
+    Asset(#[from] AssetError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    #[error(transparent)]
+    Accel(#[from] AccelError),
+    #[error("snapshot was made for {0:?}, this host runs {1:?}")]
+    AccelMismatch(Accel, Accel),
+    #[error("VM record {0} is unreadable")]
+    BadRecord(PathBuf, #[source] serde_json::Error),
+    #[error("I/O on {0}")]
+    Io(PathBuf, #[source] std::io::Error),
+}
+
+/// How a QEMU process gets its initial state.
+#[derive(Debug, Clone, Copy)]
+enum Incoming<'a> {
+    /// Boot the kernel.
+    None,
+    /// Wait for `migrate-incoming` over QMP.
+    Defer,
+    /// Load from this migration URI at start.
+    Uri(&'a str),
+}
+
+/// The QEMU implementation of [`Driver`].
+#[derive(Debug, Clone)]
+pub struct QemuDriver {
+    assets: Assets,
+    accel: Accel,
+    qemu: PathBuf,
+}
+
+impl QemuDriver {
+    /// A driver with the accelerator chosen by [`accel::select_cached`].
+    pub fn new(assets: Assets) -> Result<Self, VmError> {
+        std::fs::create_dir_all(&assets.cache_dir)
+            .map_err(|e| VmError::Io(assets.cache_dir.clone(), e))?;
+        let (accel, reason) = accel::select_cached(&assets.cache_dir.join("accel.json"))?;
+        info!(accel = ?accel, "{reason}");
+        Ok(Self {
+            assets,
+            accel,
+            qemu: PathBuf::from("qemu-system-x86_64"),
+        })
+    }
+
+    pub fn assets(&self) -> &Assets {
+        &self.assets
+    }
+
+    pub fn accel(&self) -> Accel {
+        self.accel
+    }
+
+    fn vm_dir(&self, name: &str) -> PathBuf {
+        self.assets.vms_dir().join(name)
+    }
+
+    /// Loads a VM's record by name.
+    pub fn load(&self, name: &str) -> Result<VmRecord, VmError> {
+        if !validate_name(name) {
+            return Err(VmError::BadName(name.into()));
+        }
+        let path = self.vm_dir(name).join(RECORD_FILE);
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(VmError::NotFound(name.into()))
+            }
+            Err(e) => return Err(VmError::Io(path, e)),
+        };
+        serde_json::from_slice(&bytes).map_err(|e| VmError::BadRecord(path, e))
+    }
+
+    /// All VMs with a record, sorted by name.
+    pub fn list(&self) -> Result<Vec<VmRecord>, VmError> {
+        let dir = self.assets.vms_dir();
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(VmError::Io(dir, e)),
+        };
+        let mut vms = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().to_string();
+            if validate_name(&name) {
+                if let Ok(vm) = self.load(&name) {
+                    vms.push(vm);
+                }
+            }
+        }
+        vms.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(vms)
+    }
+
+    /// Persists a record atomically.
+    pub fn save(&self, vm: &VmRecord) -> Result<(), VmError> {
+        let bytes = serde_json::to_vec_pretty(vm).map_err(|e| VmError::BadRecord(vm.dir.clone(), e))?;
+        disk::write_atomic(&vm.dir.join(RECORD_FILE), &bytes)?;
+        Ok(())
+    }
+
+    /// Connects to a running VM's agent.
+    pub async fn agent(&self, vm: &VmRecord) -> Result<AgentClient, VmError> {
+        if vm.state != VmState::Running {
+            return Err(VmError::BadState {
+                name: vm.name.clone(),
+                state: vm.state,
+                action: "reach its agent",
+            });
+        }
+        Ok(AgentClient::connect(&vm.agent_socket(), Duration::from_secs(10)).await?)
+    }
+
+    /// True when the VM's QEMU process is alive.
+    pub fn is_alive(vm: &VmRecord) -> bool {
+        vm.pid.is_some_and(|pid| process_alive(pid, &vm.instance))
+    }
+
+    /// Creates a fresh VM directory, refusing an existing name.
+    fn create_dir(&self, name: &str) -> Result<PathBuf, VmError> {
+        if !validate_name(name) {
+            return Err(VmError::BadName(name.into()));
+        }
+        self.create_dir_unchecked(name)
+    }
+
+    /// Creates a directory under `vms/` for a name hearth made itself (pool slots
+    /// use `.pool-*`, which user names cannot collide with).
+    pub(crate) fn create_dir_unchecked(&self, name: &str) -> Result<PathBuf, VmError> {
+        let vms = self.assets.vms_dir();
+        std::fs::create_dir_all(&vms).map_err(|e| VmError::Io(vms.clone(), e))?;
+        let dir = vms.join(name);
+        match std::fs::create_dir(&dir) {
+            Ok(()) => Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                Err(VmError::Exists(name.into()))
+            }
+            Err(e) => Err(VmError::Io(dir, e)),
+        }
+    }
+
+    /// QEMU's command line for `vm`; `incoming` starts it waiting for a state load.
+    fn command_line(&self, vm: &VmRecord, incoming: Incoming<'_>) -> Vec<OsString> {
+        let MachineShape { memory_mib, vcpus } = vm.shape;
+        let memory = match &vm.memory {
+            Memory::SharedFile { path } => format!(
+                "memory-backend-file,id=mem,size={memory_mib}M,mem-path={},share=on",
+                path.display()
+            ),
+            // Private mapping of a snapshot's RAM: the file is never written.
+            Memory::PrivateFile { path } => format!(
+                "memory-backend-file,id=mem,size={memory_mib}M,mem-path={},share=off,readonly=on,rom=off",
+                path.display()
+            ),
+            Memory::Anonymous => format!("memory-backend-ram,id=mem,size={memory_mib}M"),
+        };
+        let mut args: Vec<OsString> = Vec::new();
+        let mut push = |a: &str| args.push(a.into());
+        push("-name");
+        push(&format!("hearth-{}", vm.instance));
+        for a in [
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-M",
+            "microvm,rtc=off,isa-serial=on,acpi=on,memory-backend=mem",
+            "-accel",
+            vm.accel.qemu_arg(),
+            "-cpu",
+            "max",
+        ] {
+            push(a);
+        }
+        push("-smp");
+        push(&vcpus.to_string());
+        push("-m");
+        push(&format!("{memory_mib}M"));
+        push("-object");
+        push(&memory);
+        push("-kernel");
+        push(&vm.kernel.display().to_string());
+        push("-initrd");
+        push(&vm.initrd.display().to_string());
+        push("-append");
+        push(&vm.cmdline);
+        push("-serial");
+        push(&format!("file:{}", vm.console_log().display()));
+        push("-drive");
+        push(&format!(
+            "id=root,file={},format=qcow2,if=none,cache=writeback,discard=unmap",
+            vm.disk.display()
+        ));
+        push("-device");
+        push("virtio-blk-device,drive=root");
+        push("-device");
+        push("virtio-serial-device,max_ports=2");
+        push("-chardev");
+        push(&format!(
+            "socket,id=agent,path={},server=on,wait=off",
+            vm.agent_socket().display()
+        ));
+        push("-device");
+        push(&format!("virtserialport,chardev=agent,name={}", hearth_proto::PORT_NAME));
+        push("-qmp");
+        push(&format!("unix:{},server=on,wait=off", vm.qmp_socket().display()));
+        match incoming {
+            Incoming::None => {}
+            Incoming::Defer => {
+                push("-incoming");
+                push("defer");
+            }
+            Incoming::Uri(uri) => {
+                push("-incoming");
+                push(uri);
+            }
+        }
+        args
+    }
+
+    /// Starts QEMU for `vm` and returns its pid and a QMP session once QEMU
+    /// accepts commands. QEMU runs in its own process group, outliving the caller.
+    async fn spawn(&self, vm: &VmRecord, incoming: Incoming<'_>) -> Result<(u32, Qmp), VmError> {
+        let log_path = vm.qemu_log();
+        let log = std::fs::File::create(&log_path).map_err(|e| VmError::Io(log_path.clone(), e))?;
+        let log_err = log.try_clone().map_err(|e| VmError::Io(log_path.clone(), e))?;
+        let mut child = Command::new(&self.qemu)
+            .args(self.command_line(vm, incoming))
+            .stdin(std::process::Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .process_group(0)
+            .kill_on_drop(false)
+            .spawn()
+            .map_err(VmError::Spawn)?;
+        let pid = child.id().ok_or_else(|| VmError::QemuDied {
+            log: read_tail(&log_path),
+        })?;
+        let deadline = Instant::now() + QMP_START_TIMEOUT;
+        let qmp = loop {
+            if let Ok(Some(_)) = child.try_wait() {
+                return Err(VmError::QemuDied {
+                    log: read_tail(&log_path),
+                });
+            }
+            match Qmp::connect(&vm.qmp_socket()).await {
+                Ok(qmp) => break qmp,
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                Err(err) => {
+                    let _ = child.start_kill();
+                    return Err(err.into());
+                }
+            }
+        };
+        // Reap QEMU when it exits while this process lives; if this process exits
+        // first, init adopts and reaps it.
+        tokio::spawn(async move {
+            let _ = child.wait().await;
+        });
+        Ok((pid, qmp))
+    }
+
+    /// Prepares a VM to receive `snapshot`'s state: its directory, disk overlay,
+    /// record and a QEMU process waiting in `-incoming defer`. Used directly by
+    /// launches and ahead of time by the warm pool.
+    pub(crate) async fn prepare_clone(
+        &self,
+        snapshot: &Snapshot,
+        name: &str,
+        pool_slot: bool,
+    ) -> Result<(VmRecord, Qmp), VmError> {
+        let manifest = &snapshot.manifest;
+        if manifest.accel != self.accel {
+            return Err(VmError::AccelMismatch(manifest.accel, self.accel));
+        }
+        let dir = if pool_slot {
+            self.create_dir_unchecked(name)?
+        } else {
+            self.create_dir(name)?
+        };
+        let result = async {
+            let vm = VmRecord {
+                name: name.to_string(),
+                instance: new_instance_id(),
+                dir: dir.clone(),
+                state: VmState::Running,
+                pid: None,
+                shape: manifest.shape,
+                accel: manifest.accel,
+                kernel: manifest.kernel.clone(),
+                initrd: manifest.initrd.clone(),
+                cmdline: manifest.cmdline.clone(),
+                disk: dir.join("disk.qcow2"),
+                memory: Memory::PrivateFile {
+                    path: snapshot.memory(),
+                },
+                origin: Origin::Snapshot {
+                    dir: snapshot.dir.clone(),
+                },
+                created_unix: unix_now(),
+            };
+            disk::create_overlay(&vm.disk, &snapshot.disk(), BackingFormat::Qcow2).await?;
+            self.save(&vm)?;
+            let (pid, qmp) = self.spawn(&vm, Incoming::Defer).await?;
+            let vm = VmRecord {
+                pid: Some(pid),
+                ..vm
+            };
+            self.save(&vm)?;
+            Ok((vm, qmp))
+        }
+        .await;
+        if result.is_err() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        result
+    }
+
+    /// Loads `snapshot`'s state into a prepared VM, runs it and greets its agent.
+    pub(crate) async fn restore_clone(
+        &self,
+        vm: &VmRecord,
+        qmp: &mut Qmp,
+        snapshot: &Snapshot,
+    ) -> Result<AgentClient, VmError> {
+        let uri = format!("file:{}", snapshot.state().display());
+        let loaded = async {
+            qmp.set_ignore_shared(true).await?;
+            qmp.migrate_incoming_and_wait(&uri, MIGRATION_TIMEOUT).await?;
+            qmp.cont().await
+        }
+        .await;
+        if let Err(err) = loaded {
+            return Err(self.qemu_failure(vm, err));
+        }
+        let agent = AgentClient::connect(&vm.agent_socket(), RESTORE_TIMEOUT).await?;
+        agent.restored().await?;
+        Ok(agent)
+    }
+
+    /// Turns a QMP failure into `QemuDied` with QEMU's log when the process is gone.
+    fn qemu_failure(&self, vm: &VmRecord, err: QmpError) -> VmError {
+        std::thread::sleep(Duration::from_millis(20));
+        if !Self::is_alive(vm) {
+            VmError::QemuDied {
+                log: read_tail(&vm.qemu_log()),
+            }
+        } else {
+            err.into()
+        }
+    }
+
+    /// Launches from a snapshot and returns the record with a connected agent.
+    pub async fn launch_with_agent(
+        &self,
+        snapshot: &Snapshot,
+        name: &str,
+    ) -> Result<(VmRecord, AgentClient), VmError> {
+        let (vm, mut qmp) = self.prepare_clone(snapshot, name, false).await?;
+        match self.restore_clone(&vm, &mut qmp, snapshot).await {
+            Ok(agent) => Ok((vm, agent)),
+            Err(err) => {
+                let _ = self.remove(&vm).await;
+                Err(err)
+            }
+        }
+    }
+
+    /// Benchmark support: writes a running VM's full state (RAM included) and its
+    /// disk overlay into `out` (files `stream` and `disk.qcow2`), as the naive
+    /// snapshot format would; the VM runs on.
+    pub async fn save_full_stream(&self, vm: &VmRecord, out: &Path) -> Result<(), VmError> {
+        std::fs::create_dir_all(out).map_err(|e| VmError::Io(out.to_path_buf(), e))?;
+        let mut qmp = Qmp::connect(&vm.qmp_socket()).await?;
+        qmp.stop().await?;
+        let saved = async {
+            qmp.set_ignore_shared(false).await?;
+            let uri = format!("file:{}", out.join("stream").display());
+            qmp.migrate_and_wait(&uri, MIGRATION_TIMEOUT).await?;
+            disk::sparse_copy(&vm.disk, &out.join("disk.qcow2"))?;
+            Ok::<(), VmError>(())
+        }
+        .await;
+        qmp.cont().await?;
+        saved
+    }
+
+    /// Benchmark support: the naive restore of a [`Self::save_full_stream`]
+    /// directory, a fresh QEMU reading the whole stream through `-incoming exec:cat`.
+    pub async fn launch_naive(
+        &self,
+        snapshot: &Snapshot,
+        saved: &Path,
+        name: &str,
+    ) -> Result<(VmRecord, AgentClient), VmError> {
+        let manifest = &snapshot.manifest;
+        let dir = self.create_dir(name)?;
+        let vm = VmRecord {
+            name: name.to_string(),
+            instance: new_instance_id(),
+            dir: dir.clone(),
+            state: VmState::Running,
+            pid: None,
+            shape: manifest.shape,
+            accel: manifest.accel,
+            kernel: manifest.kernel.clone(),
+            initrd: manifest.initrd.clone(),
+            cmdline: manifest.cmdline.clone(),
+            disk: dir.join("disk.qcow2"),
+            memory: Memory::Anonymous,
+            origin: Origin::Snapshot {
+                dir: saved.to_path_buf(),
+            },
+            created_unix: unix_now(),
+        };
+        let launched = async {
+            disk::create_overlay(&vm.disk, &saved.join("disk.qcow2"), BackingFormat::Qcow2).await?;
+            let uri = format!("exec:cat {}", saved.join("stream").display());
+            let (pid, mut qmp) = self.spawn(&vm, Incoming::Uri(&uri)).await?;
+            let vm = VmRecord {
+                pid: Some(pid),
+                ..vm.clone()
+            };
+            self.save(&vm)?;
+            let deadline = Instant::now() + MIGRATION_TIMEOUT;
+            while qmp.query_status().await?.status == "inmigrate" {
+                if Instant::now() > deadline {
+                    return Err(QmpError::Timeout("incoming migration").into());
+                }
+                tokio::time::sleep(Duration::from_micros(300)).await;
+            }
+            qmp.cont().await?;
+            let agent = AgentClient::connect(&vm.agent_socket(), RESTORE_TIMEOUT).await?;
+            agent.restored().await?;
+            Ok((vm, agent))
+        }
+        .await;
+        if launched.is_err() {
+            let _ = self.remove(&vm).await;
+        }
+        launched
+    }
+
+    /// Ends the VM's QEMU process: `quit` over QMP, SIGKILL if that fails.
+    pub(crate) async fn stop_process(&self, vm: &VmRecord) {
+        let Some(pid) = vm.pid else { return };
+        if !process_alive(pid, &vm.instance) {
+            return;
+        }
+        let quit = async {
+            let mut qmp = Qmp::connect(&vm.qmp_socket()).await?;
+            qmp.quit().await
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(3), quit).await;
+        if !wait_gone(pid, &vm.instance, Duration::from_secs(3)).await {
+            if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::Kill);
+            }
+            wait_gone(pid, &vm.instance, Duration::from_secs(5)).await;
+        }
+    }
+
+    fn qemu_version(&self) -> String {
+        std::process::Command::new(&self.qemu)
+            .arg("--version")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.lines().next().map(str::to_string))
+            .unwrap_or_default()
+    }
+}
+
+impl Driver for QemuDriver {
+    async fn boot(&self, request: &BootRequest) -> Result<VmRecord, VmError> {
+        let base = self.assets.base_image(&request.image)?;
+        let kernel = self.assets.guest_kernel()?;
+        let dir = self.create_dir(&request.name)?;
+        let result = async {
+            let vm = VmRecord {
+                name: request.name.clone(),
+                instance: new_instance_id(),
+                dir: dir.clone(),
+                state: VmState::Running,
+                pid: None,
+                shape: request.shape,
+                accel: self.accel,
+                kernel: kernel.vmlinuz.clone(),
+                initrd: kernel.initrd.clone(),
+                cmdline: "console=ttyS0 quiet panic=-1 hearth.root=/dev/vda".into(),
+                disk: dir.join("disk.qcow2"),
+                memory: Memory::SharedFile {
+                    path: dir.join("mem"),
+                },
+                origin: Origin::Boot {
+                    image: request.image.clone(),
+                },
+                created_unix: unix_now(),
+            };
+            disk::create_overlay(&vm.disk, &base, BackingFormat::Raw).await?;
+            self.save(&vm)?;
+            let (pid, _qmp) = self.spawn(&vm, Incoming::None).await?;
+            let vm = VmRecord {
+                pid: Some(pid),
+                ..vm
+            };
+            self.save(&vm)?;
+            info!(vm = %vm.name, pid, "booting");
+            let agent = AgentClient::connect(&vm.agent_socket(), BOOT_TIMEOUT).await;
+            match agent {
+                Ok(agent) => {
+                    debug!(agent = agent.agent_software(), "agent up");
+                    Ok(vm)
+                }
+                Err(err) => {
+                    let err = if Self::is_alive(&vm) {
+                        VmError::Agent(err)
+                    } else {
+                        VmError::QemuDied {
+                            log: format!(
+                                "{}\nconsole: {}",
+                                read_tail(&vm.qemu_log()),
+                                read_tail(&vm.console_log())
+                            ),
+                        }
+                    };
+                    self.stop_process(&vm).await;
+                    Err(err)
+                }
+            }
+        }
+        .await;
+        if result.is_err() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        result
+    }
+
+    async fn snapshot(&self, vm: &VmRecord, out: &Path) -> Result<Snapshot, VmError> {
+        if vm.state != VmState::Running || !Self::is_alive(vm) {
+            return Err(VmError::BadState {
+                name: vm.name.clone(),
+                state: vm.state,
+                action: "snapshot",
+            });
+        }
+        let Memory::SharedFile { path: ram } = &vm.memory else {
+            return Err(VmError::NotSnapshottable(vm.name.clone()));
+        };
+        if out.exists() {
+            return Err(VmError::Io(
+                out.to_path_buf(),
+                std::io::Error::from(std::io::ErrorKind::AlreadyExists),
+            ));
+        }
+        let parent = out
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        std::fs::create_dir_all(&parent).map_err(|e| VmError::Io(parent.clone(), e))?;
+        let file_name = out.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        let tmp = parent.join(format!(".{file_name}.tmp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir(&tmp).map_err(|e| VmError::Io(tmp.clone(), e))?;
+
+        let mut qmp = Qmp::connect(&vm.qmp_socket()).await?;
+        qmp.stop().await?;
+        let captured = async {
+            qmp.set_ignore_shared(true).await?;
+            let uri = format!("file:{}", tmp.join(snapshot::STATE_FILE).display());
+            qmp.migrate_and_wait(&uri, MIGRATION_TIMEOUT).await?;
+            disk::sparse_copy(ram, &tmp.join(snapshot::MEMORY_FILE))?;
+            disk::sparse_copy(&vm.disk, &tmp.join(snapshot::DISK_FILE))?;
+            Ok::<(), VmError>(())
+        }
+        .await;
+        // The source VM runs on whatever happened to the snapshot.
+        let resumed = async {
+            qmp.set_ignore_shared(false).await?;
+            qmp.cont().await
+        }
+        .await;
+        if let Err(err) = captured {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(err);
+        }
+        resumed?;
+
+        let finish = || -> Result<(), VmError> {
+            let state = tmp.join(snapshot::STATE_FILE);
+            std::fs::File::open(&state)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| VmError::Io(state.clone(), e))?;
+            let files = [snapshot::MEMORY_FILE, snapshot::STATE_FILE, snapshot::DISK_FILE]
+                .iter()
+                .map(|name| snapshot::file_entry(&tmp, name))
+                .collect::<Result<Vec<_>, _>>()?;
+            let kernel_version = self
+                .assets
+                .guest_kernel()
+                .map(|k| k.version)
+                .unwrap_or_default();
+            let manifest = Manifest {
+                format_version: snapshot::FORMAT_VERSION,
+                created_unix: unix_now(),
+                shape: vm.shape,
+                accel: vm.accel,
+                kernel: vm.kernel.clone(),
+                kernel_version,
+                initrd: vm.initrd.clone(),
+                cmdline: vm.cmdline.clone(),
+                qemu_version: self.qemu_version(),
+                files,
+            };
+            let bytes = serde_json::to_vec_pretty(&manifest)
+                .map_err(|e| VmError::BadRecord(tmp.clone(), e))?;
+            disk::write_atomic(&tmp.join(snapshot::MANIFEST_FILE), &bytes)?;
+            // The memory file is mapped by clones: keep it from being changed.
+            for name in [snapshot::MEMORY_FILE, snapshot::DISK_FILE, snapshot::STATE_FILE] {
+                let path = tmp.join(name);
+                let mut perms = std::fs::metadata(&path)
+                    .map_err(|e| VmError::Io(path.clone(), e))?
+                    .permissions();
+                perms.set_readonly(true);
+                std::fs::set_permissions(&path, perms).map_err(|e| VmError::Io(path.clone(), e))?;
+            }
+            disk::sync_dir(&tmp)?;
+            std::fs::rename(&tmp, out).map_err(|e| VmError::Io(out.to_path_buf(), e))?;
+            disk::sync_dir(&parent)?;
+            Ok(())
+        };
+        if let Err(err) = finish() {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(err);
+        }
+        Ok(Snapshot::open(out, snapshot::Verify::Sizes)?)
+    }
+
+    async fn launch(&self, snapshot: &Snapshot, name: &str) -> Result<VmRecord, VmError> {
+        self.launch_with_agent(snapshot, name).await.map(|(vm, _)| vm)
+    }
+
+    async fn suspend(&self, vm: &mut VmRecord) -> Result<(), VmError> {
+        if !vm.state.can_become(VmState::Suspended) || !Self::is_alive(vm) {
+            return Err(VmError::BadState {
+                name: vm.name.clone(),
+                state: vm.state,
+                action: "suspend",
+            });
+        }
+        let state_file = vm.suspend_state();
+        let mut qmp = Qmp::connect(&vm.qmp_socket()).await?;
+        qmp.stop().await?;
+        let saved = async {
+            // All RAM goes into the stream: the VM's memory is freed afterwards.
+            qmp.set_ignore_shared(false).await?;
+            let uri = format!("file:{}", state_file.display());
+            qmp.migrate_and_wait(&uri, MIGRATION_TIMEOUT).await?;
+            std::fs::File::open(&state_file)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| VmError::Io(state_file.clone(), e))?;
+            Ok::<(), VmError>(())
+        }
+        .await;
+        if let Err(err) = saved {
+            let _ = qmp.cont().await;
+            let _ = std::fs::remove_file(&state_file);
+            return Err(err);
+        }
+        vm.state = VmState::Suspended;
+        let pid = vm.pid.take();
+        self.save(vm)?;
+        let _ = qmp.quit().await;
+        if let Some(pid) = pid {
+            if !wait_gone(pid, &vm.instance, Duration::from_secs(5)).await {
+                let running = VmRecord {
+                    pid: Some(pid),
+                    ..vm.clone()
+                };
+                self.stop_process(&running).await;
+            }
+        }
+        if let Memory::SharedFile { path } = &vm.memory {
+            let _ = std::fs::remove_file(path);
+        }
+        Ok(())
+    }
+
+    async fn resume(&self, vm: &mut VmRecord) -> Result<(), VmError> {
+        if !vm.state.can_become(VmState::Running) {
+            return Err(VmError::BadState {
+                name: vm.name.clone(),
+                state: vm.state,
+                action: "resume",
+            });
+        }
+        let state_file = vm.suspend_state();
+        if !state_file.is_file() {
+            return Err(SnapshotError::MissingFile(state_file).into());
+        }
+        // The resumed VM gets its own shared RAM file, so it can be snapshotted.
+        let mut running = vm.clone();
+        running.instance = new_instance_id();
+        running.memory = Memory::SharedFile {
+            path: vm.dir.join("mem"),
+        };
+        if let Some(path) = running.memory.path() {
+            let _ = std::fs::remove_file(path);
+        }
+        let (pid, mut qmp) = self.spawn(&running, Incoming::Defer).await?;
+        running.pid = Some(pid);
+        running.state = VmState::Running;
+        let uri = format!("file:{}", state_file.display());
+        let loaded = async {
+            qmp.set_ignore_shared(false).await?;
+            qmp.migrate_incoming_and_wait(&uri, MIGRATION_TIMEOUT).await?;
+            qmp.cont().await
+        }
+        .await;
+        if let Err(err) = loaded {
+            let err = self.qemu_failure(&running, err);
+            self.stop_process(&running).await;
+            return Err(err);
+        }
+        self.save(&running)?;
+        *vm = running;
+        let _ = std::fs::remove_file(&state_file);
+        let agent = AgentClient::connect(&vm.agent_socket(), RESTORE_TIMEOUT).await?;
+        agent.restored().await?;
+        Ok(())
+    }
+
+    async fn remove(&self, vm: &VmRecord) -> Result<(), VmError> {
+        self.stop_process(vm).await;
+        match std::fs::remove_dir_all(&vm.dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(VmError::Io(vm.dir.clone(), e)),
+        }
+    }
+}
+
+pub(crate) fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A random id that names one QEMU process (`-name hearth-ID`).
+pub(crate) fn new_instance_id() -> String {
+    hex::encode(rand::random::<[u8; 8]>())
+}
+
+/// True when `pid` is a live (not zombie) QEMU process started for `instance`.
+/// Checking the command line guards against a recycled pid.
+fn process_alive(pid: u32, instance: &str) -> bool {
+    let proc = PathBuf::from(format!("/proc/{pid}"));
+    let Ok(cmdline) = std::fs::read(proc.join("cmdline")) else {
+        return false;
+    };
+    if cmdline.is_empty() {
+        return false; // zombie
+    }
+    let stat = std::fs::read_to_string(proc.join("stat")).unwrap_or_default();
+    if stat
+        .rsplit_once(") ")
+        .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X'))
+    {
+        return false;
+    }
+    String::from_utf8_lossy(&cmdline).contains(&format!("hearth-{instance}"))
+}
+
+async fn wait_gone(pid: u32, instance: &str, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while process_alive(pid, instance) {
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    true
+}
+
+/// The last lines of a log file, for error messages.
+fn read_tail(path: &Path) -> String {
+    let text = std::fs::read(path).unwrap_or_default();
+    let start = text.len().saturating_sub(2000);
+    String::from_utf8_lossy(&text[start..]).trim().to_string()
+}
