@@ -119,9 +119,8 @@ impl Frame {
 
     /// Parses the payload as JSON.
     pub fn parse<T: for<'de> Deserialize<'de>>(&self) -> Result<T, ProtoError> {
-        serde_json::from_slice(&self.payload).map_err(|_| ProtoError::BadPayload {
-            kind: self.kind,
-        })
+        serde_json::from_slice(&self.payload)
+            .map_err(|_| ProtoError::BadPayload { kind: self.kind })
     }
 
     /// An `Error` frame for `stream`.
@@ -291,7 +290,10 @@ mod tests {
         let mut buf = BytesMut::new();
         let frame = Frame::new(7, FrameKind::Data, &b"hello"[..]).with_flags(FLAG_STDERR);
         codec.encode(frame.clone(), &mut buf).expect("encode");
-        assert_eq!(decode_all(&mut codec, &mut buf), vec![Incoming::Frame(frame)]);
+        assert_eq!(
+            decode_all(&mut codec, &mut buf),
+            vec![Incoming::Frame(frame)]
+        );
     }
 
     #[test]

@@ -43,11 +43,15 @@ pub enum AccelError {
 /// Like [`select`], but remembers an `auto` probe's answer in `cache_file` for
 /// the current boot of the host, so each command does not pay the probe again.
 pub fn select_cached(cache_file: &std::path::Path) -> Result<(Accel, String), AccelError> {
-    let auto = matches!(std::env::var("HEARTH_ACCEL").as_deref(), Err(_) | Ok("auto") | Ok(""));
+    let auto = matches!(
+        std::env::var("HEARTH_ACCEL").as_deref(),
+        Err(_) | Ok("auto") | Ok("")
+    );
     let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
     if auto {
         if let Ok(text) = std::fs::read_to_string(cache_file) {
-            if let Ok((id, accel, reason)) = serde_json::from_str::<(String, Accel, String)>(&text) {
+            if let Ok((id, accel, reason)) = serde_json::from_str::<(String, Accel, String)>(&text)
+            {
                 if id == boot_id {
                     return Ok((accel, reason));
                 }
@@ -123,7 +127,8 @@ fn probe_kvm() -> Result<Duration, String> {
     let mut sregs = vcpu.get_sregs().map_err(|e| format!("get sregs: {e}"))?;
     sregs.cs.base = 0;
     sregs.cs.selector = 0;
-    vcpu.set_sregs(&sregs).map_err(|e| format!("set sregs: {e}"))?;
+    vcpu.set_sregs(&sregs)
+        .map_err(|e| format!("set sregs: {e}"))?;
     let regs = kvm_bindings::kvm_regs {
         rip: GUEST_ADDR,
         rflags: 2,
@@ -131,13 +136,11 @@ fn probe_kvm() -> Result<Duration, String> {
     };
     vcpu.set_regs(&regs).map_err(|e| format!("set regs: {e}"))?;
     let start = Instant::now();
-    loop {
-        match vcpu.run().map_err(|e| format!("run: {e}"))? {
-            VcpuExit::Hlt => break,
-            VcpuExit::InternalError => return Err("KVM internal error".into()),
-            VcpuExit::FailEntry(reason, _) => return Err(format!("entry failed ({reason})")),
-            other => return Err(format!("unexpected exit {other:?}")),
-        }
+    match vcpu.run().map_err(|e| format!("run: {e}"))? {
+        VcpuExit::Hlt => {}
+        VcpuExit::InternalError => return Err("KVM internal error".into()),
+        VcpuExit::FailEntry(reason, _) => return Err(format!("entry failed ({reason})")),
+        other => return Err(format!("unexpected exit {other:?}")),
     }
     let took = start.elapsed();
     drop(vcpu);
@@ -186,4 +189,3 @@ impl Drop for GuestPage {
         }
     }
 }
-

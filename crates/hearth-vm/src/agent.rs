@@ -176,7 +176,11 @@ impl AgentClient {
 
     /// Opens a new stream with `request`.
     pub async fn open(&self, request: &Request) -> Result<AgentStream, AgentError> {
-        let id = self.inner.next_stream.fetch_add(1, Ordering::Relaxed).max(1);
+        let id = self
+            .inner
+            .next_stream
+            .fetch_add(1, Ordering::Relaxed)
+            .max(1);
         let (tx, rx) = mpsc::channel(STREAM_QUEUE);
         lock(&self.inner.routes).insert(id, tx);
         let stream = AgentStream {
@@ -247,10 +251,16 @@ impl AgentClient {
                 let frame = stream.recv().await?;
                 match frame.kind {
                     FrameKind::Data if frame.flags == FLAG_STDERR => {
-                        stderr.write_all(&frame.payload).await.map_err(AgentError::Io)?;
+                        stderr
+                            .write_all(&frame.payload)
+                            .await
+                            .map_err(AgentError::Io)?;
                     }
                     FrameKind::Data if frame.flags == FLAG_STDOUT => {
-                        stdout.write_all(&frame.payload).await.map_err(AgentError::Io)?;
+                        stdout
+                            .write_all(&frame.payload)
+                            .await
+                            .map_err(AgentError::Io)?;
                     }
                     FrameKind::Eof | FrameKind::Data => {}
                     FrameKind::Exit => {
@@ -322,7 +332,9 @@ impl AgentClient {
             match frame.kind {
                 FrameKind::Data => {
                     copied += frame.payload.len() as u64;
-                    out.write_all(&frame.payload).await.map_err(AgentError::Io)?;
+                    out.write_all(&frame.payload)
+                        .await
+                        .map_err(AgentError::Io)?;
                 }
                 FrameKind::Eof => break,
                 _ => return Err(stream.unexpected_frame(&frame)),
@@ -477,10 +489,10 @@ impl Drop for AgentStream {
     fn drop(&mut self) {
         lock(&self.client.routes).remove(&self.id);
         if !self.finished {
-            let _ = self
-                .client
-                .outgoing
-                .try_send(Frame::new(self.id, FrameKind::Close, Bytes::new()));
+            let _ =
+                self.client
+                    .outgoing
+                    .try_send(Frame::new(self.id, FrameKind::Close, Bytes::new()));
         }
     }
 }
@@ -498,5 +510,7 @@ fn unexpected(reply: &Reply) -> AgentError {
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding this lock cannot leave the map inconsistent.
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

@@ -41,8 +41,14 @@ impl Assets {
     /// `~/.cache/hearth`) and `HEARTH_HOME` (default `$XDG_DATA_HOME/hearth` or
     /// `~/.local/share/hearth`).
     pub fn from_env() -> Self {
-        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| "/tmp".into());
-        let env_dir = |var: &str| std::env::var_os(var).filter(|v| !v.is_empty()).map(PathBuf::from);
+        let home = std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| "/tmp".into());
+        let env_dir = |var: &str| {
+            std::env::var_os(var)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
         let cache_dir = env_dir("HEARTH_CACHE").unwrap_or_else(|| {
             env_dir("XDG_CACHE_HOME")
                 .unwrap_or_else(|| home.join(".cache"))
@@ -138,14 +144,18 @@ impl Assets {
                 candidates.push(d.join("hearth-agent"));
             }
         }
-        candidates.iter().find(|p| p.is_file()).cloned().ok_or_else(|| {
-            AssetError::MissingAgent(
-                candidates
-                    .iter()
-                    .map(|p| p.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            )
-        })
+        candidates
+            .iter()
+            .find(|p| p.is_file())
+            .cloned()
+            .ok_or_else(|| {
+                AssetError::MissingAgent(
+                    candidates
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                )
+            })
     }
 }

@@ -139,9 +139,16 @@ mod tests {
             f.write_all(b"0123456789").expect("write");
         }
         sparse_copy(&src, &dst).expect("copy");
-        assert_eq!(std::fs::read(&src).expect("read"), std::fs::read(&dst).expect("read"));
-        let blocks = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&dst).expect("meta"));
-        assert!(blocks * 512 < 1 << 20, "copy is not sparse: {blocks} blocks");
+        assert_eq!(
+            std::fs::read(&src).expect("read"),
+            std::fs::read(&dst).expect("read")
+        );
+        let blocks =
+            std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&dst).expect("meta"));
+        assert!(
+            blocks * 512 < 1 << 20,
+            "copy is not sparse: {blocks} blocks"
+        );
     }
 
     #[test]

@@ -30,7 +30,8 @@ pub struct InitramfsSpec {
 /// Returns the path of the initramfs for `spec` under `cache_dir`, building it
 /// when no initramfs with the same content exists yet.
 pub fn ensure(spec: &InitramfsSpec, cache_dir: &Path) -> Result<PathBuf, InitramfsError> {
-    let agent = std::fs::read(&spec.agent).map_err(|e| InitramfsError::Read(spec.agent.clone(), e))?;
+    let agent =
+        std::fs::read(&spec.agent).map_err(|e| InitramfsError::Read(spec.agent.clone(), e))?;
     if !is_static_elf(&agent) {
         return Err(InitramfsError::AgentNotStatic(spec.agent.clone()));
     }
@@ -62,7 +63,16 @@ pub fn ensure(spec: &InitramfsSpec, cache_dir: &Path) -> Result<PathBuf, Initram
         return Ok(out);
     }
     let mut archive = CpioWriter::default();
-    for dir in ["dev", "proc", "sys", "newroot", "lib", "lib/modules", "etc", "etc/hearth"] {
+    for dir in [
+        "dev",
+        "proc",
+        "sys",
+        "newroot",
+        "lib",
+        "lib/modules",
+        "etc",
+        "etc/hearth",
+    ] {
         archive.dir(dir);
     }
     // The kernel opens /dev/console for PID 1's stdio before anything is mounted.
@@ -71,7 +81,11 @@ pub fn ensure(spec: &InitramfsSpec, cache_dir: &Path) -> Result<PathBuf, Initram
     for (name, bytes) in &modules {
         archive.file(&format!("lib/modules/{name}"), 0o644, bytes);
     }
-    archive.file("etc/hearth/modules", 0o644, (names.join("\n") + "\n").as_bytes());
+    archive.file(
+        "etc/hearth/modules",
+        0o644,
+        (names.join("\n") + "\n").as_bytes(),
+    );
     let bytes = archive.finish();
 
     std::fs::create_dir_all(cache_dir).map_err(|e| InitramfsError::Write(out.clone(), e))?;
@@ -92,7 +106,11 @@ pub fn ensure(spec: &InitramfsSpec, cache_dir: &Path) -> Result<PathBuf, Initram
 /// True for an ELF file without a program interpreter (statically linked).
 fn is_static_elf(bytes: &[u8]) -> bool {
     const PT_INTERP: u32 = 3;
-    let read_u16 = |at: usize| bytes.get(at..at + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let read_u16 = |at: usize| {
+        bytes
+            .get(at..at + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+    };
     let read_u32 = |at: usize| {
         bytes
             .get(at..at + 4)
@@ -108,7 +126,8 @@ fn is_static_elf(bytes: &[u8]) -> bool {
     if bytes.get(0..4) != Some(b"\x7fELF") || bytes.get(4) != Some(&2) {
         return false;
     }
-    let (Some(phoff), Some(phentsize), Some(phnum)) = (read_u64(0x20), read_u16(0x36), read_u16(0x38))
+    let (Some(phoff), Some(phentsize), Some(phnum)) =
+        (read_u64(0x20), read_u16(0x36), read_u16(0x38))
     else {
         return false;
     };
@@ -158,7 +177,8 @@ impl CpioWriter {
         ];
         self.out.extend_from_slice(b"070701");
         for field in fields {
-            self.out.extend_from_slice(format!("{field:08x}").as_bytes());
+            self.out
+                .extend_from_slice(format!("{field:08x}").as_bytes());
         }
         self.out.extend_from_slice(name.as_bytes());
         self.out.push(0);
@@ -168,7 +188,7 @@ impl CpioWriter {
     }
 
     fn pad(&mut self) {
-        while self.out.len() % 4 != 0 {
+        while !self.out.len().is_multiple_of(4) {
             self.out.push(0);
         }
     }

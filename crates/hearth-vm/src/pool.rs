@@ -86,10 +86,7 @@ impl WarmPool {
 
     /// Launches VM `name` from the pool's snapshot, from a warm process when one
     /// is ready, and returns it with a connected agent.
-    pub async fn launch(
-        &self,
-        name: &str,
-    ) -> Result<(VmRecord, AgentClient, LaunchPath), VmError> {
+    pub async fn launch(&self, name: &str) -> Result<(VmRecord, AgentClient, LaunchPath), VmError> {
         if !validate_name(name) {
             return Err(VmError::BadName(name.into()));
         }
@@ -97,7 +94,9 @@ impl WarmPool {
         self.shared.wake.notify_one();
         let driver = &self.shared.driver;
         let Some(Slot { mut vm, mut qmp }) = slot else {
-            let (vm, agent) = driver.launch_with_agent(&self.shared.snapshot, name).await?;
+            let (vm, agent) = driver
+                .launch_with_agent(&self.shared.snapshot, name)
+                .await?;
             return Ok((vm, agent, LaunchPath::Cold));
         };
         // Give the slot its name: the directory moves, QEMU keeps its open files
@@ -123,7 +122,9 @@ impl WarmPool {
         vm.name = name.to_string();
         let launched = async {
             driver.save(&vm)?;
-            driver.restore_clone(&vm, &mut qmp, &self.shared.snapshot).await
+            driver
+                .restore_clone(&vm, &mut qmp, &self.shared.snapshot)
+                .await
         }
         .await;
         match launched {
@@ -179,5 +180,7 @@ async fn refill(shared: Arc<Shared>) {
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

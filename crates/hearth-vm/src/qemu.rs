@@ -156,7 +156,8 @@ impl QemuDriver {
 
     /// Persists a record atomically.
     pub fn save(&self, vm: &VmRecord) -> Result<(), VmError> {
-        let bytes = serde_json::to_vec_pretty(vm).map_err(|e| VmError::BadRecord(vm.dir.clone(), e))?;
+        let bytes =
+            serde_json::to_vec_pretty(vm).map_err(|e| VmError::BadRecord(vm.dir.clone(), e))?;
         disk::write_atomic(&vm.dir.join(RECORD_FILE), &bytes)?;
         Ok(())
     }
@@ -264,9 +265,15 @@ impl QemuDriver {
             vm.agent_socket().display()
         ));
         push("-device");
-        push(&format!("virtserialport,chardev=agent,name={}", hearth_proto::PORT_NAME));
+        push(&format!(
+            "virtserialport,chardev=agent,name={}",
+            hearth_proto::PORT_NAME
+        ));
         push("-qmp");
-        push(&format!("unix:{},server=on,wait=off", vm.qmp_socket().display()));
+        push(&format!(
+            "unix:{},server=on,wait=off",
+            vm.qmp_socket().display()
+        ));
         match incoming {
             Incoming::None => {}
             Incoming::Defer => {
@@ -286,7 +293,9 @@ impl QemuDriver {
     async fn spawn(&self, vm: &VmRecord, incoming: Incoming<'_>) -> Result<(u32, Qmp), VmError> {
         let log_path = vm.qemu_log();
         let log = std::fs::File::create(&log_path).map_err(|e| VmError::Io(log_path.clone(), e))?;
-        let log_err = log.try_clone().map_err(|e| VmError::Io(log_path.clone(), e))?;
+        let log_err = log
+            .try_clone()
+            .map_err(|e| VmError::Io(log_path.clone(), e))?;
         let mut child = Command::new(&self.qemu)
             .args(self.command_line(vm, incoming))
             .stdin(std::process::Stdio::null())
@@ -391,7 +400,8 @@ impl QemuDriver {
         let uri = format!("file:{}", snapshot.state().display());
         let loaded = async {
             qmp.set_ignore_shared(true).await?;
-            qmp.migrate_incoming_and_wait(&uri, MIGRATION_TIMEOUT).await?;
+            qmp.migrate_incoming_and_wait(&uri, MIGRATION_TIMEOUT)
+                .await?;
             qmp.cont().await
         }
         .await;
@@ -624,7 +634,10 @@ impl Driver for QemuDriver {
             .unwrap_or(Path::new("."))
             .to_path_buf();
         std::fs::create_dir_all(&parent).map_err(|e| VmError::Io(parent.clone(), e))?;
-        let file_name = out.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        let file_name = out
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
         let tmp = parent.join(format!(".{file_name}.tmp-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir(&tmp).map_err(|e| VmError::Io(tmp.clone(), e))?;
@@ -657,10 +670,14 @@ impl Driver for QemuDriver {
             std::fs::File::open(&state)
                 .and_then(|f| f.sync_all())
                 .map_err(|e| VmError::Io(state.clone(), e))?;
-            let files = [snapshot::MEMORY_FILE, snapshot::STATE_FILE, snapshot::DISK_FILE]
-                .iter()
-                .map(|name| snapshot::file_entry(&tmp, name))
-                .collect::<Result<Vec<_>, _>>()?;
+            let files = [
+                snapshot::MEMORY_FILE,
+                snapshot::STATE_FILE,
+                snapshot::DISK_FILE,
+            ]
+            .iter()
+            .map(|name| snapshot::file_entry(&tmp, name))
+            .collect::<Result<Vec<_>, _>>()?;
             let kernel_version = self
                 .assets
                 .guest_kernel()
@@ -682,7 +699,11 @@ impl Driver for QemuDriver {
                 .map_err(|e| VmError::BadRecord(tmp.clone(), e))?;
             disk::write_atomic(&tmp.join(snapshot::MANIFEST_FILE), &bytes)?;
             // The memory file is mapped by clones: keep it from being changed.
-            for name in [snapshot::MEMORY_FILE, snapshot::DISK_FILE, snapshot::STATE_FILE] {
+            for name in [
+                snapshot::MEMORY_FILE,
+                snapshot::DISK_FILE,
+                snapshot::STATE_FILE,
+            ] {
                 let path = tmp.join(name);
                 let mut perms = std::fs::metadata(&path)
                     .map_err(|e| VmError::Io(path.clone(), e))?
@@ -703,7 +724,9 @@ impl Driver for QemuDriver {
     }
 
     async fn launch(&self, snapshot: &Snapshot, name: &str) -> Result<VmRecord, VmError> {
-        self.launch_with_agent(snapshot, name).await.map(|(vm, _)| vm)
+        self.launch_with_agent(snapshot, name)
+            .await
+            .map(|(vm, _)| vm)
     }
 
     async fn suspend(&self, vm: &mut VmRecord) -> Result<(), VmError> {
@@ -779,7 +802,8 @@ impl Driver for QemuDriver {
         let uri = format!("file:{}", state_file.display());
         let loaded = async {
             qmp.set_ignore_shared(false).await?;
-            qmp.migrate_incoming_and_wait(&uri, MIGRATION_TIMEOUT).await?;
+            qmp.migrate_incoming_and_wait(&uri, MIGRATION_TIMEOUT)
+                .await?;
             qmp.cont().await
         }
         .await;

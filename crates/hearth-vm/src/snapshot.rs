@@ -34,7 +34,9 @@ pub enum SnapshotError {
     Format { found: u32 },
     #[error("snapshot file {0} is missing")]
     MissingFile(PathBuf),
-    #[error("snapshot file {path} has {actual} bytes, manifest says {expected}: truncated or replaced")]
+    #[error(
+        "snapshot file {path} has {actual} bytes, manifest says {expected}: truncated or replaced"
+    )]
     SizeMismatch {
         path: PathBuf,
         expected: u64,
@@ -90,7 +92,8 @@ pub struct Snapshot {
 
 impl Snapshot {
     pub fn open(dir: &Path, verify: Verify) -> Result<Self, SnapshotError> {
-        let dir = std::fs::canonicalize(dir).map_err(|e| SnapshotError::NoManifest(dir.into(), e))?;
+        let dir =
+            std::fs::canonicalize(dir).map_err(|e| SnapshotError::NoManifest(dir.into(), e))?;
         let manifest_path = dir.join(MANIFEST_FILE);
         let file = std::fs::File::open(&manifest_path)
             .map_err(|e| SnapshotError::NoManifest(dir.clone(), e))?;
@@ -181,7 +184,11 @@ mod tests {
     fn fake_snapshot(dir: &Path) -> Manifest {
         let kernel = dir.join("vmlinuz");
         std::fs::write(&kernel, b"kernel").expect("write");
-        for (name, bytes) in [(MEMORY_FILE, &b"memory"[..]), (STATE_FILE, b"state"), (DISK_FILE, b"disk")] {
+        for (name, bytes) in [
+            (MEMORY_FILE, &b"memory"[..]),
+            (STATE_FILE, b"state"),
+            (DISK_FILE, b"disk"),
+        ] {
             std::fs::write(dir.join(name), bytes).expect("write");
         }
         let manifest = Manifest {

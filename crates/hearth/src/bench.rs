@@ -96,7 +96,11 @@ async fn first_exec(agent: &AgentClient) -> Result<()> {
             ..Default::default()
         })
         .await?;
-    anyhow::ensure!(out.status.code == Some(0), "`true` failed in the guest: {:?}", out.status);
+    anyhow::ensure!(
+        out.status.code == Some(0),
+        "`true` failed in the guest: {:?}",
+        out.status
+    );
     Ok(())
 }
 
@@ -320,12 +324,27 @@ fn print_table(r: &Report) {
             s.p50, s.p95, s.min, s.max, s.n
         );
     };
-    println!("accelerator: {}, guest memory {} MiB", r.accel, r.memory_mib);
-    println!("{:<36} {:>9} {:>9} {:>9} {:>9} {:>4}", "ms", "p50", "p95", "min", "max", "n");
+    println!(
+        "accelerator: {}, guest memory {} MiB",
+        r.accel, r.memory_mib
+    );
+    println!(
+        "{:<36} {:>9} {:>9} {:>9} {:>9} {:>4}",
+        "ms", "p50", "p95", "min", "max", "n"
+    );
     row("cold boot -> first exec", &r.cold_boot_to_exec_ms);
-    row("launch (warm pool) -> first exec", &r.launch_warm_pool_to_exec_ms);
-    row("launch (empty pool) -> first exec", &r.launch_empty_pool_to_exec_ms);
-    row("naive exec:cat restore -> first exec", &r.naive_restore_to_exec_ms);
+    row(
+        "launch (warm pool) -> first exec",
+        &r.launch_warm_pool_to_exec_ms,
+    );
+    row(
+        "launch (empty pool) -> first exec",
+        &r.launch_empty_pool_to_exec_ms,
+    );
+    row(
+        "naive exec:cat restore -> first exec",
+        &r.naive_restore_to_exec_ms,
+    );
     row("suspend", &r.suspend_ms);
     row("resume -> first exec", &r.resume_to_exec_ms);
     println!(

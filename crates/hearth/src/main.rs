@@ -210,11 +210,16 @@ async fn vm(command: VmCommand) -> Result<ExitCode> {
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
-                println!("{:<24} {:<10} {:>8} {:>7}  ORIGIN", "NAME", "STATE", "PID", "MEM");
+                println!(
+                    "{:<24} {:<10} {:>8} {:>7}  ORIGIN",
+                    "NAME", "STATE", "PID", "MEM"
+                );
                 for vm in &vms {
                     let origin = match &vm.origin {
                         hearth_vm::Origin::Boot { image } => format!("image {image}"),
-                        hearth_vm::Origin::Snapshot { dir } => format!("snapshot {}", dir.display()),
+                        hearth_vm::Origin::Snapshot { dir } => {
+                            format!("snapshot {}", dir.display())
+                        }
                     };
                     println!(
                         "{:<24} {:<10} {:>8} {:>6}M  {}",
@@ -285,7 +290,12 @@ async fn exec(driver: &QemuDriver, args: ExecArgs) -> Result<ExitCode> {
     };
     let stdin = args.interactive.then(tokio::io::stdin);
     let status = agent
-        .exec(request, stdin, &mut tokio::io::stdout(), &mut tokio::io::stderr())
+        .exec(
+            request,
+            stdin,
+            &mut tokio::io::stdout(),
+            &mut tokio::io::stderr(),
+        )
         .await?;
     if status.timed_out {
         eprintln!("hearth: command timed out");
@@ -309,7 +319,8 @@ async fn copy(driver: &QemuDriver, src: &str, dst: &str, mode: Option<&str>) -> 
             let file = tokio::fs::File::open(src)
                 .await
                 .with_context(|| format!("cannot open {src}"))?;
-            let local_mode = std::os::unix::fs::PermissionsExt::mode(&file.metadata().await?.permissions());
+            let local_mode =
+                std::os::unix::fs::PermissionsExt::mode(&file.metadata().await?.permissions());
             let mode = match mode {
                 Some(m) => u32::from_str_radix(m, 8).context("--mode wants an octal mode")?,
                 None => local_mode & 0o7777,
