@@ -374,6 +374,31 @@ mod tests {
         assert!(codec.encode(frame, &mut buf).is_err());
     }
 
+    /// Hostile input: random bytes, fed in random-sized pieces, never panic the
+    /// decoder and never make it hold more than one frame's worth of bytes.
+    #[test]
+    fn random_bytes_never_panic_or_grow_unbounded() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..200 {
+            let mut codec = FrameCodec::default();
+            let mut buf = BytesMut::new();
+            for _ in 0..50 {
+                let n = (next() % 4096) as usize;
+                for _ in 0..n {
+                    buf.put_u8(next() as u8);
+                }
+                while let Ok(Some(_)) = codec.decode(&mut buf) {}
+                assert!(buf.len() <= HEADER_LEN + MAX_PAYLOAD + 4096);
+            }
+        }
+    }
+
     #[test]
     fn bad_json_payload_is_an_error() {
         let frame = Frame::new(1, FrameKind::Open, &b"{not json"[..]);
