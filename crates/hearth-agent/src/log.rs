@@ -10,7 +10,9 @@ static CONSOLE: Mutex<Option<File>> = Mutex::new(None);
 
 /// Sends every later log line to `console` instead of standard error.
 pub fn use_console(console: File) {
-    let mut slot = CONSOLE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut slot = CONSOLE
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     *slot = Some(console);
 }
 
@@ -19,7 +21,9 @@ pub fn use_console(console: File) {
 pub fn write_line(args: fmt::Arguments<'_>) {
     // One write per line so concurrent lines do not interleave mid-line.
     let line = format!("hearth-agent: {args}\n");
-    let mut slot = CONSOLE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut slot = CONSOLE
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     match slot.as_mut() {
         Some(console) => {
             let _ = console.write_all(line.as_bytes());

@@ -1,7 +1,7 @@
 //! Thin, safe wrappers over the raw system calls the agent needs. Every `unsafe`
 //! block of the crate lives here, next to the reason it is sound.
 
-use std::ffi::{CString, OsStr};
+use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
@@ -170,9 +170,8 @@ pub fn set_hostname(name: &str) -> io::Result<()> {
 /// Brings a network interface up (`SIOCSIFFLAGS` with `IFF_UP | IFF_RUNNING`).
 pub fn interface_up(name: &str) -> io::Result<()> {
     // SAFETY: plain socket(2) call; the result is checked and then owned.
-    let raw = check(unsafe {
-        libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0)
-    })?;
+    let raw =
+        check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
     // SAFETY: `raw` is a fresh descriptor that nothing else owns.
     let socket = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
     // SAFETY: ifreq is plain data; all-zero is a valid value.
@@ -191,6 +190,14 @@ pub fn interface_up(name: &str) -> io::Result<()> {
     request.ifr_ifru.ifru_flags = flags | (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
     // SAFETY: as above; SIOCSIFFLAGS reads the name and flags.
     check(unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS, &request) }).map(drop)
+}
+
+/// Registers an open file with tokio's reactor.
+pub fn register_async(file: std::fs::File) -> io::Result<tokio::io::unix::AsyncFd<std::fs::File>> {
+    // SAFETY: a `File` owns its descriptor, which stays open and unchanged until the
+    // `File` (held inside the `AsyncFd`) is dropped; `as_raw_fd` always returns it.
+    let registered = unsafe { tokio::io::unix::AsyncFd::register(file) };
+    registered.map_err(io::Error::from)
 }
 
 /// `sync(2)`.
@@ -262,11 +269,6 @@ pub fn decode_wait_status(status: i32) -> (Option<i32>, Option<i32>) {
     } else {
         (None, None)
     }
-}
-
-/// Whether `path` names something (without following a final symlink error).
-pub fn exists(path: impl AsRef<OsStr>) -> bool {
-    Path::new(path.as_ref()).exists()
 }
 
 #[cfg(test)]

@@ -1,0 +1,363 @@
+//! `Exec` streams: spawn a process, stream its output, feed its stdin, report how
+//! it ended.
+
+use std::io;
+use std::os::fd::OwnedFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use hearth_proto::{
+    ErrorKind, ExecRequest, ExitStatus, Frame, FrameKind, FLAG_STDERR, FLAG_STDOUT,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::pipe;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::session::{Agent, FrameSink, StreamControl, StreamFailure};
+use crate::{log, sys};
+
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// Largest output chunk per `Data` frame.
+const OUTPUT_CHUNK: usize = 64 * 1024;
+/// After the process exits, how long to wait for its pipes to close (a background
+/// grandchild may hold them open forever).
+const PIPE_GRACE: Duration = Duration::from_millis(200);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("argv is empty")]
+    EmptyArgv,
+    #[error("invalid environment variable name {0:?}")]
+    BadEnvName(String),
+    #[error("executable not found: {0}")]
+    NotFound(String),
+    #[error("cannot run {program}: {source}")]
+    Spawn { program: String, source: io::Error },
+    #[error("the spawning task failed")]
+    SpawnTask,
+}
+
+impl StreamFailure for ExecError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            Self::EmptyArgv | Self::BadEnvName(_) => ErrorKind::InvalidRequest,
+            Self::NotFound(_) => ErrorKind::NotFound,
+            Self::Spawn { source, .. } => match source.kind() {
+                io::ErrorKind::NotFound => ErrorKind::NotFound,
+                io::ErrorKind::PermissionDenied => ErrorKind::PermissionDenied,
+                io::ErrorKind::InvalidInput => ErrorKind::InvalidRequest,
+                _ => ErrorKind::Internal,
+            },
+            Self::SpawnTask => ErrorKind::Internal,
+        }
+    }
+}
+
+/// Kills the process group when the stream is dropped (host `Close`, protocol
+/// error) while the process still runs, unless the session detached it.
+struct KillGuard {
+    pid: i32,
+    control: Arc<StreamControl>,
+    armed: bool,
+}
+
+impl Drop for KillGuard {
+    fn drop(&mut self) {
+        if self.armed && !self.control.detached.load(Ordering::Acquire) {
+            let _ = sys::kill(-self.pid, libc::SIGKILL);
+        }
+    }
+}
+
+/// Finds the program to run. Names without `/` are looked up in `path_var`.
+fn resolve_program(program: &str, path_var: &str, cwd: Option<&str>) -> Option<PathBuf> {
+    if program.contains('/') {
+        let as_given = Path::new(program);
+        let check = match cwd {
+            Some(cwd) if as_given.is_relative() => Path::new(cwd).join(as_given),
+            _ => as_given.to_path_buf(),
+        };
+        return check.exists().then(|| as_given.to_path_buf());
+    }
+    path_var
+        .split(':')
+        .map(|dir| if dir.is_empty() { "." } else { dir })
+        .map(|dir| Path::new(dir).join(program))
+        .find(|candidate| is_executable_file(candidate))
+}
+
+fn is_executable_file(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+}
+
+fn build_command(request: &ExecRequest) -> Result<Command, ExecError> {
+    let Some((program, args)) = request.argv.split_first() else {
+        return Err(ExecError::EmptyArgv);
+    };
+    if let Some((name, _)) = request
+        .env
+        .iter()
+        .find(|(name, _)| name.is_empty() || name.contains('='))
+    {
+        return Err(ExecError::BadEnvName(name.clone()));
+    }
+    let path_var = request
+        .env
+        .iter()
+        .rev()
+        .find(|(name, _)| name == "PATH")
+        .map_or(DEFAULT_PATH, |(_, value)| value.as_str());
+    let resolved = resolve_program(program, path_var, request.cwd.as_deref())
+        .ok_or_else(|| ExecError::NotFound(program.clone()))?;
+
+    let mut command = Command::new(resolved);
+    command.arg0(program).args(args).env_clear();
+    if !request.clear_env {
+        command
+            .env("PATH", DEFAULT_PATH)
+            .env("HOME", "/root")
+            .env("TERM", "linux");
+    }
+    command.envs(request.env.iter().map(|(name, value)| (name, value)));
+    if let Some(cwd) = &request.cwd {
+        command.current_dir(cwd);
+    }
+    command
+        .stdin(if request.stdin {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let (uid, gid) = (request.uid, request.gid);
+    // SAFETY: the closure runs between fork and exec and only makes
+    // async-signal-safe system calls (setsid, setgroups, setgid, setuid).
+    unsafe {
+        command.pre_exec(move || sys::child_setup(uid, gid));
+    }
+    Ok(command)
+}
+
+/// Runs an `Exec` stream to its `Exit` frame.
+pub async fn run(
+    stream: u32,
+    request: ExecRequest,
+    inbox: mpsc::Receiver<Frame>,
+    sink: &FrameSink,
+    agent: &Agent,
+    control: &Arc<StreamControl>,
+) -> Result<(), ExecError> {
+    let mut command = build_command(&request)?;
+    let program = request.argv.first().cloned().unwrap_or_default();
+    let children = agent.children.clone();
+    let guard_control = control.clone();
+    // Spawning blocks for fork+exec. The guard is made on the blocking thread so
+    // that, should this stream be dropped meanwhile, dropping the unclaimed result
+    // still kills the new process.
+    let spawned = tokio::task::spawn_blocking(move || {
+        let spawned = children.spawn(&mut command)?;
+        guard_control.pid.store(spawned.pid, Ordering::Release);
+        let guard = KillGuard {
+            pid: spawned.pid,
+            control: guard_control,
+            armed: true,
+        };
+        Ok::<_, io::Error>((spawned, guard))
+    })
+    .await
+    .map_err(|_| ExecError::SpawnTask)?;
+    let (mut spawned, mut guard) =
+        spawned.map_err(|source| ExecError::Spawn { program, source })?;
+    let pid = spawned.pid;
+
+    let mut pumps = JoinSet::new();
+    let outputs = [
+        (spawned.child.stdout.take().map(OwnedFd::from), FLAG_STDOUT),
+        (spawned.child.stderr.take().map(OwnedFd::from), FLAG_STDERR),
+    ];
+    for (fd, flag) in outputs {
+        let Some(fd) = fd else { continue };
+        match pipe::Receiver::from_owned_fd(fd) {
+            Ok(receiver) => {
+                pumps.spawn(pump_output(receiver, flag, stream, sink.clone()));
+            }
+            Err(err) => log!("stream {stream}: output pipe: {err}"),
+        }
+    }
+    // Aborted when this function returns or is dropped.
+    let mut stdin_feeder = JoinSet::new();
+    match spawned.child.stdin.take().map(OwnedFd::from) {
+        Some(fd) => match pipe::Sender::from_owned_fd(fd) {
+            Ok(stdin) => {
+                stdin_feeder.spawn(feed_stdin(stdin, inbox));
+            }
+            Err(err) => log!("stream {stream}: stdin pipe: {err}"),
+        },
+        // No stdin: host data for this stream is dropped.
+        None => drop(inbox),
+    }
+
+    let deadline = request
+        .timeout_ms
+        .and_then(|ms| Instant::now().checked_add(Duration::from_millis(ms)));
+    let mut timed_out = false;
+    let mut exited = spawned.exited;
+    let status = loop {
+        let timer = async {
+            match deadline {
+                Some(deadline) if !timed_out => tokio::time::sleep_until(deadline).await,
+                _ => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            status = &mut exited => break status.ok(),
+            () = timer => {
+                timed_out = true;
+                if let Err(err) = sys::kill(-pid, libc::SIGKILL) {
+                    log!("stream {stream}: killing timed-out process {pid}: {err}");
+                }
+            }
+        }
+    };
+    // Reaped: its pid may be reused from now on, so never signal it again.
+    guard.armed = false;
+    control.pid.store(0, Ordering::Release);
+
+    let mut closed = Vec::new();
+    let grace = tokio::time::sleep(PIPE_GRACE);
+    tokio::pin!(grace);
+    loop {
+        tokio::select! {
+            biased;
+            joined = pumps.join_next() => match joined {
+                Some(Ok(flag)) => closed.push(flag),
+                Some(Err(_)) => {}
+                None => break,
+            },
+            () = &mut grace => break,
+        }
+    }
+    pumps.abort_all();
+    while let Some(joined) = pumps.join_next().await {
+        if let Ok(flag) = joined {
+            closed.push(flag);
+        }
+    }
+    for flag in [FLAG_STDOUT, FLAG_STDERR] {
+        if !closed.contains(&flag) {
+            let eof = Frame::new(stream, FrameKind::Eof, Bytes::new()).with_flags(flag);
+            let _ = sink.send(eof).await;
+        }
+    }
+
+    let (code, signal) = status.map_or((None, None), sys::decode_wait_status);
+    let exit = ExitStatus {
+        code,
+        signal,
+        timed_out,
+    };
+    let _ = sink.send(Frame::json(stream, FrameKind::Exit, &exit)).await;
+    Ok(())
+}
+
+/// Copies one output pipe into `Data` frames, then sends its `Eof`. Returns the
+/// flag once the `Eof` has been queued.
+async fn pump_output(mut pipe: pipe::Receiver, flag: u8, stream: u32, sink: FrameSink) -> u8 {
+    loop {
+        let mut chunk = BytesMut::with_capacity(OUTPUT_CHUNK);
+        match pipe.read_buf(&mut chunk).await {
+            Ok(0) => break,
+            Ok(_) => {
+                let data = Frame::new(stream, FrameKind::Data, chunk.freeze()).with_flags(flag);
+                if sink.send(data).await.is_err() {
+                    return flag;
+                }
+            }
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) => {
+                log!("stream {stream}: reading output: {err}");
+                break;
+            }
+        }
+    }
+    let eof = Frame::new(stream, FrameKind::Eof, Bytes::new()).with_flags(flag);
+    let _ = sink.send(eof).await;
+    flag
+}
+
+/// Writes host `Data` to the process's stdin; closes it on the host's `Eof`.
+async fn feed_stdin(mut stdin: pipe::Sender, mut inbox: mpsc::Receiver<Frame>) {
+    while let Some(frame) = inbox.recv().await {
+        match frame.kind {
+            FrameKind::Data => {
+                if let Err(err) = stdin.write_all(&frame.payload).await {
+                    if err.kind() != io::ErrorKind::BrokenPipe {
+                        log!("writing to stdin: {err}");
+                    }
+                    return;
+                }
+            }
+            FrameKind::Eof => return,
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_through_path() {
+        let found = resolve_program("sh", DEFAULT_PATH, None).expect("sh is installed");
+        assert!(found.is_absolute());
+        assert!(found.ends_with("sh"));
+        assert_eq!(
+            resolve_program("no-such-program-hearth", DEFAULT_PATH, None),
+            None
+        );
+    }
+
+    #[test]
+    fn paths_with_slash_are_taken_as_given() {
+        assert_eq!(
+            resolve_program("/bin/sh", "", None),
+            Some(PathBuf::from("/bin/sh"))
+        );
+        assert_eq!(resolve_program("./missing-hearth", "", Some("/")), None);
+    }
+
+    #[test]
+    fn spawn_errors_map_to_kinds() {
+        let err = ExecError::Spawn {
+            program: "x".into(),
+            source: io::Error::from(io::ErrorKind::PermissionDenied),
+        };
+        assert_eq!(err.kind(), ErrorKind::PermissionDenied);
+        assert_eq!(ExecError::NotFound("x".into()).kind(), ErrorKind::NotFound);
+        assert_eq!(ExecError::EmptyArgv.kind(), ErrorKind::InvalidRequest);
+    }
+
+    #[test]
+    fn bad_env_names_are_refused() {
+        let request = ExecRequest {
+            argv: vec!["sh".into()],
+            env: vec![("A=B".into(), "c".into())],
+            ..ExecRequest::default()
+        };
+        assert!(matches!(
+            build_command(&request),
+            Err(ExecError::BadEnvName(_))
+        ));
+    }
+}
