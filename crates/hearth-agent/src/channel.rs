@@ -91,27 +91,19 @@ impl Port {
     }
 
     /// Returns once the host side is connected. While it is not, virtio_console
-    /// reports POLLHUP (and reads return EOF), so poll on a short timer; bytes left
-    /// over from the previous connection are discarded.
+    /// reports POLLHUP (and reads return EOF), so poll on a short timer.
+    ///
+    /// Nothing is read here: the host may reconnect between the poll and a read,
+    /// and its `Hello` must reach the new session. Bytes a previous connection
+    /// left behind are dropped by the session until it sees a `Hello`.
     pub async fn wait_for_host(&self) {
         loop {
             match sys::poll_now(self.fd.get_ref(), libc::POLLIN) {
                 Ok(revents) if revents & libc::POLLHUP == 0 => return,
-                Ok(_) => self.discard_stale_input(),
+                Ok(_) => {}
                 Err(err) => log!("poll on the agent port: {err}"),
             }
             tokio::time::sleep(HOST_POLL).await;
-        }
-    }
-
-    fn discard_stale_input(&self) {
-        let mut scratch = [0u8; 4096];
-        // Bounded: a disconnected port returns EOF once its buffer is empty.
-        for _ in 0..1024 {
-            match self.fd.get_ref().read(&mut scratch) {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
         }
     }
 

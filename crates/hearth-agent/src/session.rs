@@ -179,6 +179,7 @@ where
         streams: HashMap::new(),
         sink: FrameSink { sender, epoch: 0 },
         epoch,
+        greeted: false,
     };
     let end = loop {
         tokio::select! {
@@ -242,10 +243,19 @@ struct Session {
     streams: HashMap<u32, StreamHandle>,
     sink: FrameSink,
     epoch: Arc<AtomicU64>,
+    /// Set by the first accepted `Hello`. Until then every other frame is dropped:
+    /// bytes left in the port by a previous host connection must not run as
+    /// requests of the new one.
+    greeted: bool,
 }
 
 impl Session {
     async fn handle(&mut self, incoming: Incoming) {
+        let is_hello = matches!(&incoming, Incoming::Frame(f) if f.kind == FrameKind::Hello);
+        if !self.greeted && !is_hello {
+            log!("ignoring a frame that arrived before the host's hello");
+            return;
+        }
         match incoming {
             Incoming::Rejected { stream, reason } => {
                 log!("rejected a frame on stream {stream}: {reason}");
@@ -311,6 +321,7 @@ impl Session {
             .await;
             return;
         }
+        self.greeted = true;
         log!("host connected ({})", hello.software);
         let answer = Hello {
             version: PROTOCOL_VERSION,

@@ -187,10 +187,7 @@ fn engine_end_to_end() {
     let before = counter(&h, "c2");
     let c2_pid = h.pid_of("c2").expect("c2 pid");
     h.ok(&["vm", "suspend", "c2"]);
-    assert!(
-        !Path::new(&format!("/proc/{c2_pid}")).exists(),
-        "QEMU still runs after suspend"
-    );
+    assert!(process_gone(c2_pid), "QEMU still runs after suspend");
     std::thread::sleep(std::time::Duration::from_secs(4));
     let host_before_resume = unix_now();
     h.ok(&["vm", "resume", "c2"]);
@@ -274,10 +271,7 @@ fn engine_end_to_end() {
         .collect();
     h.ok(&["vm", "rm", "src", "c1", "c2", "c3", "c4"]);
     for pid in pids {
-        assert!(
-            !Path::new(&format!("/proc/{pid}")).exists(),
-            "QEMU {pid} survived rm"
-        );
+        assert!(process_gone(pid), "QEMU {pid} survived rm");
     }
     let left: Vec<PathBuf> = std::fs::read_dir(h.path().join("vms"))
         .expect("vms dir")
@@ -285,6 +279,24 @@ fn engine_end_to_end() {
         .map(|e| e.path())
         .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+/// True once `pid` has exited (gone, or a zombie waiting for init to reap it),
+/// allowing a moment for the exit to finish.
+fn process_gone(pid: u32) -> bool {
+    for _ in 0..100 {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Err(_) => return true,
+            Ok(stat) => {
+                let state = stat.rsplit_once(") ").map(|(_, rest)| rest.chars().next());
+                if matches!(state, Some(Some('Z' | 'X'))) {
+                    return true;
+                }
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    false
 }
 
 fn hearth_cache() -> PathBuf {
