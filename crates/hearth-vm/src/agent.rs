@@ -70,6 +70,15 @@ struct Inner {
     routes: Routes,
     next_stream: AtomicU32,
     software: String,
+    /// The task reading the socket; it owns the read half, so it must end with
+    /// the client or the connection stays open (QEMU serves one at a time).
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
 }
 
 impl AgentClient {
@@ -134,7 +143,7 @@ impl AgentClient {
         });
         let routes: Routes = Arc::default();
         let reader_routes = routes.clone();
-        tokio::spawn(async move {
+        let reader = tokio::spawn(async move {
             while let Some(Ok(incoming)) = source.next().await {
                 let (stream, frame) = match incoming {
                     Incoming::Frame(frame) => (frame.stream, frame),
@@ -165,6 +174,7 @@ impl AgentClient {
                 routes,
                 next_stream: AtomicU32::new(1),
                 software,
+                reader,
             }),
         })
     }

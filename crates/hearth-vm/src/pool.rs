@@ -99,26 +99,19 @@ impl WarmPool {
                 .await?;
             return Ok((vm, agent, LaunchPath::Cold));
         };
-        // Give the slot its name: the directory moves, QEMU keeps its open files
-        // and its bound sockets (they follow the directory's inode).
-        let target = driver.assets().vms_dir().join(name);
-        if let Err(err) = rustix::fs::renameat_with(
-            rustix::fs::CWD,
-            &vm.dir,
-            rustix::fs::CWD,
-            &target,
-            rustix::fs::RenameFlags::NOREPLACE,
-        ) {
-            let exists = err == rustix::io::Errno::EXIST;
+        // Give the slot its name with a symlink `vms/NAME -> .pool-ID`. The slot's
+        // directory itself never moves: QEMU reopens its disk by path when the
+        // restored VM starts running.
+        let link = driver.assets().vms_dir().join(name);
+        let slot_dir_name = vm.dir.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+        if let Err(err) = std::os::unix::fs::symlink(&slot_dir_name, &link) {
             lock(&self.shared.slots).push_front(Slot { vm, qmp });
-            return Err(if exists {
+            return Err(if err.kind() == std::io::ErrorKind::AlreadyExists {
                 VmError::Exists(name.into())
             } else {
-                VmError::Io(target, err.into())
+                VmError::Io(link, err)
             });
         }
-        vm.disk = target.join("disk.qcow2");
-        vm.dir = target;
         vm.name = name.to_string();
         let launched = async {
             driver.save(&vm)?;

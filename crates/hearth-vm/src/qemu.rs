@@ -398,6 +398,7 @@ impl QemuDriver {
         snapshot: &Snapshot,
     ) -> Result<AgentClient, VmError> {
         let uri = format!("file:{}", snapshot.state().display());
+        let start = Instant::now();
         let loaded = async {
             qmp.set_ignore_shared(true).await?;
             qmp.migrate_incoming_and_wait(&uri, MIGRATION_TIMEOUT)
@@ -408,8 +409,17 @@ impl QemuDriver {
         if let Err(err) = loaded {
             return Err(self.qemu_failure(vm, err));
         }
+        let restored_at = start.elapsed();
         let agent = AgentClient::connect(&vm.agent_socket(), RESTORE_TIMEOUT).await?;
+        let hello_at = start.elapsed();
         agent.restored().await?;
+        debug!(
+            vm = %vm.name,
+            restore_ms = restored_at.as_secs_f64() * 1e3,
+            hello_ms = hello_at.as_secs_f64() * 1e3,
+            restored_ms = start.elapsed().as_secs_f64() * 1e3,
+            "clone running"
+        );
         Ok(agent)
     }
 
@@ -822,6 +832,11 @@ impl Driver for QemuDriver {
 
     async fn remove(&self, vm: &VmRecord) -> Result<(), VmError> {
         self.stop_process(vm).await;
+        // A VM launched from the warm pool is named by a symlink to its directory.
+        let link = self.vm_dir(&vm.name);
+        if link.symlink_metadata().is_ok_and(|m| m.file_type().is_symlink()) {
+            std::fs::remove_file(&link).map_err(|e| VmError::Io(link.clone(), e))?;
+        }
         match std::fs::remove_dir_all(&vm.dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
