@@ -1,6 +1,17 @@
-//! A warm pool: QEMU processes for one snapshot started ahead of time and waiting
-//! in `-incoming defer`, so that a launch pays only the state load (milliseconds)
-//! and not the QEMU start (about 100 ms under TCG). Refilled in the background.
+//! A warm pool: clones of one snapshot prepared ahead of time and refilled in the
+//! background, so that a launch does not pay for starting QEMU (about 100 ms
+//! under TCG). Two depths of preparation ([`PoolMode`]):
+//!
+//! - `Deferred`: QEMU started and waiting in `-incoming defer`; a launch loads the
+//!   snapshot's state (a few ms), runs the guest and greets its agent.
+//! - `Prewarmed`: the state is already loaded, the agent greeted and one command
+//!   run, then the VM is paused. Under TCG a new QEMU process starts with an empty
+//!   translation cache, and translating the guest's exec path dominates the first
+//!   command (about 120 ms of it). A launch resumes the paused VM and sends
+//!   `restored` (clock, RNG reseed), so no two clones share RNG state.
+//!
+//! A slot lives in `vms/.pool-ID/`; when launched as NAME it keeps that directory
+//! (QEMU reopens its disk by path) and `vms/NAME` becomes a symlink to it.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -15,6 +26,13 @@ use crate::qmp::Qmp;
 use crate::snapshot::Snapshot;
 use crate::{validate_name, Driver, VmRecord};
 
+/// How far pool slots are prepared; see the module documentation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolMode {
+    Deferred,
+    Prewarmed,
+}
+
 /// Whether a launch found a warm process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LaunchPath {
@@ -26,12 +44,15 @@ pub enum LaunchPath {
 struct Slot {
     vm: VmRecord,
     qmp: Qmp,
+    /// Set for prewarmed slots: the VM is paused with its agent connected.
+    agent: Option<AgentClient>,
 }
 
 #[derive(Debug)]
 struct Shared {
     driver: QemuDriver,
     snapshot: Snapshot,
+    mode: PoolMode,
     target: usize,
     slots: Mutex<VecDeque<Slot>>,
     /// Slots being prepared right now.
@@ -49,10 +70,11 @@ pub struct WarmPool {
 
 impl WarmPool {
     /// Starts a pool that keeps `size` processes ready (0: every launch is cold).
-    pub fn new(driver: QemuDriver, snapshot: Snapshot, size: usize) -> Self {
+    pub fn new(driver: QemuDriver, snapshot: Snapshot, mode: PoolMode, size: usize) -> Self {
         let shared = Arc::new(Shared {
             driver,
             snapshot,
+            mode,
             target: size,
             slots: Mutex::default(),
             filling: Mutex::new(0),
@@ -93,7 +115,12 @@ impl WarmPool {
         let slot = lock(&self.shared.slots).pop_front();
         self.shared.wake.notify_one();
         let driver = &self.shared.driver;
-        let Some(Slot { mut vm, mut qmp }) = slot else {
+        let Some(Slot {
+            mut vm,
+            mut qmp,
+            agent,
+        }) = slot
+        else {
             let (vm, agent) = driver
                 .launch_with_agent(&self.shared.snapshot, name)
                 .await?;
@@ -103,9 +130,13 @@ impl WarmPool {
         // directory itself never moves: QEMU reopens its disk by path when the
         // restored VM starts running.
         let link = driver.assets().vms_dir().join(name);
-        let slot_dir_name = vm.dir.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+        let slot_dir_name = vm
+            .dir
+            .file_name()
+            .map(|n| n.to_os_string())
+            .unwrap_or_default();
         if let Err(err) = std::os::unix::fs::symlink(&slot_dir_name, &link) {
-            lock(&self.shared.slots).push_front(Slot { vm, qmp });
+            lock(&self.shared.slots).push_front(Slot { vm, qmp, agent });
             return Err(if err.kind() == std::io::ErrorKind::AlreadyExists {
                 VmError::Exists(name.into())
             } else {
@@ -115,9 +146,18 @@ impl WarmPool {
         vm.name = name.to_string();
         let launched = async {
             driver.save(&vm)?;
-            driver
-                .restore_clone(&vm, &mut qmp, &self.shared.snapshot)
-                .await
+            match agent {
+                Some(agent) => {
+                    qmp.cont().await?;
+                    agent.restored().await?;
+                    Ok(agent)
+                }
+                None => {
+                    driver
+                        .restore_clone(&vm, &mut qmp, &self.shared.snapshot)
+                        .await
+                }
+            }
         }
         .await;
         match launched {
@@ -153,14 +193,11 @@ async fn refill(shared: Arc<Shared>) {
                 *filling += 1;
             }
             let name = format!(".pool-{}", new_instance_id());
-            let prepared = shared
-                .driver
-                .prepare_clone(&shared.snapshot, &name, true)
-                .await;
+            let prepared = prepare_slot(&shared, &name).await;
             *lock(&shared.filling) -= 1;
             match prepared {
-                Ok((vm, qmp)) => {
-                    lock(&shared.slots).push_back(Slot { vm, qmp });
+                Ok(slot) => {
+                    lock(&shared.slots).push_back(slot);
                     shared.filled.notify_waiters();
                 }
                 Err(err) => {
@@ -168,6 +205,44 @@ async fn refill(shared: Arc<Shared>) {
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
+        }
+    }
+}
+
+async fn prepare_slot(shared: &Shared, name: &str) -> Result<Slot, VmError> {
+    let driver = &shared.driver;
+    let (vm, mut qmp) = driver.prepare_clone(&shared.snapshot, name, true).await?;
+    if shared.mode == PoolMode::Deferred {
+        return Ok(Slot {
+            vm,
+            qmp,
+            agent: None,
+        });
+    }
+    let warmed = async {
+        let agent = driver
+            .restore_clone(&vm, &mut qmp, &shared.snapshot)
+            .await?;
+        // One command translates the guest's exec path into QEMU's cache.
+        agent
+            .exec_output(hearth_proto::ExecRequest {
+                argv: vec!["true".into()],
+                ..Default::default()
+            })
+            .await?;
+        qmp.stop().await?;
+        Ok::<_, VmError>(agent)
+    }
+    .await;
+    match warmed {
+        Ok(agent) => Ok(Slot {
+            vm,
+            qmp,
+            agent: Some(agent),
+        }),
+        Err(err) => {
+            let _ = driver.remove(&vm).await;
+            Err(err)
         }
     }
 }

@@ -203,7 +203,7 @@ impl QemuDriver {
     }
 
     /// QEMU's command line for `vm`; `incoming` starts it waiting for a state load.
-    fn command_line(&self, vm: &VmRecord, incoming: Incoming<'_>) -> Vec<OsString> {
+    fn command_line(&self, vm: &VmRecord, incoming: Incoming<'_>, kernel: &Path) -> Vec<OsString> {
         let MachineShape { memory_mib, vcpus } = vm.shape;
         let memory = match &vm.memory {
             Memory::SharedFile { path } => format!(
@@ -243,9 +243,11 @@ impl QemuDriver {
         push("-object");
         push(&memory);
         push("-kernel");
-        push(&vm.kernel.display().to_string());
-        push("-initrd");
-        push(&vm.initrd.display().to_string());
+        push(&kernel.display().to_string());
+        if matches!(incoming, Incoming::None) {
+            push("-initrd");
+            push(&vm.initrd.display().to_string());
+        }
         push("-append");
         push(&vm.cmdline);
         push("-serial");
@@ -296,8 +298,23 @@ impl QemuDriver {
         let log_err = log
             .try_clone()
             .map_err(|e| VmError::Io(log_path.clone(), e))?;
-        let mut child = Command::new(&self.qemu)
-            .args(self.command_line(vm, incoming))
+        let kernel = match incoming {
+            Incoming::None => vm.kernel.clone(),
+            Incoming::Defer | Incoming::Uri(_) => self.kernel_stub(&vm.kernel)?,
+        };
+        let mut command = Command::new(&self.qemu);
+        command.args(self.command_line(vm, incoming, &kernel));
+        // SAFETY: the closure runs in the forked child before exec and only calls
+        // prctl(2), which is async-signal-safe and touches no shared state.
+        unsafe {
+            command.pre_exec(|| {
+                // Transparent huge pages would round QEMU's translation cache up to
+                // 2 MiB pages in every clone; guest RAM is file-backed and unaffected.
+                libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+                Ok(())
+            });
+        }
+        let mut child = command
             .stdin(std::process::Stdio::null())
             .stdout(log)
             .stderr(log_err)
@@ -421,6 +438,45 @@ impl QemuDriver {
             "clone running"
         );
         Ok(agent)
+    }
+
+    /// A stand-in kernel image for VMs that restore instead of booting: the real
+    /// image's setup header and one page of its body.
+    ///
+    /// After a restore the guest never reads its kernel image again (it came
+    /// through fw_cfg at boot), but the `microvm` machine must still be given a
+    /// `-kernel` to lay out the same devices as at boot (without one the restored
+    /// guest hangs). QEMU keeps that image in private memory for the life of the
+    /// process, 14 MiB for Debian's kernel: in every clone. The stub costs 24 KiB.
+    fn kernel_stub(&self, kernel: &Path) -> Result<PathBuf, VmError> {
+        use std::io::Read;
+        let io = |e| VmError::Io(kernel.to_path_buf(), e);
+        let mut head = Vec::with_capacity(64 * 1024);
+        std::fs::File::open(kernel)
+            .map_err(io)?
+            .take(64 * 1024)
+            .read_to_end(&mut head)
+            .map_err(io)?;
+        // Linux boot protocol: "HdrS" at 0x202, setup sectors at 0x1f1 (0 means 4).
+        if head.get(0x202..0x206) != Some(b"HdrS") {
+            return Err(VmError::Io(
+                kernel.to_path_buf(),
+                std::io::Error::new(std::io::ErrorKind::InvalidData, "not a bzImage"),
+            ));
+        }
+        let setup_sectors = match head.get(0x1f1).copied().unwrap_or(0) {
+            0 => 4,
+            n => n as usize,
+        };
+        let len = ((setup_sectors + 1) * 512 + 4096).min(head.len());
+        let stub = &head[..len];
+        let dir = self.assets.cache_dir.join("kernel-stubs");
+        let path = dir.join(format!("{}.bzImage", &blake3::hash(stub).to_hex()[..16]));
+        if !path.exists() {
+            std::fs::create_dir_all(&dir).map_err(|e| VmError::Io(dir.clone(), e))?;
+            disk::write_atomic(&path, stub)?;
+        }
+        Ok(path)
     }
 
     /// Turns a QMP failure into `QemuDied` with QEMU's log when the process is gone.
@@ -834,7 +890,10 @@ impl Driver for QemuDriver {
         self.stop_process(vm).await;
         // A VM launched from the warm pool is named by a symlink to its directory.
         let link = self.vm_dir(&vm.name);
-        if link.symlink_metadata().is_ok_and(|m| m.file_type().is_symlink()) {
+        if link
+            .symlink_metadata()
+            .is_ok_and(|m| m.file_type().is_symlink())
+        {
             std::fs::remove_file(&link).map_err(|e| VmError::Io(link.clone(), e))?;
         }
         match std::fs::remove_dir_all(&vm.dir) {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::Args;
 use hearth_proto::ExecRequest;
-use hearth_vm::pool::{LaunchPath, WarmPool};
+use hearth_vm::pool::{LaunchPath, PoolMode, WarmPool};
 use hearth_vm::{AgentClient, BootRequest, Driver, MachineShape, QemuDriver, Snapshot, VmRecord};
 use serde::Serialize;
 
@@ -44,6 +44,7 @@ struct Report {
     memory_mib: u32,
     cold_boot_to_exec_ms: Stats,
     launch_warm_pool_to_exec_ms: Stats,
+    launch_deferred_pool_to_exec_ms: Stats,
     launch_empty_pool_to_exec_ms: Stats,
     naive_restore_to_exec_ms: Stats,
     suspend_ms: Stats,
@@ -179,10 +180,42 @@ async fn run(
     let snap_dir = work.join("snapshot");
     let snapshot = driver.snapshot(&source, &snap_dir).await?;
 
-    // Warm pool: each launch finds a process waiting.
-    let warm = measure_pool(driver, &snapshot, 2, args.launches, prefix, "warm", cleanup).await?;
+    // Warm pool, prewarmed: each launch finds a restored, paused VM.
+    let warm = measure_pool(
+        driver,
+        &snapshot,
+        PoolMode::Prewarmed,
+        2,
+        args.launches,
+        prefix,
+        "warm",
+        cleanup,
+    )
+    .await?;
+    // Warm pool, deferred: each launch finds QEMU waiting to load the state.
+    let deferred = measure_pool(
+        driver,
+        &snapshot,
+        PoolMode::Deferred,
+        2,
+        args.launches,
+        prefix,
+        "defer",
+        cleanup,
+    )
+    .await?;
     // Empty pool: each launch starts its own QEMU first.
-    let cold = measure_pool(driver, &snapshot, 0, args.launches, prefix, "cold", cleanup).await?;
+    let cold = measure_pool(
+        driver,
+        &snapshot,
+        PoolMode::Deferred,
+        0,
+        args.launches,
+        prefix,
+        "cold",
+        cleanup,
+    )
+    .await?;
 
     // Naive restore: the full RAM stream read by a fresh QEMU via exec:cat.
     progress("preparing the naive full-stream restore");
@@ -231,7 +264,7 @@ async fn run(
 
     // Memory of idle clones.
     progress(&format!("launching {} idle clones", args.clones));
-    let pool = WarmPool::new(driver.clone(), snapshot.clone(), 0);
+    let pool = WarmPool::new(driver.clone(), snapshot.clone(), PoolMode::Deferred, 0);
     let mut pids = Vec::new();
     for i in 0..args.clones {
         let (vm, agent, _) = pool.launch(&format!("{prefix}-idle{i}")).await?;
@@ -255,6 +288,7 @@ async fn run(
         speedup_vs_naive: Stats::of(naive_samples.clone()).p50 / warm_p50,
         cold_boot_to_exec_ms: Stats::of(boot_samples),
         launch_warm_pool_to_exec_ms: warm,
+        launch_deferred_pool_to_exec_ms: deferred,
         launch_empty_pool_to_exec_ms: cold,
         naive_restore_to_exec_ms: Stats::of(naive_samples),
         suspend_ms: Stats::of(suspend_samples),
@@ -266,16 +300,18 @@ async fn run(
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn measure_pool(
     driver: &QemuDriver,
     snapshot: &Snapshot,
+    mode: PoolMode,
     size: usize,
     launches: u32,
     prefix: &str,
     label: &str,
     cleanup: &mut Cleanup<'_>,
 ) -> Result<Stats> {
-    let pool = WarmPool::new(driver.clone(), snapshot.clone(), size);
+    let pool = WarmPool::new(driver.clone(), snapshot.clone(), mode, size);
     let mut samples = Vec::new();
     let result = async {
         for i in 0..launches {
