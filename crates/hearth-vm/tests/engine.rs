@@ -1,0 +1,149 @@
+//! Library-level end-to-end tests: real guests under QEMU, driven through the
+//! `Driver` API and the warm pool. Needs `scripts/setup-host` and
+//! `scripts/build-agent` (as `scripts/test` does).
+
+use std::time::Duration;
+
+use hearth_proto::ExecRequest;
+use hearth_vm::pool::{LaunchPath, PoolMode, WarmPool};
+use hearth_vm::{AgentClient, Assets, BootRequest, Driver, MachineShape, QemuDriver, VmError};
+
+fn driver(state: &std::path::Path) -> QemuDriver {
+    let assets = Assets {
+        cache_dir: Assets::from_env().cache_dir,
+        state_dir: state.to_path_buf(),
+    };
+    QemuDriver::new(assets).expect("driver")
+}
+
+async fn sh(agent: &AgentClient, script: &str) -> String {
+    let out = agent
+        .exec_output(ExecRequest {
+            argv: vec!["sh".into(), "-c".into(), script.into()],
+            ..Default::default()
+        })
+        .await
+        .expect("exec");
+    assert_eq!(
+        out.status.code,
+        Some(0),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_launches_and_failures() {
+    let state = tempfile::Builder::new()
+        .prefix("hvm")
+        .tempdir_in("/tmp")
+        .expect("state dir");
+    let driver = driver(state.path());
+    let source = driver
+        .boot(&BootRequest {
+            name: "src".into(),
+            image: "debian-12".into(),
+            shape: MachineShape::default(),
+        })
+        .await
+        .expect("boot");
+    let agent = driver.agent(&source).await.expect("agent");
+    sh(&agent, "echo from-source > /root/origin").await;
+    drop(agent);
+    let snapshot = driver
+        .snapshot(&source, &state.path().join("snap"))
+        .await
+        .expect("snapshot");
+
+    for mode in [PoolMode::Prewarmed, PoolMode::Deferred] {
+        let pool = WarmPool::new(driver.clone(), snapshot.clone(), mode, 1);
+        assert!(
+            pool.wait_full(Duration::from_secs(60)).await,
+            "{mode:?} pool never filled"
+        );
+        let tag = format!("{mode:?}").to_lowercase();
+        let (a, agent_a, path_a) = pool.launch(&format!("{tag}-a")).await.expect("launch a");
+        assert_eq!(path_a, LaunchPath::Warm);
+        assert!(
+            pool.wait_full(Duration::from_secs(60)).await,
+            "{mode:?} pool did not refill"
+        );
+        // The name is taken: refused, and the warm slot stays in the pool.
+        let err = pool
+            .launch(&format!("{tag}-a"))
+            .await
+            .expect_err("duplicate name");
+        assert!(matches!(err, VmError::Exists(_)), "{err}");
+        assert_eq!(pool.ready(), 1);
+        let (b, agent_b, _) = pool.launch(&format!("{tag}-b")).await.expect("launch b");
+
+        assert_eq!(sh(&agent_a, "cat /root/origin").await, "from-source");
+        assert_eq!(sh(&agent_b, "cat /root/origin").await, "from-source");
+        // `restored` reseeded each clone's RNG: identical snapshots, different bytes.
+        let rand_a = sh(&agent_a, "head -c 16 /dev/urandom | od -An -tx1").await;
+        let rand_b = sh(&agent_b, "head -c 16 /dev/urandom | od -An -tx1").await;
+        assert_ne!(rand_a, rand_b, "clones share RNG output");
+        // And set the clock to the host's.
+        let guest: u64 = sh(&agent_a, "date +%s").await.parse().expect("date");
+        let host = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs();
+        assert!(
+            guest.abs_diff(host) <= 2,
+            "guest clock {guest}, host {host}"
+        );
+
+        // Listed by name, and removed without a trace (symlink and directory).
+        let names: Vec<String> = driver
+            .list()
+            .expect("list")
+            .into_iter()
+            .map(|v| v.name)
+            .collect();
+        assert!(
+            names.contains(&a.name) && names.contains(&b.name),
+            "{names:?}"
+        );
+        pool.shutdown().await;
+        for vm in [&a, &b] {
+            driver.remove(vm).await.expect("remove");
+            assert!(!vm.dir.exists());
+            assert!(!state.path().join("vms").join(&vm.name).exists());
+        }
+    }
+
+    // A QEMU that dies is a clear error for that VM only.
+    let (victim, _agent) = driver
+        .launch_with_agent(&snapshot, "victim")
+        .await
+        .expect("launch victim");
+    let (bystander, bystander_agent) = driver
+        .launch_with_agent(&snapshot, "bystander")
+        .await
+        .expect("launch bystander");
+    let pid = victim.pid.expect("pid");
+    std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .expect("kill");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!QemuDriver::is_alive(&victim));
+    let mut victim = driver.load("victim").expect("load victim");
+    let err = driver
+        .suspend(&mut victim)
+        .await
+        .expect_err("suspend of a dead VM");
+    assert!(matches!(err, VmError::BadState { .. }), "{err}");
+    assert_eq!(sh(&bystander_agent, "echo still-here").await, "still-here");
+    driver.remove(&victim).await.expect("remove victim");
+    driver.remove(&bystander).await.expect("remove bystander");
+    driver.remove(&source).await.expect("remove source");
+    let left: Vec<_> = std::fs::read_dir(state.path().join("vms"))
+        .expect("vms")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
