@@ -52,13 +52,17 @@ pub enum VmState {
     Running,
     /// Memory, CPU and device state are on disk; no QEMU process.
     Suspended,
+    /// The guest powered off cleanly; only its disk remains.
+    Stopped,
 }
 
 impl VmState {
     pub fn can_become(self, next: VmState) -> bool {
         matches!(
             (self, next),
-            (VmState::Running, VmState::Suspended) | (VmState::Suspended, VmState::Running)
+            (VmState::Running, VmState::Suspended)
+                | (VmState::Suspended, VmState::Running)
+                | (VmState::Running, VmState::Stopped)
         )
     }
 }
@@ -170,6 +174,8 @@ pub trait Driver {
     async fn suspend(&self, vm: &mut VmRecord) -> Result<(), VmError>;
     /// Restores a suspended VM and waits until its agent answers.
     async fn resume(&self, vm: &mut VmRecord) -> Result<(), VmError>;
+    /// Asks the guest to sync and power off, and waits for the VM to end.
+    async fn shutdown(&self, vm: &mut VmRecord) -> Result<(), VmError>;
     /// Stops the VM and removes everything it left on disk.
     async fn remove(&self, vm: &VmRecord) -> Result<(), VmError>;
 }
@@ -195,5 +201,8 @@ mod tests {
         assert!(VmState::Suspended.can_become(VmState::Running));
         assert!(!VmState::Running.can_become(VmState::Running));
         assert!(!VmState::Suspended.can_become(VmState::Suspended));
+        assert!(VmState::Running.can_become(VmState::Stopped));
+        assert!(!VmState::Stopped.can_become(VmState::Running));
+        assert!(!VmState::Suspended.can_become(VmState::Stopped));
     }
 }

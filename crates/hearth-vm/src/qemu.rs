@@ -30,6 +30,8 @@ const RESTORE_TIMEOUT: Duration = Duration::from_secs(60);
 const QMP_START_TIMEOUT: Duration = Duration::from_secs(20);
 /// Migration to or from a file of a few hundred MiB.
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a guest may take to power off after the agent's shutdown.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 const RECORD_FILE: &str = "vm.json";
 
 #[derive(Debug, thiserror::Error)]
@@ -884,6 +886,31 @@ impl Driver for QemuDriver {
         let agent = AgentClient::connect(&vm.agent_socket(), RESTORE_TIMEOUT).await?;
         agent.restored().await?;
         Ok(())
+    }
+
+    async fn shutdown(&self, vm: &mut VmRecord) -> Result<(), VmError> {
+        if !vm.state.can_become(VmState::Stopped) || !Self::is_alive(vm) {
+            return Err(VmError::BadState {
+                name: vm.name.clone(),
+                state: vm.state,
+                action: "shut down",
+            });
+        }
+        let agent = self.agent(vm).await?;
+        agent.shutdown().await?;
+        drop(agent);
+        if let Some(pid) = vm.pid {
+            if !wait_gone(pid, &vm.instance, SHUTDOWN_TIMEOUT).await {
+                // The guest did not power off in time: end it the hard way.
+                self.stop_process(vm).await;
+            }
+        }
+        vm.state = VmState::Stopped;
+        vm.pid = None;
+        if let Memory::SharedFile { path } = &vm.memory {
+            let _ = std::fs::remove_file(path);
+        }
+        self.save(vm)
     }
 
     async fn remove(&self, vm: &VmRecord) -> Result<(), VmError> {

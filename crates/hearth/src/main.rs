@@ -67,6 +67,8 @@ enum VmCommand {
     Suspend { name: String },
     /// Resume a suspended VM.
     Resume { name: String },
+    /// Power a VM off cleanly (the guest syncs its disks first).
+    Stop { name: String },
     /// List VMs.
     Ls {
         #[arg(long)]
@@ -191,6 +193,10 @@ async fn vm(command: VmCommand) -> Result<ExitCode> {
             let mut vm = driver.load(&name)?;
             driver.resume(&mut vm).await?;
         }
+        VmCommand::Stop { name } => {
+            let mut vm = driver.load(&name)?;
+            driver.shutdown(&mut vm).await?;
+        }
         VmCommand::Ls { json } => {
             let vms = driver.list()?;
             if json {
@@ -254,6 +260,7 @@ async fn vm(command: VmCommand) -> Result<ExitCode> {
 fn status(vm: &hearth_vm::VmRecord) -> &'static str {
     match vm.state {
         VmState::Suspended => "suspended",
+        VmState::Stopped => "stopped",
         VmState::Running if QemuDriver::is_alive(vm) => "running",
         VmState::Running => "dead",
     }

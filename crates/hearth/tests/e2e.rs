@@ -264,8 +264,18 @@ fn engine_end_to_end() {
     assert!(stderr.contains("truncated"), "{stderr}");
     assert!(!h.path().join("vms/bad").exists());
 
+    // A clean power-off: the guest syncs and QEMU ends by itself.
+    let c3_pid = h.pid_of("c3").expect("c3 pid");
+    h.ok(&["vm", "stop", "c3"]);
+    assert!(process_gone(c3_pid), "QEMU still runs after stop");
+    let console = std::fs::read_to_string(h.path().join("vms/c3/console.log")).expect("console");
+    assert!(console.contains("reboot: Power down"), "{console}");
+    assert!(h.ok(&["vm", "ls"]).contains("stopped"));
+    let refused = h.run(&["vm", "exec", "c3", "--", "true"]);
+    assert!(!refused.status.success());
+
     // rm leaves no process, socket or file behind.
-    let pids: Vec<u32> = ["src", "c1", "c2", "c3", "c4"]
+    let pids: Vec<u32> = ["src", "c1", "c2", "c4"]
         .iter()
         .map(|n| h.pid_of(n).expect("pid"))
         .collect();
