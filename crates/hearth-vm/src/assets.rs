@@ -34,12 +34,17 @@ pub struct GuestKernel {
 pub struct Assets {
     pub cache_dir: PathBuf,
     pub state_dir: PathBuf,
+    /// Where running VMs keep their RAM files. A tmpfs (the default,
+    /// `/dev/shm/hearth`) holds them like anonymous memory: no page is ever
+    /// written back to a disk, and deleting the file frees the memory. On a disk
+    /// filesystem every guest write would dirty a page for writeback.
+    pub ram_dir: PathBuf,
 }
 
 impl Assets {
     /// From the environment: `HEARTH_CACHE` (default `$XDG_CACHE_HOME/hearth` or
     /// `~/.cache/hearth`) and `HEARTH_HOME` (default `$XDG_DATA_HOME/hearth` or
-    /// `~/.local/share/hearth`).
+    /// `~/.local/share/hearth`), `HEARTH_RAM_DIR` (default `/dev/shm/hearth`).
     pub fn from_env() -> Self {
         let home = std::env::var_os("HOME")
             .map(PathBuf::from)
@@ -59,9 +64,18 @@ impl Assets {
                 .unwrap_or_else(|| home.join(".local/share"))
                 .join("hearth")
         });
+        let ram_dir = env_dir("HEARTH_RAM_DIR").unwrap_or_else(|| {
+            let shm = Path::new("/dev/shm");
+            if shm.is_dir() {
+                shm.join("hearth")
+            } else {
+                state_dir.join("ram")
+            }
+        });
         Self {
             cache_dir,
             state_dir,
+            ram_dir,
         }
     }
 

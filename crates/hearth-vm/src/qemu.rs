@@ -442,6 +442,14 @@ impl QemuDriver {
         Ok(agent)
     }
 
+    /// Where a VM's shared RAM file lives: in the RAM directory (tmpfs by default,
+    /// see [`Assets::ram_dir`]), named by the QEMU instance.
+    fn ram_file(&self, instance: &str) -> Result<PathBuf, VmError> {
+        let dir = &self.assets.ram_dir;
+        std::fs::create_dir_all(dir).map_err(|e| VmError::Io(dir.clone(), e))?;
+        Ok(dir.join(format!("{instance}.ram")))
+    }
+
     /// A stand-in kernel image for VMs that restore instead of booting: the real
     /// image's setup header and one page of its body.
     ///
@@ -619,10 +627,11 @@ impl Driver for QemuDriver {
         let base = self.assets.base_image(&request.image)?;
         let kernel = self.assets.guest_kernel()?;
         let dir = self.create_dir(&request.name)?;
+        let instance = new_instance_id();
         let result = async {
             let vm = VmRecord {
                 name: request.name.clone(),
-                instance: new_instance_id(),
+                instance: instance.clone(),
                 dir: dir.clone(),
                 state: VmState::Running,
                 pid: None,
@@ -633,7 +642,7 @@ impl Driver for QemuDriver {
                 cmdline: "console=ttyS0 quiet panic=-1 hearth.root=/dev/vda".into(),
                 disk: dir.join("disk.qcow2"),
                 memory: Memory::SharedFile {
-                    path: dir.join("mem"),
+                    path: self.ram_file(&instance)?,
                 },
                 origin: Origin::Boot {
                     image: request.image.clone(),
@@ -675,6 +684,7 @@ impl Driver for QemuDriver {
         .await;
         if result.is_err() {
             let _ = std::fs::remove_dir_all(&dir);
+            let _ = std::fs::remove_file(self.assets.ram_dir.join(format!("{instance}.ram")));
         }
         result
     }
@@ -859,12 +869,11 @@ impl Driver for QemuDriver {
         let mut running = vm.clone();
         running.instance = new_instance_id();
         running.memory = Memory::SharedFile {
-            path: vm.dir.join("mem"),
+            path: self.ram_file(&running.instance)?,
         };
-        if let Some(path) = running.memory.path() {
-            let _ = std::fs::remove_file(path);
-        }
+        let start = Instant::now();
         let (pid, mut qmp) = self.spawn(&running, Incoming::Defer).await?;
+        let spawned_at = start.elapsed();
         running.pid = Some(pid);
         running.state = VmState::Running;
         let uri = format!("file:{}", state_file.display());
@@ -883,8 +892,18 @@ impl Driver for QemuDriver {
         self.save(&running)?;
         *vm = running;
         let _ = std::fs::remove_file(&state_file);
+        let loaded_at = start.elapsed();
         let agent = AgentClient::connect(&vm.agent_socket(), RESTORE_TIMEOUT).await?;
+        let hello_at = start.elapsed();
         agent.restored().await?;
+        debug!(
+            vm = %vm.name,
+            spawn_ms = spawned_at.as_secs_f64() * 1e3,
+            load_ms = loaded_at.as_secs_f64() * 1e3,
+            hello_ms = hello_at.as_secs_f64() * 1e3,
+            restored_ms = start.elapsed().as_secs_f64() * 1e3,
+            "resumed"
+        );
         Ok(())
     }
 
@@ -915,6 +934,9 @@ impl Driver for QemuDriver {
 
     async fn remove(&self, vm: &VmRecord) -> Result<(), VmError> {
         self.stop_process(vm).await;
+        if let Memory::SharedFile { path } = &vm.memory {
+            let _ = std::fs::remove_file(path);
+        }
         // A VM launched from the warm pool is named by a symlink to its directory.
         let link = self.vm_dir(&vm.name);
         if link

@@ -10,8 +10,8 @@ use hearth_vm::{AgentClient, Assets, BootRequest, Driver, MachineShape, QemuDriv
 
 fn driver(state: &std::path::Path) -> QemuDriver {
     let assets = Assets {
-        cache_dir: Assets::from_env().cache_dir,
         state_dir: state.to_path_buf(),
+        ..Assets::from_env()
     };
     QemuDriver::new(assets).expect("driver")
 }

@@ -279,7 +279,22 @@ fn engine_end_to_end() {
         .iter()
         .map(|n| h.pid_of(n).expect("pid"))
         .collect();
+    let ram_files: Vec<PathBuf> = ["src", "c2"]
+        .iter()
+        .map(|n| {
+            let record: serde_json::Value = serde_json::from_slice(
+                &std::fs::read(h.path().join("vms").join(n).join("vm.json")).expect("record"),
+            )
+            .expect("record json");
+            assert_eq!(record["memory"]["kind"], "shared_file", "{n}");
+            PathBuf::from(record["memory"]["path"].as_str().expect("ram path"))
+        })
+        .collect();
+    assert!(ram_files.iter().all(|p| p.exists()));
     h.ok(&["vm", "rm", "src", "c1", "c2", "c3", "c4"]);
+    for ram in &ram_files {
+        assert!(!ram.exists(), "RAM file {} left behind", ram.display());
+    }
     for pid in pids {
         assert!(process_gone(pid), "QEMU {pid} survived rm");
     }
