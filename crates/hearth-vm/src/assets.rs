@@ -35,7 +35,7 @@ pub struct Assets {
     pub cache_dir: PathBuf,
     pub state_dir: PathBuf,
     /// Where running VMs keep their RAM files. A tmpfs (the default,
-    /// `/dev/shm/hearth`) holds them like anonymous memory: no page is ever
+    /// `/dev/shm/hearth-UID`) holds them like anonymous memory: no page is ever
     /// written back to a disk, and deleting the file frees the memory. On a disk
     /// filesystem every guest write would dirty a page for writeback.
     pub ram_dir: PathBuf,
@@ -44,7 +44,7 @@ pub struct Assets {
 impl Assets {
     /// From the environment: `HEARTH_CACHE` (default `$XDG_CACHE_HOME/hearth` or
     /// `~/.cache/hearth`) and `HEARTH_HOME` (default `$XDG_DATA_HOME/hearth` or
-    /// `~/.local/share/hearth`), `HEARTH_RAM_DIR` (default `/dev/shm/hearth`).
+    /// `~/.local/share/hearth`), `HEARTH_RAM_DIR` (default `/dev/shm/hearth-UID`).
     pub fn from_env() -> Self {
         let home = std::env::var_os("HOME")
             .map(PathBuf::from)
@@ -67,7 +67,8 @@ impl Assets {
         let ram_dir = env_dir("HEARTH_RAM_DIR").unwrap_or_else(|| {
             let shm = Path::new("/dev/shm");
             if shm.is_dir() {
-                shm.join("hearth")
+                // Per user: the directory is private to its owner (mode 0700).
+                shm.join(format!("hearth-{}", rustix::process::getuid().as_raw()))
             } else {
                 state_dir.join("ram")
             }

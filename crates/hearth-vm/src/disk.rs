@@ -100,6 +100,23 @@ pub fn sparse_copy(from: &Path, to: &Path) -> Result<u64, DiskError> {
     Ok(copied)
 }
 
+/// Creates `path` and missing parents with mode 0700: VM directories, RAM files
+/// and snapshots hold guest memory and disks, which are the tenant's secrets.
+pub fn create_private_dir_all(path: &Path) -> Result<(), DiskError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .map_err(|e| DiskError::Io(path.to_path_buf(), e))
+}
+
+/// Creates one directory with mode 0700; fails if it exists.
+pub fn create_private_dir(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().mode(0o700).create(path)
+}
+
 /// fsyncs a directory so that renames and creations in it are durable.
 pub fn sync_dir(dir: &Path) -> Result<(), DiskError> {
     File::open(dir)

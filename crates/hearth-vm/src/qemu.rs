@@ -193,9 +193,9 @@ impl QemuDriver {
     /// use `.pool-*`, which user names cannot collide with).
     pub(crate) fn create_dir_unchecked(&self, name: &str) -> Result<PathBuf, VmError> {
         let vms = self.assets.vms_dir();
-        std::fs::create_dir_all(&vms).map_err(|e| VmError::Io(vms.clone(), e))?;
+        disk::create_private_dir_all(&vms)?;
         let dir = vms.join(name);
-        match std::fs::create_dir(&dir) {
+        match disk::create_private_dir(&dir) {
             Ok(()) => Ok(dir),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 Err(VmError::Exists(name.into()))
@@ -446,7 +446,7 @@ impl QemuDriver {
     /// see [`Assets::ram_dir`]), named by the QEMU instance.
     fn ram_file(&self, instance: &str) -> Result<PathBuf, VmError> {
         let dir = &self.assets.ram_dir;
-        std::fs::create_dir_all(dir).map_err(|e| VmError::Io(dir.clone(), e))?;
+        disk::create_private_dir_all(dir)?;
         Ok(dir.join(format!("{instance}.ram")))
     }
 
@@ -521,7 +521,7 @@ impl QemuDriver {
     /// disk overlay into `out` (files `stream` and `disk.qcow2`), as the naive
     /// snapshot format would; the VM runs on.
     pub async fn save_full_stream(&self, vm: &VmRecord, out: &Path) -> Result<(), VmError> {
-        std::fs::create_dir_all(out).map_err(|e| VmError::Io(out.to_path_buf(), e))?;
+        disk::create_private_dir_all(out)?;
         let mut qmp = Qmp::connect(&vm.qmp_socket()).await?;
         qmp.stop().await?;
         let saved = async {
@@ -546,7 +546,7 @@ impl QemuDriver {
     ) -> Result<(VmRecord, AgentClient), VmError> {
         let manifest = &snapshot.manifest;
         let dir = self.create_dir(name)?;
-        let vm = VmRecord {
+        let mut vm = VmRecord {
             name: name.to_string(),
             instance: new_instance_id(),
             dir: dir.clone(),
@@ -568,10 +568,7 @@ impl QemuDriver {
             disk::create_overlay(&vm.disk, &saved.join("disk.qcow2"), BackingFormat::Qcow2).await?;
             let uri = format!("exec:cat {}", saved.join("stream").display());
             let (pid, mut qmp) = self.spawn(&vm, Incoming::Uri(&uri)).await?;
-            let vm = VmRecord {
-                pid: Some(pid),
-                ..vm.clone()
-            };
+            vm.pid = Some(pid);
             self.save(&vm)?;
             let deadline = Instant::now() + MIGRATION_TIMEOUT;
             while qmp.query_status().await?.status == "inmigrate" {
@@ -583,9 +580,10 @@ impl QemuDriver {
             qmp.cont().await?;
             let agent = AgentClient::connect(&vm.agent_socket(), RESTORE_TIMEOUT).await?;
             agent.restored().await?;
-            Ok((vm, agent))
+            Ok(agent)
         }
-        .await;
+        .await
+        .map(|agent| (vm.clone(), agent));
         if launched.is_err() {
             let _ = self.remove(&vm).await;
         }
@@ -718,7 +716,7 @@ impl Driver for QemuDriver {
             .unwrap_or_default();
         let tmp = parent.join(format!(".{file_name}.tmp-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir(&tmp).map_err(|e| VmError::Io(tmp.clone(), e))?;
+        disk::create_private_dir(&tmp).map_err(|e| VmError::Io(tmp.clone(), e))?;
 
         let mut qmp = Qmp::connect(&vm.qmp_socket()).await?;
         qmp.stop().await?;
@@ -776,18 +774,19 @@ impl Driver for QemuDriver {
             let bytes = serde_json::to_vec_pretty(&manifest)
                 .map_err(|e| VmError::BadRecord(tmp.clone(), e))?;
             disk::write_atomic(&tmp.join(snapshot::MANIFEST_FILE), &bytes)?;
-            // The memory file is mapped by clones: keep it from being changed.
+            // Clones map these files: keep them from being changed, and readable
+            // by their owner only (guest memory and disk are the tenant's secrets).
             for name in [
                 snapshot::MEMORY_FILE,
                 snapshot::DISK_FILE,
                 snapshot::STATE_FILE,
             ] {
                 let path = tmp.join(name);
-                let mut perms = std::fs::metadata(&path)
-                    .map_err(|e| VmError::Io(path.clone(), e))?
-                    .permissions();
-                perms.set_readonly(true);
-                std::fs::set_permissions(&path, perms).map_err(|e| VmError::Io(path.clone(), e))?;
+                std::fs::set_permissions(
+                    &path,
+                    std::os::unix::fs::PermissionsExt::from_mode(0o400),
+                )
+                .map_err(|e| VmError::Io(path.clone(), e))?;
             }
             disk::sync_dir(&tmp)?;
             std::fs::rename(&tmp, out).map_err(|e| VmError::Io(out.to_path_buf(), e))?;
