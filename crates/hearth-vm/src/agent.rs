@@ -292,17 +292,19 @@ impl AgentClient {
         result
     }
 
-    /// Runs a process and collects its output.
+    /// Runs a process and collects its output, each stream up to
+    /// [`MAX_COLLECTED_OUTPUT`] bytes (the guest is untrusted: stream larger output
+    /// with [`Self::exec`] instead).
     pub async fn exec_output(&self, request: ExecRequest) -> Result<ExecOutput, AgentError> {
-        let mut stdout = Vec::new();
-        let mut stderr = Vec::new();
+        let mut stdout = CappedBuffer::default();
+        let mut stderr = CappedBuffer::default();
         let status = self
             .exec(request, None::<tokio::io::Empty>, &mut stdout, &mut stderr)
             .await?;
         Ok(ExecOutput {
             status,
-            stdout,
-            stderr,
+            stdout: stdout.0,
+            stderr: stderr.0,
         })
     }
 
@@ -374,6 +376,45 @@ impl AgentClient {
             Reply::ShuttingDown => Ok(()),
             other => Err(unexpected(&other)),
         }
+    }
+}
+
+/// Most bytes [`AgentClient::exec_output`] keeps of one output stream.
+pub const MAX_COLLECTED_OUTPUT: usize = 64 * 1024 * 1024;
+
+/// An in-memory sink that fails once it would hold more than
+/// [`MAX_COLLECTED_OUTPUT`] bytes.
+#[derive(Debug, Default)]
+struct CappedBuffer(Vec<u8>);
+
+impl AsyncWrite for CappedBuffer {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.0.len() + buf.len() > MAX_COLLECTED_OUTPUT {
+            return std::task::Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::OutOfMemory,
+                "command output exceeds the collection limit",
+            )));
+        }
+        self.0.extend_from_slice(buf);
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
     }
 }
 
