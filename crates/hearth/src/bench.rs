@@ -374,6 +374,10 @@ fn print_table(r: &Report) {
         &r.launch_warm_pool_to_exec_ms,
     );
     row(
+        "launch (deferred pool) -> first exec",
+        &r.launch_deferred_pool_to_exec_ms,
+    );
+    row(
         "launch (empty pool) -> first exec",
         &r.launch_empty_pool_to_exec_ms,
     );
