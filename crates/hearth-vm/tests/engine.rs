@@ -114,6 +114,55 @@ async fn pool_launches_and_failures() {
         }
     }
 
+    // A TCP stream to a port inside a guest, over the agent channel (no guest NIC).
+    let (web, web_agent) = driver
+        .launch_with_agent(&snapshot, "web")
+        .await
+        .expect("launch web");
+    sh(
+        &web_agent,
+        "cd /root && nohup python3 -m http.server 8080 --bind 127.0.0.1 >/dev/null 2>&1 &",
+    )
+    .await;
+    let mut stream = None;
+    for _ in 0..200 {
+        match web_agent.connect_tcp(8080).await {
+            Ok(s) => {
+                stream = Some(s);
+                break;
+            }
+            Err(err) => {
+                assert_eq!(
+                    err.remote_kind(),
+                    Some(hearth_proto::ErrorKind::ConnectionRefused),
+                    "{err}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let mut stream = stream.expect("http server never listened");
+    let sender = stream.sender();
+    sender
+        .send_data(bytes::Bytes::from_static(b"GET /origin HTTP/1.0\r\n\r\n"))
+        .await
+        .expect("send");
+    sender.send_eof().await.expect("eof");
+    let mut response = Vec::new();
+    loop {
+        let frame = stream.recv().await.expect("response");
+        match frame.kind {
+            hearth_proto::FrameKind::Data => response.extend_from_slice(&frame.payload),
+            hearth_proto::FrameKind::Eof => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let response = String::from_utf8_lossy(&response);
+    assert!(response.starts_with("HTTP/1.0 200"), "{response}");
+    assert!(response.ends_with("from-source\n"), "{response}");
+    drop(stream);
+    driver.remove(&web).await.expect("remove web");
+
     // A QEMU that dies is a clear error for that VM only.
     let (victim, _agent) = driver
         .launch_with_agent(&snapshot, "victim")
