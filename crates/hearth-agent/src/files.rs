@@ -6,9 +6,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use bytes::{Bytes, BytesMut};
 use hearth_proto::{ErrorKind, Frame, FrameKind, ReadFileRequest, Reply, WriteFileRequest};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
 use crate::session::{FrameSink, StreamFailure};
@@ -197,23 +196,9 @@ pub async fn read_file(
     if sink.reply(stream, &info).await.is_err() {
         return Ok(());
     }
-    loop {
-        let mut chunk = BytesMut::with_capacity(READ_CHUNK);
-        let n = file
-            .read_buf(&mut chunk)
-            .await
-            .map_err(io_error("read", &path))?;
-        if n == 0 {
-            break;
-        }
-        let data = Frame::new(stream, FrameKind::Data, chunk.freeze());
-        if sink.send(data).await.is_err() {
-            return Ok(());
-        }
-    }
-    let _ = sink
-        .send(Frame::new(stream, FrameKind::Eof, Bytes::new()))
-        .await;
+    sink.send_from(stream, &mut file, READ_CHUNK)
+        .await
+        .map_err(io_error("read", &path))?;
     Ok(())
 }
 

@@ -13,7 +13,7 @@ use hearth_proto::{
     ErrorKind, Frame, FrameCodec, FrameKind, Hello, Incoming, Reply, Request, SignalRequest,
     CONTROL_STREAM, MAX_PAYLOAD, PROTOCOL_VERSION,
 };
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::codec::{Decoder, FramedRead, FramedWrite};
@@ -104,6 +104,33 @@ impl FrameSink {
     pub async fn reply(&self, stream: u32, reply: &Reply) -> Result<(), SessionError> {
         self.send(Frame::json(stream, FrameKind::Reply, reply))
             .await
+    }
+
+    /// Streams what `reader` yields to the host as `Data` frames of up to
+    /// `chunk` bytes on `stream`, then `Eof`. Stops quietly if the session ends.
+    pub async fn send_from<R: AsyncRead + Unpin>(
+        &self,
+        stream: u32,
+        mut reader: R,
+        chunk: usize,
+    ) -> io::Result<()> {
+        loop {
+            let mut buf = BytesMut::with_capacity(chunk);
+            if reader.read_buf(&mut buf).await? == 0 {
+                break;
+            }
+            if self
+                .send(Frame::new(stream, FrameKind::Data, buf.freeze()))
+                .await
+                .is_err()
+            {
+                return Ok(());
+            }
+        }
+        let _ = self
+            .send(Frame::new(stream, FrameKind::Eof, bytes::Bytes::new()))
+            .await;
+        Ok(())
     }
 
     /// Waits until everything queued so far has been written out.

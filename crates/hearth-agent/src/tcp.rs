@@ -4,10 +4,9 @@
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 
-use bytes::{Bytes, BytesMut};
 use hearth_proto::{ConnectRequest, ErrorKind, Frame, FrameKind, Reply};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
@@ -53,7 +52,7 @@ pub async fn connect(
     }
     let (reader, writer) = socket.into_split();
     let to_socket = host_to_socket(inbox, writer, port);
-    let from_socket = socket_to_host(reader, stream, sink);
+    let from_socket = sink.send_from(stream, reader, READ_CHUNK);
     tokio::pin!(to_socket, from_socket);
     let mut host_done = false;
     let mut socket_done = false;
@@ -87,27 +86,4 @@ async fn host_to_socket(mut inbox: mpsc::Receiver<Frame>, mut writer: OwnedWrite
         }
     }
     let _ = writer.shutdown().await;
-}
-
-/// Socket bytes to the host as `Data`, then `Eof` at the socket's end.
-async fn socket_to_host(
-    mut reader: OwnedReadHalf,
-    stream: u32,
-    sink: &FrameSink,
-) -> Result<(), io::Error> {
-    loop {
-        let mut chunk = BytesMut::with_capacity(READ_CHUNK);
-        let n = reader.read_buf(&mut chunk).await?;
-        if n == 0 {
-            break;
-        }
-        let data = Frame::new(stream, FrameKind::Data, chunk.freeze());
-        if sink.send(data).await.is_err() {
-            return Ok(());
-        }
-    }
-    let _ = sink
-        .send(Frame::new(stream, FrameKind::Eof, Bytes::new()))
-        .await;
-    Ok(())
 }

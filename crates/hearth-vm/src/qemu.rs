@@ -372,26 +372,15 @@ impl QemuDriver {
             self.create_dir(name)?
         };
         let result = async {
-            let vm = VmRecord {
-                name: name.to_string(),
-                instance: new_instance_id(),
-                dir: dir.clone(),
-                state: VmState::Running,
-                pid: None,
-                shape: manifest.shape,
-                accel: manifest.accel,
-                kernel: manifest.kernel.clone(),
-                initrd: manifest.initrd.clone(),
-                cmdline: manifest.cmdline.clone(),
-                disk: dir.join("disk.qcow2"),
-                memory: Memory::PrivateFile {
+            let vm = restored_record(
+                manifest,
+                name,
+                &dir,
+                Memory::PrivateFile {
                     path: snapshot.memory(),
                 },
-                origin: Origin::Snapshot {
-                    dir: snapshot.dir.clone(),
-                },
-                created_unix: unix_now(),
-            };
+                &snapshot.dir,
+            );
             disk::create_overlay(&vm.disk, &snapshot.disk(), BackingFormat::Qcow2).await?;
             self.save(&vm)?;
             let (pid, qmp) = self.spawn(&vm, Incoming::Defer).await?;
@@ -546,24 +535,7 @@ impl QemuDriver {
     ) -> Result<(VmRecord, AgentClient), VmError> {
         let manifest = &snapshot.manifest;
         let dir = self.create_dir(name)?;
-        let mut vm = VmRecord {
-            name: name.to_string(),
-            instance: new_instance_id(),
-            dir: dir.clone(),
-            state: VmState::Running,
-            pid: None,
-            shape: manifest.shape,
-            accel: manifest.accel,
-            kernel: manifest.kernel.clone(),
-            initrd: manifest.initrd.clone(),
-            cmdline: manifest.cmdline.clone(),
-            disk: dir.join("disk.qcow2"),
-            memory: Memory::Anonymous,
-            origin: Origin::Snapshot {
-                dir: saved.to_path_buf(),
-            },
-            created_unix: unix_now(),
-        };
+        let mut vm = restored_record(manifest, name, &dir, Memory::Anonymous, saved);
         let launched = async {
             disk::create_overlay(&vm.disk, &saved.join("disk.qcow2"), BackingFormat::Qcow2).await?;
             let uri = format!("exec:cat {}", saved.join("stream").display());
@@ -949,6 +921,35 @@ impl Driver for QemuDriver {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(VmError::Io(vm.dir.clone(), e)),
         }
+    }
+}
+
+/// The record of a VM about to be restored from the snapshot described by
+/// `manifest`: same shape, kernel and command line, its own directory and disk.
+fn restored_record(
+    manifest: &Manifest,
+    name: &str,
+    dir: &Path,
+    memory: Memory,
+    origin: &Path,
+) -> VmRecord {
+    VmRecord {
+        name: name.to_string(),
+        instance: new_instance_id(),
+        dir: dir.to_path_buf(),
+        state: VmState::Running,
+        pid: None,
+        shape: manifest.shape,
+        accel: manifest.accel,
+        kernel: manifest.kernel.clone(),
+        initrd: manifest.initrd.clone(),
+        cmdline: manifest.cmdline.clone(),
+        disk: dir.join("disk.qcow2"),
+        memory,
+        origin: Origin::Snapshot {
+            dir: origin.to_path_buf(),
+        },
+        created_unix: unix_now(),
     }
 }
 
