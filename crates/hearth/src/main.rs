@@ -26,6 +26,61 @@ enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Serve the Lambda MicroVMs API.
+    Serve(ServeArgs),
+    /// Manage tenant accounts (works while the server runs).
+    #[command(subcommand)]
+    Account(AccountCommand),
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Holds the database, master key, images, snapshots and VM state.
+    #[arg(long, env = "HEARTH_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    #[arg(long, default_value = "127.0.0.1:9070")]
+    listen: std::net::SocketAddr,
+    #[arg(long, default_value = "us-east-1", value_parser = parse_region)]
+    region: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum AccountCommand {
+    /// Create an account and its first access key.
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long, env = "HEARTH_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+        /// Print {"accountId","accessKeyId","secretAccessKey"}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List accounts.
+    Ls {
+        #[arg(long, env = "HEARTH_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_region(value: &str) -> Result<String, String> {
+    let valid = !value.is_empty()
+        && value.len() <= 32
+        && value
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if valid {
+        Ok(value.to_string())
+    } else {
+        Err("a region looks like us-east-1".into())
+    }
+}
+
+/// `--data-dir`, else `$HEARTH_HOME/server`.
+fn data_dir(flag: Option<PathBuf>) -> PathBuf {
+    flag.unwrap_or_else(|| Assets::from_env().state_dir.join("server"))
 }
 
 #[derive(Debug, Subcommand)]
@@ -149,7 +204,55 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Vm(command) => vm(command).await,
         Command::Bench(BenchCommand::Launch(args)) => bench::launch(args).await,
+        Command::Serve(args) => {
+            hearth_server::serve(hearth_server::ServerConfig {
+                data_dir: data_dir(args.data_dir),
+                listen: args.listen,
+                region: args.region,
+            })
+            .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Account(command) => account(command),
     }
+}
+
+fn account(command: AccountCommand) -> Result<ExitCode> {
+    match command {
+        AccountCommand::Create {
+            name,
+            data_dir: dir,
+            json,
+        } => {
+            let dir = data_dir(dir);
+            hearth_vm::disk::create_private_dir_all(&dir)?;
+            let store = hearth_server::Store::open(&dir)?;
+            let key = store.create_account(&name)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&key)?);
+            } else {
+                println!("account:    {}", key.account_id);
+                println!("access key: {}", key.access_key_id);
+                println!("secret:     {}  (shown once)", key.secret_access_key);
+            }
+        }
+        AccountCommand::Ls {
+            data_dir: dir,
+            json,
+        } => {
+            let store = hearth_server::Store::open(&data_dir(dir))?;
+            let accounts = store.accounts()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&accounts)?);
+            } else {
+                println!("{:<14} NAME", "ACCOUNT");
+                for a in accounts {
+                    println!("{:<14} {}", a.account_id, a.name);
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn driver() -> Result<QemuDriver> {

@@ -1,0 +1,281 @@
+//! Persistent state: one SQLite database (WAL, `synchronous=FULL`) in the data
+//! directory, with numbered migrations. Several processes may open it at once
+//! (`hearth account create` while `hearth serve` runs).
+
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use rand::Rng;
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::secrets::{SecretBox, SecretsError};
+
+const DB_FILE: &str = "hearth.db";
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
+const MIGRATIONS: &[&str] = &[
+    // 1: tenants and their keys.
+    "CREATE TABLE accounts (
+        account_id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE access_keys (
+        access_key_id TEXT PRIMARY KEY,
+        account_id TEXT NOT NULL REFERENCES accounts(account_id),
+        sealed_secret TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    );",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the database in {0}")]
+    Open(String, #[source] rusqlite::Error),
+    #[error("database migration {0} failed")]
+    Migration(usize, #[source] rusqlite::Error),
+    #[error("database schema version {0} is newer than this hearth")]
+    TooNew(i64),
+    #[error("database query failed")]
+    Query(#[from] rusqlite::Error),
+    #[error("an account named {0:?} already exists")]
+    AccountExists(String),
+    #[error("account name must be 1-64 characters of A-Z a-z 0-9 . _ -")]
+    BadAccountName,
+    #[error(transparent)]
+    Secrets(#[from] SecretsError),
+}
+
+/// A tenant.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Account {
+    pub account_id: String,
+    pub name: String,
+}
+
+/// A new access key; the secret is shown once and then only stored sealed.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NewAccessKey {
+    pub account_id: String,
+    pub access_key_id: String,
+    pub secret_access_key: String,
+}
+
+/// Handle to the database; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Store {
+    conn: Arc<Mutex<Connection>>,
+    secrets: Arc<SecretBox>,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database and master key in `data_dir`.
+    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        let secrets = SecretBox::open_or_create(data_dir)?;
+        let path = data_dir.join(DB_FILE);
+        let display = path.display().to_string();
+        let conn = Connection::open(&path).map_err(|e| StoreError::Open(display.clone(), e))?;
+        conn.busy_timeout(Duration::from_secs(5))
+            .map_err(|e| StoreError::Open(display.clone(), e))?;
+        conn.execute_batch(
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;",
+        )
+        .map_err(|e| StoreError::Open(display.clone(), e))?;
+        migrate(&conn)?;
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+            secrets: Arc::new(secrets),
+        })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock leaves SQLite itself consistent.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Creates an account with a fresh 12-digit id and one access key.
+    pub fn create_account(&self, name: &str) -> Result<NewAccessKey, StoreError> {
+        let valid = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        if !valid {
+            return Err(StoreError::BadAccountName);
+        }
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let exists: bool = tx.query_row(
+            "SELECT EXISTS(SELECT 1 FROM accounts WHERE name = ?1)",
+            params![name],
+            |row| row.get(0),
+        )?;
+        if exists {
+            return Err(StoreError::AccountExists(name.to_string()));
+        }
+        let mut rng = rand::rngs::OsRng;
+        let account_id = loop {
+            // 12 digits, not starting with 0 (ARNs carry it as text either way).
+            let id = format!("{}", rng.gen_range(100_000_000_000u64..1_000_000_000_000));
+            let taken: bool = tx.query_row(
+                "SELECT EXISTS(SELECT 1 FROM accounts WHERE account_id = ?1)",
+                params![id],
+                |row| row.get(0),
+            )?;
+            if !taken && id != "000000000000" {
+                break id;
+            }
+        };
+        let now = unix_now();
+        tx.execute(
+            "INSERT INTO accounts (account_id, name, created_at) VALUES (?1, ?2, ?3)",
+            params![account_id, name, now],
+        )?;
+        let key = new_access_key(&account_id);
+        tx.execute(
+            "INSERT INTO access_keys (access_key_id, account_id, sealed_secret, created_at)
+             VALUES (?1, ?2, ?3, ?4)",
+            params![
+                key.access_key_id,
+                account_id,
+                self.secrets
+                    .seal(&key.access_key_id, &key.secret_access_key),
+                now
+            ],
+        )?;
+        tx.commit()?;
+        Ok(key)
+    }
+
+    /// The account and secret of an access key, when it exists.
+    pub fn lookup_key(&self, access_key_id: &str) -> Result<Option<(String, String)>, StoreError> {
+        let row: Option<(String, String)> = self
+            .conn()
+            .query_row(
+                "SELECT account_id, sealed_secret FROM access_keys WHERE access_key_id = ?1",
+                params![access_key_id],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .optional()?;
+        match row {
+            None => Ok(None),
+            Some((account, sealed)) => {
+                let secret = self.secrets.open(access_key_id, &sealed)?;
+                Ok(Some((account, secret)))
+            }
+        }
+    }
+
+    pub fn accounts(&self) -> Result<Vec<Account>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT account_id, name FROM accounts ORDER BY name")?;
+        let rows = stmt.query_map([], |row| {
+            Ok(Account {
+                account_id: row.get(0)?,
+                name: row.get(1)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Cheap liveness check of the database, for `/ready`.
+    pub fn ping(&self) -> Result<(), StoreError> {
+        self.conn().query_row("SELECT 1", [], |_| Ok(()))?;
+        Ok(())
+    }
+}
+
+fn migrate(conn: &Connection) -> Result<(), StoreError> {
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |row| row.get(0))
+        .map_err(|e| StoreError::Migration(0, e))?;
+    if version > MIGRATIONS.len() as i64 {
+        return Err(StoreError::TooNew(version));
+    }
+    for (index, sql) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
+        let number = index + 1;
+        // Each migration and its version bump commit together.
+        conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE; {sql}; PRAGMA user_version = {number}; COMMIT;"
+        ))
+        .map_err(|e| {
+            let _ = conn.execute_batch("ROLLBACK;");
+            StoreError::Migration(number, e)
+        })?;
+    }
+    Ok(())
+}
+
+/// AWS-shaped credentials: a 20-character key id and a 40-character secret.
+fn new_access_key(account_id: &str) -> NewAccessKey {
+    const ID_CHARS: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    const SECRET_CHARS: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut rng = rand::rngs::OsRng;
+    let mut pick = |alphabet: &[u8], n: usize| -> String {
+        (0..n)
+            .map(|_| alphabet[rng.gen_range(0..alphabet.len())] as char)
+            .collect()
+    };
+    NewAccessKey {
+        account_id: account_id.to_string(),
+        access_key_id: format!("HKIA{}", pick(ID_CHARS, 16)),
+        secret_access_key: pick(SECRET_CHARS, 40),
+    }
+}
+
+pub(crate) fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accounts_and_keys() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let key = store.create_account("team-a").expect("create");
+        assert_eq!(key.account_id.len(), 12);
+        assert!(key.account_id.chars().all(|c| c.is_ascii_digit()));
+        assert_eq!(key.access_key_id.len(), 20);
+        assert_eq!(key.secret_access_key.len(), 40);
+        let (account, secret) = store
+            .lookup_key(&key.access_key_id)
+            .expect("lookup")
+            .expect("found");
+        assert_eq!(account, key.account_id);
+        assert_eq!(secret, key.secret_access_key);
+        assert!(store
+            .lookup_key("HKIANOSUCHKEY000000")
+            .expect("lookup")
+            .is_none());
+        assert!(matches!(
+            store.create_account("team-a"),
+            Err(StoreError::AccountExists(_))
+        ));
+        for bad in ["", "a b", "x/y", &"n".repeat(65)] {
+            assert!(matches!(
+                store.create_account(bad),
+                Err(StoreError::BadAccountName)
+            ));
+        }
+        // The database file alone does not hold the secret in clear.
+        drop(store);
+        let db = std::fs::read(dir.path().join(DB_FILE)).expect("db");
+        let wal = std::fs::read(dir.path().join("hearth.db-wal")).unwrap_or_default();
+        let needle = key.secret_access_key.as_bytes();
+        for bytes in [&db, &wal] {
+            assert!(!bytes.windows(needle.len()).any(|w| w == needle));
+        }
+        // Reopening keeps everything (migrations are not re-run).
+        let store = Store::open(dir.path()).expect("reopen");
+        assert_eq!(store.accounts().expect("accounts").len(), 1);
+    }
+}
