@@ -32,11 +32,10 @@ def model_path(tmp_path_factory):
     return data
 
 
-@pytest.fixture(scope="session")
-def server(model_path, tmp_path_factory):
-    data_dir = tmp_path_factory.mktemp("hearth-data")
+def start_server(data_dir, *extra):
+    """Starts `hearth serve` on a free port; returns (process, base URL)."""
     proc = subprocess.Popen(
-        [str(HEARTH), "serve", "--data-dir", str(data_dir), "--listen", "127.0.0.1:0", "--region", REGION],
+        [str(HEARTH), "serve", "--data-dir", str(data_dir), "--listen", "127.0.0.1:0", "--region", REGION, *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -45,7 +44,13 @@ def server(model_path, tmp_path_factory):
     if "listening on" not in line:
         proc.kill()
         raise RuntimeError(f"hearth serve did not start: {line!r} {proc.stderr.read()}")
-    url = line.strip().rsplit(" ", 1)[-1]
+    return proc, line.strip().rsplit(" ", 1)[-1]
+
+
+@pytest.fixture(scope="session")
+def server(model_path, tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("hearth-data")
+    proc, url = start_server(data_dir)
     yield {"url": url, "data_dir": data_dir}
     proc.terminate()
     proc.wait(timeout=10)

@@ -5,7 +5,7 @@ import botocore.exceptions
 import pytest
 import requests
 
-from conftest import REGION, client_for, create_account
+from conftest import REGION, client_for, create_account, start_server
 
 
 def error_of(excinfo):
@@ -101,3 +101,32 @@ def test_pagination_with_max_results(client):
             break
     flat = [v["imageVersion"] for page in paginator_pages for v in page]
     assert len(flat) == len(set(flat)) >= 1
+
+
+def test_rate_limit_is_429_per_account(model_path, tmp_path):
+    proc, url = start_server(tmp_path, "--rate-limit", "ListManagedMicrovmImages=1")
+    try:
+        server = {"url": url, "data_dir": tmp_path}
+        first = client_for(server, create_account(server, "limited-a"))
+        second = client_for(server, create_account(server, "limited-b"))
+        first.list_managed_microvm_images()
+        with pytest.raises(botocore.exceptions.ClientError) as excinfo:
+            for _ in range(5):
+                first.list_managed_microvm_images()
+        assert error_of(excinfo) == ("ThrottlingException", 429)
+        # Another account has its own budget.
+        second.list_managed_microvm_images()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_bad_rate_limit_flag_is_refused(tmp_path):
+    import subprocess
+    from conftest import HEARTH
+    out = subprocess.run(
+        [str(HEARTH), "serve", "--data-dir", str(tmp_path), "--listen", "127.0.0.1:0", "--rate-limit", "Nope=1"],
+        capture_output=True, text=True, timeout=20,
+    )
+    assert out.returncode != 0
+    assert "unknown operation" in out.stderr

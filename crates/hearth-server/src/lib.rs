@@ -22,6 +22,7 @@ use hearth_api::{ApiError, ErrorCode};
 use hearth_vm::Assets;
 use tracing::{info, warn};
 
+pub mod limits;
 pub mod ops;
 pub mod secrets;
 pub mod store;
@@ -39,6 +40,8 @@ pub enum ServerError {
     Store(#[from] store::StoreError),
     #[error("cannot listen on {0}")]
     Listen(SocketAddr, #[source] std::io::Error),
+    #[error(transparent)]
+    Limits(#[from] limits::LimitsError),
     #[error("server failed")]
     Serve(#[source] std::io::Error),
 }
@@ -48,6 +51,8 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
     pub region: String,
+    /// `Operation=PER_SECOND` overrides of the default rate limits.
+    pub rate_limits: Vec<String>,
 }
 
 #[derive(Debug, Default)]
@@ -63,6 +68,7 @@ pub struct AppState {
     pub config: ServerConfig,
     pub store: Store,
     pub assets: Assets,
+    pub(crate) limits: limits::RateLimits,
     pub(crate) metrics: Metrics,
 }
 
@@ -81,6 +87,7 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
     hearth_vm::disk::create_private_dir_all(&config.data_dir)
         .map_err(|e| ServerError::DataDir(config.data_dir.clone(), std::io::Error::other(e)))?;
     let store = Store::open(&config.data_dir)?;
+    let limits = limits::RateLimits::new(&config.rate_limits)?;
     let assets = Assets::from_env();
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -92,6 +99,7 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
         config,
         store,
         assets,
+        limits,
         metrics: Metrics::default(),
     });
     axum::serve(listener, app(state))
@@ -206,6 +214,9 @@ async fn handle(state: &AppState, request: Request) -> Result<Response, ApiError
         }
     };
 
+    if !state.limits.allow(&account, &operation.name) {
+        return Err(ApiError::new(ErrorCode::Throttling, "Rate exceeded"));
+    }
     let input = model.parse_input(operation, &labels, parts.uri.query(), &parts.headers, &body)?;
     let caller = ops::Caller {
         account_id: account,

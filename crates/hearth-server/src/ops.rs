@@ -286,7 +286,9 @@ mod tests {
                 data_dir: dir.path().to_path_buf(),
                 listen: ([127, 0, 0, 1], 0).into(),
                 region: "us-east-1".into(),
+                rate_limits: Vec::new(),
             },
+            limits: crate::limits::RateLimits::new(&[]).expect("limits"),
             store: crate::Store::open(dir.path()).expect("store"),
             assets: hearth_vm::Assets {
                 cache_dir: dir.path().to_path_buf(),

@@ -42,6 +42,9 @@ struct ServeArgs {
     listen: std::net::SocketAddr,
     #[arg(long, default_value = "us-east-1", value_parser = parse_region)]
     region: String,
+    /// Override a per-account rate limit, e.g. `--rate-limit RunMicrovm=20` (repeatable).
+    #[arg(long = "rate-limit", value_name = "OPERATION=PER_SECOND")]
+    rate_limits: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -209,6 +212,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 data_dir: data_dir(args.data_dir),
                 listen: args.listen,
                 region: args.region,
+                rate_limits: args.rate_limits,
             })
             .await?;
             Ok(ExitCode::SUCCESS)
