@@ -655,25 +655,9 @@ fn parse_shape(
         min: int_of(s.get("min")),
         max: int_of(s.get("max")),
         pattern,
-        enum_values: s
-            .get("enum")
-            .and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter_map(|v| v.as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default(),
+        enum_values: strings_of(s.get("enum")),
         members,
-        required: s
-            .get("required")
-            .and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter_map(|v| v.as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default(),
+        required: strings_of(s.get("required")),
         union: s.get("union").and_then(Value::as_bool).unwrap_or(false),
         sensitive: s.get("sensitive").and_then(Value::as_bool).unwrap_or(false),
         timestamp_format: str_of(s.get("timestampFormat")),
@@ -682,6 +666,18 @@ fn parse_shape(
         error_status,
         regexes,
     })
+}
+
+/// A JSON array of strings, or empty when absent or of another type.
+fn strings_of(value: Option<&Value>) -> Vec<String> {
+    value
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
