@@ -14,6 +14,7 @@
 //! (QEMU reopens its disk by path) and `vms/NAME` becomes a symlink to it.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -59,6 +60,9 @@ struct Shared {
     filling: Mutex<usize>,
     wake: Notify,
     filled: Notify,
+    /// Set by `shutdown`: the refiller finishes the slot it is preparing (so
+    /// nothing is left half-created on disk) and exits.
+    closing: AtomicBool,
 }
 
 /// A pool of prepared clones of one snapshot.
@@ -80,6 +84,7 @@ impl WarmPool {
             filling: Mutex::new(0),
             wake: Notify::new(),
             filled: Notify::new(),
+            closing: AtomicBool::new(false),
         });
         let refiller = tokio::spawn(refill(shared.clone()));
         shared.wake.notify_one();
@@ -169,10 +174,21 @@ impl WarmPool {
         }
     }
 
-    /// Stops the refiller and removes every prepared process.
+    /// Stops the refiller and removes every prepared process. A slot being
+    /// prepared is finished first rather than abandoned mid-way: aborting the
+    /// refiller there would leave a QEMU process and its directory behind.
     pub async fn shutdown(self) {
-        self.refiller.abort();
-        let _ = self.refiller.await;
+        self.shared.closing.store(true, Ordering::SeqCst);
+        self.shared.wake.notify_one();
+        let mut refiller = self.refiller;
+        if tokio::time::timeout(SHUTDOWN_GRACE, &mut refiller)
+            .await
+            .is_err()
+        {
+            warn!("warm pool refiller did not stop in time; aborting it");
+            refiller.abort();
+            let _ = refiller.await;
+        }
         let slots: Vec<Slot> = lock(&self.shared.slots).drain(..).collect();
         for slot in slots {
             let _ = self.shared.driver.remove(&slot.vm).await;
@@ -180,10 +196,16 @@ impl WarmPool {
     }
 }
 
+/// How long `shutdown` waits for a slot in preparation.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(60);
+
 async fn refill(shared: Arc<Shared>) {
     loop {
         shared.wake.notified().await;
         loop {
+            if shared.closing.load(Ordering::SeqCst) {
+                return;
+            }
             {
                 let ready = lock(&shared.slots).len();
                 let mut filling = lock(&shared.filling);
@@ -202,7 +224,10 @@ async fn refill(shared: Arc<Shared>) {
                 }
                 Err(err) => {
                     warn!(error = %err, "warm pool could not prepare a process");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = shared.wake.notified() => {}
+                    }
                 }
             }
         }
