@@ -22,11 +22,19 @@ use hearth_api::{ApiError, ErrorCode};
 use hearth_vm::Assets;
 use tracing::{info, warn};
 
+pub mod engine;
+pub mod extensions;
+pub mod hooks;
+pub mod ids;
+pub mod import;
 pub mod limits;
 pub mod ops;
+pub mod records;
+pub mod resources;
 pub mod secrets;
 pub mod store;
 
+pub use records::Quotas;
 pub use store::Store;
 
 /// Largest request body accepted; the model's largest inputs are a few KiB.
@@ -44,6 +52,12 @@ pub enum ServerError {
     Limits(#[from] limits::LimitsError),
     #[error("server failed")]
     Serve(#[source] std::io::Error),
+    #[error("cannot start the VM layer")]
+    Vm(#[source] hearth_vm::VmError),
+    #[error("cannot reconcile microVMs with their processes")]
+    Reconcile(#[source] engine::EngineError),
+    #[error("quota {0:?} must look like NAME=NUMBER with NAME one of memory-mib, images, versions-per-image, concurrent-builds")]
+    Quota(String),
 }
 
 #[derive(Debug, Clone)]
@@ -53,6 +67,53 @@ pub struct ServerConfig {
     pub region: String,
     /// `Operation=PER_SECOND` overrides of the default rate limits.
     pub rate_limits: Vec<String>,
+    pub quotas: Quotas,
+    /// MicroVM endpoints are `<microvm-id>.<endpoint_domain>`.
+    pub endpoint_domain: String,
+    /// Upper bound (and default) of `maximumDurationInSeconds`.
+    pub max_lifetime_secs: u64,
+}
+
+impl ServerConfig {
+    /// Defaults for everything but where to keep data and listen.
+    pub fn new(data_dir: PathBuf, listen: SocketAddr, region: String) -> Self {
+        Self {
+            data_dir,
+            listen,
+            region,
+            rate_limits: Vec::new(),
+            quotas: Quotas::default(),
+            endpoint_domain: "localhost".into(),
+            max_lifetime_secs: 28_800,
+        }
+    }
+}
+
+/// Applies `NAME=NUMBER` quota overrides.
+pub fn parse_quotas(entries: &[String]) -> Result<Quotas, ServerError> {
+    let mut quotas = Quotas::default();
+    for entry in entries {
+        let bad = || ServerError::Quota(entry.clone());
+        let (name, value) = entry.split_once('=').ok_or_else(bad)?;
+        let value: u64 = value.parse().map_err(|_| bad())?;
+        let small = || u32::try_from(value).map_err(|_| bad());
+        match name {
+            "memory-mib" => quotas.memory_mib = value,
+            "images" => quotas.images = small()?,
+            "versions-per-image" => quotas.versions_per_image = small()?,
+            "concurrent-builds" => quotas.concurrent_builds = small()?,
+            _ => return Err(bad()),
+        }
+    }
+    Ok(quotas)
+}
+
+/// The VM layer's paths for a server: the shared kernel and base-image cache,
+/// and VM state under the data directory (so every VM there is the server's).
+pub fn engine_assets(data_dir: &std::path::Path) -> Assets {
+    let mut assets = Assets::from_env();
+    assets.state_dir = data_dir.join("engine");
+    assets
 }
 
 #[derive(Debug, Default)]
@@ -68,8 +129,35 @@ pub struct AppState {
     pub config: ServerConfig,
     pub store: Store,
     pub assets: Assets,
+    pub engine: Arc<engine::Engine>,
     pub(crate) limits: limits::RateLimits,
     pub(crate) metrics: Metrics,
+}
+
+impl AppState {
+    /// A state over `dir` (data, cache and VM state all inside it) for tests.
+    #[cfg(test)]
+    pub(crate) fn for_tests(dir: &std::path::Path) -> Self {
+        let assets = Assets {
+            cache_dir: dir.to_path_buf(),
+            state_dir: dir.join("engine"),
+            ram_dir: dir.join("ram"),
+        };
+        let store = Store::open(dir).expect("store");
+        let driver = hearth_vm::QemuDriver::with_accel(assets.clone(), hearth_vm::Accel::Tcg);
+        Self {
+            config: ServerConfig::new(
+                dir.to_path_buf(),
+                ([127, 0, 0, 1], 0).into(),
+                "us-east-1".into(),
+            ),
+            engine: engine::Engine::new(driver, store.clone()),
+            store,
+            assets,
+            limits: limits::RateLimits::new(&[]).expect("limits"),
+            metrics: Metrics::default(),
+        }
+    }
 }
 
 /// Builds the HTTP application (used by `serve` and by tests on any listener).
@@ -84,27 +172,42 @@ pub fn app(state: Arc<AppState>) -> Router {
 
 /// Opens the store and serves until the process ends.
 pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
+    let listen = config.listen;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| ServerError::Listen(listen, e))?;
+    let state = start(config).await?;
+    let local = listener.local_addr().map_err(ServerError::Serve)?;
+    info!(address = %local, region = %state.config.region, data_dir = %state.config.data_dir.display(), "serving the Lambda MicroVMs API");
+    println!("hearth: listening on http://{local}");
+    axum::serve(listener, app(state))
+        .await
+        .map_err(ServerError::Serve)
+}
+
+/// Opens the store, reconciles microVMs with their processes and starts the
+/// lifetime watcher: everything `serve` does before it listens.
+pub async fn start(config: ServerConfig) -> Result<Arc<AppState>, ServerError> {
     hearth_vm::disk::create_private_dir_all(&config.data_dir)
         .map_err(|e| ServerError::DataDir(config.data_dir.clone(), std::io::Error::other(e)))?;
     let store = Store::open(&config.data_dir)?;
     let limits = limits::RateLimits::new(&config.rate_limits)?;
-    let assets = Assets::from_env();
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|e| ServerError::Listen(config.listen, e))?;
-    let local = listener.local_addr().map_err(ServerError::Serve)?;
-    info!(address = %local, region = %config.region, data_dir = %config.data_dir.display(), "serving the Lambda MicroVMs API");
-    println!("hearth: listening on http://{local}");
-    let state = Arc::new(AppState {
+    let assets = engine_assets(&config.data_dir);
+    hearth_vm::disk::create_private_dir_all(&assets.vms_dir())
+        .map_err(|e| ServerError::DataDir(assets.vms_dir(), std::io::Error::other(e)))?;
+    let driver = hearth_vm::QemuDriver::new(assets.clone()).map_err(ServerError::Vm)?;
+    import::reap_interrupted_builds(&store, &driver, &config.data_dir).await?;
+    let engine = engine::Engine::new(driver, store.clone());
+    engine.reconcile().await.map_err(ServerError::Reconcile)?;
+    tokio::spawn(engine.clone().watch());
+    Ok(Arc::new(AppState {
         config,
         store,
         assets,
+        engine,
         limits,
         metrics: Metrics::default(),
-    });
-    axum::serve(listener, app(state))
-        .await
-        .map_err(ServerError::Serve)
+    }))
 }
 
 async fn ready(State(state): State<Arc<AppState>>) -> Response {
@@ -172,47 +275,22 @@ async fn handle(state: &AppState, request: Request) -> Result<Response, ApiError
         )
     })?;
     let model = hearth_api::model();
+    if let Some(route) = extensions::route(&parts.method, parts.uri.path()) {
+        let account = authenticate(state, &parts, &body)?;
+        if !state.limits.allow(&account, route.operation()) {
+            return Err(ApiError::new(ErrorCode::Throttling, "Rate exceeded"));
+        }
+        let caller = ops::Caller {
+            account_id: account,
+            region: state.config.region.clone(),
+        };
+        return extensions::handle(state, &caller, route, &body).await;
+    }
     let (operation, labels) = model
         .route(&parts.method, parts.uri.path())
         .ok_or_else(|| ApiError::new(ErrorCode::UnknownOperation, "Unknown operation"))?;
 
-    let mut account = None;
-    let verified = hearth_auth::verify(
-        &parts,
-        &body,
-        &hearth_auth::VerifyConfig {
-            region: state.config.region.clone(),
-            service: "lambda".into(),
-            max_skew: Duration::from_secs(300),
-        },
-        SystemTime::now(),
-        |access_key_id| match state.store.lookup_key(access_key_id) {
-            Ok(Some((account_id, secret))) => {
-                account = Some(account_id);
-                Some(secret)
-            }
-            Ok(None) => None,
-            Err(err) => {
-                warn!(error = %err, "access key lookup failed");
-                None
-            }
-        },
-    );
-    let account = match (verified, account) {
-        (Ok(_), Some(account)) => account,
-        (Err(err), _) => {
-            state.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
-            let code =
-                ErrorCode::from_type_name(err.error_code()).unwrap_or(ErrorCode::InvalidSignature);
-            return Err(ApiError::new(code, err.public_message()));
-        }
-        (Ok(_), None) => {
-            return Err(ApiError::new(
-                ErrorCode::InvalidSignature,
-                "The security token included in the request is invalid.",
-            ));
-        }
-    };
+    let account = authenticate(state, &parts, &body)?;
 
     if !state.limits.allow(&account, &operation.name) {
         return Err(ApiError::new(ErrorCode::Throttling, "Rate exceeded"));
@@ -236,6 +314,49 @@ async fn handle(state: &AppState, request: Request) -> Result<Response, ApiError
         body,
     )
         .into_response())
+}
+
+/// Verifies the request's SigV4 signature; returns the caller's account.
+fn authenticate(
+    state: &AppState,
+    parts: &http::request::Parts,
+    body: &[u8],
+) -> Result<String, ApiError> {
+    let mut account = None;
+    let verified = hearth_auth::verify(
+        parts,
+        body,
+        &hearth_auth::VerifyConfig {
+            region: state.config.region.clone(),
+            service: "lambda".into(),
+            max_skew: Duration::from_secs(300),
+        },
+        SystemTime::now(),
+        |access_key_id| match state.store.lookup_key(access_key_id) {
+            Ok(Some((account_id, secret))) => {
+                account = Some(account_id);
+                Some(secret)
+            }
+            Ok(None) => None,
+            Err(err) => {
+                warn!(error = %err, "access key lookup failed");
+                None
+            }
+        },
+    );
+    match (verified, account) {
+        (Ok(_), Some(account)) => Ok(account),
+        (Err(err), _) => {
+            state.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
+            let code =
+                ErrorCode::from_type_name(err.error_code()).unwrap_or(ErrorCode::InvalidSignature);
+            Err(ApiError::new(code, err.public_message()))
+        }
+        (Ok(_), None) => Err(ApiError::new(
+            ErrorCode::InvalidSignature,
+            "The security token included in the request is invalid.",
+        )),
+    }
 }
 
 fn new_request_id() -> String {

@@ -27,6 +27,84 @@ const MIGRATIONS: &[&str] = &[
         sealed_secret TEXT NOT NULL,
         created_at INTEGER NOT NULL
     );",
+    // 2: images, versions, builds, microVMs, tags, idempotency keys.
+    // Times are unix milliseconds. `spec` columns hold the frozen request
+    // fields as JSON, echoed back by Get/List.
+    "CREATE TABLE images (
+        account_id TEXT NOT NULL REFERENCES accounts(account_id),
+        name TEXT NOT NULL,
+        state TEXT NOT NULL,
+        latest_active_version INTEGER,
+        latest_failed_version INTEGER,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER,
+        PRIMARY KEY (account_id, name)
+    );
+    CREATE TABLE image_versions (
+        account_id TEXT NOT NULL,
+        image_name TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        status TEXT NOT NULL,
+        state_reason TEXT,
+        spec TEXT NOT NULL,
+        snapshot_dir TEXT,
+        memory_mib INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER,
+        PRIMARY KEY (account_id, image_name, version),
+        FOREIGN KEY (account_id, image_name) REFERENCES images(account_id, name)
+    );
+    CREATE TABLE builds (
+        build_id TEXT PRIMARY KEY,
+        account_id TEXT NOT NULL,
+        image_name TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        architecture TEXT NOT NULL,
+        chipset TEXT NOT NULL,
+        chipset_generation TEXT NOT NULL,
+        state_reason TEXT,
+        snapshot_build TEXT,
+        created_at INTEGER NOT NULL,
+        -- The process running the build, so a restart can tell a live build
+        -- from one whose process died.
+        owner_pid INTEGER,
+        FOREIGN KEY (account_id, image_name, version)
+            REFERENCES image_versions(account_id, image_name, version)
+    );
+    CREATE TABLE microvms (
+        microvm_id TEXT PRIMARY KEY,
+        account_id TEXT NOT NULL REFERENCES accounts(account_id),
+        image_name TEXT NOT NULL,
+        image_version INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        state_reason TEXT,
+        spec TEXT NOT NULL,
+        memory_mib INTEGER NOT NULL,
+        vm_name TEXT NOT NULL UNIQUE,
+        started_at INTEGER NOT NULL,
+        terminated_at INTEGER,
+        deadline_at INTEGER NOT NULL
+    );
+    CREATE INDEX microvms_by_account ON microvms(account_id, microvm_id);
+    CREATE INDEX microvms_live ON microvms(state) WHERE state != 'TERMINATED';
+    CREATE TABLE tags (
+        account_id TEXT NOT NULL,
+        resource_arn TEXT NOT NULL,
+        key TEXT NOT NULL,
+        value TEXT NOT NULL,
+        PRIMARY KEY (account_id, resource_arn, key)
+    );
+    CREATE TABLE idempotency (
+        account_id TEXT NOT NULL,
+        operation TEXT NOT NULL,
+        client_token TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        resource TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (account_id, operation, client_token)
+    );",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +123,8 @@ pub enum StoreError {
     BadAccountName,
     #[error(transparent)]
     Secrets(#[from] SecretsError),
+    #[error("corrupt {0} in the database")]
+    Corrupt(String),
 }
 
 /// A tenant.
@@ -91,7 +171,7 @@ impl Store {
         })
     }
 
-    fn conn(&self) -> MutexGuard<'_, Connection> {
+    pub(crate) fn conn(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the lock leaves SQLite itself consistent.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -224,6 +304,13 @@ fn new_access_key(account_id: &str) -> NewAccessKey {
         access_key_id: format!("HKIA{}", pick(ID_CHARS, 16)),
         secret_access_key: pick(SECRET_CHARS, 40),
     }
+}
+
+pub(crate) fn unix_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 pub(crate) fn unix_now() -> i64 {

@@ -107,6 +107,15 @@ impl QemuDriver {
         })
     }
 
+    /// A driver with a given accelerator, for callers that have chosen already.
+    pub fn with_accel(assets: Assets, accel: Accel) -> Self {
+        Self {
+            assets,
+            accel,
+            qemu: PathBuf::from("qemu-system-x86_64"),
+        }
+    }
+
     pub fn assets(&self) -> &Assets {
         &self.assets
     }
@@ -490,6 +499,77 @@ impl QemuDriver {
         }
     }
 
+    /// Boots a VM whose root disk is the ext4 file `base` (kept immutable: the
+    /// VM writes to its own overlay).
+    pub async fn boot_from_disk(
+        &self,
+        request: &BootRequest,
+        base: &Path,
+    ) -> Result<VmRecord, VmError> {
+        let kernel = self.assets.guest_kernel()?;
+        let dir = self.create_dir(&request.name)?;
+        let instance = new_instance_id();
+        let result = async {
+            let vm = VmRecord {
+                name: request.name.clone(),
+                instance: instance.clone(),
+                dir: dir.clone(),
+                state: VmState::Running,
+                pid: None,
+                shape: request.shape,
+                accel: self.accel,
+                kernel: kernel.vmlinuz.clone(),
+                initrd: kernel.initrd.clone(),
+                cmdline: "console=ttyS0 quiet panic=-1 hearth.root=/dev/vda".into(),
+                disk: dir.join("disk.qcow2"),
+                memory: Memory::SharedFile {
+                    path: self.ram_file(&instance)?,
+                },
+                origin: Origin::Boot {
+                    image: request.image.clone(),
+                },
+                created_unix: unix_now(),
+            };
+            disk::create_overlay(&vm.disk, base, BackingFormat::Raw).await?;
+            self.save(&vm)?;
+            let (pid, _qmp) = self.spawn(&vm, Incoming::None).await?;
+            let vm = VmRecord {
+                pid: Some(pid),
+                ..vm
+            };
+            self.save(&vm)?;
+            info!(vm = %vm.name, pid, "booting");
+            let agent = AgentClient::connect(&vm.agent_socket(), BOOT_TIMEOUT).await;
+            match agent {
+                Ok(agent) => {
+                    debug!(agent = agent.agent_software(), "agent up");
+                    Ok(vm)
+                }
+                Err(err) => {
+                    let err = if Self::is_alive(&vm) {
+                        VmError::Agent(err)
+                    } else {
+                        VmError::QemuDied {
+                            log: format!(
+                                "{}\nconsole: {}",
+                                read_tail(&vm.qemu_log()),
+                                read_tail(&vm.console_log())
+                            ),
+                        }
+                    };
+                    self.stop_process(&vm).await;
+                    Err(err)
+                }
+            }
+        }
+        .await;
+        if result.is_err() {
+            let _ = std::fs::remove_dir_all(&dir);
+            let _ = std::fs::remove_file(self.assets.ram_dir.join(format!("{instance}.ram")));
+        }
+        result
+    }
+
     /// Launches from a snapshot and returns the record with a connected agent.
     pub async fn launch_with_agent(
         &self,
@@ -595,68 +675,7 @@ impl QemuDriver {
 impl Driver for QemuDriver {
     async fn boot(&self, request: &BootRequest) -> Result<VmRecord, VmError> {
         let base = self.assets.base_image(&request.image)?;
-        let kernel = self.assets.guest_kernel()?;
-        let dir = self.create_dir(&request.name)?;
-        let instance = new_instance_id();
-        let result = async {
-            let vm = VmRecord {
-                name: request.name.clone(),
-                instance: instance.clone(),
-                dir: dir.clone(),
-                state: VmState::Running,
-                pid: None,
-                shape: request.shape,
-                accel: self.accel,
-                kernel: kernel.vmlinuz.clone(),
-                initrd: kernel.initrd.clone(),
-                cmdline: "console=ttyS0 quiet panic=-1 hearth.root=/dev/vda".into(),
-                disk: dir.join("disk.qcow2"),
-                memory: Memory::SharedFile {
-                    path: self.ram_file(&instance)?,
-                },
-                origin: Origin::Boot {
-                    image: request.image.clone(),
-                },
-                created_unix: unix_now(),
-            };
-            disk::create_overlay(&vm.disk, &base, BackingFormat::Raw).await?;
-            self.save(&vm)?;
-            let (pid, _qmp) = self.spawn(&vm, Incoming::None).await?;
-            let vm = VmRecord {
-                pid: Some(pid),
-                ..vm
-            };
-            self.save(&vm)?;
-            info!(vm = %vm.name, pid, "booting");
-            let agent = AgentClient::connect(&vm.agent_socket(), BOOT_TIMEOUT).await;
-            match agent {
-                Ok(agent) => {
-                    debug!(agent = agent.agent_software(), "agent up");
-                    Ok(vm)
-                }
-                Err(err) => {
-                    let err = if Self::is_alive(&vm) {
-                        VmError::Agent(err)
-                    } else {
-                        VmError::QemuDied {
-                            log: format!(
-                                "{}\nconsole: {}",
-                                read_tail(&vm.qemu_log()),
-                                read_tail(&vm.console_log())
-                            ),
-                        }
-                    };
-                    self.stop_process(&vm).await;
-                    Err(err)
-                }
-            }
-        }
-        .await;
-        if result.is_err() {
-            let _ = std::fs::remove_dir_all(&dir);
-            let _ = std::fs::remove_file(self.assets.ram_dir.join(format!("{instance}.ram")));
-        }
-        result
+        self.boot_from_disk(request, &base).await
     }
 
     async fn snapshot(&self, vm: &VmRecord, out: &Path) -> Result<Snapshot, VmError> {

@@ -45,6 +45,16 @@ struct ServeArgs {
     /// Override a per-account rate limit, e.g. `--rate-limit RunMicrovm=20` (repeatable).
     #[arg(long = "rate-limit", value_name = "OPERATION=PER_SECOND")]
     rate_limits: Vec<String>,
+    /// Override a per-account quota: memory-mib, images, versions-per-image or
+    /// concurrent-builds, e.g. `--quota memory-mib=8192` (repeatable).
+    #[arg(long = "quota", value_name = "NAME=NUMBER")]
+    quotas: Vec<String>,
+    /// MicroVM endpoints are `<microvm-id>.<DOMAIN>`.
+    #[arg(long, default_value = "localhost")]
+    endpoint_domain: String,
+    /// Longest lifetime a microVM may ask for (maximumDurationInSeconds), in seconds.
+    #[arg(long, default_value_t = 28_800, value_parser = clap::value_parser!(u64).range(1..=31_536_000))]
+    max_lifetime: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -208,13 +218,13 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Vm(command) => vm(command).await,
         Command::Bench(BenchCommand::Launch(args)) => bench::launch(args).await,
         Command::Serve(args) => {
-            hearth_server::serve(hearth_server::ServerConfig {
-                data_dir: data_dir(args.data_dir),
-                listen: args.listen,
-                region: args.region,
-                rate_limits: args.rate_limits,
-            })
-            .await?;
+            let mut config =
+                hearth_server::ServerConfig::new(data_dir(args.data_dir), args.listen, args.region);
+            config.rate_limits = args.rate_limits;
+            config.quotas = hearth_server::parse_quotas(&args.quotas)?;
+            config.endpoint_domain = args.endpoint_domain;
+            config.max_lifetime_secs = args.max_lifetime;
+            hearth_server::serve(config).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Account(command) => account(command),

@@ -1,38 +1,14 @@
-//! Operation handlers: validated input (JSON keyed by member name) in, output
-//! (JSON shaped by the model's output structure) out.
+//! The operator's managed base images (ListManagedMicrovmImages,
+//! ListManagedMicrovmImageVersions), read from the engine's image cache.
 
 use std::path::{Path, PathBuf};
 use std::time::UNIX_EPOCH;
 
-use base64::Engine;
 use hearth_api::{ApiError, ErrorCode};
 use serde_json::{json, Value};
 
+use super::{paginate, Caller};
 use crate::AppState;
-
-/// Who is calling, after authentication.
-#[derive(Debug, Clone)]
-pub struct Caller {
-    pub account_id: String,
-    pub region: String,
-}
-
-/// Runs operation `name`.
-pub async fn dispatch(
-    state: &AppState,
-    caller: &Caller,
-    name: &str,
-    input: Value,
-) -> Result<Value, ApiError> {
-    match name {
-        "ListManagedMicrovmImages" => list_managed_images(state, caller, &input),
-        "ListManagedMicrovmImageVersions" => list_managed_image_versions(state, caller, &input),
-        other => Err(ApiError::new(
-            ErrorCode::UnknownOperation,
-            format!("{other} is not implemented by this hearth server yet"),
-        )),
-    }
-}
 
 /// One build of a managed base image in the cache (`images/NAME/KEY/`).
 #[derive(Debug, Clone)]
@@ -48,7 +24,7 @@ struct ManagedImage {
     versions: Vec<ManagedVersion>,
 }
 
-fn managed_arn(region: &str, name: &str) -> String {
+pub(super) fn managed_arn(region: &str, name: &str) -> String {
     format!("arn:aws:lambda:{region}:aws:microvm-image:{name}")
 }
 
@@ -137,7 +113,7 @@ fn find_managed(
         })
 }
 
-fn list_managed_images(
+pub(super) fn list_managed_images(
     state: &AppState,
     caller: &Caller,
     input: &Value,
@@ -161,7 +137,7 @@ fn list_managed_images(
     paginate(rows, input, 50)
 }
 
-fn list_managed_image_versions(
+pub(super) fn list_managed_image_versions(
     state: &AppState,
     caller: &Caller,
     input: &Value,
@@ -191,59 +167,6 @@ fn list_managed_image_versions(
         })
         .collect();
     paginate(rows, input, 50)
-}
-
-/// Keyset pagination over rows sorted by key: `nextToken` is the opaque last key
-/// of the previous page, so rows inserted meanwhile neither repeat nor shift pages.
-fn paginate(
-    mut rows: Vec<(String, Value)>,
-    input: &Value,
-    default_max: usize,
-) -> Result<Value, ApiError> {
-    rows.sort_by(|a, b| a.0.cmp(&b.0));
-    let max = input["maxResults"]
-        .as_u64()
-        .map(|m| m as usize)
-        .unwrap_or(default_max)
-        .max(1);
-    let after = match input["nextToken"].as_str() {
-        None => None,
-        Some(token) => Some(decode_token(token)?),
-    };
-    let mut page: Vec<Value> = Vec::new();
-    let mut last = None;
-    let mut more = false;
-    for (key, row) in rows {
-        if after.as_deref().is_some_and(|a| key.as_str() <= a) {
-            continue;
-        }
-        if page.len() == max {
-            more = true;
-            break;
-        }
-        last = Some(key);
-        page.push(row);
-    }
-    let mut out = json!({ "items": page });
-    if more {
-        if let Some(last) = last {
-            out["nextToken"] = Value::String(encode_token(&last));
-        }
-    }
-    Ok(out)
-}
-
-fn encode_token(key: &str) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("k1:{key}"))
-}
-
-fn decode_token(token: &str) -> Result<String, ApiError> {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(token)
-        .ok()
-        .and_then(|bytes| String::from_utf8(bytes).ok())
-        .and_then(|text| text.strip_prefix("k1:").map(str::to_string))
-        .ok_or_else(|| ApiError::new(ErrorCode::Validation, "Invalid nextToken"))
 }
 
 #[cfg(test)]
@@ -281,22 +204,7 @@ mod tests {
         std::fs::write(image.join("manifest.json"), "{}").expect("write");
         std::os::unix::fs::symlink("k1", dir.path().join("images/debian-12/current"))
             .expect("link");
-        let state = AppState {
-            config: crate::ServerConfig {
-                data_dir: dir.path().to_path_buf(),
-                listen: ([127, 0, 0, 1], 0).into(),
-                region: "us-east-1".into(),
-                rate_limits: Vec::new(),
-            },
-            limits: crate::limits::RateLimits::new(&[]).expect("limits"),
-            store: crate::Store::open(dir.path()).expect("store"),
-            assets: hearth_vm::Assets {
-                cache_dir: dir.path().to_path_buf(),
-                state_dir: dir.path().to_path_buf(),
-                ram_dir: dir.path().to_path_buf(),
-            },
-            metrics: Default::default(),
-        };
+        let state = AppState::for_tests(dir.path());
         let caller = Caller {
             account_id: "123456789012".into(),
             region: "us-east-1".into(),

@@ -1,0 +1,442 @@
+//! The server's side of the VM layer: runs, suspends, resumes and terminates
+//! the VMs behind microVM records, reconciles records with processes at start,
+//! and enforces lifetimes.
+//!
+//! Every change follows one pattern: the API handler moves the record to a
+//! transitional state (PENDING, SUSPENDING, TERMINATING) with a compare-and-set,
+//! then a task here does the work under the VM's lock and moves the record on.
+//! The record is written before the VM changes, so after a crash
+//! [`Engine::reconcile`] can tell what was in flight and finish or undo it.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hearth_vm::agent::AgentClient;
+use hearth_vm::{Driver, QemuDriver, Snapshot, Verify, VmError, VmState};
+use tokio::sync::Mutex as AsyncMutex;
+use tracing::{info, warn};
+
+use crate::records::MicrovmRow;
+use crate::resources::MicrovmState;
+use crate::store::{unix_now_ms, Store, StoreError};
+
+/// How often lifetimes and VM processes are checked.
+const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("microVM {0} is not running")]
+    NotRunning(String),
+    #[error("guest agent failed")]
+    Agent(#[from] hearth_vm::AgentError),
+}
+
+#[derive(Debug)]
+pub struct Engine {
+    driver: QemuDriver,
+    store: Store,
+    /// One agent connection per running VM (QEMU's chardev serves one at a time).
+    agents: Mutex<HashMap<String, Arc<AgentClient>>>,
+    /// Serialises the work on each VM.
+    locks: Mutex<HashMap<String, Arc<AsyncMutex<()>>>>,
+    /// Opened (size-checked) snapshots by directory.
+    snapshots: Mutex<HashMap<PathBuf, Snapshot>>,
+}
+
+impl Engine {
+    pub fn new(driver: QemuDriver, store: Store) -> Arc<Self> {
+        Arc::new(Self {
+            driver,
+            store,
+            agents: Mutex::default(),
+            locks: Mutex::default(),
+            snapshots: Mutex::default(),
+        })
+    }
+
+    pub fn driver(&self) -> &QemuDriver {
+        &self.driver
+    }
+
+    fn lock_for(&self, id: &str) -> Arc<AsyncMutex<()>> {
+        lock(&self.locks)
+            .entry(id.to_string())
+            .or_insert_with(|| Arc::new(AsyncMutex::new(())))
+            .clone()
+    }
+
+    fn forget(&self, id: &str) {
+        lock(&self.agents).remove(id);
+        lock(&self.locks).remove(id);
+    }
+
+    fn snapshot(&self, dir: &Path) -> Result<Snapshot, EngineError> {
+        if let Some(snapshot) = lock(&self.snapshots).get(dir) {
+            return Ok(snapshot.clone());
+        }
+        let snapshot = Snapshot::open(dir, Verify::Sizes).map_err(VmError::from)?;
+        lock(&self.snapshots).insert(dir.to_path_buf(), snapshot.clone());
+        Ok(snapshot)
+    }
+
+    /// Drops a cached snapshot whose files are being removed.
+    pub fn forget_snapshot(&self, dir: &Path) {
+        lock(&self.snapshots).remove(dir);
+    }
+
+    /// The agent of a RUNNING microVM, connecting when there is none yet.
+    pub async fn agent(&self, row: &MicrovmRow) -> Result<Arc<AgentClient>, EngineError> {
+        if let Some(agent) = lock(&self.agents).get(&row.microvm_id) {
+            return Ok(agent.clone());
+        }
+        let guard = self.lock_for(&row.microvm_id);
+        let _held = guard.lock().await;
+        if let Some(agent) = lock(&self.agents).get(&row.microvm_id) {
+            return Ok(agent.clone());
+        }
+        let current = self.store.microvm_by_id(&row.microvm_id)?;
+        if current.map(|r| r.state) != Some(MicrovmState::Running) {
+            return Err(EngineError::NotRunning(row.microvm_id.clone()));
+        }
+        let vm = self.driver.load(&row.vm_name)?;
+        let agent = Arc::new(self.driver.agent(&vm).await?);
+        lock(&self.agents).insert(row.microvm_id.clone(), agent.clone());
+        Ok(agent)
+    }
+
+    /// Launches a PENDING microVM from a snapshot (in the background).
+    pub fn spawn_launch(self: &Arc<Self>, row: MicrovmRow, snapshot_dir: PathBuf) {
+        let engine = self.clone();
+        tokio::spawn(async move { engine.launch(row, snapshot_dir).await });
+    }
+
+    async fn launch(&self, row: MicrovmRow, snapshot_dir: PathBuf) {
+        let guard = self.lock_for(&row.microvm_id);
+        let _held = guard.lock().await;
+        let launched = async {
+            let snapshot = self.snapshot(&snapshot_dir)?;
+            Ok::<_, EngineError>(
+                self.driver
+                    .launch_with_agent(&snapshot, &row.vm_name)
+                    .await?,
+            )
+        }
+        .await;
+        match launched {
+            Ok((_vm, agent)) => {
+                lock(&self.agents).insert(row.microvm_id.clone(), Arc::new(agent));
+                match self.store.transition_microvm(
+                    &row.microvm_id,
+                    &[MicrovmState::Pending],
+                    MicrovmState::Running,
+                    None,
+                ) {
+                    Ok(Some(_)) => info!(microvm = %row.microvm_id, "running"),
+                    // Terminated meanwhile: its terminate task removes the VM.
+                    Ok(None) => {}
+                    Err(err) => {
+                        warn!(microvm = %row.microvm_id, error = %err, "cannot record RUNNING")
+                    }
+                }
+            }
+            Err(err) => {
+                warn!(microvm = %row.microvm_id, error = %error_chain(&err), "launch failed");
+                self.fail(
+                    &row,
+                    "Launch failed: the MicroVM could not be started from its image snapshot.",
+                )
+                .await;
+            }
+        }
+    }
+
+    /// Suspends a SUSPENDING microVM (in the background).
+    pub fn spawn_suspend(self: &Arc<Self>, row: MicrovmRow) {
+        let engine = self.clone();
+        tokio::spawn(async move { engine.suspend(row).await });
+    }
+
+    async fn suspend(&self, row: MicrovmRow) {
+        let guard = self.lock_for(&row.microvm_id);
+        let _held = guard.lock().await;
+        // The agent connection does not survive the QEMU process.
+        lock(&self.agents).remove(&row.microvm_id);
+        let suspended = async {
+            let mut vm = self.driver.load(&row.vm_name)?;
+            self.driver.suspend(&mut vm).await?;
+            Ok::<_, EngineError>(())
+        }
+        .await;
+        match suspended {
+            Ok(()) => {
+                let _ = self.store.transition_microvm(
+                    &row.microvm_id,
+                    &[MicrovmState::Suspending],
+                    MicrovmState::Suspended,
+                    None,
+                );
+                info!(microvm = %row.microvm_id, "suspended");
+            }
+            Err(err) => {
+                warn!(microvm = %row.microvm_id, error = %error_chain(&err), "suspend failed");
+                let alive = self
+                    .driver
+                    .load(&row.vm_name)
+                    .is_ok_and(|vm| vm.state == VmState::Running && QemuDriver::is_alive(&vm));
+                if alive {
+                    let _ = self.store.transition_microvm(
+                        &row.microvm_id,
+                        &[MicrovmState::Suspending],
+                        MicrovmState::Running,
+                        Some("Suspend failed; the MicroVM kept running."),
+                    );
+                } else {
+                    self.fail(&row, "Suspend failed: the MicroVM could not be saved.")
+                        .await;
+                }
+            }
+        }
+    }
+
+    /// Resumes a microVM that moved SUSPENDED → PENDING (in the background).
+    pub fn spawn_resume(self: &Arc<Self>, row: MicrovmRow) {
+        let engine = self.clone();
+        tokio::spawn(async move { engine.resume(row).await });
+    }
+
+    async fn resume(&self, row: MicrovmRow) {
+        let guard = self.lock_for(&row.microvm_id);
+        let _held = guard.lock().await;
+        let resumed = async {
+            let mut vm = self.driver.load(&row.vm_name)?;
+            self.driver.resume(&mut vm).await?;
+            let agent = self.driver.agent(&vm).await?;
+            lock(&self.agents).insert(row.microvm_id.clone(), Arc::new(agent));
+            Ok::<_, EngineError>(())
+        }
+        .await;
+        match resumed {
+            Ok(()) => {
+                let _ = self.store.transition_microvm(
+                    &row.microvm_id,
+                    &[MicrovmState::Pending],
+                    MicrovmState::Running,
+                    None,
+                );
+                info!(microvm = %row.microvm_id, "resumed");
+            }
+            Err(err) => {
+                warn!(microvm = %row.microvm_id, error = %error_chain(&err), "resume failed");
+                self.fail(&row, "Resume failed: the MicroVM could not be restored.")
+                    .await;
+            }
+        }
+    }
+
+    /// Terminates a TERMINATING microVM (in the background).
+    pub fn spawn_terminate(self: &Arc<Self>, row: MicrovmRow, reason: String) {
+        let engine = self.clone();
+        tokio::spawn(async move { engine.terminate(&row, &reason).await });
+    }
+
+    async fn terminate(&self, row: &MicrovmRow, reason: &str) {
+        let guard = self.lock_for(&row.microvm_id);
+        let held = guard.lock().await;
+        self.remove_vm(row).await;
+        drop(held);
+        match self.store.transition_microvm(
+            &row.microvm_id,
+            &[MicrovmState::Terminating],
+            MicrovmState::Terminated,
+            Some(reason),
+        ) {
+            Ok(_) => info!(microvm = %row.microvm_id, reason, "terminated"),
+            Err(err) => warn!(microvm = %row.microvm_id, error = %err, "cannot record TERMINATED"),
+        }
+        self.forget(&row.microvm_id);
+    }
+
+    /// Ends the VM's process and removes its files (a VM never made is fine).
+    async fn remove_vm(&self, row: &MicrovmRow) {
+        lock(&self.agents).remove(&row.microvm_id);
+        match self.driver.load(&row.vm_name) {
+            Ok(vm) => {
+                if let Err(err) = self.driver.remove(&vm).await {
+                    warn!(microvm = %row.microvm_id, error = %error_chain(&err), "cannot remove VM files");
+                }
+            }
+            Err(VmError::NotFound(_)) => {}
+            Err(err) => {
+                warn!(microvm = %row.microvm_id, error = %error_chain(&err), "unreadable VM record; removing its directory");
+                let dir = self.driver.assets().vms_dir().join(&row.vm_name);
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+    }
+
+    /// A failed step: the VM goes TERMINATING → TERMINATED with `reason`.
+    /// The caller holds the VM's lock.
+    async fn fail(&self, row: &MicrovmRow, reason: &str) {
+        self.remove_vm(row).await;
+        let moved = self.store.transition_microvm(
+            &row.microvm_id,
+            &[
+                MicrovmState::Pending,
+                MicrovmState::Running,
+                MicrovmState::Suspending,
+                MicrovmState::Suspended,
+            ],
+            MicrovmState::Terminating,
+            Some(reason),
+        );
+        if let Err(err) = moved {
+            warn!(microvm = %row.microvm_id, error = %err, "cannot record TERMINATING");
+        }
+        // Whether this call or a concurrent Terminate moved it, finish the job.
+        let _ = self.store.transition_microvm(
+            &row.microvm_id,
+            &[MicrovmState::Terminating],
+            MicrovmState::Terminated,
+            None,
+        );
+        lock(&self.agents).remove(&row.microvm_id);
+    }
+
+    /// Brings records and VM processes into agreement after a start: VMs whose
+    /// process still runs are adopted, half-done changes are finished or undone,
+    /// and VM directories that no live record names are removed (no orphaned QEMU).
+    pub async fn reconcile(self: &Arc<Self>) -> Result<(), EngineError> {
+        let rows = self.store.live_microvms()?;
+        let mut known = std::collections::HashSet::new();
+        for row in rows {
+            known.insert(row.vm_name.clone());
+            let vm = self.driver.load(&row.vm_name).ok();
+            let running = vm
+                .as_ref()
+                .is_some_and(|vm| vm.state == VmState::Running && QemuDriver::is_alive(vm));
+            let suspended = vm
+                .as_ref()
+                .is_some_and(|vm| vm.state == VmState::Suspended && vm.suspend_state().is_file());
+            use MicrovmState::*;
+            let target = match (row.state, running, suspended) {
+                (Terminating, _, _) => None,
+                (Pending | Running | Suspending, true, _) => Some(Running),
+                (Pending | Suspending | Suspended, false, true) => Some(Suspended),
+                _ => None,
+            };
+            match target {
+                Some(state) if state == row.state => {
+                    info!(microvm = %row.microvm_id, state = %state, "adopted");
+                }
+                Some(state) => {
+                    // A direct write: these moves undo or finish an interrupted step.
+                    self.store.force_microvm_state(&row.microvm_id, state)?;
+                    info!(microvm = %row.microvm_id, from = %row.state, to = %state, "reconciled");
+                }
+                None => {
+                    let reason = if row.state == Terminating {
+                        "Success."
+                    } else {
+                        "The MicroVM was lost while the hearth server was down."
+                    };
+                    self.store
+                        .force_microvm_state(&row.microvm_id, Terminating)?;
+                    self.terminate(&row, reason).await;
+                }
+            }
+        }
+        // VM directories no live record owns: left by a crash between creating
+        // the VM and recording it, or by a terminate that did not finish.
+        for vm in self.driver.list().unwrap_or_default() {
+            if !known.contains(&vm.name) && !vm.name.starts_with(crate::import::BUILD_VM_PREFIX) {
+                warn!(vm = %vm.name, "removing a VM no microVM owns");
+                let _ = self.driver.remove(&vm).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs forever: ends microVMs past `maximumDurationInSeconds` and notices
+    /// VM processes that died.
+    pub async fn watch(self: Arc<Self>) {
+        let mut ticker = tokio::time::interval(WATCH_INTERVAL);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            if let Err(err) = self.watch_once().await {
+                warn!(error = %err, "lifetime check failed");
+            }
+        }
+    }
+
+    async fn watch_once(self: &Arc<Self>) -> Result<(), EngineError> {
+        let now = unix_now_ms();
+        for row in self.store.live_microvms()? {
+            if row.state == MicrovmState::Terminating {
+                continue;
+            }
+            if now >= row.deadline_at {
+                let moved = self.store.transition_microvm(
+                    &row.microvm_id,
+                    &[row.state],
+                    MicrovmState::Terminating,
+                    None,
+                )?;
+                if moved.is_some() {
+                    self.spawn_terminate(
+                        row,
+                        "The MicroVM reached its maximum duration.".to_string(),
+                    );
+                }
+                continue;
+            }
+            if row.state == MicrovmState::Running {
+                // Only judge a VM whose lock is free: a task working on it
+                // may be between processes.
+                let guard = self.lock_for(&row.microvm_id);
+                let Ok(held) = guard.try_lock() else { continue };
+                let alive = self
+                    .driver
+                    .load(&row.vm_name)
+                    .is_ok_and(|vm| QemuDriver::is_alive(&vm));
+                let still_running = self
+                    .store
+                    .microvm_by_id(&row.microvm_id)?
+                    .is_some_and(|r| r.state == MicrovmState::Running);
+                drop(held);
+                if !alive && still_running {
+                    warn!(microvm = %row.microvm_id, "VM process is gone");
+                    let guard = self.lock_for(&row.microvm_id);
+                    let _held = guard.lock().await;
+                    self.fail(&row, "The MicroVM stopped unexpectedly.").await;
+                    self.forget(&row.microvm_id);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An error with its sources, for logs.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}

@@ -1,0 +1,257 @@
+//! hearth extensions to the API, outside the 24 operations of the model, under
+//! their own path prefix and signed with SigV4 like the rest:
+//!
+//! - `POST /hearth/2025-09-09/microvms/{id}/exec`: runs a command in a RUNNING
+//!   microVM through its agent and returns its exit status and output.
+//!   Body: `{"argv": [..], "env"?: {..}, "cwd"?: "/", "stdin"?: base64,
+//!   "timeoutInSeconds"?: 1-3600}`. Answer: `{"exitCode"?, "signal"?,
+//!   "timedOut", "stdout": base64, "stderr": base64}`.
+
+use std::time::Duration;
+
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use hearth_api::{ApiError, ErrorCode};
+use hearth_proto::ExecRequest;
+use http::Method;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::ops::Caller;
+use crate::resources::MicrovmState;
+use crate::AppState;
+
+const PREFIX: &str = "/hearth/2025-09-09/microvms/";
+/// Output beyond this is refused rather than buffered (the agent caps at 64 MiB).
+const MAX_OUTPUT: usize = 16 * 1024 * 1024;
+const MAX_ARGS: usize = 4096;
+
+/// An extension request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    Exec { microvm_id: String },
+}
+
+impl Route {
+    /// The name rate limits know it by.
+    pub fn operation(&self) -> &'static str {
+        match self {
+            Route::Exec { .. } => "HearthExec",
+        }
+    }
+}
+
+pub fn route(method: &Method, path: &str) -> Option<Route> {
+    let rest = path.strip_prefix(PREFIX)?;
+    let (id, action) = rest.split_once('/')?;
+    match (method, action) {
+        (&Method::POST, "exec") if !id.is_empty() => Some(Route::Exec {
+            microvm_id: id.to_string(),
+        }),
+        _ => None,
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ExecBody {
+    argv: Vec<String>,
+    #[serde(default)]
+    env: std::collections::BTreeMap<String, String>,
+    cwd: Option<String>,
+    stdin: Option<String>,
+    timeout_in_seconds: Option<u64>,
+}
+
+pub async fn handle(
+    state: &AppState,
+    caller: &Caller,
+    route: Route,
+    body: &[u8],
+) -> Result<Response, ApiError> {
+    match route {
+        Route::Exec { microvm_id } => exec(state, caller, &microvm_id, body).await,
+    }
+}
+
+async fn exec(
+    state: &AppState,
+    caller: &Caller,
+    microvm_id: &str,
+    body: &[u8],
+) -> Result<Response, ApiError> {
+    let request: ExecBody = serde_json::from_slice(body)
+        .map_err(|e| ApiError::validation(format!("Invalid exec request: {e}")))?;
+    if request.argv.is_empty() || request.argv.len() > MAX_ARGS {
+        return Err(ApiError::validation(format!(
+            "argv must hold 1 to {MAX_ARGS} strings"
+        )));
+    }
+    let timeout = request.timeout_in_seconds.unwrap_or(60);
+    if !(1..=3600).contains(&timeout) {
+        return Err(ApiError::validation(
+            "timeoutInSeconds must be between 1 and 3600",
+        ));
+    }
+    let stdin = match &request.stdin {
+        Some(text) => Some(
+            base64::engine::general_purpose::STANDARD
+                .decode(text)
+                .map_err(|_| ApiError::validation("stdin must be base64"))?,
+        ),
+        None => None,
+    };
+    let row = state
+        .store
+        .microvm(&caller.account_id, microvm_id)
+        .map_err(crate::ops::internal)?
+        .ok_or_else(|| ApiError::not_found(format!("MicroVM {microvm_id} not found")))?;
+    if row.state != MicrovmState::Running {
+        return Err(ApiError::conflict(format!(
+            "MicroVM {microvm_id} is {}; commands run only in RUNNING MicroVMs",
+            row.state
+        )));
+    }
+    let agent = state.engine.agent(&row).await.map_err(|err| {
+        tracing::warn!(microvm = microvm_id, error = %crate::engine::error_chain(&err), "no agent");
+        ApiError::conflict(format!("MicroVM {microvm_id} cannot be reached"))
+    })?;
+    let exec = ExecRequest {
+        argv: request.argv,
+        env: request.env.into_iter().collect(),
+        cwd: request.cwd,
+        stdin: stdin.is_some(),
+        timeout_ms: Some(timeout * 1000),
+        ..Default::default()
+    };
+    let output = run(&agent, exec, stdin, Duration::from_secs(timeout + 10))
+        .await
+        .map_err(|err| {
+            tracing::warn!(microvm = microvm_id, error = %err, "exec failed");
+            ApiError::new(ErrorCode::InternalServer, format!("exec failed: {err}"))
+        })?;
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+    let mut out = json!({
+        "timedOut": output.status.timed_out,
+        "stdout": b64(&output.stdout),
+        "stderr": b64(&output.stderr),
+    });
+    if let Some(code) = output.status.code {
+        out["exitCode"] = json!(code);
+    }
+    if let Some(signal) = output.status.signal {
+        out["signal"] = json!(signal);
+    }
+    Ok((
+        [(http::header::CONTENT_TYPE, "application/json")],
+        out.to_string(),
+    )
+        .into_response())
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ExecError {
+    #[error("{0}")]
+    Agent(String),
+    #[error("the command's output exceeds {MAX_OUTPUT} bytes")]
+    TooLarge,
+    #[error("the command did not finish in time")]
+    Timeout,
+}
+
+async fn run(
+    agent: &hearth_vm::AgentClient,
+    request: ExecRequest,
+    stdin: Option<Vec<u8>>,
+    timeout: Duration,
+) -> Result<hearth_vm::ExecOutput, ExecError> {
+    let work = async {
+        let output = match stdin {
+            None => agent.exec_output(request).await,
+            Some(bytes) => {
+                let mut stdout = CappedWriter::default();
+                let mut stderr = CappedWriter::default();
+                let status = agent
+                    .exec(
+                        request,
+                        Some(std::io::Cursor::new(bytes)),
+                        &mut stdout,
+                        &mut stderr,
+                    )
+                    .await;
+                status.map(|status| hearth_vm::ExecOutput {
+                    status,
+                    stdout: stdout.bytes,
+                    stderr: stderr.bytes,
+                })
+            }
+        };
+        output.map_err(|e| ExecError::Agent(crate::engine::error_chain(&e)))
+    };
+    let output = tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| ExecError::Timeout)??;
+    if output.stdout.len() + output.stderr.len() > MAX_OUTPUT {
+        return Err(ExecError::TooLarge);
+    }
+    Ok(output)
+}
+
+/// Collects output up to [`MAX_OUTPUT`] bytes, then fails the write: the guest
+/// decides how much it prints, so the host must not buffer without bound.
+#[derive(Debug, Default)]
+struct CappedWriter {
+    bytes: Vec<u8>,
+}
+
+impl tokio::io::AsyncWrite for CappedWriter {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.bytes.len() + buf.len() > MAX_OUTPUT {
+            return std::task::Poll::Ready(Err(std::io::Error::other("output too large")));
+        }
+        self.bytes.extend_from_slice(buf);
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes() {
+        assert_eq!(
+            route(&Method::POST, "/hearth/2025-09-09/microvms/microvm-1/exec"),
+            Some(Route::Exec {
+                microvm_id: "microvm-1".into()
+            })
+        );
+        assert_eq!(
+            route(&Method::GET, "/hearth/2025-09-09/microvms/m/exec"),
+            None
+        );
+        assert_eq!(
+            route(&Method::POST, "/hearth/2025-09-09/microvms//exec"),
+            None
+        );
+        assert_eq!(route(&Method::POST, "/2025-09-09/microvms/m"), None);
+    }
+}

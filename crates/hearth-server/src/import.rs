@@ -1,0 +1,517 @@
+//! `hearth image import`: an operator makes a SUCCESSFUL image version from a
+//! prepared root filesystem (a directory or a tar archive): the tree becomes an
+//! immutable ext4 disk, a build VM boots from it, the app's command starts,
+//! hearth waits until the app is ready (the `ready` hook when a hooks port is
+//! given, else until the process is up and settled), and the VM's memory and
+//! disk are snapshotted. The builder (Dockerfile builds) ends in the same path.
+//!
+//! Files: `DATA/images/<account>/<image>/<version>/{rootfs.ext4,snapshot/}`.
+//! The version directory lives as long as the version: microVMs' disk overlays
+//! chain to the snapshot's disk, which chains to `rootfs.ext4`.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use hearth_proto::ExecRequest;
+use hearth_vm::agent::AgentClient;
+use hearth_vm::{BootRequest, Driver, MachineShape, QemuDriver, VmError};
+use serde_json::{json, Value};
+use tokio::process::Command;
+
+use crate::engine::error_chain;
+use crate::records::{NewVersion, Quotas, Refusal};
+use crate::store::{Store, StoreError};
+
+/// Build VMs are named `build-<build id hex>`; reconciliation leaves them to
+/// their own process.
+pub const BUILD_VM_PREFIX: &str = "build-";
+/// Where the app's output goes inside the guest.
+const APP_LOG: &str = "/var/log/hearth-app.log";
+/// How long a process must stay up before a hook-less import snapshots it.
+const SETTLE: Duration = Duration::from_millis(1500);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    #[error("no root filesystem at {0}")]
+    MissingRootfs(PathBuf),
+    #[error("image name {0:?} is invalid: use 1-64 of A-Z a-z 0-9 - _")]
+    BadName(String),
+    #[error("no account {0}")]
+    NoAccount(String),
+    #[error("{0}")]
+    Refused(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The build ran and failed; the version is FAILED with this reason.
+    #[error("build failed: {0}")]
+    Build(String),
+}
+
+/// What to import.
+#[derive(Debug, Clone)]
+pub struct ImportRequest {
+    pub account_id: String,
+    pub image_name: String,
+    pub region: String,
+    /// A directory, or a tar archive (optionally compressed).
+    pub rootfs: PathBuf,
+    /// The app's command; none means the snapshot holds an idle system.
+    pub command: Vec<String>,
+    pub workdir: String,
+    pub hooks_port: Option<u16>,
+    pub ready_timeout: Duration,
+    pub memory_mib: u32,
+    pub environment: Vec<(String, String)>,
+    pub description: Option<String>,
+}
+
+/// A successful import.
+#[derive(Debug, Clone)]
+pub struct Imported {
+    pub image_arn: String,
+    pub version: u32,
+    pub build_id: String,
+    pub snapshot_build: Value,
+}
+
+pub fn image_arn(region: &str, account: &str, name: &str) -> String {
+    format!("arn:aws:lambda:{region}:{account}:microvm-image:{name}")
+}
+
+fn valid_image_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+/// Imports `request` and records the result; `progress` hears each step.
+pub async fn import_image(
+    data_dir: &Path,
+    store: &Store,
+    driver: &QemuDriver,
+    quotas: &Quotas,
+    request: &ImportRequest,
+    progress: &(dyn Fn(&str) + Sync),
+) -> Result<Imported, ImportError> {
+    if !valid_image_name(&request.image_name) {
+        return Err(ImportError::BadName(request.image_name.clone()));
+    }
+    if !request.rootfs.exists() {
+        return Err(ImportError::MissingRootfs(request.rootfs.clone()));
+    }
+    if !store
+        .accounts()?
+        .iter()
+        .any(|a| a.account_id == request.account_id)
+    {
+        return Err(ImportError::NoAccount(request.account_id.clone()));
+    }
+    let create = store
+        .image(&request.account_id, &request.image_name)?
+        .is_none();
+    let mut spec = json!({
+        "baseImageArn": format!("arn:aws:lambda:{}:aws:microvm-image:imported-rootfs", request.region),
+        "buildRoleArn": format!("arn:aws:iam::{}:role/hearth-operator-import", request.account_id),
+        "codeArtifact": {"uri": format!("file://{}", request.rootfs.display())},
+        "cpuConfigurations": [{"architecture": "X86_64"}],
+        "resources": [{"minimumMemoryInMiB": request.memory_mib}],
+    });
+    if !request.environment.is_empty() {
+        spec["environmentVariables"] = Value::Object(
+            request
+                .environment
+                .iter()
+                .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+                .collect(),
+        );
+    }
+    if let Some(description) = &request.description {
+        spec["description"] = json!(description);
+    }
+    if let Some(port) = request.hooks_port {
+        spec["hooks"] = json!({
+            "port": port,
+            "microvmImageHooks": {
+                "ready": "ENABLED",
+                "readyTimeoutInSeconds": request.ready_timeout.as_secs(),
+            }
+        });
+    }
+    let started = store.start_version(
+        &NewVersion {
+            account_id: request.account_id.clone(),
+            image_name: request.image_name.clone(),
+            spec,
+            memory_mib: request.memory_mib,
+            architecture: "X86_64".into(),
+            chipset: "INTEL".into(),
+            client_token: None,
+            fingerprint: String::new(),
+            create,
+        },
+        quotas,
+    )?;
+    let started = match started {
+        Ok(started) => started,
+        Err(Refusal::Quota(m) | Refusal::Conflict(m) | Refusal::NotFound(m)) => {
+            return Err(ImportError::Refused(m))
+        }
+    };
+    store.build_started(&request.account_id, &started.build_id)?;
+    progress(&format!(
+        "image {} version {}.0: build {}",
+        request.image_name, started.version, started.build_id
+    ));
+    let version_dir = data_dir
+        .join("images")
+        .join(&request.account_id)
+        .join(&request.image_name)
+        .join(started.version.to_string());
+    let built = build(driver, request, &started.build_id, &version_dir, progress).await;
+    match built {
+        Ok(sizes) => {
+            store.finish_build(
+                &request.account_id,
+                &started.build_id,
+                Ok((version_dir.join("snapshot"), sizes.clone())),
+            )?;
+            Ok(Imported {
+                image_arn: image_arn(&request.region, &request.account_id, &request.image_name),
+                version: started.version,
+                build_id: started.build_id,
+                snapshot_build: sizes,
+            })
+        }
+        Err(reason) => {
+            let _ = std::fs::remove_dir_all(&version_dir);
+            store.finish_build(&request.account_id, &started.build_id, Err(reason.clone()))?;
+            Err(ImportError::Build(reason))
+        }
+    }
+}
+
+/// The build VM's name for a build id.
+pub fn build_vm_name(build_id: &str) -> String {
+    format!("{BUILD_VM_PREFIX}{}", build_id.replace('-', ""))
+}
+
+/// Runs the build steps; the error is the build's `stateReason`.
+async fn build(
+    driver: &QemuDriver,
+    request: &ImportRequest,
+    build_id: &str,
+    version_dir: &Path,
+    progress: &(dyn Fn(&str) + Sync),
+) -> Result<Value, String> {
+    let platform = |what: &str, err: &dyn std::error::Error| {
+        tracing::warn!(error = %error_chain(err), "{what}");
+        format!("INTERNAL_PLATFORM_ERROR: {what}")
+    };
+    hearth_vm::disk::create_private_dir_all(version_dir)
+        .map_err(|e| platform("cannot create the version directory", &e))?;
+    let rootfs = version_dir.join("rootfs.ext4");
+    progress("making the root disk (mkfs.ext4 -d)");
+    let code_size = make_root_disk(&request.rootfs, &rootfs, version_dir).await?;
+    let name = build_vm_name(build_id);
+    progress("booting the build VM");
+    let vm = driver
+        .boot_from_disk(
+            &BootRequest {
+                name: name.clone(),
+                image: "imported-rootfs".into(),
+                shape: MachineShape {
+                    memory_mib: request.memory_mib,
+                    vcpus: 1,
+                },
+            },
+            &rootfs,
+        )
+        .await
+        .map_err(|e| platform("the build VM did not boot", &e))?;
+    let result = async {
+        let agent = driver
+            .agent(&vm)
+            .await
+            .map_err(|e| platform("the build VM's agent did not answer", &e))?;
+        if !request.command.is_empty() {
+            progress(&format!("starting {}", request.command.join(" ")));
+            let pid = start_app(&agent, request).await?;
+            wait_ready(&agent, request, pid, progress).await?;
+        }
+        drop(agent);
+        progress("snapshotting memory and disk");
+        let snapshot = driver
+            .snapshot(&vm, &version_dir.join("snapshot"))
+            .await
+            .map_err(|e| platform("the snapshot failed", &e))?;
+        let size_of = |path: PathBuf| std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        Ok(json!({
+            "memorySnapshotSizeInBytes": size_of(snapshot.memory()),
+            "diskSnapshotSizeInBytes": size_of(snapshot.disk()),
+            "codeInstallSizeInBytes": code_size,
+        }))
+    }
+    .await;
+    if let Err(err) = driver.remove(&vm).await {
+        tracing::warn!(error = %error_chain(&err), "cannot remove the build VM");
+    }
+    result
+}
+
+/// Makes `out` from a directory or tar archive; returns the tree's size.
+async fn make_root_disk(source: &Path, out: &Path, work: &Path) -> Result<u64, String> {
+    let extracted;
+    let tree = if source.is_dir() {
+        source.to_path_buf()
+    } else {
+        extracted = work.join("rootfs.tmp");
+        hearth_vm::disk::create_private_dir_all(&extracted)
+            .map_err(|_| "INTERNAL_PLATFORM_ERROR: cannot create a work directory".to_string())?;
+        // GNU tar refuses members with `..` and strips leading `/`, so an archive
+        // cannot write outside the work directory.
+        let status = Command::new("tar")
+            .arg("-xf")
+            .arg(source)
+            .arg("-C")
+            .arg(&extracted)
+            .arg("--no-same-owner")
+            .arg("--delay-directory-restore")
+            .status()
+            .await
+            .map_err(|_| "INTERNAL_PLATFORM_ERROR: cannot run tar".to_string())?;
+        if !status.success() {
+            return Err(format!(
+                "ARCHIVE_INVALID: {} is not a readable tar archive",
+                source.display()
+            ));
+        }
+        extracted.clone()
+    };
+    let size = tree_size(&tree);
+    // Room for the tree plus the app's writes; the disk is sparse.
+    let disk_mib = ((size / (1 << 20)) * 2 + 512).max(1024);
+    let output = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "hearth-root", "-d"])
+        .arg(&tree)
+        .arg(out)
+        .arg(format!("{disk_mib}M"))
+        .output()
+        .await
+        .map_err(|_| "INTERNAL_PLATFORM_ERROR: cannot run mkfs.ext4".to_string())?;
+    if tree != source {
+        let _ = std::fs::remove_dir_all(&tree);
+    }
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        return Err(format!(
+            "DISK_STORAGE_FULL: mkfs.ext4 failed: {}",
+            stderr.trim().chars().take(500).collect::<String>()
+        ));
+    }
+    let _ = std::fs::set_permissions(out, std::os::unix::fs::PermissionsExt::from_mode(0o400));
+    Ok(size)
+}
+
+/// Bytes in a directory tree (without following symlinks).
+fn tree_size(root: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Ok(meta) = entry.path().symlink_metadata() else {
+                continue;
+            };
+            if meta.is_dir() {
+                stack.push(entry.path());
+            } else {
+                total += meta.len();
+            }
+        }
+    }
+    total
+}
+
+fn app_env(request: &ImportRequest) -> Vec<(String, String)> {
+    let mut env = request.environment.clone();
+    env.extend([
+        (
+            "AWS_LAMBDA_MICROVM_IMAGE_NAME".to_string(),
+            request.image_name.clone(),
+        ),
+        (
+            "AWS_LAMBDA_MICROVM_IMAGE_ARN".to_string(),
+            image_arn(&request.region, &request.account_id, &request.image_name),
+        ),
+        ("AWS_REGION".to_string(), request.region.clone()),
+    ]);
+    env
+}
+
+/// Starts the app detached (its own session, output to [`APP_LOG`]) and
+/// returns its pid.
+async fn start_app(agent: &AgentClient, request: &ImportRequest) -> Result<u32, String> {
+    let mut argv = vec![
+        "/bin/sh".to_string(),
+        "-c".to_string(),
+        format!("setsid \"$@\" </dev/null >>{APP_LOG} 2>&1 & echo $!"),
+        "sh".to_string(),
+    ];
+    argv.extend(request.command.iter().cloned());
+    let output = agent
+        .exec_output(ExecRequest {
+            argv,
+            env: app_env(request),
+            cwd: Some(request.workdir.clone()),
+            timeout_ms: Some(30_000),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| {
+            format!(
+                "CONTAINER_BUILD_FAILED: cannot start the command (is /bin/sh in the root filesystem?): {}",
+                error_chain(&e)
+            )
+        })?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    text.trim().parse().map_err(|_| {
+        format!(
+            "CONTAINER_BUILD_FAILED: cannot start the command: {}",
+            tail(&output.stderr)
+        )
+    })
+}
+
+async fn app_alive(agent: &AgentClient, pid: u32) -> bool {
+    agent
+        .exec_output(ExecRequest {
+            argv: vec!["/bin/sh".into(), "-c".into(), format!("kill -0 {pid}")],
+            timeout_ms: Some(10_000),
+            ..Default::default()
+        })
+        .await
+        .is_ok_and(|o| o.status.code == Some(0))
+}
+
+async fn app_log(agent: &AgentClient) -> String {
+    match agent
+        .exec_output(ExecRequest {
+            argv: vec!["tail".into(), "-c".into(), "2000".into(), APP_LOG.into()],
+            timeout_ms: Some(10_000),
+            ..Default::default()
+        })
+        .await
+    {
+        Ok(output) => tail(&output.stdout),
+        Err(_) => String::new(),
+    }
+}
+
+fn tail(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let text = text.trim();
+    let start = text
+        .char_indices()
+        .rev()
+        .nth(1000)
+        .map(|(i, _)| i)
+        .unwrap_or(0);
+    text[start..].to_string()
+}
+
+/// Waits until the app is ready: its `ready` hook answers 200 (503 and a
+/// closed port mean "not yet"), or without hooks, until it has stayed up.
+async fn wait_ready(
+    agent: &AgentClient,
+    request: &ImportRequest,
+    pid: u32,
+    progress: &(dyn Fn(&str) + Sync),
+) -> Result<(), String> {
+    let exited = |log: String| {
+        format!("CONTAINER_BUILD_FAILED: the command exited before it was ready; its output ends: {log}")
+    };
+    let Some(port) = request.hooks_port else {
+        progress("waiting for the app to settle");
+        tokio::time::sleep(SETTLE).await;
+        if !app_alive(agent, pid).await {
+            return Err(exited(app_log(agent).await));
+        }
+        return Ok(());
+    };
+    progress(&format!("waiting for the ready hook on port {port}"));
+    let deadline = Instant::now() + request.ready_timeout;
+    let mut last_check = Instant::now();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!(
+                "Ready hook invocation timed out after PT{}S",
+                request.ready_timeout.as_secs()
+            ));
+        }
+        let answer = crate::hooks::call(
+            agent,
+            port,
+            "ready",
+            None,
+            left.min(Duration::from_secs(10)),
+        )
+        .await;
+        // 503 is "not yet"; so are a closed port and a slow answer while starting.
+        if let Ok(200) = answer {
+            return Ok(());
+        }
+        if last_check.elapsed() > Duration::from_secs(1) {
+            last_check = Instant::now();
+            if !app_alive(agent, pid).await {
+                return Err(exited(app_log(agent).await));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Marks builds whose process died as FAILED and removes their build VMs.
+pub async fn reap_interrupted_builds(
+    store: &Store,
+    driver: &QemuDriver,
+    data_dir: &Path,
+) -> Result<(), StoreError> {
+    for build in store.unfinished_builds()? {
+        let owner_alive = store
+            .build_owner(&build.build_id)?
+            .is_some_and(process_exists);
+        if owner_alive {
+            continue;
+        }
+        if let Ok(vm) = driver.load(&build_vm_name(&build.build_id)) {
+            let _ = driver.remove(&vm).await;
+        }
+        let version_dir = data_dir
+            .join("images")
+            .join(&build.account_id)
+            .join(&build.image_name)
+            .join(build.version.to_string());
+        let _ = std::fs::remove_dir_all(version_dir);
+        store.finish_build(
+            &build.account_id,
+            &build.build_id,
+            Err("INTERNAL_PLATFORM_ERROR: the build was interrupted".into()),
+        )?;
+    }
+    Ok(())
+}
+
+fn process_exists(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+impl From<VmError> for ImportError {
+    fn from(err: VmError) -> Self {
+        ImportError::Build(format!("INTERNAL_PLATFORM_ERROR: {}", error_chain(&err)))
+    }
+}

@@ -1,0 +1,368 @@
+//! MicroVMs: RunMicrovm, GetMicrovm, ListMicrovms, SuspendMicrovm,
+//! ResumeMicrovm, TerminateMicrovm. Handlers move the record with a
+//! compare-and-set and leave the VM work to the engine's tasks; they answer at
+//! once with the state the record is in.
+
+use hearth_api::ApiError;
+use serde_json::{json, Value};
+
+use super::images::{image_name, image_not_found};
+use super::{
+    fingerprint, internal, keyset_page, parse_version, string, timestamp, version_text, Caller,
+};
+use crate::import::image_arn;
+use crate::records::{MicrovmRow, Refusal};
+use crate::resources::MicrovmState;
+use crate::store::unix_now_ms;
+use crate::AppState;
+
+const CONNECTOR_PREFIX: &str = "network-connector:aws-network-connector:";
+const INGRESS: &[&str] = &["HTTP_INGRESS", "ALL_INGRESS", "NO_INGRESS", "SHELL_INGRESS"];
+/// `NO_EGRESS` is hearth's extension: a VM with no network at all.
+const EGRESS: &[&str] = &["INTERNET_EGRESS", "NO_EGRESS"];
+
+/// The connector names of a list of managed connector ARNs.
+fn connectors<'a>(
+    caller: &Caller,
+    input: &'a Value,
+    member: &str,
+    allowed: &[&str],
+    kind: &str,
+) -> Result<Option<Vec<&'a str>>, ApiError> {
+    let Some(list) = input.get(member).and_then(Value::as_array) else {
+        return Ok(None);
+    };
+    let prefix = format!("arn:aws:lambda:{}:aws:{CONNECTOR_PREFIX}", caller.region);
+    let mut names = Vec::new();
+    for arn in list.iter().filter_map(Value::as_str) {
+        let name = arn.strip_prefix(&prefix).ok_or_else(|| {
+            ApiError::validation(format!("Malformed network connector ARN: {arn}"))
+        })?;
+        if !allowed.contains(&name) {
+            return Err(ApiError::validation(format!(
+                "{arn} is not an {kind} network connector"
+            )));
+        }
+        names.push(arn);
+    }
+    Ok(Some(names))
+}
+
+fn microvm_not_found(identifier: &str) -> ApiError {
+    ApiError::not_found(format!("MicroVM {identifier} not found"))
+}
+
+/// The caller's microVM named by an id or ARN, or a 404 that does not say
+/// whether it exists in another account.
+fn load(state: &AppState, caller: &Caller, input: &Value) -> Result<MicrovmRow, ApiError> {
+    let identifier = string(input, "microvmIdentifier").unwrap_or_default();
+    let prefix = format!(
+        "arn:aws:lambda:{}:{}:microvm:",
+        caller.region, caller.account_id
+    );
+    let id = identifier.strip_prefix(&prefix).unwrap_or(identifier);
+    if !id.starts_with("microvm-") {
+        return Err(microvm_not_found(identifier));
+    }
+    state
+        .store
+        .microvm(&caller.account_id, id)
+        .map_err(internal)?
+        .ok_or_else(|| microvm_not_found(identifier))
+}
+
+fn endpoint(state: &AppState, row: &MicrovmRow) -> String {
+    format!("{}.{}", row.microvm_id, state.config.endpoint_domain)
+}
+
+/// GetMicrovm's and RunMicrovm's shape.
+fn output(state: &AppState, caller: &Caller, row: &MicrovmRow) -> Value {
+    let mut out = json!({
+        "microvmId": row.microvm_id,
+        "state": row.state.as_str(),
+        "endpoint": endpoint(state, row),
+        "imageArn": image_arn(&caller.region, &row.account_id, &row.image_name),
+        "imageVersion": version_text(row.image_version),
+        "maximumDurationInSeconds": row.spec["maximumDurationInSeconds"],
+        "startedAt": timestamp(row.started_at),
+    });
+    for member in [
+        "executionRoleArn",
+        "idlePolicy",
+        "ingressNetworkConnectors",
+        "egressNetworkConnectors",
+    ] {
+        if let Some(value) = row.spec.get(member) {
+            out[member] = value.clone();
+        }
+    }
+    if let Some(at) = row.terminated_at {
+        out["terminatedAt"] = timestamp(at);
+    }
+    if let Some(reason) = &row.state_reason {
+        out["stateReason"] = json!(reason);
+    }
+    out
+}
+
+pub(super) fn run(state: &AppState, caller: &Caller, input: &Value) -> Result<Value, ApiError> {
+    let identifier = string(input, "imageIdentifier").unwrap_or_default();
+    let name = image_name(caller, identifier)?;
+    let store = &state.store;
+    store
+        .image(&caller.account_id, &name)
+        .map_err(internal)?
+        .ok_or_else(|| image_not_found(identifier))?;
+    let no_active = || {
+        ApiError::not_found(format!(
+            "No active version found for MicroVM image {identifier}"
+        ))
+    };
+    let version = match string(input, "imageVersion") {
+        Some(text) => {
+            let number = parse_version(text).ok_or_else(no_active)?;
+            store
+                .version(&caller.account_id, &name, number)
+                .map_err(internal)?
+                .filter(|v| {
+                    v.state == crate::resources::VersionState::Successful
+                        && v.status == crate::resources::VersionStatus::Active
+                })
+                .ok_or_else(no_active)?
+        }
+        None => store
+            .latest_runnable_version(&caller.account_id, &name)
+            .map_err(internal)?
+            .ok_or_else(no_active)?,
+    };
+    let snapshot_dir = version.snapshot_dir.clone().ok_or_else(no_active)?;
+
+    let ingress = connectors(
+        caller,
+        input,
+        "ingressNetworkConnectors",
+        INGRESS,
+        "ingress",
+    )?;
+    let egress = connectors(caller, input, "egressNetworkConnectors", EGRESS, "egress")?;
+    if egress.as_ref().is_some_and(|e| e.len() > 1) {
+        return Err(ApiError::validation(
+            "At most one egress network connector can be given",
+        ));
+    }
+    let max_duration = input["maximumDurationInSeconds"]
+        .as_u64()
+        .unwrap_or(state.config.max_lifetime_secs);
+    if max_duration > state.config.max_lifetime_secs {
+        return Err(ApiError::validation(format!(
+            "maximumDurationInSeconds must be at most {}",
+            state.config.max_lifetime_secs
+        )));
+    }
+    let mut spec = json!({ "maximumDurationInSeconds": max_duration });
+    let default_ingress = format!(
+        "arn:aws:lambda:{}:aws:{CONNECTOR_PREFIX}HTTP_INGRESS",
+        caller.region
+    );
+    spec["ingressNetworkConnectors"] = json!(ingress.unwrap_or_else(|| vec![&default_ingress]));
+    if let Some(egress) = egress {
+        spec["egressNetworkConnectors"] = json!(egress);
+    }
+    for member in [
+        "executionRoleArn",
+        "idlePolicy",
+        "logging",
+        "runHookPayload",
+    ] {
+        if let Some(value) = input.get(member) {
+            spec[member] = value.clone();
+        }
+    }
+
+    let (microvm_id, vm_name) = crate::ids::new_microvm_ids();
+    let now = unix_now_ms();
+    let row = MicrovmRow {
+        microvm_id,
+        account_id: caller.account_id.clone(),
+        image_name: name,
+        image_version: version.version,
+        state: MicrovmState::Pending,
+        state_reason: None,
+        spec,
+        memory_mib: version.memory_mib,
+        vm_name,
+        started_at: now,
+        terminated_at: None,
+        deadline_at: now.saturating_add((max_duration as i64).saturating_mul(1000)),
+    };
+    let inserted = store
+        .insert_microvm(
+            &row,
+            string(input, "clientToken"),
+            &fingerprint(input),
+            &state.config.quotas,
+        )
+        .map_err(internal)?;
+    match inserted {
+        Ok(None) => {
+            state.engine.spawn_launch(row.clone(), snapshot_dir);
+            Ok(output(state, caller, &row))
+        }
+        // The same clientToken and request: the microVM it made, as it is now.
+        Ok(Some(existing)) => {
+            let row = store
+                .microvm(&caller.account_id, &existing)
+                .map_err(internal)?
+                .ok_or_else(|| microvm_not_found(&existing))?;
+            Ok(output(state, caller, &row))
+        }
+        Err(Refusal::Quota(message)) => Err(ApiError::quota_exceeded(message)),
+        Err(Refusal::Conflict(message)) => Err(ApiError::conflict(message)),
+        Err(Refusal::NotFound(message)) => Err(ApiError::not_found(message)),
+    }
+}
+
+pub(super) fn get(state: &AppState, caller: &Caller, input: &Value) -> Result<Value, ApiError> {
+    let row = load(state, caller, input)?;
+    Ok(output(state, caller, &row))
+}
+
+pub(super) fn list(state: &AppState, caller: &Caller, input: &Value) -> Result<Value, ApiError> {
+    let image = match string(input, "imageIdentifier") {
+        Some(identifier) => {
+            let name = image_name(caller, identifier)?;
+            let version =
+                match string(input, "imageVersion") {
+                    Some(text) => Some(parse_version(text).ok_or_else(|| {
+                        ApiError::validation(format!("Invalid imageVersion {text}"))
+                    })?),
+                    None => None,
+                };
+            Some((name, version))
+        }
+        None if input.get("imageVersion").is_some() => {
+            return Err(ApiError::validation(
+                "imageVersion requires imageIdentifier",
+            ))
+        }
+        None => None,
+    };
+    keyset_page(
+        input,
+        50,
+        |after, limit| {
+            state.store.microvms(
+                &caller.account_id,
+                image.as_ref().map(|(n, v)| (n.as_str(), *v)),
+                after,
+                limit,
+            )
+        },
+        |row| row.microvm_id.clone(),
+        |row| {
+            json!({
+                "microvmId": row.microvm_id,
+                "state": row.state.as_str(),
+                "imageArn": image_arn(&caller.region, &row.account_id, &row.image_name),
+                "imageVersion": version_text(row.image_version),
+                "startedAt": timestamp(row.started_at),
+            })
+        },
+    )
+}
+
+fn wrong_state(row: &MicrovmRow, action: &str) -> ApiError {
+    ApiError::conflict(format!(
+        "MicroVM {} is {}; it cannot be {action}",
+        row.microvm_id, row.state
+    ))
+}
+
+pub(super) fn suspend(state: &AppState, caller: &Caller, input: &Value) -> Result<Value, ApiError> {
+    let row = load(state, caller, input)?;
+    match row.state {
+        // As the reference: suspending a suspended microVM succeeds.
+        MicrovmState::Suspending | MicrovmState::Suspended => Ok(json!({})),
+        MicrovmState::Running => {
+            let moved = state
+                .store
+                .transition_microvm(
+                    &row.microvm_id,
+                    &[MicrovmState::Running],
+                    MicrovmState::Suspending,
+                    None,
+                )
+                .map_err(internal)?;
+            if moved.is_none() {
+                return Err(ApiError::conflict(format!(
+                    "MicroVM {} changed state meanwhile; try again",
+                    row.microvm_id
+                )));
+            }
+            state.engine.spawn_suspend(row);
+            Ok(json!({}))
+        }
+        _ => Err(wrong_state(&row, "suspended")),
+    }
+}
+
+pub(super) fn resume(state: &AppState, caller: &Caller, input: &Value) -> Result<Value, ApiError> {
+    let row = load(state, caller, input)?;
+    match row.state {
+        // As the reference: resuming a running microVM succeeds.
+        MicrovmState::Running | MicrovmState::Pending => Ok(json!({})),
+        MicrovmState::Suspended => {
+            let moved = state
+                .store
+                .transition_microvm(
+                    &row.microvm_id,
+                    &[MicrovmState::Suspended],
+                    MicrovmState::Pending,
+                    None,
+                )
+                .map_err(internal)?;
+            if moved.is_none() {
+                return Err(ApiError::conflict(format!(
+                    "MicroVM {} changed state meanwhile; try again",
+                    row.microvm_id
+                )));
+            }
+            state.engine.spawn_resume(row);
+            Ok(json!({}))
+        }
+        _ => Err(wrong_state(&row, "resumed")),
+    }
+}
+
+pub(super) fn terminate(
+    state: &AppState,
+    caller: &Caller,
+    input: &Value,
+) -> Result<Value, ApiError> {
+    let row = load(state, caller, input)?;
+    if matches!(
+        row.state,
+        MicrovmState::Terminating | MicrovmState::Terminated
+    ) {
+        return Ok(json!({}));
+    }
+    let moved = state
+        .store
+        .transition_microvm(
+            &row.microvm_id,
+            &[
+                MicrovmState::Pending,
+                MicrovmState::Running,
+                MicrovmState::Suspending,
+                MicrovmState::Suspended,
+            ],
+            MicrovmState::Terminating,
+            None,
+        )
+        .map_err(internal)?;
+    if moved.is_some() {
+        state.engine.spawn_terminate(row, "Success.".into());
+    }
+    // Not moved: another request terminated it meanwhile, which is the same.
+    Ok(json!({}))
+}

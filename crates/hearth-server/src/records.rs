@@ -1,0 +1,1126 @@
+//! Rows of the resource tables (images, versions, builds, microVMs, tags,
+//! idempotency keys) and the queries over them. State changes are
+//! compare-and-set on the current state (see [`crate::resources`]), inside
+//! transactions where several rows move together, so a crash between two
+//! statements never leaves a half-made resource.
+
+use std::path::PathBuf;
+
+use rusqlite::{params, OptionalExtension, Row, Transaction};
+use serde_json::Value;
+
+use crate::resources::{BuildState, ImageState, MicrovmState, VersionState, VersionStatus};
+use crate::store::{unix_now_ms, Store, StoreError};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageRow {
+    pub account_id: String,
+    pub name: String,
+    pub state: ImageState,
+    pub latest_active_version: Option<u32>,
+    pub latest_failed_version: Option<u32>,
+    pub created_at: i64,
+    pub updated_at: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct VersionRow {
+    pub account_id: String,
+    pub image_name: String,
+    pub version: u32,
+    pub state: VersionState,
+    pub status: VersionStatus,
+    pub state_reason: Option<String>,
+    /// The frozen request fields (baseImageArn, codeArtifact, hooks, ...).
+    pub spec: Value,
+    pub snapshot_dir: Option<PathBuf>,
+    pub memory_mib: u32,
+    pub created_at: i64,
+    pub updated_at: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BuildRow {
+    pub build_id: String,
+    pub account_id: String,
+    pub image_name: String,
+    pub version: u32,
+    pub state: BuildState,
+    pub architecture: String,
+    pub chipset: String,
+    pub chipset_generation: String,
+    pub state_reason: Option<String>,
+    pub snapshot_build: Option<Value>,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct MicrovmRow {
+    pub microvm_id: String,
+    pub account_id: String,
+    pub image_name: String,
+    pub image_version: u32,
+    pub state: MicrovmState,
+    pub state_reason: Option<String>,
+    /// Echoed request fields: executionRoleArn, idlePolicy, connectors, ...
+    pub spec: Value,
+    pub memory_mib: u32,
+    /// The engine's name for the VM (its directory under the state dir).
+    pub vm_name: String,
+    pub started_at: i64,
+    pub terminated_at: Option<i64>,
+    pub deadline_at: i64,
+}
+
+/// Per-account limits (BEHAVIOUR.md's reference values by default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quotas {
+    /// Memory of non-terminated microVMs and running builds, in MiB.
+    pub memory_mib: u64,
+    pub images: u32,
+    pub versions_per_image: u32,
+    pub concurrent_builds: u32,
+}
+
+impl Default for Quotas {
+    fn default() -> Self {
+        Self {
+            memory_mib: 400 * 1024,
+            images: 100,
+            versions_per_image: 50,
+            concurrent_builds: 5,
+        }
+    }
+}
+
+/// What a `clientToken` lookup found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Idempotent {
+    /// The token is new.
+    New,
+    /// Same token, same request: the resource it made.
+    Replay(String),
+    /// Same token, different request.
+    Mismatch,
+}
+
+/// Why a new resource could not be recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    Quota(String),
+    Conflict(String),
+    NotFound(String),
+}
+
+fn state_err(column: usize, text: &str) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(
+        column,
+        rusqlite::types::Type::Text,
+        format!("unknown state {text:?}").into(),
+    )
+}
+
+fn json_col(row: &Row<'_>, index: usize) -> rusqlite::Result<Value> {
+    let text: String = row.get(index)?;
+    serde_json::from_str(&text).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(index, rusqlite::types::Type::Text, e.into())
+    })
+}
+
+fn image_from_row(row: &Row<'_>) -> rusqlite::Result<ImageRow> {
+    let state: String = row.get(2)?;
+    Ok(ImageRow {
+        account_id: row.get(0)?,
+        name: row.get(1)?,
+        state: ImageState::parse(&state).ok_or_else(|| state_err(2, &state))?,
+        latest_active_version: row.get(3)?,
+        latest_failed_version: row.get(4)?,
+        created_at: row.get(5)?,
+        updated_at: row.get(6)?,
+    })
+}
+
+const IMAGE_COLS: &str =
+    "account_id, name, state, latest_active_version, latest_failed_version, created_at, updated_at";
+
+fn version_from_row(row: &Row<'_>) -> rusqlite::Result<VersionRow> {
+    let state: String = row.get(3)?;
+    let status: String = row.get(4)?;
+    let dir: Option<String> = row.get(7)?;
+    Ok(VersionRow {
+        account_id: row.get(0)?,
+        image_name: row.get(1)?,
+        version: row.get(2)?,
+        state: VersionState::parse(&state).ok_or_else(|| state_err(3, &state))?,
+        status: VersionStatus::parse(&status).ok_or_else(|| state_err(4, &status))?,
+        state_reason: row.get(5)?,
+        spec: json_col(row, 6)?,
+        snapshot_dir: dir.map(PathBuf::from),
+        memory_mib: row.get(8)?,
+        created_at: row.get(9)?,
+        updated_at: row.get(10)?,
+    })
+}
+
+const VERSION_COLS: &str = "account_id, image_name, version, state, status, state_reason, spec, snapshot_dir, memory_mib, created_at, updated_at";
+
+fn build_from_row(row: &Row<'_>) -> rusqlite::Result<BuildRow> {
+    let state: String = row.get(4)?;
+    let snapshot: Option<String> = row.get(9)?;
+    Ok(BuildRow {
+        build_id: row.get(0)?,
+        account_id: row.get(1)?,
+        image_name: row.get(2)?,
+        version: row.get(3)?,
+        state: BuildState::parse(&state).ok_or_else(|| state_err(4, &state))?,
+        architecture: row.get(5)?,
+        chipset: row.get(6)?,
+        chipset_generation: row.get(7)?,
+        state_reason: row.get(8)?,
+        snapshot_build: snapshot.and_then(|s| serde_json::from_str(&s).ok()),
+        created_at: row.get(10)?,
+    })
+}
+
+const BUILD_COLS: &str = "build_id, account_id, image_name, version, state, architecture, chipset, chipset_generation, state_reason, snapshot_build, created_at";
+
+fn microvm_from_row(row: &Row<'_>) -> rusqlite::Result<MicrovmRow> {
+    let state: String = row.get(4)?;
+    Ok(MicrovmRow {
+        microvm_id: row.get(0)?,
+        account_id: row.get(1)?,
+        image_name: row.get(2)?,
+        image_version: row.get(3)?,
+        state: MicrovmState::parse(&state).ok_or_else(|| state_err(4, &state))?,
+        state_reason: row.get(5)?,
+        spec: json_col(row, 6)?,
+        memory_mib: row.get(7)?,
+        vm_name: row.get(8)?,
+        started_at: row.get(9)?,
+        terminated_at: row.get(10)?,
+        deadline_at: row.get(11)?,
+    })
+}
+
+const MICROVM_COLS: &str = "microvm_id, account_id, image_name, image_version, state, state_reason, spec, memory_mib, vm_name, started_at, terminated_at, deadline_at";
+
+fn idempotency_check(
+    tx: &Transaction<'_>,
+    account: &str,
+    operation: &str,
+    token: Option<&str>,
+    fingerprint: &str,
+) -> Result<Idempotent, StoreError> {
+    let Some(token) = token else {
+        return Ok(Idempotent::New);
+    };
+    let found: Option<(String, String)> = tx
+        .query_row(
+            "SELECT fingerprint, resource FROM idempotency
+             WHERE account_id = ?1 AND operation = ?2 AND client_token = ?3",
+            params![account, operation, token],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .optional()?;
+    Ok(match found {
+        None => Idempotent::New,
+        Some((stored, resource)) if stored == fingerprint => Idempotent::Replay(resource),
+        Some(_) => Idempotent::Mismatch,
+    })
+}
+
+fn idempotency_record(
+    tx: &Transaction<'_>,
+    account: &str,
+    operation: &str,
+    token: Option<&str>,
+    fingerprint: &str,
+    resource: &str,
+) -> Result<(), StoreError> {
+    if let Some(token) = token {
+        tx.execute(
+            "INSERT INTO idempotency (account_id, operation, client_token, fingerprint, resource, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![account, operation, token, fingerprint, resource, unix_now_ms()],
+        )?;
+    }
+    Ok(())
+}
+
+/// Memory held by the account's non-terminated microVMs and running builds.
+fn memory_in_use(tx: &Transaction<'_>, account: &str) -> Result<u64, StoreError> {
+    let vms: i64 = tx.query_row(
+        "SELECT COALESCE(SUM(memory_mib), 0) FROM microvms
+         WHERE account_id = ?1 AND state != 'TERMINATED'",
+        params![account],
+        |row| row.get(0),
+    )?;
+    let builds: i64 = tx.query_row(
+        "SELECT COALESCE(SUM(v.memory_mib), 0) FROM builds b
+         JOIN image_versions v ON v.account_id = b.account_id
+            AND v.image_name = b.image_name AND v.version = b.version
+         WHERE b.account_id = ?1 AND b.state IN ('PENDING', 'IN_PROGRESS')",
+        params![account],
+        |row| row.get(0),
+    )?;
+    Ok((vms.max(0) + builds.max(0)) as u64)
+}
+
+/// A new image version to record (with its image when the name is new).
+#[derive(Debug, Clone)]
+pub struct NewVersion {
+    pub account_id: String,
+    pub image_name: String,
+    pub spec: Value,
+    pub memory_mib: u32,
+    pub architecture: String,
+    pub chipset: String,
+    pub client_token: Option<String>,
+    pub fingerprint: String,
+    /// CreateMicrovmImage (the name must be new) or UpdateMicrovmImage (it must exist).
+    pub create: bool,
+}
+
+/// The version and build a [`NewVersion`] became.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StartedVersion {
+    pub version: u32,
+    pub build_id: String,
+    /// True when a clientToken replayed an earlier request.
+    pub replayed: bool,
+}
+
+impl Store {
+    // ---- images -------------------------------------------------------------
+
+    /// An image that is not DELETED.
+    pub fn image(&self, account: &str, name: &str) -> Result<Option<ImageRow>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                &format!(
+                    "SELECT {IMAGE_COLS} FROM images
+                     WHERE account_id = ?1 AND name = ?2 AND state != 'DELETED'"
+                ),
+                params![account, name],
+                image_from_row,
+            )
+            .optional()?)
+    }
+
+    /// An image in any state, including DELETED (for idempotent deletes).
+    pub fn image_any(&self, account: &str, name: &str) -> Result<Option<ImageRow>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                &format!("SELECT {IMAGE_COLS} FROM images WHERE account_id = ?1 AND name = ?2"),
+                params![account, name],
+                image_from_row,
+            )
+            .optional()?)
+    }
+
+    /// Images after `after` (by name), at most `limit`.
+    pub fn images(
+        &self,
+        account: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<ImageRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {IMAGE_COLS} FROM images
+             WHERE account_id = ?1 AND state != 'DELETED' AND name > ?2
+             ORDER BY name LIMIT ?3"
+        ))?;
+        let rows = stmt.query_map(
+            params![account, after.unwrap_or(""), limit as i64],
+            image_from_row,
+        )?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Records a new version (and its image, for a create) with one build,
+    /// checking quotas and the clientToken, in one transaction.
+    pub fn start_version(
+        &self,
+        new: &NewVersion,
+        quotas: &Quotas,
+    ) -> Result<Result<StartedVersion, Refusal>, StoreError> {
+        let operation = if new.create {
+            "CreateMicrovmImage"
+        } else {
+            "UpdateMicrovmImage"
+        };
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        match idempotency_check(
+            &tx,
+            &new.account_id,
+            operation,
+            new.client_token.as_deref(),
+            &new.fingerprint,
+        )? {
+            Idempotent::New => {}
+            Idempotent::Replay(resource) => {
+                let (version, build_id) = resource
+                    .split_once('/')
+                    .and_then(|(v, b)| Some((v.parse().ok()?, b.to_string())))
+                    .ok_or_else(|| StoreError::Corrupt("idempotency record".into()))?;
+                return Ok(Ok(StartedVersion {
+                    version,
+                    build_id,
+                    replayed: true,
+                }));
+            }
+            Idempotent::Mismatch => {
+                return Ok(Err(Refusal::Conflict(
+                    "The clientToken was already used with different parameters".into(),
+                )))
+            }
+        }
+        let now = unix_now_ms();
+        let existing: Option<ImageRow> = tx
+            .query_row(
+                &format!("SELECT {IMAGE_COLS} FROM images WHERE account_id = ?1 AND name = ?2"),
+                params![new.account_id, new.image_name],
+                image_from_row,
+            )
+            .optional()?;
+        match (&existing, new.create) {
+            (Some(image), true) if image.state != ImageState::Deleted => {
+                return Ok(Err(Refusal::Conflict(format!(
+                    "MicroVM image {} already exists",
+                    new.image_name
+                ))));
+            }
+            (None, false) => {
+                return Ok(Err(Refusal::NotFound(format!(
+                    "MicroVM image {} not found",
+                    new.image_name
+                ))))
+            }
+            (Some(image), false) if image.state == ImageState::Deleted => {
+                return Ok(Err(Refusal::NotFound(format!(
+                    "MicroVM image {} not found",
+                    new.image_name
+                ))))
+            }
+            (Some(image), false) if !image.state.can_become(ImageState::Updating) => {
+                return Ok(Err(Refusal::Conflict(format!(
+                    "MicroVM image {} is {}; try again when it settles",
+                    new.image_name, image.state
+                ))))
+            }
+            _ => {}
+        }
+        if new.create {
+            let images: i64 = tx.query_row(
+                "SELECT COUNT(*) FROM images WHERE account_id = ?1 AND state != 'DELETED'",
+                params![new.account_id],
+                |row| row.get(0),
+            )?;
+            if images >= i64::from(quotas.images) {
+                return Ok(Err(Refusal::Quota(format!(
+                    "This account already has {images} MicroVM images (quota {})",
+                    quotas.images
+                ))));
+            }
+            // A DELETED tombstone of the same name gives way to the new image.
+            tx.execute(
+                "DELETE FROM tags WHERE account_id = ?1 AND resource_arn LIKE ?2",
+                params![
+                    new.account_id,
+                    format!("%:microvm-image:{}", new.image_name)
+                ],
+            )?;
+            tx.execute(
+                "DELETE FROM builds WHERE account_id = ?1 AND image_name = ?2",
+                params![new.account_id, new.image_name],
+            )?;
+            tx.execute(
+                "DELETE FROM image_versions WHERE account_id = ?1 AND image_name = ?2",
+                params![new.account_id, new.image_name],
+            )?;
+            tx.execute(
+                "DELETE FROM images WHERE account_id = ?1 AND name = ?2",
+                params![new.account_id, new.image_name],
+            )?;
+            tx.execute(
+                &format!(
+                    "INSERT INTO images ({IMAGE_COLS}) VALUES (?1, ?2, ?3, NULL, NULL, ?4, ?4)"
+                ),
+                params![
+                    new.account_id,
+                    new.image_name,
+                    ImageState::Creating.as_str(),
+                    now
+                ],
+            )?;
+        } else {
+            tx.execute(
+                "UPDATE images SET state = ?3, updated_at = ?4 WHERE account_id = ?1 AND name = ?2",
+                params![
+                    new.account_id,
+                    new.image_name,
+                    ImageState::Updating.as_str(),
+                    now
+                ],
+            )?;
+        }
+        let live_versions: i64 = tx.query_row(
+            "SELECT COUNT(*) FROM image_versions
+             WHERE account_id = ?1 AND image_name = ?2 AND state != 'DELETED'",
+            params![new.account_id, new.image_name],
+            |row| row.get(0),
+        )?;
+        if live_versions >= i64::from(quotas.versions_per_image) {
+            return Ok(Err(Refusal::Quota(format!(
+                "MicroVM image {} already has {live_versions} versions (quota {})",
+                new.image_name, quotas.versions_per_image
+            ))));
+        }
+        let builds: i64 = tx.query_row(
+            "SELECT COUNT(*) FROM builds WHERE account_id = ?1 AND state IN ('PENDING', 'IN_PROGRESS')",
+            params![new.account_id],
+            |row| row.get(0),
+        )?;
+        if builds >= i64::from(quotas.concurrent_builds) {
+            return Ok(Err(Refusal::Quota(format!(
+                "This account already runs {builds} image builds (quota {})",
+                quotas.concurrent_builds
+            ))));
+        }
+        if memory_in_use(&tx, &new.account_id)? + u64::from(new.memory_mib) > quotas.memory_mib {
+            return Ok(Err(Refusal::Quota(format!(
+                "The build needs {} MiB of memory beyond this account's quota of {} MiB",
+                new.memory_mib, quotas.memory_mib
+            ))));
+        }
+        let version: u32 = tx.query_row(
+            "SELECT COALESCE(MAX(version), 0) + 1 FROM image_versions
+             WHERE account_id = ?1 AND image_name = ?2",
+            params![new.account_id, new.image_name],
+            |row| row.get(0),
+        )?;
+        tx.execute(
+            &format!(
+                "INSERT INTO image_versions ({VERSION_COLS})
+                 VALUES (?1, ?2, ?3, ?4, ?5, NULL, ?6, NULL, ?7, ?8, ?8)"
+            ),
+            params![
+                new.account_id,
+                new.image_name,
+                version,
+                VersionState::Pending.as_str(),
+                VersionStatus::Active.as_str(),
+                new.spec.to_string(),
+                new.memory_mib,
+                now
+            ],
+        )?;
+        let build_id = crate::ids::new_uuid();
+        tx.execute(
+            &format!(
+                "INSERT INTO builds ({BUILD_COLS})
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, NULL, NULL, ?9)"
+            ),
+            params![
+                build_id,
+                new.account_id,
+                new.image_name,
+                version,
+                BuildState::Pending.as_str(),
+                new.architecture,
+                new.chipset,
+                "1",
+                now
+            ],
+        )?;
+        idempotency_record(
+            &tx,
+            &new.account_id,
+            operation,
+            new.client_token.as_deref(),
+            &new.fingerprint,
+            &format!("{version}/{build_id}"),
+        )?;
+        tx.commit()?;
+        Ok(Ok(StartedVersion {
+            version,
+            build_id,
+            replayed: false,
+        }))
+    }
+
+    /// Marks a build IN_PROGRESS (and its version).
+    pub fn build_started(&self, account: &str, build_id: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "UPDATE builds SET state = 'IN_PROGRESS', owner_pid = ?3
+             WHERE build_id = ?1 AND account_id = ?2 AND state = 'PENDING'",
+            params![build_id, account, std::process::id()],
+        )?;
+        tx.execute(
+            "UPDATE image_versions SET state = 'IN_PROGRESS', updated_at = ?3
+             WHERE state = 'PENDING' AND (account_id, image_name, version) =
+               (SELECT account_id, image_name, version FROM builds WHERE build_id = ?1 AND account_id = ?2)",
+            params![build_id, account, unix_now_ms()],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Ends a build: its version SUCCESSFUL or FAILED, the image CREATED/UPDATED
+    /// or *_FAILED with its latest versions.
+    pub fn finish_build(
+        &self,
+        account: &str,
+        build_id: &str,
+        outcome: Result<(PathBuf, Value), String>,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let build: BuildRow = tx.query_row(
+            &format!("SELECT {BUILD_COLS} FROM builds WHERE build_id = ?1 AND account_id = ?2"),
+            params![build_id, account],
+            build_from_row,
+        )?;
+        let image: ImageRow = tx.query_row(
+            &format!("SELECT {IMAGE_COLS} FROM images WHERE account_id = ?1 AND name = ?2"),
+            params![account, build.image_name],
+            image_from_row,
+        )?;
+        let now = unix_now_ms();
+        let creating = image.state == ImageState::Creating;
+        match outcome {
+            Ok((snapshot_dir, sizes)) => {
+                tx.execute(
+                    "UPDATE builds SET state = 'SUCCESSFUL', snapshot_build = ?2 WHERE build_id = ?1",
+                    params![build_id, sizes.to_string()],
+                )?;
+                tx.execute(
+                    "UPDATE image_versions SET state = 'SUCCESSFUL', snapshot_dir = ?4, updated_at = ?5
+                     WHERE account_id = ?1 AND image_name = ?2 AND version = ?3",
+                    params![
+                        account,
+                        build.image_name,
+                        build.version,
+                        snapshot_dir.to_string_lossy(),
+                        now
+                    ],
+                )?;
+                let state = if creating {
+                    ImageState::Created
+                } else {
+                    ImageState::Updated
+                };
+                tx.execute(
+                    "UPDATE images SET state = ?3, latest_active_version = ?4, updated_at = ?5
+                     WHERE account_id = ?1 AND name = ?2",
+                    params![
+                        account,
+                        build.image_name,
+                        state.as_str(),
+                        build.version,
+                        now
+                    ],
+                )?;
+            }
+            Err(reason) => {
+                tx.execute(
+                    "UPDATE builds SET state = 'FAILED', state_reason = ?2 WHERE build_id = ?1",
+                    params![build_id, reason],
+                )?;
+                tx.execute(
+                    "UPDATE image_versions SET state = 'FAILED', updated_at = ?4
+                     WHERE account_id = ?1 AND image_name = ?2 AND version = ?3",
+                    params![account, build.image_name, build.version, now],
+                )?;
+                let state = if creating {
+                    ImageState::CreateFailed
+                } else {
+                    ImageState::UpdateFailed
+                };
+                tx.execute(
+                    "UPDATE images SET state = ?3, latest_failed_version = ?4, updated_at = ?5
+                     WHERE account_id = ?1 AND name = ?2",
+                    params![
+                        account,
+                        build.image_name,
+                        state.as_str(),
+                        build.version,
+                        now
+                    ],
+                )?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The process that runs a build.
+    pub fn build_owner(&self, build_id: &str) -> Result<Option<u32>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT owner_pid FROM builds WHERE build_id = ?1",
+                params![build_id],
+                |row| row.get(0),
+            )
+            .optional()?
+            .flatten())
+    }
+
+    /// Builds that are PENDING or IN_PROGRESS.
+    pub fn unfinished_builds(&self) -> Result<Vec<BuildRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {BUILD_COLS} FROM builds WHERE state IN ('PENDING', 'IN_PROGRESS')"
+        ))?;
+        let rows = stmt.query_map([], build_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    // ---- versions -----------------------------------------------------------
+
+    pub fn version(
+        &self,
+        account: &str,
+        image: &str,
+        version: u32,
+    ) -> Result<Option<VersionRow>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                &format!(
+                    "SELECT {VERSION_COLS} FROM image_versions
+                     WHERE account_id = ?1 AND image_name = ?2 AND version = ?3 AND state != 'DELETED'"
+                ),
+                params![account, image, version],
+                version_from_row,
+            )
+            .optional()?)
+    }
+
+    /// A version's state, DELETED included.
+    pub fn version_state_any(
+        &self,
+        account: &str,
+        image: &str,
+        version: u32,
+    ) -> Result<Option<VersionState>, StoreError> {
+        let state: Option<String> = self
+            .conn()
+            .query_row(
+                "SELECT state FROM image_versions
+                 WHERE account_id = ?1 AND image_name = ?2 AND version = ?3",
+                params![account, image, version],
+                |row| row.get(0),
+            )
+            .optional()?;
+        Ok(state.as_deref().and_then(VersionState::parse))
+    }
+
+    pub fn versions(
+        &self,
+        account: &str,
+        image: &str,
+        after: u32,
+        limit: usize,
+    ) -> Result<Vec<VersionRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {VERSION_COLS} FROM image_versions
+             WHERE account_id = ?1 AND image_name = ?2 AND state != 'DELETED' AND version > ?3
+             ORDER BY version LIMIT ?4"
+        ))?;
+        let rows = stmt.query_map(
+            params![account, image, after, limit as i64],
+            version_from_row,
+        )?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The newest SUCCESSFUL, ACTIVE version of an image.
+    pub fn latest_runnable_version(
+        &self,
+        account: &str,
+        image: &str,
+    ) -> Result<Option<VersionRow>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                &format!(
+                    "SELECT {VERSION_COLS} FROM image_versions
+                     WHERE account_id = ?1 AND image_name = ?2
+                       AND state = 'SUCCESSFUL' AND status = 'ACTIVE'
+                     ORDER BY version DESC LIMIT 1"
+                ),
+                params![account, image],
+                version_from_row,
+            )
+            .optional()?)
+    }
+
+    pub fn set_version_status(
+        &self,
+        account: &str,
+        image: &str,
+        version: u32,
+        status: VersionStatus,
+    ) -> Result<bool, StoreError> {
+        let changed = self.conn().execute(
+            "UPDATE image_versions SET status = ?4, updated_at = ?5
+             WHERE account_id = ?1 AND image_name = ?2 AND version = ?3 AND state != 'DELETED'",
+            params![account, image, version, status.as_str(), unix_now_ms()],
+        )?;
+        Ok(changed == 1)
+    }
+
+    /// Non-terminated microVMs running from a version (or any version: None).
+    pub fn microvms_using(
+        &self,
+        account: &str,
+        image: &str,
+        version: Option<u32>,
+    ) -> Result<u32, StoreError> {
+        Ok(self.conn().query_row(
+            "SELECT COUNT(*) FROM microvms
+             WHERE account_id = ?1 AND image_name = ?2 AND state != 'TERMINATED'
+               AND (?3 IS NULL OR image_version = ?3)",
+            params![account, image, version],
+            |row| row.get(0),
+        )?)
+    }
+
+    /// Compare-and-set of a version's state.
+    pub fn set_version_state(
+        &self,
+        account: &str,
+        image: &str,
+        version: u32,
+        from: VersionState,
+        to: VersionState,
+    ) -> Result<bool, StoreError> {
+        if !from.can_become(to) {
+            return Ok(false);
+        }
+        let changed = self.conn().execute(
+            "UPDATE image_versions SET state = ?5, updated_at = ?6
+             WHERE account_id = ?1 AND image_name = ?2 AND version = ?3 AND state = ?4",
+            params![
+                account,
+                image,
+                version,
+                from.as_str(),
+                to.as_str(),
+                unix_now_ms()
+            ],
+        )?;
+        Ok(changed == 1)
+    }
+
+    /// Recomputes an image's latest active/failed versions after a delete.
+    pub fn refresh_image_latest(&self, account: &str, image: &str) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE images SET
+               latest_active_version = (SELECT MAX(version) FROM image_versions
+                 WHERE account_id = ?1 AND image_name = ?2 AND state = 'SUCCESSFUL'),
+               latest_failed_version = (SELECT MAX(version) FROM image_versions
+                 WHERE account_id = ?1 AND image_name = ?2 AND state = 'FAILED'),
+               updated_at = ?3
+             WHERE account_id = ?1 AND name = ?2",
+            params![account, image, unix_now_ms()],
+        )?;
+        Ok(())
+    }
+
+    /// Compare-and-set of an image's state.
+    pub fn set_image_state(
+        &self,
+        account: &str,
+        image: &str,
+        from: ImageState,
+        to: ImageState,
+    ) -> Result<bool, StoreError> {
+        if !from.can_become(to) {
+            return Ok(false);
+        }
+        let changed = self.conn().execute(
+            "UPDATE images SET state = ?4, updated_at = ?5
+             WHERE account_id = ?1 AND name = ?2 AND state = ?3",
+            params![account, image, from.as_str(), to.as_str(), unix_now_ms()],
+        )?;
+        Ok(changed == 1)
+    }
+
+    // ---- builds -------------------------------------------------------------
+
+    pub fn build(&self, account: &str, build_id: &str) -> Result<Option<BuildRow>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                &format!("SELECT {BUILD_COLS} FROM builds WHERE build_id = ?1 AND account_id = ?2"),
+                params![build_id, account],
+                build_from_row,
+            )
+            .optional()?)
+    }
+
+    pub fn builds(
+        &self,
+        account: &str,
+        image: &str,
+        version: u32,
+    ) -> Result<Vec<BuildRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {BUILD_COLS} FROM builds
+             WHERE account_id = ?1 AND image_name = ?2 AND version = ?3 ORDER BY build_id"
+        ))?;
+        let rows = stmt.query_map(params![account, image, version], build_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    // ---- microVMs -----------------------------------------------------------
+
+    /// Records a new PENDING microVM, checking the clientToken and the memory
+    /// quota in the same transaction. Returns the id of the microVM the token
+    /// already made when it replays.
+    pub fn insert_microvm(
+        &self,
+        row: &MicrovmRow,
+        client_token: Option<&str>,
+        fingerprint: &str,
+        quotas: &Quotas,
+    ) -> Result<Result<Option<String>, Refusal>, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        match idempotency_check(
+            &tx,
+            &row.account_id,
+            "RunMicrovm",
+            client_token,
+            fingerprint,
+        )? {
+            Idempotent::New => {}
+            Idempotent::Replay(id) => return Ok(Ok(Some(id))),
+            Idempotent::Mismatch => {
+                return Ok(Err(Refusal::Conflict(
+                    "The clientToken was already used with different parameters".into(),
+                )))
+            }
+        }
+        let used = memory_in_use(&tx, &row.account_id)?;
+        if used + u64::from(row.memory_mib) > quotas.memory_mib {
+            return Ok(Err(Refusal::Quota(format!(
+                "Running this MicroVM needs {} MiB; {used} MiB of this account's {} MiB memory quota are in use",
+                row.memory_mib, quotas.memory_mib
+            ))));
+        }
+        tx.execute(
+            &format!(
+                "INSERT INTO microvms ({MICROVM_COLS})
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+            ),
+            params![
+                row.microvm_id,
+                row.account_id,
+                row.image_name,
+                row.image_version,
+                row.state.as_str(),
+                row.state_reason,
+                row.spec.to_string(),
+                row.memory_mib,
+                row.vm_name,
+                row.started_at,
+                row.terminated_at,
+                row.deadline_at
+            ],
+        )?;
+        idempotency_record(
+            &tx,
+            &row.account_id,
+            "RunMicrovm",
+            client_token,
+            fingerprint,
+            &row.microvm_id,
+        )?;
+        tx.commit()?;
+        Ok(Ok(None))
+    }
+
+    pub fn microvm(&self, account: &str, id: &str) -> Result<Option<MicrovmRow>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                &format!(
+                    "SELECT {MICROVM_COLS} FROM microvms WHERE microvm_id = ?1 AND account_id = ?2"
+                ),
+                params![id, account],
+                microvm_from_row,
+            )
+            .optional()?)
+    }
+
+    /// A microVM by id, whatever its account (for the engine's own tasks).
+    pub fn microvm_by_id(&self, id: &str) -> Result<Option<MicrovmRow>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                &format!("SELECT {MICROVM_COLS} FROM microvms WHERE microvm_id = ?1"),
+                params![id],
+                microvm_from_row,
+            )
+            .optional()?)
+    }
+
+    pub fn microvms(
+        &self,
+        account: &str,
+        image: Option<(&str, Option<u32>)>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<MicrovmRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {MICROVM_COLS} FROM microvms
+             WHERE account_id = ?1 AND microvm_id > ?2
+               AND (?3 IS NULL OR image_name = ?3)
+               AND (?4 IS NULL OR image_version = ?4)
+             ORDER BY microvm_id LIMIT ?5"
+        ))?;
+        let (name, version) = match image {
+            Some((name, version)) => (Some(name), version),
+            None => (None, None),
+        };
+        let rows = stmt.query_map(
+            params![account, after.unwrap_or(""), name, version, limit as i64],
+            microvm_from_row,
+        )?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Every microVM that is not TERMINATED, across accounts.
+    pub fn live_microvms(&self) -> Result<Vec<MicrovmRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {MICROVM_COLS} FROM microvms WHERE state != 'TERMINATED' ORDER BY microvm_id"
+        ))?;
+        let rows = stmt.query_map([], microvm_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Compare-and-set of a microVM's state: moves it to `to` only from one of
+    /// `from` (and only along a valid transition). TERMINATED sets `terminatedAt`.
+    pub fn transition_microvm(
+        &self,
+        id: &str,
+        from: &[MicrovmState],
+        to: MicrovmState,
+        reason: Option<&str>,
+    ) -> Result<Option<MicrovmState>, StoreError> {
+        let conn = self.conn();
+        let current: Option<String> = conn
+            .query_row(
+                "SELECT state FROM microvms WHERE microvm_id = ?1",
+                params![id],
+                |row| row.get(0),
+            )
+            .optional()?;
+        let Some(current) = current.as_deref().and_then(MicrovmState::parse) else {
+            return Ok(None);
+        };
+        if !from.contains(&current) || !current.can_become(to) {
+            return Ok(None);
+        }
+        let terminated_at = (to == MicrovmState::Terminated).then(unix_now_ms);
+        let changed = conn.execute(
+            "UPDATE microvms SET state = ?3,
+                state_reason = COALESCE(?4, state_reason),
+                terminated_at = COALESCE(?5, terminated_at)
+             WHERE microvm_id = ?1 AND state = ?2",
+            params![id, current.as_str(), to.as_str(), reason, terminated_at],
+        )?;
+        Ok((changed == 1).then_some(current))
+    }
+
+    /// Sets a state without the transition check: only for reconciliation
+    /// after a restart, which undoes or finishes interrupted steps.
+    pub fn force_microvm_state(&self, id: &str, to: MicrovmState) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE microvms SET state = ?2 WHERE microvm_id = ?1 AND state != 'TERMINATED'",
+            params![id, to.as_str()],
+        )?;
+        Ok(())
+    }
+
+    // ---- tags ---------------------------------------------------------------
+
+    pub fn tags(
+        &self,
+        account: &str,
+        arn: &str,
+    ) -> Result<std::collections::BTreeMap<String, String>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT key, value FROM tags WHERE account_id = ?1 AND resource_arn = ?2 ORDER BY key",
+        )?;
+        let rows = stmt.query_map(params![account, arn], |row| Ok((row.get(0)?, row.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Adds or replaces tags, keeping at most `max` per resource.
+    pub fn tag(
+        &self,
+        account: &str,
+        arn: &str,
+        tags: &[(String, String)],
+        max: usize,
+    ) -> Result<Result<(), Refusal>, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        for (key, value) in tags {
+            tx.execute(
+                "INSERT INTO tags (account_id, resource_arn, key, value) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (account_id, resource_arn, key) DO UPDATE SET value = excluded.value",
+                params![account, arn, key, value],
+            )?;
+        }
+        let count: i64 = tx.query_row(
+            "SELECT COUNT(*) FROM tags WHERE account_id = ?1 AND resource_arn = ?2",
+            params![account, arn],
+            |row| row.get(0),
+        )?;
+        if count as usize > max {
+            return Ok(Err(Refusal::Quota(format!(
+                "A resource can have at most {max} tags"
+            ))));
+        }
+        tx.commit()?;
+        Ok(Ok(()))
+    }
+
+    pub fn untag(&self, account: &str, arn: &str, keys: &[String]) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        for key in keys {
+            tx.execute(
+                "DELETE FROM tags WHERE account_id = ?1 AND resource_arn = ?2 AND key = ?3",
+                params![account, arn, key],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn drop_tags(&self, account: &str, arn: &str) -> Result<(), StoreError> {
+        self.conn().execute(
+            "DELETE FROM tags WHERE account_id = ?1 AND resource_arn = ?2",
+            params![account, arn],
+        )?;
+        Ok(())
+    }
+}

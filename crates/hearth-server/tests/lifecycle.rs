@@ -1,0 +1,410 @@
+//! End to end through the server's handlers on real guests: import an image
+//! from a root filesystem (with a ready hook), run a microVM from it, check
+//! state inside the guest across suspend/resume, terminate it; outputs are
+//! checked against the model and another account sees only 404s.
+//!
+//! Needs the host set-up (scripts/setup-host) and the agent (scripts/build-agent).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use hearth_proto::ExecRequest;
+use hearth_server::ops::{dispatch, Caller};
+use hearth_server::{AppState, ServerConfig};
+use serde_json::{json, Value};
+
+const APP: &str = r#"
+import http.server, os, time
+started = time.time()
+open('/tmp/app-started', 'w').write(str(os.getpid()))
+class H(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        # Not ready for the first second: exercises the 503 retry.
+        code = 200 if time.time() - started > 1 else 503
+        if code == 200:
+            open('/tmp/ready-called', 'a').write('x')
+        self.send_response(code)
+        self.send_header('Content-Length', '0')
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(('0.0.0.0', 9000), H).serve_forever()
+"#;
+
+/// Unpacks the cached debian-12 root disk into a directory and adds the app.
+fn make_rootfs(dir: &Path) {
+    let assets = hearth_vm::Assets::from_env();
+    let base = assets
+        .base_image("debian-12")
+        .expect("debian-12 base image");
+    std::fs::create_dir_all(dir).expect("mkdir rootfs");
+    let status = std::process::Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("rdump / {}", dir.display()))
+        .arg(&base)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("debugfs");
+    assert!(status.success());
+    assert!(dir.join("usr/bin/python3").exists(), "rdump made no tree");
+    std::fs::create_dir_all(dir.join("app")).expect("mkdir app");
+    std::fs::write(dir.join("app/server.py"), APP).expect("write app");
+}
+
+async fn call(state: &AppState, caller: &Caller, op: &str, input: Value) -> Value {
+    let output = dispatch(state, caller, op, input)
+        .await
+        .unwrap_or_else(|e| panic!("{op}: {e:?}"));
+    let model = hearth_api::model();
+    let operation = model.operation(op).expect("operation");
+    model
+        .check_output(operation, &output)
+        .unwrap_or_else(|e| panic!("{op} output does not match the model: {e}\n{output}"));
+    output
+}
+
+async fn wait_state(state: &AppState, caller: &Caller, id: &str, want: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let vm = call(
+            state,
+            caller,
+            "GetMicrovm",
+            json!({"microvmIdentifier": id}),
+        )
+        .await;
+        if vm["state"] == want {
+            return vm;
+        }
+        assert!(
+            Instant::now() < deadline && vm["state"] != "TERMINATED",
+            "waiting for {want}: {vm}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn sh(state: &AppState, caller: &Caller, id: &str, script: &str) -> String {
+    let row = state
+        .store
+        .microvm(&caller.account_id, id)
+        .expect("store")
+        .expect("row");
+    let agent = state.engine.agent(&row).await.expect("agent");
+    let out = agent
+        .exec_output(ExecRequest {
+            argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+            ..Default::default()
+        })
+        .await
+        .expect("exec");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_run_suspend_resume_terminate() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let data = work.path().join("data");
+    let rootfs = work.path().join("rootfs");
+    make_rootfs(&rootfs);
+
+    let mut config =
+        ServerConfig::new(data.clone(), ([127, 0, 0, 1], 0).into(), "us-east-1".into());
+    config.quotas.memory_mib = 600;
+    let state = hearth_server::start(config).await.expect("start");
+    let owner = state.store.create_account("owner").expect("account");
+    let other = state.store.create_account("other").expect("account");
+    let caller = Caller {
+        account_id: owner.account_id.clone(),
+        region: "us-east-1".into(),
+    };
+    let stranger = Caller {
+        account_id: other.account_id.clone(),
+        region: "us-east-1".into(),
+    };
+
+    // Import: boot, start the app, wait for its ready hook, snapshot.
+    let request = hearth_server::import::ImportRequest {
+        account_id: owner.account_id.clone(),
+        image_name: "web".into(),
+        region: "us-east-1".into(),
+        rootfs: rootfs.clone(),
+        command: vec!["python3".into(), "/app/server.py".into()],
+        workdir: "/".into(),
+        hooks_port: Some(9000),
+        ready_timeout: Duration::from_secs(60),
+        memory_mib: 256,
+        environment: vec![("GREETING".into(), "hello".into())],
+        description: Some("test app".into()),
+    };
+    let driver = state.engine.driver().clone();
+    let imported = hearth_server::import::import_image(
+        &data,
+        &state.store,
+        &driver,
+        &state.config.quotas,
+        &request,
+        &|step: &str| eprintln!("import: {step}"),
+    )
+    .await
+    .expect("import");
+    assert_eq!(imported.version, 1);
+    assert!(imported.snapshot_build["memorySnapshotSizeInBytes"].as_u64() > Some(0));
+
+    let image = call(
+        &state,
+        &caller,
+        "GetMicrovmImage",
+        json!({"imageIdentifier": "web"}),
+    )
+    .await;
+    assert_eq!(image["state"], "CREATED");
+    assert_eq!(image["latestActiveImageVersion"], "1.0");
+    let arn = image["imageArn"].as_str().expect("arn").to_string();
+    let version = call(
+        &state,
+        &caller,
+        "GetMicrovmImageVersion",
+        json!({"imageIdentifier": arn, "imageVersion": "1.0"}),
+    )
+    .await;
+    assert_eq!(version["state"], "SUCCESSFUL");
+    assert_eq!(version["environmentVariables"]["GREETING"], "hello");
+    let builds = call(
+        &state,
+        &caller,
+        "ListMicrovmImageBuilds",
+        json!({"imageIdentifier": "web", "imageVersion": "1.0"}),
+    )
+    .await;
+    let build_id = builds["items"][0]["buildId"]
+        .as_str()
+        .expect("build")
+        .to_string();
+    let build = call(
+        &state,
+        &caller,
+        "GetMicrovmImageBuild",
+        json!({"imageIdentifier": "web", "imageVersion": "1.0", "buildId": build_id}),
+    )
+    .await;
+    assert_eq!(build["buildState"], "SUCCESSFUL");
+    assert!(build["snapshotBuild"]["diskSnapshotSizeInBytes"].as_u64() > Some(0));
+
+    // Another account: the same 404 as a missing image.
+    let theirs = dispatch(
+        &state,
+        &stranger,
+        "GetMicrovmImage",
+        json!({"imageIdentifier": arn}),
+    )
+    .await
+    .expect_err("other account");
+    let missing = dispatch(
+        &state,
+        &caller,
+        "GetMicrovmImage",
+        json!({"imageIdentifier": arn.replace(":web", ":nope")}),
+    )
+    .await
+    .expect_err("missing");
+    assert_eq!(theirs.status(), 404);
+    assert_eq!(missing.status(), 404);
+
+    // Run: PENDING at once, then RUNNING; the app's state came with the snapshot.
+    let run = call(
+        &state,
+        &caller,
+        "RunMicrovm",
+        json!({"imageIdentifier": "web", "clientToken": "run-1", "maximumDurationInSeconds": 600}),
+    )
+    .await;
+    let id = run["microvmId"].as_str().expect("id").to_string();
+    assert_eq!(run["state"], "PENDING");
+    // The same clientToken replays: same microVM.
+    let again = call(
+        &state,
+        &caller,
+        "RunMicrovm",
+        json!({"imageIdentifier": "web", "clientToken": "run-1", "maximumDurationInSeconds": 600}),
+    )
+    .await;
+    assert_eq!(again["microvmId"], run["microvmId"]);
+    // The same token with other parameters is a conflict.
+    let mismatch = dispatch(
+        &state,
+        &caller,
+        "RunMicrovm",
+        json!({"imageIdentifier": "web", "clientToken": "run-1", "maximumDurationInSeconds": 60}),
+    )
+    .await
+    .expect_err("mismatch");
+    assert_eq!(mismatch.status(), 409);
+    // 256 MiB in use of a 600 MiB quota: a third 256 MiB VM would exceed it.
+    let second = call(
+        &state,
+        &caller,
+        "RunMicrovm",
+        json!({"imageIdentifier": "web"}),
+    )
+    .await;
+    let over = dispatch(
+        &state,
+        &caller,
+        "RunMicrovm",
+        json!({"imageIdentifier": "web"}),
+    )
+    .await
+    .expect_err("quota");
+    assert_eq!(over.status(), 402, "{over:?}");
+
+    wait_state(&state, &caller, &id, "RUNNING").await;
+    assert!(!sh(&state, &caller, &id, "cat /tmp/app-started")
+        .await
+        .is_empty());
+    assert_eq!(sh(&state, &caller, &id, "cat /tmp/ready-called").await, "x");
+    sh(&state, &caller, &id, "echo kept > /tmp/marker").await;
+    let pid_before = sh(&state, &caller, &id, "cat /tmp/app-started").await;
+
+    // Suspend: SUSPENDING then SUSPENDED, no process; suspending again is a 200.
+    call(
+        &state,
+        &caller,
+        "SuspendMicrovm",
+        json!({"microvmIdentifier": id}),
+    )
+    .await;
+    wait_state(&state, &caller, &id, "SUSPENDED").await;
+    call(
+        &state,
+        &caller,
+        "SuspendMicrovm",
+        json!({"microvmIdentifier": id}),
+    )
+    .await;
+    let theirs = dispatch(
+        &state,
+        &stranger,
+        "SuspendMicrovm",
+        json!({"microvmIdentifier": id}),
+    )
+    .await
+    .expect_err("other account");
+    assert_eq!(theirs.status(), 404);
+
+    // Resume: same processes and files.
+    call(
+        &state,
+        &caller,
+        "ResumeMicrovm",
+        json!({"microvmIdentifier": id}),
+    )
+    .await;
+    wait_state(&state, &caller, &id, "RUNNING").await;
+    call(
+        &state,
+        &caller,
+        "ResumeMicrovm",
+        json!({"microvmIdentifier": id}),
+    )
+    .await;
+    assert_eq!(sh(&state, &caller, &id, "cat /tmp/marker").await, "kept");
+    let alive = sh(
+        &state,
+        &caller,
+        &id,
+        &format!("kill -0 {pid_before} && echo alive"),
+    )
+    .await;
+    assert_eq!(alive, "alive");
+
+    // List shows both; filters by image.
+    let list = call(
+        &state,
+        &caller,
+        "ListMicrovms",
+        json!({"imageIdentifier": "web"}),
+    )
+    .await;
+    assert_eq!(list["items"].as_array().map(Vec::len), Some(2));
+    let list = call(&state, &stranger, "ListMicrovms", json!({})).await;
+    assert_eq!(list["items"].as_array().map(Vec::len), Some(0));
+
+    // An image in use cannot be deleted.
+    let busy = dispatch(
+        &state,
+        &caller,
+        "DeleteMicrovmImage",
+        json!({"imageIdentifier": "web"}),
+    )
+    .await
+    .expect_err("in use");
+    assert_eq!(busy.status(), 409);
+
+    // Terminate both; terminating again is a 200; nothing is left behind.
+    for vm in [&id, second["microvmId"].as_str().expect("id")] {
+        call(
+            &state,
+            &caller,
+            "TerminateMicrovm",
+            json!({"microvmIdentifier": vm}),
+        )
+        .await;
+        let done = wait_state(&state, &caller, vm, "TERMINATED").await;
+        assert_eq!(done["stateReason"], "Success.");
+        assert!(done["terminatedAt"].is_number());
+        call(
+            &state,
+            &caller,
+            "TerminateMicrovm",
+            json!({"microvmIdentifier": vm}),
+        )
+        .await;
+    }
+    let left: Vec<_> = std::fs::read_dir(data.join("engine/vms"))
+        .expect("vms dir")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+
+    // Tags, then delete the image (idempotent).
+    call(
+        &state,
+        &caller,
+        "TagResource",
+        json!({"Resource": arn, "Tags": {"team": "a"}}),
+    )
+    .await;
+    let tags = call(&state, &caller, "ListTags", json!({"Resource": arn})).await;
+    assert_eq!(tags["Tags"], json!({"team": "a"}));
+    let deleted = call(
+        &state,
+        &caller,
+        "DeleteMicrovmImage",
+        json!({"imageIdentifier": "web"}),
+    )
+    .await;
+    assert_eq!(deleted["state"], "DELETED");
+    call(
+        &state,
+        &caller,
+        "DeleteMicrovmImage",
+        json!({"imageIdentifier": "web"}),
+    )
+    .await;
+    assert!(!data
+        .join("images")
+        .join(&owner.account_id)
+        .join("web/1")
+        .exists());
+    let gone = dispatch(
+        &state,
+        &caller,
+        "GetMicrovmImage",
+        json!({"imageIdentifier": "web"}),
+    )
+    .await
+    .expect_err("deleted");
+    assert_eq!(gone.status(), 404);
+}
