@@ -10,6 +10,7 @@ use hearth_vm::snapshot::Verify;
 use hearth_vm::{Assets, BootRequest, Driver, MachineShape, QemuDriver, Snapshot, VmState};
 
 mod bench;
+mod operator;
 
 #[derive(Debug, Parser)]
 #[command(name = "hearth", version, about = "Run untrusted code in microVMs")]
@@ -31,6 +32,9 @@ enum Command {
     /// Manage tenant accounts (works while the server runs).
     #[command(subcommand)]
     Account(AccountCommand),
+    /// MicroVM images.
+    #[command(subcommand)]
+    Image(operator::ImageCommand),
 }
 
 #[derive(Debug, Args)]
@@ -228,6 +232,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Account(command) => account(command),
+        Command::Image(operator::ImageCommand::Import(args)) => {
+            let dir = data_dir(args.data_dir.clone());
+            operator::import(args, dir).await
+        }
     }
 }
 

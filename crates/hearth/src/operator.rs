@@ -6,7 +6,16 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use clap::Args;
+use clap::{Args, Subcommand};
+
+/// `hearth image ...`. Import works on the data directory (an operator
+/// command); the other subcommands talk to a server.
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Make an image version from a prepared root filesystem (operator; works
+    /// on the data directory while the server runs).
+    Import(ImportArgs),
+}
 
 /// `hearth image import`: make an image version from a prepared root filesystem.
 #[derive(Debug, Args)]
