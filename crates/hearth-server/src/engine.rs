@@ -24,6 +24,8 @@ use crate::store::{unix_now_ms, Store, StoreError};
 
 /// How often lifetimes and VM processes are checked.
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+/// How long an adopted VM's agent may take to answer after a restart.
+const ADOPT_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -313,13 +315,22 @@ impl Engine {
     /// and VM directories that no live record names are removed (no orphaned QEMU).
     pub async fn reconcile(self: &Arc<Self>) -> Result<(), EngineError> {
         let rows = self.store.live_microvms()?;
-        let mut known = std::collections::HashSet::new();
+        // VM name -> the pid of its one legitimate QEMU process.
+        let mut keep: HashMap<String, Option<u32>> = HashMap::new();
         for row in rows {
-            known.insert(row.vm_name.clone());
             let vm = self.driver.load(&row.vm_name).ok();
-            let running = vm
+            let mut running = vm
                 .as_ref()
                 .is_some_and(|vm| vm.state == VmState::Running && QemuDriver::is_alive(vm));
+            // A process may be alive but not a usable guest (e.g. killed while its
+            // snapshot was loading): adopt it only if its agent answers.
+            let mut agent = None;
+            if let (true, Some(vm)) = (running, &vm) {
+                match self.probe_agent(vm).await {
+                    Some(client) => agent = Some(client),
+                    None => running = false,
+                }
+            }
             let suspended = vm
                 .as_ref()
                 .is_some_and(|vm| vm.state == VmState::Suspended && vm.suspend_state().is_file());
@@ -331,13 +342,20 @@ impl Engine {
                 _ => None,
             };
             match target {
-                Some(state) if state == row.state => {
-                    info!(microvm = %row.microvm_id, state = %state, "adopted");
-                }
                 Some(state) => {
-                    // A direct write: these moves undo or finish an interrupted step.
-                    self.store.force_microvm_state(&row.microvm_id, state)?;
-                    info!(microvm = %row.microvm_id, from = %row.state, to = %state, "reconciled");
+                    if state != row.state {
+                        // A direct write: this finishes or undoes an interrupted step.
+                        self.store.force_microvm_state(&row.microvm_id, state)?;
+                    }
+                    info!(microvm = %row.microvm_id, from = %row.state, to = %state, "adopted");
+                    let pid = vm
+                        .as_ref()
+                        .and_then(|vm| vm.pid)
+                        .filter(|_| state == Running);
+                    keep.insert(row.vm_name.clone(), pid);
+                    if let Some(agent) = agent {
+                        lock(&self.agents).insert(row.microvm_id.clone(), Arc::new(agent));
+                    }
                 }
                 None => {
                     let reason = if row.state == Terminating {
@@ -351,15 +369,51 @@ impl Engine {
                 }
             }
         }
+        // QEMU processes no adopted VM accounts for: a second process for one VM
+        // (e.g. a resume interrupted after its QEMU started), or a VM no record owns.
+        for process in self.driver.processes() {
+            if process.vm.starts_with(crate::import::BUILD_VM_PREFIX) {
+                continue;
+            }
+            if keep.get(&process.vm) != Some(&Some(process.pid)) {
+                warn!(vm = %process.vm, pid = process.pid, "killing a QEMU process no microVM owns");
+                QemuDriver::kill_process(&process);
+            }
+        }
         // VM directories no live record owns: left by a crash between creating
         // the VM and recording it, or by a terminate that did not finish.
-        for vm in self.driver.list().unwrap_or_default() {
-            if !known.contains(&vm.name) && !vm.name.starts_with(crate::import::BUILD_VM_PREFIX) {
-                warn!(vm = %vm.name, "removing a VM no microVM owns");
-                let _ = self.driver.remove(&vm).await;
+        let vms_dir = self.driver.assets().vms_dir();
+        for entry in std::fs::read_dir(&vms_dir).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if keep.contains_key(&name) || name.starts_with(crate::import::BUILD_VM_PREFIX) {
+                continue;
+            }
+            warn!(vm = %name, "removing a VM no microVM owns");
+            match self.driver.load(&name) {
+                Ok(vm) => {
+                    let _ = self.driver.remove(&vm).await;
+                }
+                Err(_) => {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
             }
         }
         Ok(())
+    }
+
+    /// Connects to a VM's agent and pings it, within a few seconds.
+    async fn probe_agent(&self, vm: &hearth_vm::VmRecord) -> Option<AgentClient> {
+        let probe = async {
+            let agent = AgentClient::connect(&vm.agent_socket(), ADOPT_TIMEOUT)
+                .await
+                .ok()?;
+            agent.ping().await.ok()?;
+            Some(agent)
+        };
+        tokio::time::timeout(ADOPT_TIMEOUT * 2, probe)
+            .await
+            .ok()
+            .flatten()
     }
 
     /// Runs forever: ends microVMs past `maximumDurationInSeconds` and notices

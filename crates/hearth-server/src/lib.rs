@@ -232,6 +232,15 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         m.server_errors.load(Ordering::Relaxed),
         m.auth_failures.load(Ordering::Relaxed),
     );
+    let mut body = body;
+    if let Ok(counts) = state.store.microvm_counts() {
+        body.push_str("# TYPE hearth_microvms gauge\n");
+        for (vm_state, count) in counts {
+            body.push_str(&format!(
+                "hearth_microvms{{state=\"{vm_state}\"}} {count}\n"
+            ));
+        }
+    }
     (
         [(
             axum::http::header::CONTENT_TYPE,

@@ -1003,6 +1003,15 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// How many microVMs are in each state, across accounts.
+    pub fn microvm_counts(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare("SELECT state, COUNT(*) FROM microvms GROUP BY state ORDER BY state")?;
+        let rows = stmt.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// Every microVM that is not TERMINATED, across accounts.
     pub fn live_microvms(&self) -> Result<Vec<MicrovmRow>, StoreError> {
         let conn = self.conn();

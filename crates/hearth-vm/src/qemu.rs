@@ -85,6 +85,16 @@ enum Incoming<'a> {
     Uri(&'a str),
 }
 
+/// A QEMU process found on the host (see [`QemuDriver::processes`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QemuProcess {
+    pub pid: u32,
+    /// The name of the VM directory it runs from.
+    pub vm: String,
+    /// Its shared RAM file, when it has one in the driver's RAM directory.
+    pub ram: Option<PathBuf>,
+}
+
 /// The QEMU implementation of [`Driver`].
 #[derive(Debug, Clone)]
 pub struct QemuDriver {
@@ -183,6 +193,67 @@ impl QemuDriver {
             });
         }
         Ok(AgentClient::connect(&vm.agent_socket(), Duration::from_secs(10)).await?)
+    }
+
+    /// Every live QEMU process that runs a VM of this driver's state directory,
+    /// as (pid, VM directory name), found by its command line: QEMU processes
+    /// outlive the process that started them, so after a crash this is how
+    /// strays are found.
+    pub fn processes(&self) -> Vec<QemuProcess> {
+        let vms = self.assets.vms_dir();
+        let marker = format!("{}/", vms.display());
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        let mut found = Vec::new();
+        for entry in entries.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
+            let args: Vec<String> = cmdline
+                .split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            if !args.first().is_some_and(|a| a.contains("qemu-system")) {
+                continue;
+            }
+            let dir = args.iter().find_map(|a| {
+                let rest = &a[a.find(&marker)? + marker.len()..];
+                rest.split('/').next().map(str::to_string)
+            });
+            // A shared RAM file (`mem-path=...` of the memory backend) in our RAM
+            // directory dies with the process.
+            let ram = args.iter().find_map(|a| {
+                let start = a.find("mem-path=")? + "mem-path=".len();
+                let path = PathBuf::from(a[start..].split(',').next()?);
+                path.starts_with(&self.assets.ram_dir).then_some(path)
+            });
+            if let Some(vm) = dir.filter(|d| !d.is_empty()) {
+                found.push(QemuProcess { pid, vm, ram });
+            }
+        }
+        found
+    }
+
+    /// Kills a process found by [`Self::processes`] and removes its RAM file.
+    pub fn kill_process(process: &QemuProcess) {
+        if let Ok(pid) = i32::try_from(process.pid) {
+            // SAFETY: kill(2) has no memory effects; a stale pid at worst
+            // fails with ESRCH.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+        if let Some(ram) = &process.ram {
+            let _ = std::fs::remove_file(ram);
+        }
     }
 
     /// True when the VM's QEMU process is alive.
