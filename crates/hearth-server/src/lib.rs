@@ -33,6 +33,7 @@ pub mod records;
 pub mod resources;
 pub mod secrets;
 pub mod store;
+pub mod tokens;
 
 pub use records::Quotas;
 pub use store::Store;
@@ -54,6 +55,8 @@ pub enum ServerError {
     Serve(#[source] std::io::Error),
     #[error("cannot start the VM layer")]
     Vm(#[source] hearth_vm::VmError),
+    #[error(transparent)]
+    Tokens(#[from] tokens::TokenError),
     #[error("cannot reconcile microVMs with their processes")]
     Reconcile(#[source] engine::EngineError),
     #[error("quota {0:?} must look like NAME=NUMBER with NAME one of memory-mib, images, versions-per-image, concurrent-builds")]
@@ -130,6 +133,7 @@ pub struct AppState {
     pub store: Store,
     pub assets: Assets,
     pub engine: Arc<engine::Engine>,
+    pub tokens: tokens::TokenKeys,
     pub(crate) limits: limits::RateLimits,
     pub(crate) metrics: Metrics,
 }
@@ -152,6 +156,7 @@ impl AppState {
                 "us-east-1".into(),
             ),
             engine: engine::Engine::new(driver, store.clone()),
+            tokens: tokens::TokenKeys::open_or_create(dir).expect("token keys"),
             store,
             assets,
             limits: limits::RateLimits::new(&[]).expect("limits"),
@@ -180,9 +185,28 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
     let local = listener.local_addr().map_err(ServerError::Serve)?;
     info!(address = %local, region = %state.config.region, data_dir = %state.config.data_dir.display(), "serving the Lambda MicroVMs API");
     println!("hearth: listening on http://{local}");
+    // On SIGTERM or Ctrl-C: stop accepting, let requests in flight finish.
+    // MicroVMs keep running; the next start adopts them.
     axum::serve(listener, app(state))
+        .with_graceful_shutdown(shutdown_signal())
         .await
         .map_err(ServerError::Serve)
+}
+
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
+    info!("shutting down; microVMs keep running and are adopted at the next start");
 }
 
 /// Opens the store, reconciles microVMs with their processes and starts the
@@ -200,11 +224,13 @@ pub async fn start(config: ServerConfig) -> Result<Arc<AppState>, ServerError> {
     let engine = engine::Engine::new(driver, store.clone());
     engine.reconcile().await.map_err(ServerError::Reconcile)?;
     tokio::spawn(engine.clone().watch());
+    let tokens = tokens::TokenKeys::open_or_create(&config.data_dir)?;
     Ok(Arc::new(AppState {
         config,
         store,
         assets,
         engine,
+        tokens,
         limits,
         metrics: Metrics::default(),
     }))

@@ -259,6 +259,56 @@ async fn import_run_suspend_resume_terminate() {
     assert_eq!(over.status(), 402, "{over:?}");
 
     wait_state(&state, &caller, &id, "RUNNING").await;
+
+    // Endpoint tokens: signed, scoped to this VM and its ports, expiring.
+    let minted = call(
+        &state,
+        &caller,
+        "CreateMicrovmAuthToken",
+        json!({"microvmIdentifier": id, "expirationInMinutes": 5,
+               "allowedPorts": [{"port": 8080}, {"range": {"startPort": 3000, "endPort": 3001}}]}),
+    )
+    .await;
+    let token = minted["authToken"]["X-aws-proxy-auth"]
+        .as_str()
+        .expect("token");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let claims = state.tokens.verify(token, now).expect("verifies");
+    assert_eq!(claims.microvm, id);
+    assert!(claims.allows_port(8080) && claims.allows_port(3001) && !claims.allows_port(9000));
+    assert!(state.tokens.verify(token, now + 301).is_err());
+    for bad in [
+        json!({"microvmIdentifier": id, "expirationInMinutes": 61, "allowedPorts": [{"port": 1}]}),
+        json!({"microvmIdentifier": id, "expirationInMinutes": 5,
+               "allowedPorts": [{"range": {"startPort": 9, "endPort": 8}}]}),
+    ] {
+        let err = dispatch(&state, &caller, "CreateMicrovmAuthToken", bad)
+            .await
+            .expect_err("invalid");
+        assert_eq!(err.status(), 400);
+    }
+    let theirs = dispatch(
+        &state,
+        &stranger,
+        "CreateMicrovmAuthToken",
+        json!({"microvmIdentifier": id, "expirationInMinutes": 5, "allowedPorts": [{"allPorts": {}}]}),
+    )
+    .await
+    .expect_err("other account");
+    assert_eq!(theirs.status(), 404);
+    // No SHELL_INGRESS at run: no shell token.
+    let shell = dispatch(
+        &state,
+        &caller,
+        "CreateMicrovmShellAuthToken",
+        json!({"microvmIdentifier": id, "expirationInMinutes": 5}),
+    )
+    .await
+    .expect_err("no shell connector");
+    assert_eq!(shell.status(), 400);
     assert!(!sh(&state, &caller, &id, "cat /tmp/app-started")
         .await
         .is_empty());

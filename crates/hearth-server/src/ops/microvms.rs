@@ -14,6 +14,7 @@ use crate::import::image_arn;
 use crate::records::{MicrovmRow, Refusal};
 use crate::resources::MicrovmState;
 use crate::store::unix_now_ms;
+use crate::tokens::{Claims, PortRule, TokenKind};
 use crate::AppState;
 
 const CONNECTOR_PREFIX: &str = "network-connector:aws-network-connector:";
@@ -365,4 +366,121 @@ pub(super) fn terminate(
     }
     // Not moved: another request terminated it meanwhile, which is the same.
     Ok(json!({}))
+}
+
+/// Longest token lifetime (minutes), as the reference.
+const MAX_TOKEN_MINUTES: u64 = 60;
+
+fn token_expiry(input: &Value) -> Result<u64, ApiError> {
+    let minutes = input["expirationInMinutes"].as_u64().unwrap_or(0);
+    if !(1..=MAX_TOKEN_MINUTES).contains(&minutes) {
+        return Err(ApiError::validation(format!(
+            "expirationInMinutes must be between 1 and {MAX_TOKEN_MINUTES}"
+        )));
+    }
+    Ok(minutes * 60)
+}
+
+/// A token can be minted for a microVM that has not ended.
+fn tokenable(state: &AppState, caller: &Caller, input: &Value) -> Result<MicrovmRow, ApiError> {
+    let row = load(state, caller, input)?;
+    if matches!(
+        row.state,
+        MicrovmState::Terminating | MicrovmState::Terminated
+    ) {
+        return Err(wrong_state(&row, "given a token"));
+    }
+    Ok(row)
+}
+
+fn mint(
+    state: &AppState,
+    row: &MicrovmRow,
+    kind: TokenKind,
+    ports: Vec<PortRule>,
+    lifetime_secs: u64,
+) -> Value {
+    let now = crate::store::unix_now().max(0) as u64;
+    let token = state.tokens.mint(Claims {
+        kid: String::new(),
+        kind,
+        account: row.account_id.clone(),
+        microvm: row.microvm_id.clone(),
+        ports,
+        issued_at: now,
+        expires_at: now + lifetime_secs,
+    });
+    json!({ "authToken": { "X-aws-proxy-auth": token } })
+}
+
+pub(super) fn auth_token(
+    state: &AppState,
+    caller: &Caller,
+    input: &Value,
+) -> Result<Value, ApiError> {
+    let lifetime = token_expiry(input)?;
+    let specs = input["allowedPorts"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    if specs.is_empty() {
+        return Err(ApiError::validation(
+            "allowedPorts must name at least one port",
+        ));
+    }
+    let mut ports = Vec::new();
+    for spec in &specs {
+        let set: Vec<&String> = spec
+            .as_object()
+            .map(|m| m.keys().collect())
+            .unwrap_or_default();
+        if set.len() != 1 {
+            return Err(ApiError::validation(
+                "Each allowedPorts entry must set exactly one of port, range or allPorts",
+            ));
+        }
+        let port_of = |v: &Value| {
+            v.as_u64()
+                .and_then(|p| u16::try_from(p).ok())
+                .filter(|p| *p > 0)
+                .ok_or_else(|| ApiError::validation("Ports are 1-65535"))
+        };
+        let rule = match set[0].as_str() {
+            "port" => PortRule::Port(port_of(&spec["port"])?),
+            "range" => {
+                let start = port_of(&spec["range"]["startPort"])?;
+                let end = port_of(&spec["range"]["endPort"])?;
+                if start > end {
+                    return Err(ApiError::validation("startPort must not exceed endPort"));
+                }
+                PortRule::Range(start, end)
+            }
+            _ => PortRule::All,
+        };
+        ports.push(rule);
+    }
+    let row = tokenable(state, caller, input)?;
+    Ok(mint(state, &row, TokenKind::Proxy, ports, lifetime))
+}
+
+pub(super) fn shell_token(
+    state: &AppState,
+    caller: &Caller,
+    input: &Value,
+) -> Result<Value, ApiError> {
+    let lifetime = token_expiry(input)?;
+    let row = tokenable(state, caller, input)?;
+    let shell = row.spec["ingressNetworkConnectors"]
+        .as_array()
+        .is_some_and(|list| {
+            list.iter()
+                .filter_map(Value::as_str)
+                .any(|arn| arn.ends_with(":SHELL_INGRESS"))
+        });
+    if !shell {
+        return Err(ApiError::validation(
+            "Shell access needs the SHELL_INGRESS network connector at RunMicrovm",
+        ));
+    }
+    Ok(mint(state, &row, TokenKind::Shell, Vec::new(), lifetime))
 }

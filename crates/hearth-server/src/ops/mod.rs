@@ -50,11 +50,13 @@ pub async fn dispatch(
         "SuspendMicrovm" => microvms::suspend(state, caller, &input),
         "ResumeMicrovm" => microvms::resume(state, caller, &input),
         "TerminateMicrovm" => microvms::terminate(state, caller, &input),
+        "CreateMicrovmAuthToken" => microvms::auth_token(state, caller, &input),
+        "CreateMicrovmShellAuthToken" => microvms::shell_token(state, caller, &input),
         "TagResource" => tags::tag(state, caller, &input),
         "UntagResource" => tags::untag(state, caller, &input),
         "ListTags" => tags::list(state, caller, &input),
-        // Dockerfile builds (CreateMicrovmImage, UpdateMicrovmImage) and the
-        // endpoint tokens arrive with the builder and the proxy.
+        // Dockerfile builds (CreateMicrovmImage, UpdateMicrovmImage) arrive
+        // with the builder.
         other => Err(ApiError::new(
             ErrorCode::UnknownOperation,
             format!("{other} is not implemented by this hearth server yet"),
