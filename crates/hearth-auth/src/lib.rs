@@ -221,34 +221,9 @@ pub fn verify(
     }
     check_skew(amz_date.unix_seconds, now, config.max_skew)?;
 
-    // Payload hash.
-    let body_hash = hex::encode(Sha256::digest(body));
-    let payload_hash = match single_header(&parts.headers, "x-amz-content-sha256")? {
-        None => body_hash,
-        Some(v) => {
-            let v = v
-                .to_str()
-                .map_err(|_| AuthError::Malformed("x-amz-content-sha256 is not ASCII"))?;
-            if v == "UNSIGNED-PAYLOAD" || v.starts_with("STREAMING-") {
-                return Err(AuthError::Malformed("unsigned payloads are not accepted"));
-            }
-            if !v.eq_ignore_ascii_case(&body_hash) {
-                return Err(AuthError::PayloadHashMismatch);
-            }
-            // The signer put the header's literal value into its canonical request.
-            v.to_owned()
-        }
-    };
-
+    let payload_hash = payload_hash(&parts.headers, body)?;
     let canonical = canonical_request(parts, &auth, &payload_hash)?;
-    let string_to_sign = format!(
-        "{ALGORITHM}\n{}\n{}/{}/{}/aws4_request\n{}",
-        amz_date.text,
-        auth.date,
-        auth.region,
-        auth.service,
-        hex::encode(Sha256::digest(&canonical)),
-    );
+    let string_to_sign = string_to_sign(&amz_date, &auth, &canonical);
 
     let secret = lookup(auth.access_key_id);
     let known = secret.is_some();
@@ -272,6 +247,52 @@ pub fn verify(
     Ok(Verified {
         access_key_id: auth.access_key_id.to_owned(),
     })
+}
+
+/// The canonical request and the string to sign that [`verify`] builds for a
+/// request, without checking scope, timestamp or signature. Only for comparing
+/// against published SigV4 test vectors; not part of the supported API.
+#[doc(hidden)]
+pub fn signing_strings(parts: &Parts, body: &[u8]) -> Result<(Vec<u8>, String), AuthError> {
+    let auth = single_header(&parts.headers, AUTHORIZATION.as_str())?
+        .ok_or(AuthError::MissingAuthorization)?;
+    let auth = parse_authorization(auth)?;
+    let (amz_date, _) = request_timestamp(&parts.headers)?;
+    let payload_hash = payload_hash(&parts.headers, body)?;
+    let canonical = canonical_request(parts, &auth, &payload_hash)?;
+    let string_to_sign = string_to_sign(&amz_date, &auth, &canonical);
+    Ok((canonical, string_to_sign))
+}
+
+/// The payload hash for the canonical request: hex SHA-256 of the body, or the
+/// `x-amz-content-sha256` header's literal value when it is present and matches.
+fn payload_hash(headers: &HeaderMap, body: &[u8]) -> Result<String, AuthError> {
+    let body_hash = hex::encode(Sha256::digest(body));
+    let Some(v) = single_header(headers, "x-amz-content-sha256")? else {
+        return Ok(body_hash);
+    };
+    let v = v
+        .to_str()
+        .map_err(|_| AuthError::Malformed("x-amz-content-sha256 is not ASCII"))?;
+    if v == "UNSIGNED-PAYLOAD" || v.starts_with("STREAMING-") {
+        return Err(AuthError::Malformed("unsigned payloads are not accepted"));
+    }
+    if !v.eq_ignore_ascii_case(&body_hash) {
+        return Err(AuthError::PayloadHashMismatch);
+    }
+    // The signer put the header's literal value into its canonical request.
+    Ok(v.to_owned())
+}
+
+fn string_to_sign(amz_date: &AmzDate, auth: &Authorization<'_>, canonical: &[u8]) -> String {
+    format!(
+        "{ALGORITHM}\n{}\n{}/{}/{}/aws4_request\n{}",
+        amz_date.text,
+        auth.date,
+        auth.region,
+        auth.service,
+        hex::encode(Sha256::digest(canonical)),
+    )
 }
 
 /// The parsed `Authorization` header.

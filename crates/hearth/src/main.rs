@@ -10,6 +10,8 @@ use hearth_vm::snapshot::Verify;
 use hearth_vm::{Assets, BootRequest, Driver, MachineShape, QemuDriver, Snapshot, VmState};
 
 mod bench;
+mod bench_api;
+mod client_cli;
 mod operator;
 
 #[derive(Debug, Parser)]
@@ -35,6 +37,9 @@ enum Command {
     /// MicroVM images.
     #[command(subcommand)]
     Image(operator::ImageCommand),
+    /// run, ls, get, suspend, resume, terminate, configure: through the API.
+    #[command(flatten)]
+    Client(client_cli::ClientCommand),
 }
 
 #[derive(Debug, Args)]
@@ -186,6 +191,9 @@ struct ExecArgs {
 enum BenchCommand {
     /// Launch-from-snapshot benchmark (see README).
     Launch(bench::LaunchArgs),
+    /// The API server on real guests: RunMicrovm/Suspend/Resume latencies and
+    /// GetMicrovm under concurrent clients (see README).
+    Api(bench_api::ApiArgs),
 }
 
 fn main() -> ExitCode {
@@ -221,6 +229,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Vm(command) => vm(command).await,
         Command::Bench(BenchCommand::Launch(args)) => bench::launch(args).await,
+        Command::Bench(BenchCommand::Api(args)) => bench_api::api(args).await,
         Command::Serve(args) => {
             let mut config =
                 hearth_server::ServerConfig::new(data_dir(args.data_dir), args.listen, args.region);
@@ -236,6 +245,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let dir = data_dir(args.data_dir.clone());
             operator::import(args, dir).await
         }
+        Command::Image(operator::ImageCommand::Api(command)) => {
+            Ok(client_cli::image(command).await)
+        }
+        Command::Client(command) => Ok(client_cli::main(command).await),
     }
 }
 

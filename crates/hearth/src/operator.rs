@@ -15,6 +15,9 @@ pub enum ImageCommand {
     /// Make an image version from a prepared root filesystem (operator; works
     /// on the data directory while the server runs).
     Import(ImportArgs),
+    // ls, get, rm: through the API (client_cli.rs).
+    #[command(flatten)]
+    Api(crate::client_cli::ImageCommand),
 }
 
 /// `hearth image import`: make an image version from a prepared root filesystem.

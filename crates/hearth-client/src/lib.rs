@@ -1,0 +1,416 @@
+//! An async client for the hearth API (AWS Lambda MicroVMs, 2025-09-09):
+//! requests are built from the API model (`hearth-api`), signed with SigV4
+//! (service `lambda`) and sent over HTTP/1.1.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use hearth_client::{Client, ClientConfig, ConfigFlags};
+//! let resolved = ClientConfig::resolve(&ConfigFlags::default())?;
+//! let client = Client::new(resolved.config);
+//! let vms = client.paginate("ListMicrovms", serde_json::json!({})).await?;
+//! # Ok(()) }
+//! ```
+
+use std::collections::HashSet;
+use std::time::{Duration, SystemTime};
+
+use aws_credential_types::Credentials;
+use aws_sigv4::http_request::{sign, SignableBody, SignableRequest, SigningSettings};
+use aws_sigv4::sign::v4;
+use aws_smithy_runtime_api::client::identity::Identity;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{Map, Value};
+
+mod config;
+mod request;
+
+pub use config::{
+    config_path, write_config_file, ClientConfig, ConfigError, ConfigFile, ConfigFlags, Resolved,
+    DEFAULT_ENDPOINT, DEFAULT_REGION,
+};
+
+/// Responses larger than this are refused rather than buffered.
+pub const MAX_RESPONSE_BYTES: usize = 8 * 1024 * 1024;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+/// A server that keeps handing out new page tokens is not followed forever.
+const MAX_PAGES: usize = 10_000;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server answered with an error (`x-amzn-errortype`).
+    #[error("{code}{}", if message.is_empty() { String::new() } else { format!(": {message}") })]
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+    },
+    #[error("unknown operation {0}")]
+    UnknownOperation(String),
+    #[error("{0} does not paginate")]
+    NotPaginated(String),
+    #[error("invalid input for {operation}: {reason}")]
+    Input { operation: String, reason: String },
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot sign the request")]
+    Sign(#[source] BoxError),
+    #[error("cannot build the request")]
+    Request(#[source] http::Error),
+    #[error("request to {endpoint} failed")]
+    Transport {
+        endpoint: String,
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+    #[error("no answer from {endpoint} within {} s", REQUEST_TIMEOUT.as_secs())]
+    Timeout { endpoint: String },
+    #[error("cannot read the response")]
+    ReadBody(#[source] BoxError),
+    #[error("the response is larger than {} MiB", MAX_RESPONSE_BYTES >> 20)]
+    TooLarge,
+    #[error("the response is not JSON")]
+    NotJson(#[source] serde_json::Error),
+    #[error("the server keeps returning the same page token")]
+    PaginationLoop,
+}
+
+impl ClientError {
+    /// The API error code (`ResourceNotFoundException`, ...), if the server answered with one.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            ClientError::Api { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+
+    /// The HTTP status of an API error.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// A connection to one endpoint with one set of keys; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Client {
+    config: ClientConfig,
+    http: hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Client {
+    pub fn new(config: ClientConfig) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        let http =
+            hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(connector);
+        Self { config, http }
+    }
+
+    pub fn config(&self) -> &ClientConfig {
+        &self.config
+    }
+
+    /// Calls `operation` (a model operation name, e.g. `GetMicrovm`) with
+    /// `input` keyed by member name, as in the AWS SDKs; returns the
+    /// response's JSON body (`{}` when it has none).
+    pub async fn call(&self, operation: &str, input: Value) -> Result<Value, ClientError> {
+        let prepared = request::prepare(operation, input)?;
+        self.send(prepared).await
+    }
+
+    /// Calls one of hearth's extension routes (outside the model, e.g.
+    /// `POST /hearth/2025-09-09/microvms/{id}/exec`), signed like the API.
+    pub async fn call_extension(
+        &self,
+        method: http::Method,
+        path: &str,
+        body: Value,
+    ) -> Result<Value, ClientError> {
+        let prepared = request::Prepared {
+            method,
+            target: path.to_string(),
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: Some(body.to_string().into_bytes()),
+        };
+        self.send(prepared).await
+    }
+
+    async fn send(&self, prepared: request::Prepared) -> Result<Value, ClientError> {
+        let request = self.sign(prepared)?;
+        let endpoint = || self.config.endpoint_url().to_string();
+        let exchange = async {
+            let response =
+                self.http
+                    .request(request)
+                    .await
+                    .map_err(|source| ClientError::Transport {
+                        endpoint: endpoint(),
+                        source,
+                    })?;
+            let (parts, body) = response.into_parts();
+            let body = Limited::new(body, MAX_RESPONSE_BYTES)
+                .collect()
+                .await
+                .map_err(|e| {
+                    if e.is::<LengthLimitError>() {
+                        ClientError::TooLarge
+                    } else {
+                        ClientError::ReadBody(e)
+                    }
+                })?
+                .to_bytes();
+            Ok::<_, ClientError>((parts, body))
+        };
+        let (parts, body) = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+            .await
+            .map_err(|_| ClientError::Timeout {
+                endpoint: endpoint(),
+            })??;
+        if !parts.status.is_success() {
+            let code = parts
+                .headers
+                .get("x-amzn-errortype")
+                .and_then(|v| v.to_str().ok());
+            return Err(api_error(parts.status.as_u16(), code, &body));
+        }
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Value::Object(Map::new()));
+        }
+        serde_json::from_slice(&body).map_err(ClientError::NotJson)
+    }
+
+    /// Calls a paginated operation until the last page, following
+    /// `nextToken` as the model's paginators say; returns all items.
+    pub async fn paginate(&self, operation: &str, input: Value) -> Result<Vec<Value>, ClientError> {
+        let not_paginated = || ClientError::NotPaginated(operation.to_string());
+        let paginator = hearth_api::model()
+            .paginators()
+            .get("pagination")
+            .and_then(|p| p.get(operation))
+            .ok_or_else(not_paginated)?;
+        let key = |name: &str| paginator.get(name).and_then(Value::as_str);
+        let (Some(input_token), Some(output_token), Some(result_key)) =
+            (key("input_token"), key("output_token"), key("result_key"))
+        else {
+            return Err(not_paginated());
+        };
+        let mut input = match input {
+            Value::Object(map) => map,
+            Value::Null => Map::new(),
+            _ => {
+                return Err(ClientError::Input {
+                    operation: operation.to_string(),
+                    reason: "the input must be a JSON object".into(),
+                })
+            }
+        };
+        let mut items = Vec::new();
+        let mut seen = HashSet::new();
+        for _ in 0..MAX_PAGES {
+            let mut page = self.call(operation, Value::Object(input.clone())).await?;
+            if let Some(Value::Array(page_items)) = page.get_mut(result_key).map(Value::take) {
+                items.extend(page_items);
+            }
+            let token = match page.get(output_token).and_then(Value::as_str) {
+                Some(token) if !token.is_empty() => token.to_string(),
+                _ => return Ok(items),
+            };
+            if !seen.insert(token.clone()) {
+                return Err(ClientError::PaginationLoop);
+            }
+            input.insert(input_token.to_string(), Value::String(token));
+        }
+        Err(ClientError::PaginationLoop)
+    }
+
+    fn sign(&self, prepared: request::Prepared) -> Result<http::Request<Full<Bytes>>, ClientError> {
+        let url = format!("{}{}", self.config.endpoint_url(), prepared.target);
+        let mut headers = prepared.headers;
+        headers.push(("host".into(), self.config.authority().to_string()));
+        headers.push((
+            "user-agent".into(),
+            concat!("hearth-client/", env!("CARGO_PKG_VERSION")).into(),
+        ));
+        let body = prepared.body.unwrap_or_default();
+
+        let identity: Identity = Credentials::new(
+            self.config.access_key_id(),
+            self.config.secret_access_key(),
+            None,
+            None,
+            "hearth",
+        )
+        .into();
+        let params = v4::SigningParams::builder()
+            .identity(&identity)
+            .region(self.config.region())
+            .name("lambda")
+            .time(SystemTime::now())
+            .settings(SigningSettings::default())
+            .build()
+            .map_err(|e| ClientError::Sign(e.into()))?
+            .into();
+        let signable = SignableRequest::new(
+            prepared.method.as_str(),
+            &url,
+            headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            SignableBody::Bytes(&body),
+        )
+        .map_err(|e| ClientError::Sign(e.into()))?;
+        let (instructions, _signature) = sign(signable, &params)
+            .map_err(|e| ClientError::Sign(e.into()))?
+            .into_parts();
+
+        let mut builder = http::Request::builder().method(prepared.method).uri(&url);
+        for (k, v) in &headers {
+            builder = builder.header(k, v);
+        }
+        let mut request = builder
+            .body(Full::new(Bytes::from(body)))
+            .map_err(ClientError::Request)?;
+        instructions.apply_to_request_http1x(&mut request);
+        Ok(request)
+    }
+}
+
+/// Builds the error for a non-2xx answer: the code from `x-amzn-errortype`
+/// (else the body's `__type`/`code`), the message from the body's `message`.
+fn api_error(status: u16, header: Option<&str>, body: &[u8]) -> ClientError {
+    let json: Option<Value> = serde_json::from_slice(body).ok();
+    let field = |names: &[&str]| {
+        names.iter().find_map(|n| {
+            json.as_ref()
+                .and_then(|j| j.get(*n))
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
+    };
+    // AWS may append `:http://...` to the header and prefix `namespace#` in the body.
+    let code = header
+        .map(str::to_string)
+        .or_else(|| field(&["__type", "code", "Code"]))
+        .map(|c| {
+            let c = c.split(':').next().unwrap_or_default();
+            c.rsplit('#').next().unwrap_or_default().trim().to_string()
+        })
+        .filter(|c| !c.is_empty())
+        .unwrap_or_else(|| format!("HTTP {status}"));
+    let message = match &json {
+        Some(_) => field(&["message", "Message", "errorMessage"]).unwrap_or_default(),
+        // Not JSON (a proxy's error page?): the start of its first line.
+        None => String::from_utf8_lossy(body)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(200)
+            .collect(),
+    };
+    ClientError::Api {
+        status,
+        code,
+        message,
+    }
+}
+
+/// Renders a wire timestamp (epoch seconds, possibly fractional) as RFC 3339
+/// UTC to the second, e.g. `2026-03-01T12:00:00Z`.
+pub fn rfc3339(epoch_seconds: f64) -> Option<String> {
+    use aws_smithy_types::date_time::{DateTime, Format};
+    if !epoch_seconds.is_finite() {
+        return None;
+    }
+    DateTime::from_secs(epoch_seconds.floor() as i64)
+        .fmt(Format::DateTime)
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_errors_read_like_aws() {
+        let e = api_error(
+            404,
+            Some("ResourceNotFoundException"),
+            br#"{"message":"MicroVM microvm-x not found"}"#,
+        );
+        assert_eq!(
+            e.to_string(),
+            "ResourceNotFoundException: MicroVM microvm-x not found"
+        );
+        assert_eq!(e.status(), Some(404));
+        assert_eq!(e.code(), Some("ResourceNotFoundException"));
+
+        let e = api_error(
+            400,
+            Some("ValidationException:http://internal.amazon.com/coral/"),
+            br#"{"Message":"bad"}"#,
+        );
+        assert_eq!(e.to_string(), "ValidationException: bad");
+
+        let e = api_error(
+            409,
+            None,
+            br#"{"__type":"com.amazonaws.lambda#ConflictException","message":"busy"}"#,
+        );
+        assert_eq!(e.to_string(), "ConflictException: busy");
+
+        // AWS answers some errors with a null message.
+        let e = api_error(403, Some("AccessDeniedException"), br#"{"message":null}"#);
+        assert_eq!(e.to_string(), "AccessDeniedException");
+
+        let e = api_error(502, None, b"<html>Bad Gateway</html>\nmore");
+        assert_eq!(e.to_string(), "HTTP 502: <html>Bad Gateway</html>");
+        assert_eq!(e.status(), Some(502));
+
+        let e = api_error(500, None, b"");
+        assert_eq!(e.to_string(), "HTTP 500");
+    }
+
+    #[test]
+    fn timestamps_render_as_rfc3339() {
+        assert_eq!(rfc3339(0.0).as_deref(), Some("1970-01-01T00:00:00Z"));
+        assert_eq!(
+            rfc3339(1_772_366_400.75).as_deref(),
+            Some("2026-03-01T12:00:00Z")
+        );
+        assert_eq!(rfc3339(f64::NAN), None);
+    }
+
+    #[test]
+    fn signed_request_carries_sigv4_headers() {
+        let config = ClientConfig::new("http://127.0.0.1:9070", "us-east-1", "HKIATEST", "secret")
+            .expect("config");
+        let client = Client::new(config);
+        let prepared = request::prepare(
+            "GetMicrovm",
+            serde_json::json!({ "microvmIdentifier": "microvm-1" }),
+        )
+        .expect("prepare");
+        let request = client.sign(prepared).expect("signs");
+        let auth = request.headers()["authorization"].to_str().expect("ascii");
+        assert!(
+            auth.starts_with("AWS4-HMAC-SHA256 Credential=HKIATEST/"),
+            "{auth}"
+        );
+        assert!(auth.contains("/us-east-1/lambda/aws4_request"), "{auth}");
+        assert!(!auth.contains("secret"));
+        assert!(request.headers().contains_key("x-amz-date"));
+        assert_eq!(request.headers()["host"], "127.0.0.1:9070");
+        assert_eq!(
+            request.uri().to_string(),
+            "http://127.0.0.1:9070/2025-09-09/microvms/microvm-1"
+        );
+    }
+}

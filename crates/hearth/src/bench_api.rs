@@ -1,0 +1,348 @@
+//! `hearth bench api`: the API server end to end on real guests, over HTTP
+//! with SigV4 (the same path as boto3): RunMicrovm to RUNNING and to the first
+//! exec result, SuspendMicrovm to SUSPENDED, ResumeMicrovm to RUNNING, and
+//! GetMicrovm latency under concurrent clients.
+//!
+//! It starts its own server in-process on a loopback port with a temporary
+//! data directory, creates an account and imports an image from the cached
+//! `debian-12` root filesystem (unpacked with `debugfs rdump`).
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use hearth_client::{Client, ClientConfig};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::progress;
+
+#[derive(Debug, Args)]
+pub struct ApiArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// MicroVMs run (one after another) for the RunMicrovm figures.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=500))]
+    runs: u32,
+    /// Suspend/resume cycles measured.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
+    cycles: u32,
+    /// Concurrent clients calling GetMicrovm.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    clients: u32,
+    /// GetMicrovm calls per client.
+    #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(u32).range(1..=10000))]
+    gets: u32,
+    /// Guest memory of the imported image, MiB.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(128..=8192))]
+    memory: u32,
+}
+
+#[derive(Debug, Serialize)]
+struct Stats {
+    n: usize,
+    p50: f64,
+    p95: f64,
+    p99: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Stats {
+    fn of(mut samples: Vec<f64>) -> Self {
+        samples.sort_by(f64::total_cmp);
+        let pick = |q: f64| {
+            if samples.is_empty() {
+                return f64::NAN;
+            }
+            let idx = ((samples.len() as f64 - 1.0) * q).round() as usize;
+            samples[idx.min(samples.len() - 1)]
+        };
+        Self {
+            n: samples.len(),
+            p50: pick(0.5),
+            p95: pick(0.95),
+            p99: pick(0.99),
+            min: pick(0.0),
+            max: pick(1.0),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    accel: String,
+    memory_mib: u32,
+    run_call_ms: Stats,
+    run_to_running_ms: Stats,
+    run_to_first_exec_ms: Stats,
+    suspend_to_suspended_ms: Stats,
+    resume_to_running_ms: Stats,
+    resume_to_first_exec_ms: Stats,
+    get_clients: u32,
+    get_latency_ms: Stats,
+    get_throughput_per_s: f64,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+pub async fn api(args: ApiArgs) -> Result<ExitCode> {
+    let work = tempfile::tempdir().context("temporary directory")?;
+    let data = work.path().join("data");
+    let rootfs = work.path().join("rootfs");
+    progress("unpacking the debian-12 root filesystem");
+    unpack_base(&rootfs)?;
+
+    let mut config = hearth_server::ServerConfig::new(
+        data.clone(),
+        ([127, 0, 0, 1], 0).into(),
+        "us-east-1".into(),
+    );
+    // The bench measures the server, not its throttling.
+    config.rate_limits = vec![
+        "RunMicrovm=1000".into(),
+        "GetMicrovm=100000".into(),
+        "SuspendMicrovm=1000".into(),
+        "ResumeMicrovm=1000".into(),
+        "TerminateMicrovm=1000".into(),
+    ];
+    let state = hearth_server::start(config).await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    let app = hearth_server::app(state.clone());
+    let server = tokio::spawn(async move { axum_serve(listener, app).await });
+    let account = state.store.create_account("bench")?;
+
+    progress("importing an image (boot, start the app, snapshot)");
+    let imported = hearth_server::import::import_image(
+        &data,
+        &state.store,
+        state.engine.driver(),
+        &state.config.quotas,
+        &hearth_server::import::ImportRequest {
+            account_id: account.account_id.clone(),
+            image_name: "bench".into(),
+            region: "us-east-1".into(),
+            rootfs: rootfs.clone(),
+            command: vec![
+                "python3".into(),
+                "-m".into(),
+                "http.server".into(),
+                "8080".into(),
+            ],
+            workdir: "/".into(),
+            hooks_port: None,
+            ready_timeout: Duration::from_secs(60),
+            memory_mib: args.memory,
+            environment: Vec::new(),
+            description: None,
+        },
+        &|_: &str| {},
+    )
+    .await?;
+    let client = Client::new(ClientConfig::new(
+        &format!("http://{address}"),
+        "us-east-1",
+        &account.access_key_id,
+        &account.secret_access_key,
+    )?);
+
+    // RunMicrovm to RUNNING and to the first exec result, one VM at a time.
+    let mut run_call = Vec::new();
+    let mut to_running = Vec::new();
+    let mut to_exec = Vec::new();
+    for i in 0..args.runs {
+        progress(&format!("RunMicrovm {}/{}", i + 1, args.runs));
+        let start = Instant::now();
+        let run = client
+            .call("RunMicrovm", json!({"imageIdentifier": imported.image_arn}))
+            .await?;
+        run_call.push(ms(start.elapsed()));
+        let id = run["microvmId"].as_str().unwrap_or_default().to_string();
+        wait_for(&client, &id, "RUNNING").await?;
+        to_running.push(ms(start.elapsed()));
+        exec_true(&client, &id).await?;
+        to_exec.push(ms(start.elapsed()));
+        terminate(&client, &id).await?;
+    }
+
+    // Suspend and resume cycles on one VM.
+    let run = client
+        .call("RunMicrovm", json!({"imageIdentifier": imported.image_arn}))
+        .await?;
+    let id = run["microvmId"].as_str().unwrap_or_default().to_string();
+    wait_for(&client, &id, "RUNNING").await?;
+    let mut suspends = Vec::new();
+    let mut resumes = Vec::new();
+    let mut resume_exec = Vec::new();
+    for i in 0..args.cycles {
+        progress(&format!("suspend/resume {}/{}", i + 1, args.cycles));
+        let start = Instant::now();
+        client
+            .call("SuspendMicrovm", json!({"microvmIdentifier": id}))
+            .await?;
+        wait_for(&client, &id, "SUSPENDED").await?;
+        suspends.push(ms(start.elapsed()));
+        let start = Instant::now();
+        client
+            .call("ResumeMicrovm", json!({"microvmIdentifier": id}))
+            .await?;
+        wait_for(&client, &id, "RUNNING").await?;
+        resumes.push(ms(start.elapsed()));
+        exec_true(&client, &id).await?;
+        resume_exec.push(ms(start.elapsed()));
+    }
+
+    // GetMicrovm under concurrent clients.
+    progress(&format!(
+        "GetMicrovm from {} concurrent clients",
+        args.clients
+    ));
+    let client = Arc::new(client);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..args.clients {
+        let client = client.clone();
+        let id = id.clone();
+        let gets = args.gets;
+        tasks.push(tokio::spawn(async move {
+            let mut samples = Vec::with_capacity(gets as usize);
+            for _ in 0..gets {
+                let start = Instant::now();
+                client
+                    .call("GetMicrovm", json!({"microvmIdentifier": id}))
+                    .await?;
+                samples.push(ms(start.elapsed()));
+            }
+            Ok::<_, hearth_client::ClientError>(samples)
+        }));
+    }
+    let mut get_samples = Vec::new();
+    for task in tasks {
+        get_samples.extend(task.await??);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let throughput = get_samples.len() as f64 / elapsed;
+    terminate(&client, &id).await?;
+    server.abort();
+
+    let report = Report {
+        accel: format!("{:?}", state.engine.driver().accel()).to_lowercase(),
+        memory_mib: args.memory,
+        run_call_ms: Stats::of(run_call),
+        run_to_running_ms: Stats::of(to_running),
+        run_to_first_exec_ms: Stats::of(to_exec),
+        suspend_to_suspended_ms: Stats::of(suspends),
+        resume_to_running_ms: Stats::of(resumes),
+        resume_to_first_exec_ms: Stats::of(resume_exec),
+        get_clients: args.clients,
+        get_latency_ms: Stats::of(get_samples),
+        get_throughput_per_s: throughput,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_table(&report);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn axum_serve(listener: tokio::net::TcpListener, app: axum::Router) -> std::io::Result<()> {
+    axum::serve(listener, app).await
+}
+
+fn unpack_base(dir: &Path) -> Result<()> {
+    let base = hearth_vm::Assets::from_env()
+        .base_image("debian-12")
+        .context("the debian-12 base image (run scripts/setup-host)")?;
+    std::fs::create_dir_all(dir)?;
+    let status = std::process::Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("rdump / {}", dir.display()))
+        .arg(&base)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .context("running debugfs")?;
+    if !status.success() || !dir.join("usr/bin/python3").exists() {
+        bail!("could not unpack {}", base.display());
+    }
+    Ok(())
+}
+
+/// Polls GetMicrovm every 5 ms until `state`.
+async fn wait_for(client: &Client, id: &str, state: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let vm = client
+            .call("GetMicrovm", json!({"microvmIdentifier": id}))
+            .await?;
+        if vm["state"] == state {
+            return Ok(());
+        }
+        if vm["state"] == "TERMINATED" || Instant::now() > deadline {
+            bail!("{id} did not become {state}: {vm}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn exec_true(client: &Client, id: &str) -> Result<()> {
+    let out: Value = client
+        .call_extension(
+            http::Method::POST,
+            &format!("/hearth/2025-09-09/microvms/{id}/exec"),
+            json!({"argv": ["true"]}),
+        )
+        .await?;
+    if out["exitCode"] != 0 {
+        bail!("exec in {id} failed: {out}");
+    }
+    Ok(())
+}
+
+async fn terminate(client: &Client, id: &str) -> Result<()> {
+    client
+        .call("TerminateMicrovm", json!({"microvmIdentifier": id}))
+        .await?;
+    wait_for(client, id, "TERMINATED").await
+}
+
+fn print_table(r: &Report) {
+    println!(
+        "hearth bench api ({} accel, {} MiB guest, real HTTP + SigV4 to an in-process server)",
+        r.accel, r.memory_mib
+    );
+    println!(
+        "{:<40} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6}",
+        "ms", "p50", "p95", "p99", "min", "max", "n"
+    );
+    let row = |name: &str, s: &Stats| {
+        println!(
+            "{:<40} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>6}",
+            name, s.p50, s.p95, s.p99, s.min, s.max, s.n
+        );
+    };
+    row("RunMicrovm call (answers PENDING)", &r.run_call_ms);
+    row("RunMicrovm -> RUNNING", &r.run_to_running_ms);
+    row("RunMicrovm -> first exec result", &r.run_to_first_exec_ms);
+    row("SuspendMicrovm -> SUSPENDED", &r.suspend_to_suspended_ms);
+    row("ResumeMicrovm -> RUNNING", &r.resume_to_running_ms);
+    row(
+        "ResumeMicrovm -> first exec result",
+        &r.resume_to_first_exec_ms,
+    );
+    row(
+        &format!("GetMicrovm, {} concurrent clients", r.get_clients),
+        &r.get_latency_ms,
+    );
+    println!(
+        "GetMicrovm throughput: {:.0} requests/s",
+        r.get_throughput_per_s
+    );
+}
