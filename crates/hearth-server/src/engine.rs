@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use hearth_vm::agent::AgentClient;
 use hearth_vm::{Driver, QemuDriver, Snapshot, Verify, VmError, VmState};
+use serde_json::{json, Value};
 use tokio::sync::Mutex as AsyncMutex;
 use tracing::{info, warn};
 
@@ -49,6 +50,8 @@ pub struct Engine {
     locks: Mutex<HashMap<String, Arc<AsyncMutex<()>>>>,
     /// Opened (size-checked) snapshots by directory.
     snapshots: Mutex<HashMap<PathBuf, Snapshot>>,
+    /// Latest endpoint traffic per microVM (unix ms), not yet written to the store.
+    activity: Mutex<HashMap<String, i64>>,
 }
 
 impl Engine {
@@ -59,6 +62,7 @@ impl Engine {
             agents: Mutex::default(),
             locks: Mutex::default(),
             snapshots: Mutex::default(),
+            activity: Mutex::default(),
         })
     }
 
@@ -112,6 +116,86 @@ impl Engine {
         Ok(agent)
     }
 
+    /// The agent of a VM whose process runs, for a caller holding its lock.
+    async fn agent_unlocked(&self, row: &MicrovmRow) -> Result<Arc<AgentClient>, EngineError> {
+        if let Some(agent) = lock(&self.agents).get(&row.microvm_id) {
+            return Ok(agent.clone());
+        }
+        let vm = self.driver.load(&row.vm_name)?;
+        let agent = Arc::new(self.driver.agent(&vm).await?);
+        lock(&self.agents).insert(row.microvm_id.clone(), agent.clone());
+        Ok(agent)
+    }
+
+    /// Records bytes through a microVM's endpoint (idle policy). Cheap: the
+    /// watcher writes the times to the database once per tick.
+    pub fn note_traffic(&self, microvm_id: &str) {
+        let now = unix_now_ms();
+        lock(&self.activity).insert(microvm_id.to_string(), now);
+    }
+
+    /// Opens a byte stream to `port` inside a microVM for the endpoint proxy.
+    /// A SUSPENDED VM with `autoResumeEnabled` is resumed first (one resume
+    /// however many requests wait for it); waits at most `wait` for RUNNING.
+    pub async fn connect_port(
+        self: &Arc<Self>,
+        microvm_id: &str,
+        port: u16,
+        wait: Duration,
+    ) -> Result<tokio::io::DuplexStream, ConnectError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let row = self
+                .store
+                .microvm_by_id(microvm_id)
+                .map_err(|_| ConnectError::Unavailable)?
+                .ok_or(ConnectError::Unavailable)?;
+            let auto_resume = row.spec["idlePolicy"]["autoResumeEnabled"] == true;
+            match row.state {
+                MicrovmState::Running => {
+                    let agent = self
+                        .agent(&row)
+                        .await
+                        .map_err(|_| ConnectError::Unavailable)?;
+                    return match agent.connect_tcp(port).await {
+                        Ok(stream) => Ok(stream.into_io()),
+                        Err(err)
+                            if err.remote_kind()
+                                == Some(hearth_proto::ErrorKind::ConnectionRefused) =>
+                        {
+                            Err(ConnectError::Refused)
+                        }
+                        Err(_) => Err(ConnectError::Unavailable),
+                    };
+                }
+                MicrovmState::Suspended if auto_resume => {
+                    let moved = self
+                        .store
+                        .transition_microvm(
+                            microvm_id,
+                            &[MicrovmState::Suspended],
+                            MicrovmState::Pending,
+                            None,
+                        )
+                        .map_err(|_| ConnectError::Unavailable)?;
+                    if moved.is_some() {
+                        info!(microvm = microvm_id, "auto-resuming for a request");
+                        self.spawn_resume(row);
+                    }
+                }
+                MicrovmState::Pending | MicrovmState::Suspending => {}
+                MicrovmState::Suspended => return Err(ConnectError::Suspended),
+                MicrovmState::Terminating | MicrovmState::Terminated => {
+                    return Err(ConnectError::Unavailable)
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ConnectError::Timeout);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Launches a PENDING microVM from a snapshot (in the background).
     pub fn spawn_launch(self: &Arc<Self>, row: MicrovmRow, snapshot_dir: PathBuf) {
         let engine = self.clone();
@@ -132,6 +216,20 @@ impl Engine {
         .await;
         match launched {
             Ok((_vm, agent)) => {
+                // `/run` comes before the VM counts as RUNNING (and before the
+                // endpoint forwards traffic to it).
+                if let Some(hook) = hook_of(&row, "run") {
+                    let body = json!({
+                        "microvmId": row.microvm_id,
+                        "runHookPayload": row.spec.get("runHookPayload").and_then(Value::as_str).unwrap_or_default(),
+                    })
+                    .to_string();
+                    if let Err(reason) = call_hook(&agent, &hook, Some(body.as_bytes())).await {
+                        drop(agent);
+                        self.fail(&row, &reason).await;
+                        return;
+                    }
+                }
                 lock(&self.agents).insert(row.microvm_id.clone(), Arc::new(agent));
                 match self.store.transition_microvm(
                     &row.microvm_id,
@@ -167,6 +265,17 @@ impl Engine {
     async fn suspend(&self, row: MicrovmRow) {
         let guard = self.lock_for(&row.microvm_id);
         let _held = guard.lock().await;
+        if let Some(hook) = hook_of(&row, "suspend") {
+            let called = match self.agent_unlocked(&row).await {
+                Ok(agent) => call_hook(&agent, &hook, None).await,
+                Err(_) => Err("The MicroVM's agent did not answer before suspend.".to_string()),
+            };
+            // As the reference: a failed `/suspend` ends the VM.
+            if let Err(reason) = called {
+                self.fail(&row, &reason).await;
+                return;
+            }
+        }
         // The agent connection does not survive the QEMU process.
         lock(&self.agents).remove(&row.microvm_id);
         let suspended = async {
@@ -219,12 +328,19 @@ impl Engine {
             let mut vm = self.driver.load(&row.vm_name)?;
             self.driver.resume(&mut vm).await?;
             let agent = self.driver.agent(&vm).await?;
-            lock(&self.agents).insert(row.microvm_id.clone(), Arc::new(agent));
-            Ok::<_, EngineError>(())
+            Ok::<_, EngineError>(agent)
         }
         .await;
         match resumed {
-            Ok(()) => {
+            Ok(agent) => {
+                if let Some(hook) = hook_of(&row, "resume") {
+                    if let Err(reason) = call_hook(&agent, &hook, None).await {
+                        drop(agent);
+                        self.fail(&row, &reason).await;
+                        return;
+                    }
+                }
+                lock(&self.agents).insert(row.microvm_id.clone(), Arc::new(agent));
                 let _ = self.store.transition_microvm(
                     &row.microvm_id,
                     &[MicrovmState::Pending],
@@ -250,6 +366,14 @@ impl Engine {
     async fn terminate(&self, row: &MicrovmRow, reason: &str) {
         let guard = self.lock_for(&row.microvm_id);
         let held = guard.lock().await;
+        if let Some(hook) = hook_of(row, "terminate") {
+            // Best effort: the VM ends whatever the app answers.
+            if let Ok(agent) = self.agent_unlocked(row).await {
+                if let Err(reason) = call_hook(&agent, &hook, None).await {
+                    info!(microvm = %row.microvm_id, reason, "terminate hook");
+                }
+            }
+        }
         self.remove_vm(row).await;
         drop(held);
         match self.store.transition_microvm(
@@ -430,10 +554,52 @@ impl Engine {
     }
 
     async fn watch_once(self: &Arc<Self>) -> Result<(), EngineError> {
+        let pending: Vec<(String, i64)> = lock(&self.activity).drain().collect();
+        for (id, at) in pending {
+            self.store.note_activity(&id, at)?;
+        }
         let now = unix_now_ms();
         for row in self.store.live_microvms()? {
             if row.state == MicrovmState::Terminating {
                 continue;
+            }
+            if let Some(policy) = IdlePolicy::of(&row) {
+                let idle_since = row.last_activity_at.unwrap_or(row.started_at);
+                if row.state == MicrovmState::Running
+                    && now - idle_since >= policy.max_idle_ms
+                    && self
+                        .store
+                        .transition_microvm(
+                            &row.microvm_id,
+                            &[MicrovmState::Running],
+                            MicrovmState::Suspending,
+                            None,
+                        )?
+                        .is_some()
+                {
+                    info!(microvm = %row.microvm_id, "idle: suspending");
+                    self.spawn_suspend(row);
+                    continue;
+                }
+                let suspended_since = row.suspended_at.unwrap_or(now);
+                if row.state == MicrovmState::Suspended
+                    && now - suspended_since >= policy.suspended_ms
+                    && self
+                        .store
+                        .transition_microvm(
+                            &row.microvm_id,
+                            &[MicrovmState::Suspended],
+                            MicrovmState::Terminating,
+                            None,
+                        )?
+                        .is_some()
+                {
+                    self.spawn_terminate(
+                        row,
+                        "The MicroVM stayed suspended longer than its idle policy allows.".into(),
+                    );
+                    continue;
+                }
             }
             if now >= row.deadline_at {
                 let moved = self.store.transition_microvm(
@@ -474,6 +640,90 @@ impl Engine {
             }
         }
         Ok(())
+    }
+}
+
+/// Why the endpoint could not reach a port in a microVM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ConnectError {
+    #[error("nothing listens on that port in the MicroVM")]
+    Refused,
+    #[error("the MicroVM is suspended")]
+    Suspended,
+    #[error("the MicroVM cannot be reached")]
+    Unavailable,
+    #[error("the MicroVM did not become RUNNING in time")]
+    Timeout,
+}
+
+/// A microVM's idle policy, in milliseconds.
+#[derive(Debug, Clone, Copy)]
+struct IdlePolicy {
+    max_idle_ms: i64,
+    suspended_ms: i64,
+}
+
+impl IdlePolicy {
+    fn of(row: &MicrovmRow) -> Option<Self> {
+        let policy = row.spec.get("idlePolicy")?;
+        Some(Self {
+            max_idle_ms: policy["maxIdleDurationSeconds"]
+                .as_i64()?
+                .saturating_mul(1000),
+            suspended_ms: policy["suspendedDurationSeconds"]
+                .as_i64()?
+                .saturating_mul(1000),
+        })
+    }
+}
+
+/// An enabled lifecycle hook of a microVM.
+#[derive(Debug, Clone)]
+struct Hook {
+    name: &'static str,
+    port: u16,
+    timeout: Duration,
+}
+
+/// The hook `name` (`run`, `resume`, `suspend`, `terminate`) when the image
+/// enabled it (default timeout 1 s, as the reference).
+fn hook_of(row: &MicrovmRow, name: &'static str) -> Option<Hook> {
+    let hooks = row.spec.get("hooks")?;
+    let port = u16::try_from(hooks["port"].as_u64()?).ok()?;
+    let config = &hooks["microvmHooks"];
+    if config[name] != "ENABLED" {
+        return None;
+    }
+    let seconds = config[format!("{name}TimeoutInSeconds")]
+        .as_u64()
+        .unwrap_or(1)
+        .clamp(1, 60);
+    Some(Hook {
+        name,
+        port,
+        timeout: Duration::from_secs(seconds),
+    })
+}
+
+/// Calls a hook; the error is the microVM's `stateReason`.
+async fn call_hook(agent: &AgentClient, hook: &Hook, body: Option<&[u8]>) -> Result<(), String> {
+    let title = {
+        let mut name = hook.name.to_string();
+        if let Some(first) = name.get_mut(..1) {
+            first.make_ascii_uppercase();
+        }
+        name
+    };
+    match crate::hooks::call(agent, hook.port, hook.name, body, hook.timeout).await {
+        Ok(200) => Ok(()),
+        Ok(status) => Err(format!(
+            "{title} lifecycle hook returned HTTP status {status}."
+        )),
+        Err(crate::hooks::HookError::Timeout(_)) => Err(format!(
+            "{title} lifecycle hook invocation timed out after PT{}S.",
+            hook.timeout.as_secs()
+        )),
+        Err(err) => Err(format!("{title} lifecycle hook failed: {err}.")),
     }
 }
 

@@ -36,6 +36,8 @@ pub enum ImportError {
     MissingRootfs(PathBuf),
     #[error("image name {0:?} is invalid: use 1-64 of A-Z a-z 0-9 - _")]
     BadName(String),
+    #[error("{0}")]
+    BadHooks(String),
     #[error("no account {0}")]
     NoAccount(String),
     #[error("{0}")]
@@ -60,6 +62,11 @@ pub struct ImportRequest {
     pub workdir: String,
     pub hooks_port: Option<u16>,
     pub ready_timeout: Duration,
+    /// Runtime hooks to enable: `run`, `resume`, `suspend`, `terminate`
+    /// (needs `hooks_port`: the ready hook is then enabled too).
+    pub microvm_hooks: Vec<String>,
+    /// Their timeout, 1-60 s.
+    pub hook_timeout_secs: u64,
     pub memory_mib: u32,
     pub environment: Vec<(String, String)>,
     pub description: Option<String>,
@@ -97,6 +104,23 @@ pub async fn import_image(
 ) -> Result<Imported, ImportError> {
     if !valid_image_name(&request.image_name) {
         return Err(ImportError::BadName(request.image_name.clone()));
+    }
+    for name in &request.microvm_hooks {
+        if !matches!(name.as_str(), "run" | "resume" | "suspend" | "terminate") {
+            return Err(ImportError::BadHooks(format!(
+                "unknown hook {name:?}: use run, resume, suspend or terminate"
+            )));
+        }
+    }
+    if !request.microvm_hooks.is_empty() && request.hooks_port.is_none() {
+        return Err(ImportError::BadHooks(
+            "runtime hooks need a hooks port (and so the ready hook)".into(),
+        ));
+    }
+    if !(1..=60).contains(&request.hook_timeout_secs) {
+        return Err(ImportError::BadHooks(
+            "hook timeouts are 1-60 seconds".into(),
+        ));
     }
     if !request.rootfs.exists() {
         return Err(ImportError::MissingRootfs(request.rootfs.clone()));
@@ -138,6 +162,17 @@ pub async fn import_image(
                 "readyTimeoutInSeconds": request.ready_timeout.as_secs(),
             }
         });
+        if !request.microvm_hooks.is_empty() {
+            let mut hooks = serde_json::Map::new();
+            for name in &request.microvm_hooks {
+                hooks.insert(name.clone(), json!("ENABLED"));
+                hooks.insert(
+                    format!("{name}TimeoutInSeconds"),
+                    json!(request.hook_timeout_secs),
+                );
+            }
+            spec["hooks"]["microvmHooks"] = Value::Object(hooks);
+        }
     }
     let started = store.start_version(
         &NewVersion {

@@ -70,6 +70,10 @@ pub struct MicrovmRow {
     pub started_at: i64,
     pub terminated_at: Option<i64>,
     pub deadline_at: i64,
+    /// Last bytes through the endpoint (idle policy), unix ms.
+    pub last_activity_at: Option<i64>,
+    /// When the VM last became SUSPENDED, unix ms.
+    pub suspended_at: Option<i64>,
 }
 
 /// Per-account limits (BEHAVIOUR.md's reference values by default).
@@ -199,10 +203,12 @@ fn microvm_from_row(row: &Row<'_>) -> rusqlite::Result<MicrovmRow> {
         started_at: row.get(9)?,
         terminated_at: row.get(10)?,
         deadline_at: row.get(11)?,
+        last_activity_at: row.get(12)?,
+        suspended_at: row.get(13)?,
     })
 }
 
-const MICROVM_COLS: &str = "microvm_id, account_id, image_name, image_version, state, state_reason, spec, memory_mib, vm_name, started_at, terminated_at, deadline_at";
+const MICROVM_COLS: &str = "microvm_id, account_id, image_name, image_version, state, state_reason, spec, memory_mib, vm_name, started_at, terminated_at, deadline_at, last_activity_at, suspended_at";
 
 fn idempotency_check(
     tx: &Transaction<'_>,
@@ -923,7 +929,7 @@ impl Store {
         tx.execute(
             &format!(
                 "INSERT INTO microvms ({MICROVM_COLS})
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
             ),
             params![
                 row.microvm_id,
@@ -937,7 +943,9 @@ impl Store {
                 row.vm_name,
                 row.started_at,
                 row.terminated_at,
-                row.deadline_at
+                row.deadline_at,
+                row.last_activity_at,
+                row.suspended_at
             ],
         )?;
         idempotency_record(
@@ -1045,15 +1053,39 @@ impl Store {
         if !from.contains(&current) || !current.can_become(to) {
             return Ok(None);
         }
-        let terminated_at = (to == MicrovmState::Terminated).then(unix_now_ms);
+        let now = unix_now_ms();
+        let terminated_at = (to == MicrovmState::Terminated).then_some(now);
+        let suspended_at = (to == MicrovmState::Suspended).then_some(now);
+        // Running again (launch or resume) counts as activity for the idle timer.
+        let active_at = (to == MicrovmState::Running).then_some(now);
         let changed = conn.execute(
             "UPDATE microvms SET state = ?3,
                 state_reason = COALESCE(?4, state_reason),
-                terminated_at = COALESCE(?5, terminated_at)
+                terminated_at = COALESCE(?5, terminated_at),
+                suspended_at = COALESCE(?6, suspended_at),
+                last_activity_at = COALESCE(?7, last_activity_at)
              WHERE microvm_id = ?1 AND state = ?2",
-            params![id, current.as_str(), to.as_str(), reason, terminated_at],
+            params![
+                id,
+                current.as_str(),
+                to.as_str(),
+                reason,
+                terminated_at,
+                suspended_at,
+                active_at
+            ],
         )?;
         Ok((changed == 1).then_some(current))
+    }
+
+    /// Records endpoint activity (idle policy); a newer time only.
+    pub fn note_activity(&self, id: &str, at_ms: i64) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE microvms SET last_activity_at = ?2
+             WHERE microvm_id = ?1 AND (last_activity_at IS NULL OR last_activity_at < ?2)",
+            params![id, at_ms],
+        )?;
+        Ok(())
     }
 
     /// Sets a state without the transition check: only for reconciliation

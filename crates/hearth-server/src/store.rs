@@ -105,6 +105,9 @@ const MIGRATIONS: &[&str] = &[
         created_at INTEGER NOT NULL,
         PRIMARY KEY (account_id, operation, client_token)
     );",
+    // 3: idle-policy timers, persisted so they survive a restart.
+    "ALTER TABLE microvms ADD COLUMN last_activity_at INTEGER;
+    ALTER TABLE microvms ADD COLUMN suspended_at INTEGER;",
 ];
 
 #[derive(Debug, thiserror::Error)]

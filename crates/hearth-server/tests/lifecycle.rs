@@ -19,10 +19,15 @@ started = time.time()
 open('/tmp/app-started', 'w').write(str(os.getpid()))
 class H(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
+        body = self.rfile.read(int(self.headers.get('Content-Length') or 0)).decode()
+        hook = self.path.rsplit('/', 1)[-1]
         # Not ready for the first second: exercises the 503 retry.
         code = 200 if time.time() - started > 1 else 503
+        if hook == 'run' and '"fail"' in body:
+            code = 500
         if code == 200:
-            open('/tmp/ready-called', 'a').write('x')
+            with open('/tmp/hooks.log', 'a') as log:
+                log.write(hook + ' ' + body + '\n')
         self.send_response(code)
         self.send_header('Content-Length', '0')
         self.end_headers()
@@ -133,6 +138,13 @@ async fn import_run_suspend_resume_terminate() {
         workdir: "/".into(),
         hooks_port: Some(9000),
         ready_timeout: Duration::from_secs(60),
+        microvm_hooks: vec![
+            "run".into(),
+            "suspend".into(),
+            "resume".into(),
+            "terminate".into(),
+        ],
+        hook_timeout_secs: 5,
         memory_mib: 256,
         environment: vec![("GREETING".into(), "hello".into())],
         description: Some("test app".into()),
@@ -216,7 +228,8 @@ async fn import_run_suspend_resume_terminate() {
         &state,
         &caller,
         "RunMicrovm",
-        json!({"imageIdentifier": "web", "clientToken": "run-1", "maximumDurationInSeconds": 600}),
+        json!({"imageIdentifier": "web", "clientToken": "run-1", "maximumDurationInSeconds": 600,
+               "runHookPayload": "hello-vm"}),
     )
     .await;
     let id = run["microvmId"].as_str().expect("id").to_string();
@@ -226,7 +239,8 @@ async fn import_run_suspend_resume_terminate() {
         &state,
         &caller,
         "RunMicrovm",
-        json!({"imageIdentifier": "web", "clientToken": "run-1", "maximumDurationInSeconds": 600}),
+        json!({"imageIdentifier": "web", "clientToken": "run-1", "maximumDurationInSeconds": 600,
+               "runHookPayload": "hello-vm"}),
     )
     .await;
     assert_eq!(again["microvmId"], run["microvmId"]);
@@ -312,7 +326,17 @@ async fn import_run_suspend_resume_terminate() {
     assert!(!sh(&state, &caller, &id, "cat /tmp/app-started")
         .await
         .is_empty());
-    assert_eq!(sh(&state, &caller, &id, "cat /tmp/ready-called").await, "x");
+    // Hooks: `ready` during the import, then `/run` with the id and payload.
+    let hooks = sh(&state, &caller, &id, "cat /tmp/hooks.log").await;
+    let lines: Vec<&str> = hooks.lines().collect();
+    assert_eq!(lines.first().copied(), Some("ready "), "{hooks}");
+    let run_line = lines.get(1).copied().unwrap_or_default();
+    assert!(run_line.starts_with("run {"), "{hooks}");
+    let run_body: Value = serde_json::from_str(&run_line[4..]).expect("run body");
+    assert_eq!(
+        run_body,
+        json!({"microvmId": id, "runHookPayload": "hello-vm"})
+    );
     sh(&state, &caller, &id, "echo kept > /tmp/marker").await;
     let pid_before = sh(&state, &caller, &id, "cat /tmp/app-started").await;
 
@@ -359,6 +383,14 @@ async fn import_run_suspend_resume_terminate() {
     )
     .await;
     assert_eq!(sh(&state, &caller, &id, "cat /tmp/marker").await, "kept");
+    let hooks = sh(
+        &state,
+        &caller,
+        &id,
+        "cut -d' ' -f1 /tmp/hooks.log | tr '\\n' ,",
+    )
+    .await;
+    assert_eq!(hooks, "ready,run,suspend,resume,", "hook order");
     let alive = sh(
         &state,
         &caller,
@@ -411,6 +443,35 @@ async fn import_run_suspend_resume_terminate() {
         )
         .await;
     }
+    // A failing `/run` ends the microVM with the reason.
+    let failing = call(
+        &state,
+        &caller,
+        "RunMicrovm",
+        json!({"imageIdentifier": "web", "runHookPayload": "fail"}),
+    )
+    .await;
+    let failing = failing["microvmId"].as_str().expect("id").to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let ended = loop {
+        let vm = call(
+            &state,
+            &caller,
+            "GetMicrovm",
+            json!({"microvmIdentifier": failing}),
+        )
+        .await;
+        if vm["state"] == "TERMINATED" {
+            break vm;
+        }
+        assert!(Instant::now() < deadline, "{vm}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        ended["stateReason"],
+        "Run lifecycle hook returned HTTP status 500."
+    );
+
     let left: Vec<_> = std::fs::read_dir(data.join("engine/vms"))
         .expect("vms dir")
         .flatten()

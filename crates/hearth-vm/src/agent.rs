@@ -517,6 +517,17 @@ impl AgentStream {
         Ok(frame)
     }
 
+    /// Turns a TCP stream (from [`AgentClient::connect_tcp`]) into a plain
+    /// byte stream, for code written against `AsyncRead + AsyncWrite` (an HTTP
+    /// client, a proxy). A task pumps frames both ways; half-closes travel as
+    /// `Eof`, and the guest's socket closes when both directions are done or
+    /// the returned stream is dropped.
+    pub fn into_io(self) -> tokio::io::DuplexStream {
+        let (ours, theirs) = tokio::io::duplex(IO_BUFFER);
+        tokio::spawn(pump(self, ours));
+        theirs
+    }
+
     /// Waits for a `Reply` frame.
     pub async fn reply(&mut self) -> Result<Reply, AgentError> {
         let frame = self.recv().await?;
@@ -546,6 +557,48 @@ impl Drop for AgentStream {
                     .try_send(Frame::new(self.id, FrameKind::Close, Bytes::new()));
         }
     }
+}
+
+/// Buffer between a TCP stream's frames and its byte-stream side.
+const IO_BUFFER: usize = 256 * 1024;
+
+async fn pump(mut stream: AgentStream, local: tokio::io::DuplexStream) {
+    let sender = stream.sender();
+    let (mut from_local, mut to_local) = tokio::io::split(local);
+    let mut buf = vec![0u8; CHUNK];
+    let (mut inbound_open, mut outbound_open) = (true, true);
+    while inbound_open || outbound_open {
+        tokio::select! {
+            frame = stream.recv(), if inbound_open => match frame {
+                Ok(frame) if frame.kind == FrameKind::Data => {
+                    if to_local.write_all(&frame.payload).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(frame) if frame.kind == FrameKind::Eof => {
+                    let _ = to_local.shutdown().await;
+                    inbound_open = false;
+                }
+                // Anything else ends the stream (an error, the guest closing it).
+                _ => break,
+            },
+            read = from_local.read(&mut buf), if outbound_open => match read {
+                Ok(0) => {
+                    if sender.send_eof().await.is_err() {
+                        break;
+                    }
+                    outbound_open = false;
+                }
+                Ok(n) => {
+                    if sender.send_data(Bytes::copy_from_slice(&buf[..n])).await.is_err() {
+                        break;
+                    }
+                }
+                Err(_) => break,
+            },
+        }
+    }
+    // Dropping `stream` tells the guest to close its socket if still open.
 }
 
 fn remote_error(frame: &Frame) -> AgentError {

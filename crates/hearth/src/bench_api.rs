@@ -139,6 +139,8 @@ pub async fn api(args: ApiArgs) -> Result<ExitCode> {
             workdir: "/".into(),
             hooks_port: None,
             ready_timeout: Duration::from_secs(60),
+            microvm_hooks: Vec::new(),
+            hook_timeout_secs: 1,
             memory_mib: args.memory,
             environment: Vec::new(),
             description: None,

@@ -39,6 +39,13 @@ pub struct ImportArgs {
     /// How long the ready hook may take to answer 200, in seconds.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub ready_timeout: u64,
+    /// Runtime lifecycle hooks to enable, comma-separated: run, resume,
+    /// suspend, terminate (needs --hooks-port).
+    #[arg(long, value_delimiter = ',')]
+    pub microvm_hooks: Vec<String>,
+    /// Timeout of each runtime hook, in seconds (the reference's default is 1).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=60))]
+    pub hook_timeout: u64,
     /// Guest memory in MiB (the version's resources.minimumMemoryInMiB).
     #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(128..=16384))]
     pub memory: u32,
@@ -92,6 +99,8 @@ pub async fn import(args: ImportArgs, data_dir: PathBuf) -> Result<ExitCode> {
         workdir: args.workdir,
         hooks_port: args.hooks_port,
         ready_timeout: Duration::from_secs(args.ready_timeout),
+        microvm_hooks: args.microvm_hooks,
+        hook_timeout_secs: args.hook_timeout,
         memory_mib: args.memory,
         environment,
         description: args.description,

@@ -179,6 +179,10 @@ pub(super) fn run(state: &AppState, caller: &Caller, input: &Value) -> Result<Va
             spec[member] = value.clone();
         }
     }
+    // The image's hooks, frozen into the microVM (not echoed by the API).
+    if let Some(hooks) = version.spec.get("hooks") {
+        spec["hooks"] = hooks.clone();
+    }
 
     let (microvm_id, vm_name) = crate::ids::new_microvm_ids();
     let now = unix_now_ms();
@@ -195,6 +199,8 @@ pub(super) fn run(state: &AppState, caller: &Caller, input: &Value) -> Result<Va
         started_at: now,
         terminated_at: None,
         deadline_at: now.saturating_add((max_duration as i64).saturating_mul(1000)),
+        last_activity_at: Some(now),
+        suspended_at: None,
     };
     let inserted = store
         .insert_microvm(
