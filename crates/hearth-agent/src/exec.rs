@@ -13,6 +13,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use hearth_proto::{
     ErrorKind, ExecRequest, ExitStatus, Frame, FrameKind, FLAG_STDERR, FLAG_STDOUT,
+    MAX_WINDOW_DIMENSION,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
@@ -20,8 +21,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use crate::children::Spawned;
 use crate::session::{Agent, FrameSink, StreamControl, StreamFailure};
-use crate::{log, sys};
+use crate::{log, pty, sys};
 
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// Largest output chunk per `Data` frame.
@@ -42,12 +44,24 @@ pub enum ExecError {
     Spawn { program: String, source: io::Error },
     #[error("the spawning task failed")]
     SpawnTask,
+    #[error("window size {cols}x{rows} is out of range (1 to {MAX_WINDOW_DIMENSION} each)")]
+    BadWindowSize { cols: u16, rows: u16 },
+    #[error("invalid TERM value")]
+    BadTerm,
+    #[error("cannot open a pseudo-terminal")]
+    Pty(#[source] io::Error),
+    #[error("malformed resize request")]
+    BadResize,
 }
 
 impl StreamFailure for ExecError {
     fn kind(&self) -> ErrorKind {
         match self {
-            Self::EmptyArgv | Self::BadEnvName(_) => ErrorKind::InvalidRequest,
+            Self::EmptyArgv | Self::BadEnvName(_) | Self::BadWindowSize { .. } | Self::BadTerm => {
+                ErrorKind::InvalidRequest
+            }
+            Self::BadResize => ErrorKind::Protocol,
+            Self::Pty(_) => ErrorKind::Internal,
             Self::NotFound(_) => ErrorKind::NotFound,
             Self::Spawn { source, .. } => match source.kind() {
                 io::ErrorKind::NotFound => ErrorKind::NotFound,
@@ -60,12 +74,25 @@ impl StreamFailure for ExecError {
     }
 }
 
+/// `TERM` of a process on a pseudo-terminal unless the request names one.
+pub const DEFAULT_PTY_TERM: &str = "xterm-256color";
+/// Longest `TERM` value accepted.
+const MAX_TERM_LEN: usize = 128;
+
 /// Kills the process group when the stream is dropped (host `Close`, protocol
 /// error) while the process still runs, unless the session detached it.
-struct KillGuard {
+pub struct KillGuard {
     pid: i32,
     control: Arc<StreamControl>,
     armed: bool,
+}
+
+impl KillGuard {
+    /// The process was reaped: its pid may be reused, so never signal it again.
+    pub fn disarm(&mut self) {
+        self.armed = false;
+        self.control.pid.store(0, Ordering::Release);
+    }
 }
 
 impl Drop for KillGuard {
@@ -99,7 +126,10 @@ fn is_executable_file(path: &Path) -> bool {
         .is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
 }
 
-fn build_command(request: &ExecRequest) -> Result<Command, ExecError> {
+/// Builds the command for `request`. With `controlling_tty` the child makes the
+/// terminal on its standard input its controlling terminal (the caller sets up
+/// stdio); otherwise stdio are pipes (or `/dev/null` for stdin).
+pub fn build_command(request: &ExecRequest, controlling_tty: bool) -> Result<Command, ExecError> {
     let Some((program, args)) = request.argv.split_first() else {
         return Err(ExecError::EmptyArgv);
     };
@@ -127,6 +157,18 @@ fn build_command(request: &ExecRequest) -> Result<Command, ExecError> {
             .env("HOME", "/root")
             .env("TERM", "linux");
     }
+    if let Some(pty) = &request.pty {
+        // A terminal without TERM is hardly usable, so it is set even with
+        // `clear_env`; the request's own `env` still wins.
+        let term = pty.term.as_deref().unwrap_or(DEFAULT_PTY_TERM);
+        if term.is_empty()
+            || term.len() > MAX_TERM_LEN
+            || !term.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return Err(ExecError::BadTerm);
+        }
+        command.env("TERM", term);
+    }
     command.envs(request.env.iter().map(|(name, value)| (name, value)));
     if let Some(cwd) = &request.cwd {
         command.current_dir(cwd);
@@ -141,11 +183,42 @@ fn build_command(request: &ExecRequest) -> Result<Command, ExecError> {
         .stderr(Stdio::piped());
     let (uid, gid) = (request.uid, request.gid);
     // SAFETY: the closure runs between fork and exec and only makes
-    // async-signal-safe system calls (setsid, setgroups, setgid, setuid).
+    // async-signal-safe system calls (setsid, ioctl, setgroups, setgid, setuid).
     unsafe {
-        command.pre_exec(move || sys::child_setup(uid, gid));
+        command.pre_exec(move || sys::child_setup(uid, gid, controlling_tty));
     }
     Ok(command)
+}
+
+/// Spawns `command` off the event loop, registered with the reaper, with its pid
+/// published in `control` and a guard that kills its process group if the
+/// stream goes away first.
+pub async fn spawn(
+    mut command: Command,
+    program: String,
+    agent: &Agent,
+    control: &Arc<StreamControl>,
+) -> Result<(Spawned, KillGuard), ExecError> {
+    let children = agent.children.clone();
+    let guard_control = control.clone();
+    // Spawning blocks for fork+exec. The guard is made on the blocking thread so
+    // that, should this stream be dropped meanwhile, dropping the unclaimed result
+    // still kills the new process. The command (and any descriptors it holds for
+    // the child) is dropped there too, right after the spawn.
+    let spawned = tokio::task::spawn_blocking(move || {
+        let spawned = children.spawn(&mut command)?;
+        drop(command);
+        guard_control.pid.store(spawned.pid, Ordering::Release);
+        let guard = KillGuard {
+            pid: spawned.pid,
+            control: guard_control,
+            armed: true,
+        };
+        Ok::<_, io::Error>((spawned, guard))
+    })
+    .await
+    .map_err(|_| ExecError::SpawnTask)?;
+    spawned.map_err(|source| ExecError::Spawn { program, source })
 }
 
 /// Runs an `Exec` stream to its `Exit` frame.
@@ -157,27 +230,12 @@ pub async fn run(
     agent: &Agent,
     control: &Arc<StreamControl>,
 ) -> Result<(), ExecError> {
-    let mut command = build_command(&request)?;
+    if let Some(pty) = request.pty.clone() {
+        return pty::run(stream, request, pty, inbox, sink, agent, control).await;
+    }
+    let command = build_command(&request, false)?;
     let program = request.argv.first().cloned().unwrap_or_default();
-    let children = agent.children.clone();
-    let guard_control = control.clone();
-    // Spawning blocks for fork+exec. The guard is made on the blocking thread so
-    // that, should this stream be dropped meanwhile, dropping the unclaimed result
-    // still kills the new process.
-    let spawned = tokio::task::spawn_blocking(move || {
-        let spawned = children.spawn(&mut command)?;
-        guard_control.pid.store(spawned.pid, Ordering::Release);
-        let guard = KillGuard {
-            pid: spawned.pid,
-            control: guard_control,
-            armed: true,
-        };
-        Ok::<_, io::Error>((spawned, guard))
-    })
-    .await
-    .map_err(|_| ExecError::SpawnTask)?;
-    let (mut spawned, mut guard) =
-        spawned.map_err(|source| ExecError::Spawn { program, source })?;
+    let (mut spawned, mut guard) = spawn(command, program, agent, control).await?;
     let pid = spawned.pid;
 
     let mut pumps = JoinSet::new();
@@ -230,8 +288,7 @@ pub async fn run(
         }
     };
     // Reaped: its pid may be reused from now on, so never signal it again.
-    guard.armed = false;
-    control.pid.store(0, Ordering::Release);
+    guard.disarm();
 
     let mut closed = Vec::new();
     let grace = tokio::time::sleep(PIPE_GRACE);
@@ -356,7 +413,7 @@ mod tests {
             ..ExecRequest::default()
         };
         assert!(matches!(
-            build_command(&request),
+            build_command(&request, false),
             Err(ExecError::BadEnvName(_))
         ));
     }

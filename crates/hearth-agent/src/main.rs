@@ -11,6 +11,7 @@ mod exec;
 mod files;
 mod init;
 mod log;
+mod pty;
 mod session;
 mod sys;
 mod system;

@@ -297,7 +297,9 @@ impl Session {
             Incoming::Frame(frame) => match frame.kind {
                 FrameKind::Hello => self.hello(frame).await,
                 FrameKind::Open => self.open(frame).await,
-                FrameKind::Data | FrameKind::Eof => self.forward(frame).await,
+                // Resize travels with the stream's data so that it is applied in
+                // order with keystrokes; streams without a terminal ignore it.
+                FrameKind::Data | FrameKind::Eof | FrameKind::Resize => self.forward(frame).await,
                 FrameKind::Signal => self.signal(&frame),
                 FrameKind::Close => self.drop_stream(frame.stream),
                 FrameKind::Exit | FrameKind::Error | FrameKind::Reply => {

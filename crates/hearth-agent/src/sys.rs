@@ -2,9 +2,11 @@
 //! block of the crate lives here, next to the reason it is sound.
 
 use std::ffi::CString;
+use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 /// `RNDADDENTROPY`: `_IOW('R', 0x03, int[2])`.
@@ -238,11 +240,18 @@ pub fn dup_onto(source: &impl AsFd, target: RawFd) -> io::Result<()> {
     check(unsafe { libc::dup2(source.as_fd().as_raw_fd(), target) }).map(drop)
 }
 
-/// Runs in the forked child before exec: new session (and process group), then
-/// the requested credentials. Only async-signal-safe calls.
-pub fn child_setup(uid: Option<u32>, gid: Option<u32>) -> io::Result<()> {
+/// Runs in the forked child before exec: new session (and process group), the
+/// terminal on standard input as controlling terminal when `controlling_tty` is
+/// set, then the requested credentials. Only async-signal-safe calls.
+pub fn child_setup(uid: Option<u32>, gid: Option<u32>, controlling_tty: bool) -> io::Result<()> {
     // SAFETY: setsid takes no arguments.
     check(unsafe { libc::setsid() })?;
+    if controlling_tty {
+        // SAFETY: TIOCSCTTY takes an integer argument (0: never steal a terminal
+        // that is another session's). Descriptor 0 is the child's own standard
+        // input, already set up by std before the pre-exec hooks run.
+        check(unsafe { libc::ioctl(libc::STDIN_FILENO, libc::TIOCSCTTY, 0) })?;
+    }
     if uid.is_some() || gid.is_some() {
         // Without an explicit group, use the user's id as its group (Debian's
         // user-private-group convention) rather than keeping root's.
@@ -258,6 +267,54 @@ pub fn child_setup(uid: Option<u32>, gid: Option<u32>) -> io::Result<()> {
         check(unsafe { libc::setuid(uid) })?;
     }
     Ok(())
+}
+
+/// Opens a new pseudo-terminal: `(master, slave)`. The master is non-blocking;
+/// both are close-on-exec and neither becomes the agent's controlling terminal.
+pub fn open_pty() -> io::Result<(File, File)> {
+    let master = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY | libc::O_NONBLOCK)
+        .open("/dev/ptmx")?;
+    let unlock: libc::c_int = 0;
+    // SAFETY: TIOCSPTLCK reads one int through the pointer, which outlives the call.
+    check(unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &unlock) })?;
+    let flags = libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC;
+    // SAFETY: TIOCGPTPEER takes open flags as a plain integer and returns a new
+    // descriptor (or -1).
+    let peer = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCGPTPEER, flags) };
+    let slave = match check(peer) {
+        // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+        Ok(fd) => unsafe { File::from_raw_fd(fd) },
+        // Kernels before 4.13: open the slave by its number.
+        Err(err) if matches!(err.raw_os_error(), Some(libc::EINVAL | libc::ENOTTY)) => {
+            let mut number: libc::c_uint = 0;
+            // SAFETY: TIOCGPTN writes one unsigned int through the pointer.
+            check(unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCGPTN, &mut number) })?;
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_NOCTTY)
+                .open(format!("/dev/pts/{number}"))?
+        }
+        Err(err) => return Err(err),
+    };
+    Ok((master, slave))
+}
+
+/// Sets a terminal's window size (`TIOCSWINSZ`); on a pseudo-terminal master the
+/// kernel then sends `SIGWINCH` to the foreground process group.
+pub fn set_window_size(terminal: &impl AsFd, cols: u16, rows: u16) -> io::Result<()> {
+    let size = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one winsize through the pointer, which outlives
+    // the call.
+    check(unsafe { libc::ioctl(terminal.as_fd().as_raw_fd(), libc::TIOCSWINSZ, &size) }).map(drop)
 }
 
 /// Decodes a raw wait status into `(exit code, terminating signal)`.
@@ -290,6 +347,28 @@ mod tests {
         // Exit code 3: status 0x0300; killed by SIGKILL: status 9.
         assert_eq!(decode_wait_status(0x0300), (Some(3), None));
         assert_eq!(decode_wait_status(9), (None, Some(9)));
+    }
+
+    #[test]
+    fn pty_pair_and_window_size() {
+        let (master, slave) = open_pty().expect("pty");
+        set_window_size(&master, 132, 43).expect("resize");
+        let mut size = libc::winsize {
+            ws_row: 0,
+            ws_col: 0,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCGWINSZ writes one winsize through the pointer.
+        let ret = unsafe { libc::ioctl(slave.as_raw_fd(), libc::TIOCGWINSZ, &mut size) };
+        assert_eq!(ret, 0);
+        assert_eq!((size.ws_col, size.ws_row), (132, 43));
+        // SAFETY: F_GETFL takes no argument.
+        let flags = unsafe { libc::fcntl(master.as_raw_fd(), libc::F_GETFL) };
+        assert_ne!(flags & libc::O_NONBLOCK, 0, "master is non-blocking");
+        // SAFETY: F_GETFD takes no argument.
+        let fd_flags = unsafe { libc::fcntl(slave.as_raw_fd(), libc::F_GETFD) };
+        assert_ne!(fd_flags & libc::FD_CLOEXEC, 0, "slave is close-on-exec");
     }
 
     #[test]

@@ -8,8 +8,8 @@ use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use hearth_proto::{
     raw_header, ConnectRequest, ErrorKind, ErrorReply, ExecRequest, ExitStatus, Frame, FrameCodec,
-    FrameKind, Hello, Incoming, ReadFileRequest, Reply, Request, SignalRequest, WriteFileRequest,
-    FLAG_STDERR, FLAG_STDOUT, MAX_PAYLOAD, PROTOCOL_VERSION,
+    FrameKind, Hello, Incoming, PtyRequest, ReadFileRequest, Reply, Request, SignalRequest,
+    WriteFileRequest, FLAG_STDERR, FLAG_STDOUT, MAX_PAYLOAD, PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixStream};
@@ -638,4 +638,26 @@ async fn as_pid1_in_namespaces() {
         )
         .await;
     assert_eq!(stdout, b"1\n");
+
+    // Pseudo-terminals come from the agent's own devpts instance.
+    let mut on_pty = argv(&["sh", "-c", "tty; stty size"]);
+    on_pty.pty = Some(PtyRequest {
+        cols: 70,
+        rows: 21,
+        term: None,
+    });
+    client.open(6, &Request::Exec(on_pty)).await;
+    let mut output = Vec::new();
+    let status: ExitStatus = loop {
+        let frame = client.next().await;
+        assert_eq!(frame.stream, 6, "{frame:?}");
+        match frame.kind {
+            FrameKind::Data => output.extend_from_slice(&frame.payload),
+            FrameKind::Eof => {}
+            FrameKind::Exit => break frame.parse().expect("exit json"),
+            other => panic!("unexpected {other:?}: {:?}", frame.payload),
+        }
+    };
+    assert_eq!(status.code, Some(0));
+    assert_eq!(String::from_utf8_lossy(&output), "/dev/pts/0\r\n21 70\r\n");
 }

@@ -17,7 +17,8 @@
 //! The host opens streams (ids chosen by the host, never 0) with an [`FrameKind::Open`]
 //! frame whose payload is a JSON [`Request`]. Both sides then exchange `Data`, `Eof`,
 //! and finally the guest ends the stream with `Exit`, `Reply` (for one-shot requests)
-//! or `Error`. Stream 0 carries the `Hello` handshake, which (re)starts a session:
+//! or `Error`. An exec stream with a pseudo-terminal ([`ExecRequest::pty`]) also
+//! takes `Resize` frames from the host. Stream 0 carries the `Hello` handshake, which (re)starts a session:
 //! after a snapshot restore the host connects anew, says hello, and the agent drops
 //! whatever streams belonged to the previous connection.
 
@@ -66,6 +67,10 @@ pub enum FrameKind {
     Reply = 8,
     /// The host abandons a stream; the guest frees it (kills an exec, closes a socket).
     Close = 9,
+    /// Host sets the window size of an exec stream's pseudo-terminal (JSON
+    /// [`ResizeRequest`]). Ignored on streams without a PTY; an out-of-range size
+    /// fails the stream.
+    Resize = 10,
 }
 
 impl FrameKind {
@@ -80,6 +85,7 @@ impl FrameKind {
             7 => Self::Error,
             8 => Self::Reply,
             9 => Self::Close,
+            10 => Self::Resize,
             _ => return None,
         })
     }
@@ -397,6 +403,21 @@ mod tests {
                 assert!(buf.len() <= HEADER_LEN + MAX_PAYLOAD + 4096);
             }
         }
+    }
+
+    #[test]
+    fn resize_frame_round_trips() {
+        let mut codec = FrameCodec::default();
+        let mut buf = BytesMut::new();
+        let frame = Frame::json(5, FrameKind::Resize, &ResizeRequest { cols: 80, rows: 24 });
+        codec.encode(frame.clone(), &mut buf).expect("encode");
+        assert_eq!(buf[8], 10, "kind byte");
+        let got = decode_all(&mut codec, &mut buf);
+        assert_eq!(got, vec![Incoming::Frame(frame.clone())]);
+        assert_eq!(
+            frame.parse::<ResizeRequest>().expect("json"),
+            ResizeRequest { cols: 80, rows: 24 }
+        );
     }
 
     #[test]

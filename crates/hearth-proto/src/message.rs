@@ -1,4 +1,4 @@
-//! JSON control messages carried in `Hello`, `Open`, `Signal`, `Exit`, `Reply` and
+//! JSON control messages carried in `Hello`, `Open`, `Signal`, `Resize`, `Exit`, `Reply` and
 //! `Error` frames. Bulk bytes never go through JSON: they travel in `Data` frames.
 
 use serde::{Deserialize, Serialize};
@@ -58,6 +58,43 @@ pub struct ExecRequest {
     /// Kill the process (SIGKILL) after this many milliseconds.
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    /// Run the process on a new pseudo-terminal instead of pipes: it becomes a
+    /// session leader with the terminal as its controlling tty and its
+    /// stdin/stdout/stderr. Output arrives as `Data` frames flagged stdout (one
+    /// `Eof` flagged stdout, then `Exit`; no stderr frames); host `Data` is typed
+    /// into the terminal, host `Eof` is ignored, `Resize` frames change the
+    /// window size. `stdin` is implied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pty: Option<PtyRequest>,
+}
+
+/// Largest number of columns or rows a pseudo-terminal may have.
+pub const MAX_WINDOW_DIMENSION: u16 = 1000;
+
+/// Whether `cols` x `rows` is an acceptable window size (1 to
+/// [`MAX_WINDOW_DIMENSION`] each).
+pub fn window_size_is_valid(cols: u16, rows: u16) -> bool {
+    (1..=MAX_WINDOW_DIMENSION).contains(&cols) && (1..=MAX_WINDOW_DIMENSION).contains(&rows)
+}
+
+/// The pseudo-terminal of an exec stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PtyRequest {
+    /// Initial window size; each from 1 to [`MAX_WINDOW_DIMENSION`].
+    pub cols: u16,
+    pub rows: u16,
+    /// `TERM` for the process (default `xterm-256color`), set even with
+    /// `clear_env`; a `TERM` in the request's `env` still wins. Printable ASCII,
+    /// at most 128 bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub term: Option<String>,
+}
+
+/// Payload of `Resize` frames: the new window size of a stream's pseudo-terminal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResizeRequest {
+    pub cols: u16,
+    pub rows: u16,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -155,4 +192,78 @@ pub enum ErrorKind {
     ConnectionRefused,
     /// Any other failure inside the guest.
     Internal,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exec_without_pty_keeps_the_old_shape() {
+        let old = r#"{"op":"exec","argv":["true"],"env":[],"clear_env":false,"cwd":null,"uid":null,"gid":null,"stdin":false,"timeout_ms":null}"#;
+        let parsed: Request = serde_json::from_str(old).expect("old request");
+        let Request::Exec(exec) = &parsed else {
+            panic!("not an exec: {parsed:?}");
+        };
+        assert_eq!(exec.pty, None);
+        assert_eq!(serde_json::to_string(&parsed).expect("json"), old);
+    }
+
+    #[test]
+    fn exec_with_pty_round_trips() {
+        let request = Request::Exec(ExecRequest {
+            argv: vec!["sh".into(), "-i".into()],
+            pty: Some(PtyRequest {
+                cols: 120,
+                rows: 40,
+                term: Some("vt100".into()),
+            }),
+            ..ExecRequest::default()
+        });
+        let json = serde_json::to_value(&request).expect("json");
+        assert_eq!(
+            json["pty"],
+            serde_json::json!({"cols": 120, "rows": 40, "term": "vt100"})
+        );
+        let back: Request = serde_json::from_value(json).expect("parse");
+        assert_eq!(back, request);
+
+        let minimal: Request =
+            serde_json::from_str(r#"{"op":"exec","argv":["sh"],"pty":{"cols":80,"rows":24}}"#)
+                .expect("minimal pty request");
+        let Request::Exec(exec) = minimal else {
+            panic!("not an exec");
+        };
+        assert_eq!(
+            exec.pty,
+            Some(PtyRequest {
+                cols: 80,
+                rows: 24,
+                term: None
+            })
+        );
+    }
+
+    #[test]
+    fn resize_shape_and_bounds() {
+        let resize = ResizeRequest {
+            cols: 100,
+            rows: 30,
+        };
+        assert_eq!(
+            serde_json::to_string(&resize).expect("json"),
+            r#"{"cols":100,"rows":30}"#
+        );
+        assert!(serde_json::from_str::<ResizeRequest>(r#"{"cols":-1,"rows":3}"#).is_err());
+        assert!(serde_json::from_str::<ResizeRequest>(r#"{"cols":70000,"rows":3}"#).is_err());
+        assert!(window_size_is_valid(1, 1));
+        assert!(window_size_is_valid(
+            MAX_WINDOW_DIMENSION,
+            MAX_WINDOW_DIMENSION
+        ));
+        assert!(!window_size_is_valid(0, 24));
+        assert!(!window_size_is_valid(80, 0));
+        assert!(!window_size_is_valid(1001, 24));
+        assert!(!window_size_is_valid(80, 1001));
+    }
 }

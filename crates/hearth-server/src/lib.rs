@@ -22,6 +22,7 @@ use hearth_api::{ApiError, ErrorCode};
 use hearth_vm::Assets;
 use tracing::{info, warn};
 
+pub mod endpoint;
 pub mod engine;
 pub mod extensions;
 pub mod hooks;
@@ -57,6 +58,8 @@ pub enum ServerError {
     Vm(#[source] hearth_vm::VmError),
     #[error(transparent)]
     Tokens(#[from] tokens::TokenError),
+    #[error("cannot set up the endpoint certificate")]
+    Tls(#[source] hearth_proxy::tls::TlsError),
     #[error("cannot reconcile microVMs with their processes")]
     Reconcile(#[source] engine::EngineError),
     #[error("quota {0:?} must look like NAME=NUMBER with NAME one of memory-mib, images, versions-per-image, concurrent-builds")]
@@ -71,8 +74,15 @@ pub struct ServerConfig {
     /// `Operation=PER_SECOND` overrides of the default rate limits.
     pub rate_limits: Vec<String>,
     pub quotas: Quotas,
-    /// MicroVM endpoints are `<microvm-id>.<endpoint_domain>`.
+    /// MicroVM endpoints are `<microvm-id>.<endpoint_domain>[:port]`.
     pub endpoint_domain: String,
+    /// Where the endpoint proxy listens (plain HTTP/1.1 and h2c); None: no proxy.
+    pub endpoint_listen: Option<SocketAddr>,
+    /// Where it also listens with TLS (certificate in `DATA/tls`, generated at
+    /// first start unless the operator puts one there).
+    pub endpoint_tls_listen: Option<SocketAddr>,
+    /// The port shown in `endpoint` values (set from the bound listener).
+    pub endpoint_port: Option<u16>,
     /// Upper bound (and default) of `maximumDurationInSeconds`.
     pub max_lifetime_secs: u64,
 }
@@ -87,6 +97,9 @@ impl ServerConfig {
             rate_limits: Vec::new(),
             quotas: Quotas::default(),
             endpoint_domain: "localhost".into(),
+            endpoint_listen: None,
+            endpoint_tls_listen: None,
+            endpoint_port: None,
             max_lifetime_secs: 28_800,
         }
     }
@@ -176,15 +189,67 @@ pub fn app(state: Arc<AppState>) -> Router {
 }
 
 /// Opens the store and serves until the process ends.
-pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
+pub async fn serve(mut config: ServerConfig) -> Result<(), ServerError> {
     let listen = config.listen;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| ServerError::Listen(listen, e))?;
+    let bind = |addr: SocketAddr| async move {
+        tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| ServerError::Listen(addr, e))
+    };
+    let endpoint = match config.endpoint_listen {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
+    let endpoint_tls = match config.endpoint_tls_listen {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
+    let shown = endpoint.as_ref().or(endpoint_tls.as_ref());
+    config.endpoint_port = shown.and_then(|l| l.local_addr().ok()).map(|a| a.port());
     let state = start(config).await?;
-    let local = listener.local_addr().map_err(ServerError::Serve)?;
-    info!(address = %local, region = %state.config.region, data_dir = %state.config.data_dir.display(), "serving the Lambda MicroVMs API");
-    println!("hearth: listening on http://{local}");
+    let api_local = listener.local_addr().map_err(ServerError::Serve)?;
+    info!(address = %api_local, region = %state.config.region, data_dir = %state.config.data_dir.display(), "serving the Lambda MicroVMs API");
+    println!("hearth: listening on http://{api_local}");
+    let proxy_config = hearth_proxy::ProxyConfig {
+        domain: state.config.endpoint_domain.clone(),
+        ..Default::default()
+    };
+    let backend = endpoint::EndpointBackend::new(state.clone());
+    if let Some(listener) = endpoint {
+        let local = listener.local_addr().map_err(ServerError::Serve)?;
+        println!(
+            "hearth: endpoints on http://<microvm-id>.{}:{}",
+            state.config.endpoint_domain,
+            local.port()
+        );
+        let (backend, config) = (backend.clone(), proxy_config.clone());
+        tokio::spawn(async move {
+            if let Err(err) = hearth_proxy::serve(listener, backend, config).await {
+                warn!(error = %engine::error_chain(&err), "endpoint proxy stopped");
+            }
+        });
+    }
+    if let Some(listener) = endpoint_tls {
+        let tls = hearth_proxy::tls::load_or_generate(
+            &state.config.data_dir.join("tls"),
+            &state.config.endpoint_domain,
+        )
+        .map_err(ServerError::Tls)?;
+        let local = listener.local_addr().map_err(ServerError::Serve)?;
+        println!(
+            "hearth: endpoints on https://<microvm-id>.{}:{}",
+            state.config.endpoint_domain,
+            local.port()
+        );
+        tokio::spawn(async move {
+            if let Err(err) = hearth_proxy::serve_tls(listener, tls, backend, proxy_config).await {
+                warn!(error = %engine::error_chain(&err), "TLS endpoint proxy stopped");
+            }
+        });
+    }
     // On SIGTERM or Ctrl-C: stop accepting, let requests in flight finish.
     // MicroVMs keep running; the next start adopts them.
     axum::serve(listener, app(state))

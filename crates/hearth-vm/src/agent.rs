@@ -14,9 +14,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use hearth_proto::{
-    ConnectRequest, ErrorKind, ErrorReply, ExecRequest, ExitStatus, Frame, FrameCodec, FrameKind,
-    Hello, Incoming, ReadFileRequest, Reply, Request, RestoredRequest, SignalRequest,
-    WriteFileRequest, CONTROL_STREAM, FLAG_STDERR, FLAG_STDOUT, PROTOCOL_VERSION,
+    window_size_is_valid, ConnectRequest, ErrorKind, ErrorReply, ExecRequest, ExitStatus, Frame,
+    FrameCodec, FrameKind, Hello, Incoming, PtyRequest, ReadFileRequest, Reply, Request,
+    ResizeRequest, RestoredRequest, SignalRequest, WriteFileRequest, CONTROL_STREAM, FLAG_STDERR,
+    FLAG_STDOUT, MAX_WINDOW_DIMENSION, PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::UnixStream;
@@ -44,6 +45,8 @@ pub enum AgentError {
     Protocol(String),
     #[error("{}", .0.message)]
     Remote(ErrorReply),
+    #[error("window size {cols}x{rows} is out of range (1 to {MAX_WINDOW_DIMENSION} each)")]
+    WindowSize { cols: u16, rows: u16 },
 }
 
 impl AgentError {
@@ -292,6 +295,33 @@ impl AgentClient {
         result
     }
 
+    /// Runs a process on a new pseudo-terminal of `cols` x `rows` (each 1 to
+    /// [`MAX_WINDOW_DIMENSION`]), for interactive sessions. `request.pty.term`
+    /// is kept when set (`TERM` is `xterm-256color` otherwise); stdin is always
+    /// connected. The process is the leader of a new session with the terminal as
+    /// its controlling tty.
+    ///
+    /// Read the terminal's output with [`AgentStream::next_pty_event`] (or raw
+    /// frames with [`AgentStream::recv`]: `Data` flagged stdout, one `Eof`, then
+    /// `Exit`; a failure to start arrives there as an error). Type into it with
+    /// [`StreamSender::send_data`] and change its size with
+    /// [`StreamSender::resize`]; `Eof` means nothing to a terminal and is ignored.
+    /// Dropping the stream before the exit kills the process.
+    pub async fn exec_pty(
+        &self,
+        mut request: ExecRequest,
+        cols: u16,
+        rows: u16,
+    ) -> Result<AgentStream, AgentError> {
+        if !window_size_is_valid(cols, rows) {
+            return Err(AgentError::WindowSize { cols, rows });
+        }
+        let term = request.pty.take().and_then(|pty| pty.term);
+        request.pty = Some(PtyRequest { cols, rows, term });
+        request.stdin = true;
+        self.open(&Request::Exec(request)).await
+    }
+
     /// Runs a process and collects its output, each stream up to
     /// [`MAX_COLLECTED_OUTPUT`] bytes (the guest is untrusted: stream larger output
     /// with [`Self::exec`] instead).
@@ -436,6 +466,16 @@ pub struct AgentStream {
     finished: bool,
 }
 
+/// What a pseudo-terminal stream yields (see [`AgentStream::next_pty_event`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PtyEvent {
+    /// Bytes the terminal displayed (output and echoed input, with the
+    /// terminal's line endings).
+    Output(Bytes),
+    /// The process ended; no further events follow.
+    Exited(ExitStatus),
+}
+
 /// The sending half of a stream, usable from another task.
 #[derive(Debug, Clone)]
 pub struct StreamSender {
@@ -454,6 +494,23 @@ impl StreamSender {
     pub async fn send_eof(&self) -> Result<(), AgentError> {
         self.outgoing
             .send(Frame::new(self.id, FrameKind::Eof, Bytes::new()))
+            .await
+            .map_err(|_| AgentError::Closed)
+    }
+
+    /// Sets the window size of the stream's pseudo-terminal (see
+    /// [`AgentClient::exec_pty`]); the process sees `SIGWINCH`. A size outside 1 to
+    /// [`MAX_WINDOW_DIMENSION`] is refused here, before it would fail the stream.
+    pub async fn resize(&self, cols: u16, rows: u16) -> Result<(), AgentError> {
+        if !window_size_is_valid(cols, rows) {
+            return Err(AgentError::WindowSize { cols, rows });
+        }
+        self.outgoing
+            .send(Frame::json(
+                self.id,
+                FrameKind::Resize,
+                &ResizeRequest { cols, rows },
+            ))
             .await
             .map_err(|_| AgentError::Closed)
     }
@@ -526,6 +583,27 @@ impl AgentStream {
         let (ours, theirs) = tokio::io::duplex(IO_BUFFER);
         tokio::spawn(pump(self, ours));
         theirs
+    }
+
+    /// Next event of a stream opened with [`AgentClient::exec_pty`]: terminal
+    /// output, or the process's exit (after all of its output). `Error` frames
+    /// become `Err`.
+    pub async fn next_pty_event(&mut self) -> Result<PtyEvent, AgentError> {
+        loop {
+            let frame = self.recv().await?;
+            match frame.kind {
+                FrameKind::Data => return Ok(PtyEvent::Output(frame.payload)),
+                FrameKind::Eof => {}
+                FrameKind::Exit => {
+                    self.finished = true;
+                    return frame
+                        .parse()
+                        .map(PtyEvent::Exited)
+                        .map_err(|err| AgentError::Protocol(err.to_string()));
+                }
+                _ => return Err(self.unexpected_frame(&frame)),
+            }
+        }
     }
 
     /// Waits for a `Reply` frame.

@@ -61,6 +61,16 @@ struct ServeArgs {
     /// MicroVM endpoints are `<microvm-id>.<DOMAIN>`.
     #[arg(long, default_value = "localhost")]
     endpoint_domain: String,
+    /// Where the endpoint proxy listens (HTTP/1.1 and h2c).
+    #[arg(long, default_value = "127.0.0.1:9080")]
+    endpoint_listen: std::net::SocketAddr,
+    /// Also serve endpoints over TLS here (certificate in DATA/tls, generated
+    /// at first start for *.DOMAIN unless one is put there).
+    #[arg(long)]
+    endpoint_tls_listen: Option<std::net::SocketAddr>,
+    /// Serve no endpoints.
+    #[arg(long)]
+    no_endpoints: bool,
     /// Longest lifetime a microVM may ask for (maximumDurationInSeconds), in seconds.
     #[arg(long, default_value_t = 28_800, value_parser = clap::value_parser!(u64).range(1..=31_536_000))]
     max_lifetime: u64,
@@ -236,6 +246,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             config.rate_limits = args.rate_limits;
             config.quotas = hearth_server::parse_quotas(&args.quotas)?;
             config.endpoint_domain = args.endpoint_domain;
+            if !args.no_endpoints {
+                config.endpoint_listen = Some(args.endpoint_listen);
+                config.endpoint_tls_listen = args.endpoint_tls_listen;
+            }
             config.max_lifetime_secs = args.max_lifetime;
             hearth_server::serve(config).await?;
             Ok(ExitCode::SUCCESS)

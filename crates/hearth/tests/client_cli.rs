@@ -78,6 +78,8 @@ impl Sandbox {
                 data.to_str().expect("utf-8"),
                 "--listen",
                 "127.0.0.1:0",
+                "--endpoint-listen",
+                "127.0.0.1:0",
             ])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

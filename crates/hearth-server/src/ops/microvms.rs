@@ -73,7 +73,12 @@ fn load(state: &AppState, caller: &Caller, input: &Value) -> Result<MicrovmRow, 
 }
 
 fn endpoint(state: &AppState, row: &MicrovmRow) -> String {
-    format!("{}.{}", row.microvm_id, state.config.endpoint_domain)
+    match state.config.endpoint_port {
+        Some(port) if port != 80 && port != 443 => {
+            format!("{}.{}:{port}", row.microvm_id, state.config.endpoint_domain)
+        }
+        _ => format!("{}.{}", row.microvm_id, state.config.endpoint_domain),
+    }
 }
 
 /// GetMicrovm's and RunMicrovm's shape.

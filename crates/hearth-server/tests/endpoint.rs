@@ -1,0 +1,390 @@
+//! The endpoint proxy on real guests: tokens and ports, headers the app sees,
+//! the hooks port, idle suspension, auto-resume (one resume for many waiting
+//! requests, none for tokenless ones) and the suspended-duration limit.
+//!
+//! Idle timers run on persisted times; the test moves those times back in the
+//! database instead of waiting out the 60 s minimum of the API.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hearth_server::endpoint::EndpointBackend;
+use hearth_server::ops::{dispatch, Caller};
+use hearth_server::{AppState, ServerConfig};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const APP: &str = r#"
+import http.server, json, os, threading, time
+class App(http.server.BaseHTTPRequestHandler):
+    protocol_version = 'HTTP/1.1'
+    def do_GET(self):
+        body = json.dumps({'path': self.path, 'headers': {k.lower(): v for k, v in self.headers.items()}}).encode()
+        self.send_response(200)
+        self.send_header('Content-Type', 'application/json')
+        self.send_header('Content-Length', str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+class Hooks(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get('Content-Length') or 0))
+        with open('/tmp/hooks.log', 'a') as log:
+            log.write(self.path.rsplit('/', 1)[-1] + '\n')
+        self.send_response(200)
+        self.send_header('Content-Length', '0')
+        self.end_headers()
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header('Content-Length', '5')
+        self.end_headers()
+        self.wfile.write(b'hooks')
+    def log_message(self, *args):
+        pass
+threading.Thread(target=http.server.ThreadingHTTPServer(('0.0.0.0', 8080), App).serve_forever, daemon=True).start()
+http.server.ThreadingHTTPServer(('0.0.0.0', 9000), Hooks).serve_forever()
+"#;
+
+fn make_rootfs(dir: &Path) {
+    let base = hearth_vm::Assets::from_env()
+        .base_image("debian-12")
+        .expect("debian-12 base image");
+    std::fs::create_dir_all(dir).expect("mkdir rootfs");
+    let status = std::process::Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("rdump / {}", dir.display()))
+        .arg(&base)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("debugfs");
+    assert!(status.success() && dir.join("usr/bin/python3").exists());
+    std::fs::create_dir_all(dir.join("app")).expect("mkdir app");
+    std::fs::write(dir.join("app/server.py"), APP).expect("write app");
+}
+
+async fn call(state: &AppState, caller: &Caller, op: &str, input: Value) -> Value {
+    dispatch(state, caller, op, input)
+        .await
+        .unwrap_or_else(|e| panic!("{op}: {e:?}"))
+}
+
+async fn wait_state(state: &AppState, caller: &Caller, id: &str, want: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let vm = call(
+            state,
+            caller,
+            "GetMicrovm",
+            json!({"microvmIdentifier": id}),
+        )
+        .await;
+        if vm["state"] == want {
+            return vm;
+        }
+        assert!(Instant::now() < deadline, "waiting for {want}: {vm}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One HTTP/1.1 request through the proxy; returns (status, body).
+async fn get(
+    proxy: std::net::SocketAddr,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(proxy)
+        .await
+        .expect("connect");
+    let mut request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), stream.read_to_end(&mut response))
+        .await
+        .expect("response in time")
+        .expect("read");
+    let text = String::from_utf8_lossy(&response).to_string();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn db(data: &Path) -> rusqlite::Connection {
+    rusqlite::Connection::open(data.join("hearth.db")).expect("db")
+}
+
+async fn sh(state: &AppState, caller: &Caller, id: &str, script: &str) -> String {
+    let row = state
+        .store
+        .microvm(&caller.account_id, id)
+        .expect("store")
+        .expect("row");
+    let agent = state.engine.agent(&row).await.expect("agent");
+    let out = agent
+        .exec_output(hearth_proto::ExecRequest {
+            argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+            ..Default::default()
+        })
+        .await
+        .expect("exec");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn endpoint_tokens_idle_and_auto_resume() {
+    let t0 = Instant::now();
+    let work = tempfile::tempdir().expect("tempdir");
+    let data = work.path().join("data");
+    let rootfs = work.path().join("rootfs");
+    make_rootfs(&rootfs);
+    let state = hearth_server::start(ServerConfig::new(
+        data.clone(),
+        ([127, 0, 0, 1], 0).into(),
+        "us-east-1".into(),
+    ))
+    .await
+    .expect("start");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let proxy = listener.local_addr().expect("addr");
+    let backend = EndpointBackend::new(state.clone());
+    tokio::spawn(hearth_proxy::serve(
+        listener,
+        backend,
+        hearth_proxy::ProxyConfig::default(),
+    ));
+
+    let owner = state.store.create_account("owner").expect("account");
+    let caller = Caller {
+        account_id: owner.account_id.clone(),
+        region: "us-east-1".into(),
+    };
+    hearth_server::import::import_image(
+        &data,
+        &state.store,
+        state.engine.driver(),
+        &state.config.quotas,
+        &hearth_server::import::ImportRequest {
+            account_id: owner.account_id.clone(),
+            image_name: "web".into(),
+            region: "us-east-1".into(),
+            rootfs,
+            command: vec!["python3".into(), "/app/server.py".into()],
+            workdir: "/".into(),
+            hooks_port: Some(9000),
+            ready_timeout: Duration::from_secs(60),
+            microvm_hooks: vec!["run".into(), "resume".into(), "suspend".into()],
+            hook_timeout_secs: 10,
+            memory_mib: 256,
+            environment: Vec::new(),
+            description: None,
+        },
+        &|step: &str| eprintln!("import: {step}"),
+    )
+    .await
+    .expect("import");
+
+    let run = call(
+        &state,
+        &caller,
+        "RunMicrovm",
+        json!({"imageIdentifier": "web", "idlePolicy": {
+            "maxIdleDurationSeconds": 60, "suspendedDurationSeconds": 600, "autoResumeEnabled": true}}),
+    )
+    .await;
+    let id = run["microvmId"].as_str().expect("id").to_string();
+    wait_state(&state, &caller, &id, "RUNNING").await;
+    let host = format!("{id}.localhost:{}", proxy.port());
+    let token = |ports: Value| {
+        let state = state.clone();
+        let caller = caller.clone();
+        let id = id.clone();
+        async move {
+            let minted = call(
+                &state,
+                &caller,
+                "CreateMicrovmAuthToken",
+                json!({"microvmIdentifier": id, "expirationInMinutes": 5, "allowedPorts": ports}),
+            )
+            .await;
+            minted["authToken"]["X-aws-proxy-auth"]
+                .as_str()
+                .expect("token")
+                .to_string()
+        }
+    };
+    let app_token = token(json!([{"port": 8080}])).await;
+    let all_ports = token(json!([{"allPorts": {}}])).await;
+    let hooks_token = token(json!([{"port": 9000}])).await;
+
+    eprintln!("t={:?} The app sees the ", t0.elapsed());
+    // The app sees the request without the proxy's headers, with a request id.
+    let (status, body) = get(
+        proxy,
+        &host,
+        "/hello",
+        &[("X-aws-proxy-auth", &app_token), ("X-aws-proxy-trace", "x")],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let seen: Value = serde_json::from_str(&body).expect("app json");
+    assert_eq!(seen["path"], "/hello");
+    assert!(seen["headers"]["x-amzn-requestid"].is_string(), "{seen}");
+    assert!(seen["headers"].get("x-aws-proxy-auth").is_none(), "{seen}");
+    assert!(seen["headers"].get("x-aws-proxy-trace").is_none(), "{seen}");
+
+    eprintln!("t={:?} Token matrix:", t0.elapsed());
+    // Token matrix: none, another port, another VM's host, tampered.
+    assert_eq!(get(proxy, &host, "/", &[]).await.0, 403);
+    let other_port = [
+        ("X-aws-proxy-auth", app_token.as_str()),
+        ("X-aws-proxy-port", "8081"),
+    ];
+    assert_eq!(get(proxy, &host, "/", &other_port).await.0, 403);
+    let other_host = format!(
+        "microvm-00000000-0000-4000-8000-000000000000.localhost:{}",
+        proxy.port()
+    );
+    assert_eq!(
+        get(proxy, &other_host, "/", &[("X-aws-proxy-auth", &app_token)])
+            .await
+            .0,
+        403
+    );
+    let mut tampered = app_token.clone();
+    tampered.insert(10, 'x');
+    assert_eq!(
+        get(proxy, &host, "/", &[("X-aws-proxy-auth", &tampered)])
+            .await
+            .0,
+        403
+    );
+    eprintln!("t={:?} The hooks port:", t0.elapsed());
+    // The hooks port: not through allPorts, only when named.
+    let hooks_all = [
+        ("X-aws-proxy-auth", all_ports.as_str()),
+        ("X-aws-proxy-port", "9000"),
+    ];
+    assert_eq!(get(proxy, &host, "/", &hooks_all).await.0, 403);
+    let hooks_named = [
+        ("X-aws-proxy-auth", hooks_token.as_str()),
+        ("X-aws-proxy-port", "9000"),
+    ];
+    assert_eq!(
+        get(proxy, &host, "/", &hooks_named).await,
+        (200, "hooks".into())
+    );
+    eprintln!("t={:?} Nothing listens: ", t0.elapsed());
+    // Nothing listens: 502.
+    let closed = [
+        ("X-aws-proxy-auth", all_ports.as_str()),
+        ("X-aws-proxy-port", "7777"),
+    ];
+    assert_eq!(get(proxy, &host, "/", &closed).await.0, 502);
+
+    eprintln!("t={:?} Idle: with its la", t0.elapsed());
+    // Idle: with its last traffic moved 2 minutes back, the VM is suspended.
+    // (First let the watcher write the traffic above, at most a second old.)
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    db(&data)
+        .execute(
+            "UPDATE microvms SET last_activity_at = last_activity_at - 120000 WHERE microvm_id = ?1",
+            [&id],
+        )
+        .expect("update");
+    wait_state(&state, &caller, &id, "SUSPENDED").await;
+    // A request without a valid token does not wake it.
+    assert_eq!(get(proxy, &host, "/", &[]).await.0, 403);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let vm = call(
+        &state,
+        &caller,
+        "GetMicrovm",
+        json!({"microvmIdentifier": id}),
+    )
+    .await;
+    assert_eq!(vm["state"], "SUSPENDED");
+
+    eprintln!("t={:?} Ten concurrent re", t0.elapsed());
+    // Ten concurrent requests: all answered, one resume.
+    let mut requests = Vec::new();
+    for i in 0..10 {
+        let host = host.clone();
+        let token = app_token.clone();
+        requests.push(tokio::spawn(async move {
+            get(
+                proxy,
+                &host,
+                &format!("/r{i}"),
+                &[("X-aws-proxy-auth", &token)],
+            )
+            .await
+        }));
+    }
+    for request in requests {
+        let (status, body) = request.await.expect("task");
+        assert_eq!(status, 200, "{body}");
+    }
+    let vm = call(
+        &state,
+        &caller,
+        "GetMicrovm",
+        json!({"microvmIdentifier": id}),
+    )
+    .await;
+    assert_eq!(vm["state"], "RUNNING");
+    let hooks = sh(&state, &caller, &id, "cat /tmp/hooks.log").await;
+    let resumes = hooks.lines().filter(|l| *l == "resume").count();
+    assert_eq!(resumes, 1, "{hooks}");
+    assert_eq!(
+        hooks.lines().filter(|l| *l == "suspend").count(),
+        1,
+        "{hooks}"
+    );
+
+    eprintln!("t={:?} Suspended past su", t0.elapsed());
+    // Suspended past suspendedDurationSeconds: terminated with a reason.
+    call(
+        &state,
+        &caller,
+        "SuspendMicrovm",
+        json!({"microvmIdentifier": id}),
+    )
+    .await;
+    wait_state(&state, &caller, &id, "SUSPENDED").await;
+    db(&data)
+        .execute(
+            "UPDATE microvms SET suspended_at = suspended_at - 700000 WHERE microvm_id = ?1",
+            [&id],
+        )
+        .expect("update");
+    let ended = wait_state(&state, &caller, &id, "TERMINATED").await;
+    assert!(
+        ended["stateReason"]
+            .as_str()
+            .is_some_and(|r| r.contains("suspended longer")),
+        "{ended}"
+    );
+    // A token for a terminated VM opens nothing.
+    assert_ne!(
+        get(proxy, &host, "/", &[("X-aws-proxy-auth", &app_token)])
+            .await
+            .0,
+        200
+    );
+    let _ = Arc::strong_count(&state);
+}
