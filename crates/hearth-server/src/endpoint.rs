@@ -27,6 +27,21 @@ impl EndpointBackend {
     }
 }
 
+/// The proxy's backend and configuration for a server: its endpoint domain,
+/// and the shell and agent API served by [`crate::guest_api`].
+pub fn proxy(state: &Arc<AppState>) -> (Arc<EndpointBackend>, hearth_proxy::ProxyConfig) {
+    let backend = EndpointBackend::new(state.clone());
+    let config = hearth_proxy::ProxyConfig {
+        domain: state.config.endpoint_domain.clone(),
+        extension: Some(crate::guest_api::GuestApi::new(
+            state.clone(),
+            backend.clone(),
+        )),
+        ..Default::default()
+    };
+    (backend, config)
+}
+
 /// The reference answers every token problem with a bare 403.
 fn forbidden() -> Denied {
     Denied::Forbidden("Forbidden".into())

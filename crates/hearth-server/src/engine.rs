@@ -143,6 +143,24 @@ impl Engine {
         port: u16,
         wait: Duration,
     ) -> Result<tokio::io::DuplexStream, ConnectError> {
+        let agent = self.running_agent(microvm_id, wait).await?;
+        match agent.connect_tcp(port).await {
+            Ok(stream) => Ok(stream.into_io()),
+            Err(err) if err.remote_kind() == Some(hearth_proto::ErrorKind::ConnectionRefused) => {
+                Err(ConnectError::Refused)
+            }
+            Err(_) => Err(ConnectError::Unavailable),
+        }
+    }
+
+    /// The agent of a RUNNING microVM for endpoint traffic, resuming a
+    /// SUSPENDED one first when its idle policy has `autoResumeEnabled` (one
+    /// resume however many requests wait); waits at most `wait` for RUNNING.
+    pub async fn running_agent(
+        self: &Arc<Self>,
+        microvm_id: &str,
+        wait: Duration,
+    ) -> Result<Arc<AgentClient>, ConnectError> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let row = self
@@ -153,20 +171,10 @@ impl Engine {
             let auto_resume = row.spec["idlePolicy"]["autoResumeEnabled"] == true;
             match row.state {
                 MicrovmState::Running => {
-                    let agent = self
+                    return self
                         .agent(&row)
                         .await
-                        .map_err(|_| ConnectError::Unavailable)?;
-                    return match agent.connect_tcp(port).await {
-                        Ok(stream) => Ok(stream.into_io()),
-                        Err(err)
-                            if err.remote_kind()
-                                == Some(hearth_proto::ErrorKind::ConnectionRefused) =>
-                        {
-                            Err(ConnectError::Refused)
-                        }
-                        Err(_) => Err(ConnectError::Unavailable),
-                    };
+                        .map_err(|_| ConnectError::Unavailable);
                 }
                 MicrovmState::Suspended if auto_resume => {
                     let moved = self

@@ -25,6 +25,7 @@ use tracing::{info, warn};
 pub mod endpoint;
 pub mod engine;
 pub mod extensions;
+pub mod guest_api;
 pub mod hooks;
 pub mod ids;
 pub mod import;
@@ -213,11 +214,7 @@ pub async fn serve(mut config: ServerConfig) -> Result<(), ServerError> {
     let api_local = listener.local_addr().map_err(ServerError::Serve)?;
     info!(address = %api_local, region = %state.config.region, data_dir = %state.config.data_dir.display(), "serving the Lambda MicroVMs API");
     println!("hearth: listening on http://{api_local}");
-    let proxy_config = hearth_proxy::ProxyConfig {
-        domain: state.config.endpoint_domain.clone(),
-        ..Default::default()
-    };
-    let backend = endpoint::EndpointBackend::new(state.clone());
+    let (backend, proxy_config) = endpoint::proxy(&state);
     if let Some(listener) = endpoint {
         let local = listener.local_addr().map_err(ServerError::Serve)?;
         println!(

@@ -9,7 +9,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hearth_server::endpoint::EndpointBackend;
 use hearth_server::ops::{dispatch, Caller};
 use hearth_server::{AppState, ServerConfig};
 use serde_json::{json, Value};
@@ -161,12 +160,8 @@ async fn endpoint_tokens_idle_and_auto_resume() {
         .await
         .expect("bind");
     let proxy = listener.local_addr().expect("addr");
-    let backend = EndpointBackend::new(state.clone());
-    tokio::spawn(hearth_proxy::serve(
-        listener,
-        backend,
-        hearth_proxy::ProxyConfig::default(),
-    ));
+    let (backend, proxy_config) = hearth_server::endpoint::proxy(&state);
+    tokio::spawn(hearth_proxy::serve(listener, backend, proxy_config));
 
     let owner = state.store.create_account("owner").expect("account");
     let caller = Caller {
@@ -386,5 +381,226 @@ async fn endpoint_tokens_idle_and_auto_resume() {
             .0,
         200
     );
+    eprintln!("t={:?} shell", t0.elapsed());
+
+    // The shell and the agent API, with a shell token.
+    let shell_vm = call(
+        &state,
+        &caller,
+        "RunMicrovm",
+        json!({"imageIdentifier": "web", "ingressNetworkConnectors": [
+            "arn:aws:lambda:us-east-1:aws:network-connector:aws-network-connector:HTTP_INGRESS",
+            "arn:aws:lambda:us-east-1:aws:network-connector:aws-network-connector:SHELL_INGRESS"]}),
+    )
+    .await;
+    let shell_id = shell_vm["microvmId"].as_str().expect("id").to_string();
+    wait_state(&state, &caller, &shell_id, "RUNNING").await;
+    let minted = call(
+        &state,
+        &caller,
+        "CreateMicrovmShellAuthToken",
+        json!({"microvmIdentifier": shell_id, "expirationInMinutes": 5}),
+    )
+    .await;
+    let shell_token = minted["authToken"]["X-aws-proxy-auth"]
+        .as_str()
+        .expect("token")
+        .to_string();
+    let shell_host = format!("{shell_id}.localhost:{}", proxy.port());
+    let transcript = shell_session(proxy, &shell_host, &shell_token).await;
+    assert!(transcript.contains("hi-2"), "{transcript}");
+    assert!(
+        transcript.contains("30 100"),
+        "resize not applied: {transcript}"
+    );
+    // An app token does not open a shell.
+    let app_token = {
+        let minted = call(
+            &state,
+            &caller,
+            "CreateMicrovmAuthToken",
+            json!({"microvmIdentifier": shell_id, "expirationInMinutes": 5, "allowedPorts": [{"allPorts": {}}]}),
+        )
+        .await;
+        minted["authToken"]["X-aws-proxy-auth"]
+            .as_str()
+            .expect("token")
+            .to_string()
+    };
+    assert_eq!(
+        get(
+            proxy,
+            &shell_host,
+            "/.hearth/v1/files?path=/etc/hostname",
+            &[("X-aws-proxy-auth", &app_token)]
+        )
+        .await
+        .0,
+        403
+    );
+
+    // Agent API: write a file, read it back, exec with streamed output.
+    let content = "line one\nline two\n";
+    let (status, body) = send(
+        proxy,
+        &shell_host,
+        "PUT",
+        "/.hearth/v1/files?path=/root/api/note.txt&mode=600",
+        &shell_token,
+        content.as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = get(
+        proxy,
+        &shell_host,
+        "/.hearth/v1/files?path=/root/api/note.txt",
+        &[("X-aws-proxy-auth", &shell_token)],
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(body.contains("line one\nline two\n"), "{body:?}");
+    let missing = get(
+        proxy,
+        &shell_host,
+        "/.hearth/v1/files?path=/nope",
+        &[("X-aws-proxy-auth", &shell_token)],
+    )
+    .await;
+    assert_eq!(missing.0, 404, "{missing:?}");
+    let exec_body =
+        json!({"argv": ["sh", "-c", "stat -c %a /root/api/note.txt; echo err >&2; exit 3"]})
+            .to_string();
+    let (status, body) = send(
+        proxy,
+        &shell_host,
+        "POST",
+        "/.hearth/v1/exec",
+        &shell_token,
+        exec_body.as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let mut stdout = Vec::new();
+    let mut stderr = Vec::new();
+    let mut end = Value::Null;
+    for line in body.lines().filter(|l| l.starts_with('{')) {
+        let line: Value = serde_json::from_str(line).expect("json line");
+        let decode = |v: &Value| {
+            base64::Engine::decode(
+                &base64::engine::general_purpose::STANDARD,
+                v.as_str().unwrap_or(""),
+            )
+            .expect("base64")
+        };
+        if let Some(data) = line.get("stdout") {
+            stdout.extend(decode(data));
+        } else if let Some(data) = line.get("stderr") {
+            stderr.extend(decode(data));
+        } else {
+            end = line;
+        }
+    }
+    assert_eq!(String::from_utf8_lossy(&stdout), "600\n");
+    assert_eq!(String::from_utf8_lossy(&stderr), "err\n");
+    assert_eq!(end["exitCode"], 3, "{body}");
+    call(
+        &state,
+        &caller,
+        "TerminateMicrovm",
+        json!({"microvmIdentifier": shell_id}),
+    )
+    .await;
     let _ = Arc::strong_count(&state);
+}
+
+/// A request with a body through the proxy (chunked responses are returned raw).
+async fn send(
+    proxy: std::net::SocketAddr,
+    host: &str,
+    method: &str,
+    path: &str,
+    token: &str,
+    body: &[u8],
+) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(proxy)
+        .await
+        .expect("connect");
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nX-aws-proxy-auth: {token}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.expect("write");
+    stream.write_all(body).await.expect("write body");
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), stream.read_to_end(&mut response))
+        .await
+        .expect("in time")
+        .expect("read");
+    let text = String::from_utf8_lossy(&response).to_string();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Runs a shell session over the endpoint's `/shell` WebSocket; returns what
+/// the terminal showed. Checks the protocol: session_init first, close 1000.
+async fn shell_session(proxy: std::net::SocketAddr, host: &str, token: &str) -> String {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+    let mut request = format!("ws://{host}/shell")
+        .into_client_request()
+        .expect("request");
+    request.headers_mut().insert(
+        "sec-websocket-protocol",
+        format!("lambda-microvms, lambda-microvms.authentication.{token}")
+            .parse()
+            .expect("header"),
+    );
+    let tcp = tokio::net::TcpStream::connect(proxy)
+        .await
+        .expect("connect");
+    let (mut ws, response) = tokio_tungstenite::client_async(request, tcp)
+        .await
+        .expect("websocket handshake");
+    assert_eq!(response.status(), 101);
+    let first = ws.next().await.expect("frame").expect("frame");
+    let init: Value = serde_json::from_str(first.to_text().expect("text")).expect("json");
+    assert_eq!(init["type"], "session_init");
+    assert!(init["session_id"].is_string());
+    ws.send(Message::text(r#"{"type":"resize","cols":100,"rows":30}"#))
+        .await
+        .expect("resize");
+    ws.send(Message::binary(
+        b"stty size; echo hi-$((1+1)); exit\n".to_vec(),
+    ))
+    .await
+    .expect("keys");
+    let mut shown = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let message = tokio::time::timeout(remaining, ws.next())
+            .await
+            .expect("shell ended in time");
+        match message {
+            Some(Ok(Message::Binary(bytes))) => shown.extend_from_slice(&bytes),
+            Some(Ok(Message::Close(frame))) => {
+                let code = frame.map(|f| u16::from(f.code));
+                assert_eq!(code, Some(1000));
+                break;
+            }
+            Some(Ok(_)) => {}
+            other => panic!("shell stream ended badly: {other:?}"),
+        }
+    }
+    String::from_utf8_lossy(&shown).to_string()
 }

@@ -1,0 +1,511 @@
+//! What the endpoint serves itself instead of forwarding to the app:
+//!
+//! - `GET /shell` upgraded to a WebSocket (the reference's shell protocol): a
+//!   first text frame `{"type":"session_init","session_id":...}`, binary frames
+//!   carrying a root PTY's bytes both ways, text `{"type":"resize","cols","rows"}`,
+//!   close 1000 when the shell exits. Other text is typed into the shell, as
+//!   the reference does with unknown control JSON.
+//! - The agent API (hearth extension) under `/.hearth/v1/`, authorised by a
+//!   shell token (`CreateMicrovmShellAuthToken`: it already grants a root shell):
+//!   `POST /.hearth/v1/exec` (JSON `{"argv","env"?,"cwd"?,"stdin"?: base64,
+//!   "timeoutInSeconds"?}`, answered as a stream of JSON lines
+//!   `{"stdout": base64}`, `{"stderr": base64}`, then `{"exitCode"?, "signal"?,
+//!   "timedOut"}`), `PUT /.hearth/v1/files?path=/abs&mode=644` (streamed body),
+//!   `GET /.hearth/v1/files?path=/abs` (streamed content).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use hearth_proto::{ExecRequest, FrameKind, WriteFileRequest};
+use hearth_proxy::{
+    Access, Backend, BoxFuture, ExtensionHandler, ExtensionRequest, ExtensionRoute, ProxyBody,
+};
+use http::{Response, StatusCode};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+use serde_json::json;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
+use tokio_tungstenite::tungstenite::Message;
+use tracing::{info, warn};
+
+use crate::endpoint::EndpointBackend;
+use crate::AppState;
+
+/// How long a request may wait for a suspended VM to resume.
+const RESUME_WAIT: Duration = Duration::from_secs(30);
+/// Largest exec request body.
+const MAX_EXEC_BODY: usize = 1024 * 1024;
+/// The shell a session runs: bash when the image has it.
+const SHELL: &str = "if [ -x /bin/bash ]; then exec /bin/bash -l; else exec /bin/sh -l; fi";
+
+#[derive(Debug)]
+pub struct GuestApi {
+    state: Arc<AppState>,
+    backend: Arc<EndpointBackend>,
+}
+
+impl GuestApi {
+    pub fn new(state: Arc<AppState>, backend: Arc<EndpointBackend>) -> Arc<Self> {
+        Arc::new(Self { state, backend })
+    }
+}
+
+fn text(status: StatusCode, message: &str) -> Response<ProxyBody> {
+    let body = http_body_util::Full::new(Bytes::from(json!({ "message": message }).to_string()))
+        .map_err(|never| match never {})
+        .boxed_unsync();
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+impl ExtensionHandler for GuestApi {
+    fn handle(&self, request: ExtensionRequest) -> BoxFuture<'_, Response<ProxyBody>> {
+        Box::pin(async move {
+            let Some(token) = request.token.as_deref() else {
+                return text(StatusCode::FORBIDDEN, "Missing authentication token");
+            };
+            // Shell sessions and the agent API both need a shell token.
+            if self
+                .backend
+                .authorize(&request.microvm_id, token, Access::Shell)
+                .is_err()
+            {
+                return text(StatusCode::FORBIDDEN, "Forbidden");
+            }
+            match request.route {
+                ExtensionRoute::Shell => self.shell(request).await,
+                ExtensionRoute::Reserved => self.agent_api(request).await,
+            }
+        })
+    }
+}
+
+impl GuestApi {
+    async fn agent(
+        &self,
+        microvm_id: &str,
+    ) -> Result<Arc<hearth_vm::AgentClient>, Response<ProxyBody>> {
+        self.state
+            .engine
+            .running_agent(microvm_id, RESUME_WAIT)
+            .await
+            .map_err(|err| text(StatusCode::BAD_GATEWAY, &err.to_string()))
+    }
+
+    async fn shell(&self, request: ExtensionRequest) -> Response<ProxyBody> {
+        let ExtensionRequest {
+            microvm_id,
+            mut request,
+            ..
+        } = request;
+        let Some(key) = request
+            .headers()
+            .get("sec-websocket-key")
+            .map(|k| k.as_bytes().to_vec())
+        else {
+            return text(StatusCode::BAD_REQUEST, "Not a WebSocket request");
+        };
+        let offered_ours = request
+            .headers()
+            .get_all("sec-websocket-protocol")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|p| p.trim() == "lambda-microvms");
+        let agent = match self.agent(&microvm_id).await {
+            Ok(agent) => agent,
+            Err(response) => return response,
+        };
+        let upgrade = hyper::upgrade::on(&mut request);
+        let state = self.state.clone();
+        tokio::spawn(async move {
+            match upgrade.await {
+                Ok(upgraded) => {
+                    let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+                        TokioIo::new(upgraded),
+                        Role::Server,
+                        None,
+                    )
+                    .await;
+                    run_shell(state, agent, &microvm_id, ws).await;
+                }
+                Err(err) => warn!(error = %err, "shell upgrade failed"),
+            }
+        });
+        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(&key);
+        let mut response = Response::new(
+            http_body_util::Empty::new()
+                .map_err(|never| match never {})
+                .boxed_unsync(),
+        );
+        *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let headers = response.headers_mut();
+        headers.insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("upgrade"),
+        );
+        headers.insert(
+            http::header::UPGRADE,
+            http::HeaderValue::from_static("websocket"),
+        );
+        if let Ok(value) = http::HeaderValue::from_str(&accept) {
+            headers.insert("sec-websocket-accept", value);
+        }
+        if offered_ours {
+            headers.insert(
+                "sec-websocket-protocol",
+                http::HeaderValue::from_static("lambda-microvms"),
+            );
+        }
+        response
+    }
+
+    async fn agent_api(&self, request: ExtensionRequest) -> Response<ProxyBody> {
+        let ExtensionRequest {
+            microvm_id,
+            request,
+            ..
+        } = request;
+        let path = request.uri().path().to_string();
+        let query = request.uri().query().unwrap_or_default().to_string();
+        let method = request.method().clone();
+        let agent = match self.agent(&microvm_id).await {
+            Ok(agent) => agent,
+            Err(response) => return response,
+        };
+        self.state.engine.note_traffic(&microvm_id);
+        match (method, path.as_str()) {
+            (http::Method::POST, "/.hearth/v1/exec") => exec(agent, request).await,
+            (http::Method::PUT, "/.hearth/v1/files") => put_file(agent, &query, request).await,
+            (http::Method::GET, "/.hearth/v1/files") => get_file(agent, &query).await,
+            _ => text(StatusCode::NOT_FOUND, "Unknown agent API route"),
+        }
+    }
+}
+
+async fn run_shell<S>(
+    state: Arc<AppState>,
+    agent: Arc<hearth_vm::AgentClient>,
+    microvm_id: &str,
+    mut ws: tokio_tungstenite::WebSocketStream<S>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let session_id = crate::ids::new_uuid();
+    let init = json!({"type": "session_init", "session_id": session_id}).to_string();
+    if ws.send(Message::text(init)).await.is_err() {
+        return;
+    }
+    let request = ExecRequest {
+        argv: vec!["/bin/sh".into(), "-c".into(), SHELL.into()],
+        cwd: Some("/root".into()),
+        ..Default::default()
+    };
+    let mut stream = match agent.exec_pty(request, 80, 24).await {
+        Ok(stream) => stream,
+        Err(err) => {
+            warn!(microvm = microvm_id, error = %err, "shell did not start");
+            let _ = ws
+                .send(Message::Close(Some(CloseFrame {
+                    code: CloseCode::Error,
+                    reason: "shell could not start".into(),
+                })))
+                .await;
+            return;
+        }
+    };
+    info!(microvm = microvm_id, session = %session_id, "shell session");
+    let sender = stream.sender();
+    loop {
+        tokio::select! {
+            incoming = ws.next() => {
+                state.engine.note_traffic(microvm_id);
+                let message = match incoming {
+                    Some(Ok(message)) => message,
+                    _ => break,
+                };
+                let sent = match message {
+                    Message::Binary(bytes) => sender.send_data(bytes).await,
+                    Message::Text(text) => match resize_of(text.as_str()) {
+                        Some((cols, rows)) => sender.resize(cols, rows).await,
+                        None => sender.send_data(Bytes::copy_from_slice(text.as_bytes())).await,
+                    },
+                    Message::Close(_) => break,
+                    _ => Ok(()),
+                };
+                if sent.is_err() {
+                    break;
+                }
+            }
+            event = stream.next_pty_event() => {
+                state.engine.note_traffic(microvm_id);
+                match event {
+                    Ok(hearth_vm::agent::PtyEvent::Output(bytes)) => {
+                        if ws.send(Message::Binary(bytes)).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(hearth_vm::agent::PtyEvent::Exited(_)) => {
+                        let _ = ws
+                            .send(Message::Close(Some(CloseFrame {
+                                code: CloseCode::Normal,
+                                reason: "shell exited".into(),
+                            })))
+                            .await;
+                        // Let the close handshake finish.
+                        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                            while let Some(Ok(_)) = ws.next().await {}
+                        })
+                        .await;
+                        return;
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+    }
+    let _ = ws.close(None).await;
+}
+
+/// `{"type":"resize","cols":C,"rows":R}` with a sane size.
+fn resize_of(text: &str) -> Option<(u16, u16)> {
+    let value: serde_json::Value = serde_json::from_str(text).ok()?;
+    if value["type"] != "resize" {
+        return None;
+    }
+    let cols = u16::try_from(value["cols"].as_u64()?).ok()?;
+    let rows = u16::try_from(value["rows"].as_u64()?).ok()?;
+    hearth_proto::window_size_is_valid(cols, rows).then_some((cols, rows))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ExecBody {
+    argv: Vec<String>,
+    #[serde(default)]
+    env: std::collections::BTreeMap<String, String>,
+    cwd: Option<String>,
+    stdin: Option<String>,
+    timeout_in_seconds: Option<u64>,
+}
+
+async fn exec(
+    agent: Arc<hearth_vm::AgentClient>,
+    request: http::Request<hyper::body::Incoming>,
+) -> Response<ProxyBody> {
+    let body = match http_body_util::Limited::new(request.into_body(), MAX_EXEC_BODY)
+        .collect()
+        .await
+    {
+        Ok(body) => body.to_bytes(),
+        Err(_) => return text(StatusCode::PAYLOAD_TOO_LARGE, "Request body too large"),
+    };
+    let parsed: ExecBody = match serde_json::from_slice(&body) {
+        Ok(parsed) => parsed,
+        Err(err) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                &format!("Invalid exec request: {err}"),
+            )
+        }
+    };
+    if parsed.argv.is_empty() {
+        return text(StatusCode::BAD_REQUEST, "argv must not be empty");
+    }
+    let stdin = match parsed
+        .stdin
+        .as_deref()
+        .map(|s| base64::engine::general_purpose::STANDARD.decode(s))
+    {
+        None => None,
+        Some(Ok(bytes)) => Some(bytes),
+        Some(Err(_)) => return text(StatusCode::BAD_REQUEST, "stdin must be base64"),
+    };
+    let timeout = parsed.timeout_in_seconds.unwrap_or(300).clamp(1, 86_400);
+    let mut stream = match agent
+        .open(&hearth_proto::Request::Exec(ExecRequest {
+            argv: parsed.argv,
+            env: parsed.env.into_iter().collect(),
+            cwd: parsed.cwd,
+            stdin: stdin.is_some(),
+            timeout_ms: Some(timeout * 1000),
+            ..Default::default()
+        }))
+        .await
+    {
+        Ok(stream) => stream,
+        Err(err) => return text(StatusCode::BAD_GATEWAY, &format!("exec failed: {err}")),
+    };
+    if let Some(bytes) = stdin {
+        let sender = stream.sender();
+        tokio::spawn(async move { sender.send_all(std::io::Cursor::new(bytes)).await });
+    }
+    // Output streams out as JSON lines while the process runs.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, hearth_proxy::BoxError>>(16);
+    tokio::spawn(async move {
+        let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+        loop {
+            let line = match stream.recv().await {
+                Ok(frame) if frame.kind == FrameKind::Data => {
+                    let key = if frame.flags == hearth_proto::FLAG_STDERR {
+                        "stderr"
+                    } else {
+                        "stdout"
+                    };
+                    json!({ key: b64(&frame.payload) })
+                }
+                Ok(frame) if frame.kind == FrameKind::Exit => {
+                    let status: hearth_proto::ExitStatus = match frame.parse() {
+                        Ok(status) => status,
+                        Err(_) => break,
+                    };
+                    let mut end = json!({"timedOut": status.timed_out});
+                    if let Some(code) = status.code {
+                        end["exitCode"] = json!(code);
+                    }
+                    if let Some(signal) = status.signal {
+                        end["signal"] = json!(signal);
+                    }
+                    let _ = tx
+                        .send(Ok(Frame::data(Bytes::from(format!("{end}\n")))))
+                        .await;
+                    break;
+                }
+                Ok(_) => continue,
+                Err(err) => json!({ "error": err.to_string() }),
+            };
+            let done = line.get("error").is_some();
+            if tx
+                .send(Ok(Frame::data(Bytes::from(format!("{line}\n")))))
+                .await
+                .is_err()
+                || done
+            {
+                break;
+            }
+        }
+    });
+    let lines = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    let body = StreamBody::new(lines).boxed_unsync();
+    let mut response = Response::new(body);
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/x-ndjson"),
+    );
+    response
+}
+
+/// `path` (absolute) and `mode` (octal) from a query string.
+fn file_params(query: &str) -> Result<(String, Option<u32>), &'static str> {
+    let mut path = None;
+    let mut mode = None;
+    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+        match key.as_ref() {
+            "path" => path = Some(value.into_owned()),
+            "mode" => {
+                let bits =
+                    u32::from_str_radix(&value, 8).map_err(|_| "mode must be octal, e.g. 644")?;
+                mode = Some(bits);
+            }
+            _ => {}
+        }
+    }
+    match path {
+        Some(path) if path.starts_with('/') && path.len() <= 4096 => Ok((path, mode)),
+        _ => Err("path must be an absolute path"),
+    }
+}
+
+async fn put_file(
+    agent: Arc<hearth_vm::AgentClient>,
+    query: &str,
+    request: http::Request<hyper::body::Incoming>,
+) -> Response<ProxyBody> {
+    let (path, mode) = match file_params(query) {
+        Ok(params) => params,
+        Err(message) => return text(StatusCode::BAD_REQUEST, message),
+    };
+    // The body streams into the guest through a pipe; nothing is buffered whole.
+    let (reader, mut writer) = tokio::io::duplex(256 * 1024);
+    let mut body = request.into_body();
+    tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else { return };
+            if let Ok(data) = frame.into_data() {
+                if writer.write_all(&data).await.is_err() {
+                    return;
+                }
+            }
+        }
+        let _ = writer.shutdown().await;
+    });
+    match agent
+        .write_file(
+            WriteFileRequest {
+                path,
+                mode,
+                uid: None,
+                gid: None,
+                create_parents: true,
+            },
+            reader,
+        )
+        .await
+    {
+        Ok(bytes) => {
+            let mut response = text(StatusCode::CREATED, "written");
+            *response.body_mut() =
+                http_body_util::Full::new(Bytes::from(json!({ "bytes": bytes }).to_string()))
+                    .map_err(|never| match never {})
+                    .boxed_unsync();
+            response
+        }
+        Err(err) => text(StatusCode::BAD_REQUEST, &format!("write failed: {err}")),
+    }
+}
+
+async fn get_file(agent: Arc<hearth_vm::AgentClient>, query: &str) -> Response<ProxyBody> {
+    let (path, _) = match file_params(query) {
+        Ok(params) => params,
+        Err(message) => return text(StatusCode::BAD_REQUEST, message),
+    };
+    let (mut writer, reader) = tokio::io::duplex(256 * 1024);
+    let (status_tx, status_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let result = agent.read_file(&path, &mut writer).await;
+        let _ = status_tx.send(result.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+    });
+    // Wait for the first bytes or the error before choosing the status.
+    let stream = tokio_util::io::ReaderStream::new(reader).map(|chunk| {
+        chunk
+            .map(Frame::data)
+            .map_err(|e| Box::new(e) as hearth_proxy::BoxError)
+    });
+    let mut stream = Box::pin(stream.peekable());
+    let first_ready = stream.as_mut().peek().await.is_some();
+    if !first_ready {
+        if let Ok(Err(message)) = status_rx.await {
+            return text(StatusCode::NOT_FOUND, &format!("read failed: {message}"));
+        }
+    }
+    let mut response = Response::new(StreamBody::new(stream).boxed_unsync());
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/octet-stream"),
+    );
+    response
+}
