@@ -11,7 +11,9 @@
 //!   "timeoutInSeconds"?}`, answered as a stream of JSON lines
 //!   `{"stdout": base64}`, `{"stderr": base64}`, then `{"exitCode"?, "signal"?,
 //!   "timedOut"}`), `PUT /.hearth/v1/files?path=/abs&mode=644` (streamed body),
-//!   `GET /.hearth/v1/files?path=/abs` (streamed content).
+//!   `GET /.hearth/v1/files?path=/abs` (streamed content),
+//!   `GET /.hearth/v1/ls?path=/dir` (`{"entries": [{"name","type","size","mode","modifiedAt"}]}`,
+//!   listed with the image's `find`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -189,6 +191,7 @@ impl GuestApi {
             (http::Method::POST, "/.hearth/v1/exec") => exec(agent, request).await,
             (http::Method::PUT, "/.hearth/v1/files") => put_file(agent, &query, request).await,
             (http::Method::GET, "/.hearth/v1/files") => get_file(agent, &query).await,
+            (http::Method::GET, "/.hearth/v1/ls") => list_dir(agent, &query).await,
             _ => text(StatusCode::NOT_FOUND, "Unknown agent API route"),
         }
     }
@@ -507,5 +510,72 @@ async fn get_file(agent: Arc<hearth_vm::AgentClient>, query: &str) -> Response<P
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/octet-stream"),
     );
+    response
+}
+
+/// Most entries one listing returns.
+const MAX_LISTING: usize = 10_000;
+
+async fn list_dir(agent: Arc<hearth_vm::AgentClient>, query: &str) -> Response<ProxyBody> {
+    let (path, _) = match file_params(query) {
+        Ok(params) => params,
+        Err(message) => return text(StatusCode::BAD_REQUEST, message),
+    };
+    // The agent has no listing primitive; GNU find (Essential in Debian) prints
+    // one NUL-terminated record per entry, so names may hold any byte but NUL.
+    let output = agent
+        .exec_output(ExecRequest {
+            argv: vec![
+                "find".into(),
+                path.clone(),
+                "-mindepth".into(),
+                "1".into(),
+                "-maxdepth".into(),
+                "1".into(),
+                "-printf".into(),
+                "%y %s %m %T@ %f\\0".into(),
+            ],
+            timeout_ms: Some(30_000),
+            ..Default::default()
+        })
+        .await;
+    let output = match output {
+        Ok(output) if output.status.code == Some(0) => output,
+        Ok(output) => {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            return text(
+                StatusCode::NOT_FOUND,
+                &format!("cannot list {path}: {}", stderr.trim()),
+            );
+        }
+        Err(err) => return text(StatusCode::BAD_GATEWAY, &format!("listing failed: {err}")),
+    };
+    let entries: Vec<serde_json::Value> = output
+        .stdout
+        .split(|b| *b == 0)
+        .filter(|record| !record.is_empty())
+        .take(MAX_LISTING)
+        .filter_map(|record| {
+            let record = String::from_utf8_lossy(record);
+            let mut fields = record.splitn(5, ' ');
+            let kind = match fields.next()? {
+                "f" => "file",
+                "d" => "directory",
+                "l" => "symlink",
+                _ => "other",
+            };
+            let size: u64 = fields.next()?.parse().ok()?;
+            let mode = fields.next()?.to_string();
+            let modified: f64 = fields.next()?.parse().ok()?;
+            let name = fields.next()?.to_string();
+            Some(json!({"name": name, "type": kind, "size": size, "mode": mode, "modifiedAt": modified}))
+        })
+        .collect();
+    let mut response = text(StatusCode::OK, "");
+    *response.body_mut() = http_body_util::Full::new(Bytes::from(
+        json!({ "path": path, "entries": entries }).to_string(),
+    ))
+    .map_err(|never| match never {})
+    .boxed_unsync();
     response
 }

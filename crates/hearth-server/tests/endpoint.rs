@@ -460,6 +460,19 @@ async fn endpoint_tokens_idle_and_auto_resume() {
     .await;
     assert_eq!(status, 200);
     assert!(body.contains("line one\nline two\n"), "{body:?}");
+    let (status, body) = get(
+        proxy,
+        &shell_host,
+        "/.hearth/v1/ls?path=/root/api",
+        &[("X-aws-proxy-auth", &shell_token)],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let listing: Value = serde_json::from_str(&body).expect("listing json");
+    assert_eq!(listing["entries"][0]["name"], "note.txt", "{listing}");
+    assert_eq!(listing["entries"][0]["type"], "file");
+    assert_eq!(listing["entries"][0]["size"], content.len());
+    assert_eq!(listing["entries"][0]["mode"], "600");
     let missing = get(
         proxy,
         &shell_host,
