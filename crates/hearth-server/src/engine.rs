@@ -458,10 +458,17 @@ impl Engine {
             // snapshot was loading): adopt it only if its agent answers.
             let mut agent = None;
             if let (true, Some(vm)) = (running, &vm) {
-                match self.probe_agent(vm).await {
-                    Some(client) => agent = Some(client),
-                    None => running = false,
+                agent = self.probe_agent(vm).await;
+                if agent.is_none() {
+                    // Perhaps paused by an interrupted suspend: let it run on.
+                    match self.driver.recover(vm).await {
+                        Ok(()) => agent = self.probe_agent(vm).await,
+                        Err(err) => {
+                            warn!(microvm = %row.microvm_id, error = %error_chain(&err), "cannot recover VM")
+                        }
+                    }
                 }
+                running = agent.is_some();
             }
             let suspended = vm
                 .as_ref()

@@ -47,6 +47,8 @@ const MAX_BODY: usize = 1024 * 1024;
 pub enum ServerError {
     #[error("cannot create the data directory {0}")]
     DataDir(PathBuf, #[source] std::io::Error),
+    #[error("the data directory path {0} is too long: VM sockets beneath it would exceed the 107-byte limit of UNIX socket paths")]
+    DataDirTooLong(PathBuf),
     #[error(transparent)]
     Store(#[from] store::StoreError),
     #[error("cannot listen on {0}")]
@@ -104,6 +106,16 @@ impl ServerConfig {
             max_lifetime_secs: 28_800,
         }
     }
+}
+
+/// QEMU's sockets live at `<vms dir>/<vm name>/agent.sock` (VM names up to 40
+/// bytes); a UNIX socket path holds at most 107 bytes.
+pub fn check_socket_room(assets: &Assets) -> Result<(), ServerError> {
+    let longest = assets.vms_dir().as_os_str().len() + 1 + 40 + "/agent.sock".len();
+    if longest > 107 {
+        return Err(ServerError::DataDirTooLong(assets.state_dir.clone()));
+    }
+    Ok(())
 }
 
 /// Applies `NAME=NUMBER` quota overrides.
@@ -279,6 +291,7 @@ pub async fn start(config: ServerConfig) -> Result<Arc<AppState>, ServerError> {
     let store = Store::open(&config.data_dir)?;
     let limits = limits::RateLimits::new(&config.rate_limits)?;
     let assets = engine_assets(&config.data_dir);
+    check_socket_room(&assets)?;
     hearth_vm::disk::create_private_dir_all(&assets.vms_dir())
         .map_err(|e| ServerError::DataDir(assets.vms_dir(), std::io::Error::other(e)))?;
     let driver = hearth_vm::QemuDriver::new(assets.clone()).map_err(ServerError::Vm)?;

@@ -189,3 +189,40 @@ impl Drop for GuestPage {
         }
     }
 }
+
+/// The host's TSC frequency in kHz, measured once per process against the
+/// monotonic clock (about 50 ms).
+///
+/// Under TCG the guest's TSC runs at the host's rate, while the guest's
+/// PIT-based TSC calibration depends on how fast QEMU emulates: on a busy host
+/// it fails ("Unable to calibrate against PIT"), the kernel finds no other
+/// clock source on the `microvm` machine, and the boot hangs. Passing this
+/// value as `tsc_early_khz=` skips that calibration.
+pub fn host_tsc_khz() -> Option<u64> {
+    static KHZ: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *KHZ.get_or_init(measure_tsc_khz)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn measure_tsc_khz() -> Option<u64> {
+    let read = || {
+        // SAFETY: RDTSC has no memory effects and exists on every x86-64 CPU.
+        unsafe { core::arch::x86_64::_rdtsc() }
+    };
+    let start = std::time::Instant::now();
+    let first = read();
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let ticks = read().wrapping_sub(first);
+    let elapsed = start.elapsed().as_nanos() as u64;
+    if elapsed == 0 {
+        return None;
+    }
+    let khz = ticks.saturating_mul(1_000_000) / elapsed;
+    // A plausible CPU clock (100 MHz to 10 GHz), else do not pass one.
+    (100_000..=10_000_000).contains(&khz).then_some(khz)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn measure_tsc_khz() -> Option<u64> {
+    None
+}

@@ -85,6 +85,18 @@ enum Incoming<'a> {
     Uri(&'a str),
 }
 
+/// The guest kernel's command line for a cold boot.
+fn boot_cmdline(accel: Accel) -> String {
+    let mut cmdline = String::from("console=ttyS0 quiet panic=-1 hearth.root=/dev/vda");
+    // See `accel::host_tsc_khz`: without it a TCG boot on a busy host can hang.
+    if accel == Accel::Tcg {
+        if let Some(khz) = accel::host_tsc_khz() {
+            cmdline.push_str(&format!(" tsc_early_khz={khz}"));
+        }
+    }
+    cmdline
+}
+
 /// A QEMU process found on the host (see [`QemuDriver::processes`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QemuProcess {
@@ -193,6 +205,36 @@ impl QemuDriver {
             });
         }
         Ok(AgentClient::connect(&vm.agent_socket(), Duration::from_secs(10)).await?)
+    }
+
+    /// Brings back a running VM whose controller died in the middle of an
+    /// operation (e.g. a suspend: the guest paused, its state half written):
+    /// cancels a migration in flight, lets the guest run again and drops the
+    /// partial suspend state. The caller then checks the agent.
+    pub async fn recover(&self, vm: &VmRecord) -> Result<(), VmError> {
+        let mut qmp = Qmp::connect_with_retry(&vm.qmp_socket(), Duration::from_secs(5)).await?;
+        let _ = qmp
+            .execute::<serde_json::Value>("migrate_cancel", None)
+            .await;
+        // A cancelled migration takes a moment to leave the `cancelling` state.
+        for _ in 0..50 {
+            let status = qmp
+                .execute::<serde_json::Value>("query-migrate", None)
+                .await?;
+            let state = status["status"].as_str().unwrap_or("none");
+            if !matches!(
+                state,
+                "active" | "cancelling" | "setup" | "device" | "pre-switchover"
+            ) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if !qmp.query_status().await?.running {
+            qmp.cont().await?;
+        }
+        let _ = std::fs::remove_file(vm.suspend_state());
+        Ok(())
     }
 
     /// Every live QEMU process that runs a VM of this driver's state directory,
@@ -591,7 +633,7 @@ impl QemuDriver {
                 accel: self.accel,
                 kernel: kernel.vmlinuz.clone(),
                 initrd: kernel.initrd.clone(),
-                cmdline: "console=ttyS0 quiet panic=-1 hearth.root=/dev/vda".into(),
+                cmdline: boot_cmdline(self.accel),
                 disk: dir.join("disk.qcow2"),
                 memory: Memory::SharedFile {
                     path: self.ram_file(&instance)?,

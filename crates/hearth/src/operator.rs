@@ -87,6 +87,7 @@ pub async fn import(args: ImportArgs, data_dir: PathBuf) -> Result<ExitCode> {
     let store = hearth_server::Store::open(&data_dir)
         .with_context(|| format!("opening the server's data in {}", data_dir.display()))?;
     let assets = hearth_server::engine_assets(&data_dir);
+    hearth_server::check_socket_room(&assets)?;
     hearth_vm::disk::create_private_dir_all(&assets.vms_dir())
         .with_context(|| format!("creating {}", assets.vms_dir().display()))?;
     let driver = hearth_vm::QemuDriver::new(assets)?;
