@@ -5,7 +5,7 @@ import botocore.exceptions
 import pytest
 import requests
 
-from conftest import REGION, client_for, create_account, start_server
+from conftest import REGION, client_for, create_account, short_data_dir, start_server
 
 
 def error_of(excinfo):
@@ -103,7 +103,8 @@ def test_pagination_with_max_results(client):
     assert len(flat) == len(set(flat)) >= 1
 
 
-def test_rate_limit_is_429_per_account(model_path, tmp_path):
+def test_rate_limit_is_429_per_account(model_path, tmp_path_factory):
+    tmp_path = short_data_dir(tmp_path_factory, "rates")
     proc, url = start_server(tmp_path, "--rate-limit", "ListManagedMicrovmImages=1")
     try:
         server = {"url": url, "data_dir": tmp_path}
