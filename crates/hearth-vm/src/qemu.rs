@@ -87,7 +87,9 @@ enum Incoming<'a> {
 
 /// The guest kernel's command line for a cold boot.
 fn boot_cmdline(accel: Accel) -> String {
-    let mut cmdline = String::from("console=ttyS0 quiet panic=-1 hearth.root=/dev/vda");
+    // Every microVM of an image has the hostname `localhost`, as the reference.
+    let mut cmdline =
+        String::from("console=ttyS0 quiet panic=-1 hearth.root=/dev/vda hearth.hostname=localhost");
     // See `accel::host_tsc_khz`: without it a TCG boot on a busy host can hang.
     if accel == Accel::Tcg {
         if let Some(khz) = accel::host_tsc_khz() {
