@@ -11,18 +11,18 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
 use hearth_proto::{
     window_size_is_valid, ConnectRequest, ErrorKind, ErrorReply, ExecRequest, ExitStatus, Frame,
     FrameCodec, FrameKind, Hello, Incoming, PtyRequest, ReadFileRequest, Reply, Request,
     ResizeRequest, RestoredRequest, SignalRequest, WriteFileRequest, CONTROL_STREAM, FLAG_STDERR,
-    FLAG_STDOUT, MAX_WINDOW_DIMENSION, PROTOCOL_VERSION,
+    FLAG_STDOUT, HEADER_LEN, MAX_WINDOW_DIMENSION, PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
-use tokio_util::codec::Framed;
+use tokio_util::codec::{Encoder, Framed, FramedParts};
 
 /// Frames buffered per stream before the reader task waits.
 const STREAM_QUEUE: usize = 64;
@@ -96,31 +96,23 @@ impl AgentClient {
                 Err(_) => tokio::time::sleep(Duration::from_millis(2)).await,
             }
         };
-        let mut framed = Framed::new(stream, FrameCodec::default());
+        let mut stream = stream;
         let hello = Hello {
             version: PROTOCOL_VERSION,
             software: format!("hearth-vm {}", env!("CARGO_PKG_VERSION")),
         };
-        framed
-            .send(Frame::json(CONTROL_STREAM, FrameKind::Hello, &hello))
-            .await
+        let mut greeting = BytesMut::new();
+        FrameCodec::default()
+            .encode(
+                Frame::json(CONTROL_STREAM, FrameKind::Hello, &hello),
+                &mut greeting,
+            )
             .map_err(AgentError::Io)?;
+        stream.write_all(&greeting).await.map_err(AgentError::Io)?;
         let remaining = deadline.saturating_duration_since(Instant::now());
-        let answer = tokio::time::timeout(remaining, async {
-            loop {
-                match framed.next().await {
-                    None => return Err(AgentError::Closed),
-                    Some(Err(err)) => return Err(AgentError::Io(err)),
-                    Some(Ok(Incoming::Frame(frame))) if frame.stream == CONTROL_STREAM => {
-                        return Ok(frame)
-                    }
-                    // Anything else is left over from a previous session.
-                    Some(Ok(_)) => continue,
-                }
-            }
-        })
-        .await
-        .map_err(|_| AgentError::Timeout(timeout))??;
+        let (answer, rest) = tokio::time::timeout(remaining, read_greeting(&mut stream))
+            .await
+            .map_err(|_| AgentError::Timeout(timeout))??;
         let software = match answer.kind {
             FrameKind::Hello => {
                 let hello: Hello = answer
@@ -134,6 +126,9 @@ impl AgentClient {
             FrameKind::Error => return Err(remote_error(&answer)),
             other => return Err(AgentError::Protocol(format!("{other:?} before Hello"))),
         };
+        let mut parts = FramedParts::new::<Frame>(stream, FrameCodec::default());
+        parts.read_buf = rest;
+        let framed = Framed::from_parts(parts);
 
         let (mut sink, mut source) = framed.split();
         let (outgoing, mut outgoing_rx) = mpsc::channel::<Frame>(STREAM_QUEUE);
@@ -633,6 +628,64 @@ impl Drop for AgentStream {
                 self.client
                     .outgoing
                     .try_send(Frame::new(self.id, FrameKind::Close, Bytes::new()));
+        }
+    }
+}
+
+/// Most bytes of an earlier session skipped while looking for the agent's hello.
+const MAX_STALE_BYTES: usize = 64 * 1024 * 1024;
+/// A hello is a small JSON document.
+const MAX_HELLO: usize = 4096;
+
+/// Reads until the agent's answer to our hello: a frame on stream 0 of kind
+/// `Hello` or `Error`. Bytes before it belong to an earlier session and may
+/// start in the middle of a frame (a host that went away mid-frame before a
+/// snapshot or suspend leaves the rest in the port), so the header is searched
+/// for byte by byte instead of decoding frames from the first byte.
+/// Returns the answer and the bytes after it.
+async fn read_greeting(stream: &mut UnixStream) -> Result<(Frame, BytesMut), AgentError> {
+    let mut buf = BytesMut::with_capacity(8192);
+    let mut skipped = 0usize;
+    loop {
+        let mut offset = 0;
+        while buf.len() >= offset + HEADER_LEN {
+            let h = &buf[offset..offset + HEADER_LEN];
+            let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
+            let plausible = h[4..8] == [0, 0, 0, 0]
+                && (h[8] == FrameKind::Hello as u8 || h[8] == FrameKind::Error as u8)
+                && h[9..12] == [0, 0, 0]
+                && (2..=MAX_HELLO).contains(&len)
+                && buf.get(offset + HEADER_LEN).is_none_or(|b| *b == b'{');
+            if !plausible {
+                offset += 1;
+                continue;
+            }
+            if buf.len() < offset + HEADER_LEN + len {
+                break; // wait for the rest of this candidate
+            }
+            let payload =
+                Bytes::copy_from_slice(&buf[offset + HEADER_LEN..offset + HEADER_LEN + len]);
+            let kind = if h[8] == FrameKind::Hello as u8 {
+                FrameKind::Hello
+            } else {
+                FrameKind::Error
+            };
+            if serde_json::from_slice::<serde_json::Value>(&payload).is_ok() {
+                let rest = buf.split_off(offset + HEADER_LEN + len);
+                return Ok((Frame::new(CONTROL_STREAM, kind, payload), rest));
+            }
+            offset += 1;
+        }
+        // Keep only what may still start a header.
+        let drop = offset.min(buf.len());
+        skipped += drop;
+        let _ = buf.split_to(drop);
+        if skipped > MAX_STALE_BYTES {
+            return Err(AgentError::Protocol("no hello from the agent".into()));
+        }
+        buf.reserve(8192);
+        if stream.read_buf(&mut buf).await.map_err(AgentError::Io)? == 0 {
+            return Err(AgentError::Closed);
         }
     }
 }

@@ -211,3 +211,57 @@ async fn hostile_guest_cannot_break_the_client() {
     drop(client);
     peer.await.expect("peer");
 }
+
+/// A port left mid-frame by an earlier host (cut off by a suspend or a
+/// snapshot) delivers the rest of that frame first: the client skips it and
+/// every other stale byte until the agent's answer to its hello.
+#[tokio::test]
+async fn stale_bytes_before_the_hello_are_skipped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("agent.sock");
+    let listener = UnixListener::bind(&socket).expect("bind");
+    let peer = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.expect("accept");
+        // The tail of an old Data frame, then a header claiming a huge frame,
+        // then a well-formed frame of an old stream.
+        stream
+            .write_all(b"tail of old output {\"x\":1}")
+            .await
+            .expect("write");
+        stream
+            .write_all(&raw_header(200_000, 7, FrameKind::Data as u8, FLAG_STDOUT))
+            .await
+            .expect("write");
+        stream.write_all(&[0u8; 100]).await.expect("write");
+        let mut framed = Framed::new(stream, FrameCodec::default());
+        framed
+            .send(Frame::new(9, FrameKind::Data, &b"old"[..]))
+            .await
+            .expect("old frame");
+        while let Some(Ok(Incoming::Frame(frame))) = framed.next().await {
+            if frame.kind == FrameKind::Hello {
+                let hello = Hello {
+                    version: PROTOCOL_VERSION,
+                    software: "restored".into(),
+                };
+                framed
+                    .send(Frame::json(CONTROL_STREAM, FrameKind::Hello, &hello))
+                    .await
+                    .expect("hello");
+            } else if frame.kind == FrameKind::Open {
+                let pong = hearth_proto::Reply::Pong { uptime_ms: 7 };
+                framed
+                    .send(Frame::json(frame.stream, FrameKind::Reply, &pong))
+                    .await
+                    .expect("pong");
+            }
+        }
+    });
+    let client = AgentClient::connect(&socket, Duration::from_secs(5))
+        .await
+        .expect("connect past stale bytes");
+    assert_eq!(client.agent_software(), "restored");
+    assert_eq!(client.ping().await.expect("ping"), 7);
+    drop(client);
+    peer.abort();
+}
