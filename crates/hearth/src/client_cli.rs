@@ -125,6 +125,13 @@ pub struct RunArgs {
     /// Idempotency key: a retry with the same token returns the same microVM.
     #[arg(long, value_name = "TOKEN")]
     client_token: Option<String>,
+    /// Ingress network connector: HTTP_INGRESS, SHELL_INGRESS, ALL_INGRESS,
+    /// NO_INGRESS or an ARN (repeatable; default HTTP_INGRESS).
+    #[arg(long, value_name = "CONNECTOR")]
+    ingress: Vec<String>,
+    /// Allow `hearth shell`: adds SHELL_INGRESS and HTTP_INGRESS.
+    #[arg(long)]
+    shell: bool,
     #[command(flatten)]
     wait: WaitArgs,
     #[command(flatten)]
@@ -324,6 +331,11 @@ async fn run(args: RunArgs) -> Result<()> {
                 "autoResumeEnabled": args.auto_resume,
             }),
         );
+    }
+    let ingress =
+        crate::shell::ingress_connectors(&args.ingress, args.shell, client.config().region());
+    if !ingress.is_empty() {
+        input.insert("ingressNetworkConnectors".into(), json!(ingress));
     }
     let mut vm = client.call("RunMicrovm", Value::Object(input)).await?;
     if args.wait.wait {

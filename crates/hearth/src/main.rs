@@ -11,8 +11,11 @@ use hearth_vm::{Assets, BootRequest, Driver, MachineShape, QemuDriver, Snapshot,
 
 mod bench;
 mod bench_api;
+mod bench_endpoint;
 mod client_cli;
 mod operator;
+mod shell;
+mod terminal;
 
 #[derive(Debug, Parser)]
 #[command(name = "hearth", version, about = "Run untrusted code in microVMs")]
@@ -37,6 +40,8 @@ enum Command {
     /// MicroVM images.
     #[command(subcommand)]
     Image(operator::ImageCommand),
+    /// An interactive root shell in a microVM through its endpoint (needs SHELL_INGRESS).
+    Shell(shell::ShellArgs),
     /// run, ls, get, suspend, resume, terminate, configure: through the API.
     #[command(flatten)]
     Client(client_cli::ClientCommand),
@@ -204,6 +209,9 @@ enum BenchCommand {
     /// The API server on real guests: RunMicrovm/Suspend/Resume latencies and
     /// GetMicrovm under concurrent clients (see README).
     Api(bench_api::ApiArgs),
+    /// The endpoint proxy on real guests: first 200 after RunMicrovm, requests/s
+    /// and latency, a large streamed body, auto-resume to first byte.
+    Endpoint(bench_endpoint::EndpointArgs),
 }
 
 fn main() -> ExitCode {
@@ -240,6 +248,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Vm(command) => vm(command).await,
         Command::Bench(BenchCommand::Launch(args)) => bench::launch(args).await,
         Command::Bench(BenchCommand::Api(args)) => bench_api::api(args).await,
+        Command::Bench(BenchCommand::Endpoint(args)) => bench_endpoint::endpoint(args).await,
+        Command::Shell(args) => Ok(shell::main(args).await),
         Command::Serve(args) => {
             let mut config =
                 hearth_server::ServerConfig::new(data_dir(args.data_dir), args.listen, args.region);
