@@ -33,6 +33,7 @@ pub fn proxy(state: &Arc<AppState>) -> (Arc<EndpointBackend>, hearth_proxy::Prox
     let backend = EndpointBackend::new(state.clone());
     let config = hearth_proxy::ProxyConfig {
         domain: state.config.endpoint_domain.clone(),
+        limits: state.config.endpoint_limits,
         extension: Some(crate::guest_api::GuestApi::new(
             state.clone(),
             backend.clone(),

@@ -84,6 +84,8 @@ pub struct ServerConfig {
     /// Where it also listens with TLS (certificate in `DATA/tls`, generated at
     /// first start unless the operator puts one there).
     pub endpoint_tls_listen: Option<SocketAddr>,
+    /// Per-microVM endpoint limits (past them: 429).
+    pub endpoint_limits: hearth_proxy::VmLimits,
     /// The port shown in `endpoint` values (set from the bound listener).
     pub endpoint_port: Option<u16>,
     /// Upper bound (and default) of `maximumDurationInSeconds`.
@@ -102,6 +104,7 @@ impl ServerConfig {
             endpoint_domain: "localhost".into(),
             endpoint_listen: None,
             endpoint_tls_listen: None,
+            endpoint_limits: hearth_proxy::VmLimits::default(),
             endpoint_port: None,
             max_lifetime_secs: 28_800,
         }

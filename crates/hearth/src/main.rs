@@ -37,6 +37,9 @@ enum Command {
     /// Manage tenant accounts (works while the server runs).
     #[command(subcommand)]
     Account(AccountCommand),
+    /// Endpoint token signing keys (operator; restart the server afterwards).
+    #[command(subcommand)]
+    TokenKeys(TokenKeysCommand),
     /// MicroVM images.
     #[command(subcommand)]
     Image(operator::ImageCommand),
@@ -76,9 +79,25 @@ struct ServeArgs {
     /// Serve no endpoints.
     #[arg(long)]
     no_endpoints: bool,
+    /// Concurrent requests and WebSockets per microVM through its endpoint (0: no limit).
+    #[arg(long, default_value_t = 64)]
+    endpoint_max_connections: usize,
+    /// Requests per second per microVM through its endpoint (0: no limit).
+    #[arg(long, default_value_t = 160)]
+    endpoint_rps: u32,
     /// Longest lifetime a microVM may ask for (maximumDurationInSeconds), in seconds.
     #[arg(long, default_value_t = 28_800, value_parser = clap::value_parser!(u64).range(1..=31_536_000))]
     max_lifetime: u64,
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenKeysCommand {
+    /// Add a new signing key; tokens already handed out stay valid (the two
+    /// previous keys are kept). The server reads the keys when it starts.
+    Rotate {
+        #[arg(long, env = "HEARTH_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -256,6 +275,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             config.rate_limits = args.rate_limits;
             config.quotas = hearth_server::parse_quotas(&args.quotas)?;
             config.endpoint_domain = args.endpoint_domain;
+            config.endpoint_limits = hearth_proxy::VmLimits {
+                max_connections: args.endpoint_max_connections,
+                requests_per_second: args.endpoint_rps,
+            };
             if !args.no_endpoints {
                 config.endpoint_listen = Some(args.endpoint_listen);
                 config.endpoint_tls_listen = args.endpoint_tls_listen;
@@ -265,6 +288,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Account(command) => account(command),
+        Command::TokenKeys(TokenKeysCommand::Rotate { data_dir: dir }) => {
+            let keys = hearth_server::tokens::TokenKeys::rotate(&data_dir(dir))?;
+            println!("rotated: {keys:?}");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Image(operator::ImageCommand::Import(args)) => {
             let dir = data_dir(args.data_dir.clone());
             operator::import(args, dir).await
