@@ -358,7 +358,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 /// Every API operation goes through here.
 async fn http_api(State(state): State<Arc<AppState>>, request: Request) -> Response {
     state.metrics.requests.fetch_add(1, Ordering::Relaxed);
-    let request_id = new_request_id();
+    let request_id = ids::new_uuid();
     let response = match handle(&state, request).await {
         Ok(response) => response,
         Err(err) => {
@@ -472,15 +472,3 @@ fn authenticate(
     }
 }
 
-fn new_request_id() -> String {
-    let bytes: [u8; 16] = rand::random();
-    let h = hex::encode(bytes);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..]
-    )
-}

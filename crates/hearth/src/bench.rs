@@ -12,6 +12,7 @@ use hearth_vm::pool::{LaunchPath, PoolMode, WarmPool};
 use hearth_vm::{AgentClient, BootRequest, Driver, MachineShape, QemuDriver, Snapshot, VmRecord};
 use serde::Serialize;
 
+use crate::measure::{ms, Stats};
 use crate::progress;
 
 #[derive(Debug, Args)]
@@ -55,39 +56,6 @@ struct Report {
     pss_ratio: f64,
     speedup_vs_cold_boot: f64,
     speedup_vs_naive: f64,
-}
-
-#[derive(Debug, Serialize)]
-struct Stats {
-    n: usize,
-    p50: f64,
-    p95: f64,
-    min: f64,
-    max: f64,
-}
-
-impl Stats {
-    fn of(mut samples: Vec<f64>) -> Self {
-        samples.sort_by(f64::total_cmp);
-        let pick = |q: f64| {
-            if samples.is_empty() {
-                return f64::NAN;
-            }
-            let idx = ((samples.len() as f64 - 1.0) * q).round() as usize;
-            samples[idx.min(samples.len() - 1)]
-        };
-        Self {
-            n: samples.len(),
-            p50: pick(0.5),
-            p95: pick(0.95),
-            min: pick(0.0),
-            max: pick(1.0),
-        }
-    }
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }
 
 async fn first_exec(agent: &AgentClient) -> Result<()> {

@@ -7,7 +7,6 @@
 //! data directory, creates an account and imports an image from the cached
 //! `debian-12` root filesystem (unpacked with `debugfs rdump`).
 
-use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,6 +17,7 @@ use hearth_client::{Client, ClientConfig};
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use crate::measure::{ms, unpack_base, Stats};
 use crate::progress;
 
 #[derive(Debug, Args)]
@@ -43,37 +43,6 @@ pub struct ApiArgs {
 }
 
 #[derive(Debug, Serialize)]
-struct Stats {
-    n: usize,
-    p50: f64,
-    p95: f64,
-    p99: f64,
-    min: f64,
-    max: f64,
-}
-
-impl Stats {
-    fn of(mut samples: Vec<f64>) -> Self {
-        samples.sort_by(f64::total_cmp);
-        let pick = |q: f64| {
-            if samples.is_empty() {
-                return f64::NAN;
-            }
-            let idx = ((samples.len() as f64 - 1.0) * q).round() as usize;
-            samples[idx.min(samples.len() - 1)]
-        };
-        Self {
-            n: samples.len(),
-            p50: pick(0.5),
-            p95: pick(0.95),
-            p99: pick(0.99),
-            min: pick(0.0),
-            max: pick(1.0),
-        }
-    }
-}
-
-#[derive(Debug, Serialize)]
 struct Report {
     accel: String,
     memory_mib: u32,
@@ -86,10 +55,6 @@ struct Report {
     get_clients: u32,
     get_latency_ms: Stats,
     get_throughput_per_s: f64,
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }
 
 pub async fn api(args: ApiArgs) -> Result<ExitCode> {
@@ -257,24 +222,6 @@ pub async fn api(args: ApiArgs) -> Result<ExitCode> {
 
 async fn axum_serve(listener: tokio::net::TcpListener, app: axum::Router) -> std::io::Result<()> {
     axum::serve(listener, app).await
-}
-
-fn unpack_base(dir: &Path) -> Result<()> {
-    let base = hearth_vm::Assets::from_env()
-        .base_image("debian-12")
-        .context("the debian-12 base image (run scripts/setup-host)")?;
-    std::fs::create_dir_all(dir)?;
-    let status = std::process::Command::new("debugfs")
-        .arg("-R")
-        .arg(format!("rdump / {}", dir.display()))
-        .arg(&base)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .context("running debugfs")?;
-    if !status.success() || !dir.join("usr/bin/python3").exists() {
-        bail!("could not unpack {}", base.display());
-    }
-    Ok(())
 }
 
 /// Polls GetMicrovm every 5 ms until `state`.

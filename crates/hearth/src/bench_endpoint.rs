@@ -12,7 +12,6 @@
 //! the figures are what the path can carry, not what an operator allows.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -27,6 +26,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::measure::{ms, unpack_base, Stats};
 use crate::progress;
 
 /// The in-guest app: `/` answers a small body, `/big?bytes=N` streams N
@@ -98,37 +98,6 @@ pub struct EndpointArgs {
 }
 
 #[derive(Debug, Serialize)]
-struct Stats {
-    n: usize,
-    p50: f64,
-    p95: f64,
-    p99: f64,
-    min: f64,
-    max: f64,
-}
-
-impl Stats {
-    fn of(mut samples: Vec<f64>) -> Self {
-        samples.sort_by(f64::total_cmp);
-        let pick = |q: f64| {
-            if samples.is_empty() {
-                return f64::NAN;
-            }
-            let idx = ((samples.len() as f64 - 1.0) * q).round() as usize;
-            samples[idx.min(samples.len() - 1)]
-        };
-        Self {
-            n: samples.len(),
-            p50: pick(0.5),
-            p95: pick(0.95),
-            p99: pick(0.99),
-            min: pick(0.0),
-            max: pick(1.0),
-        }
-    }
-}
-
-#[derive(Debug, Serialize)]
 struct Load {
     connections: u32,
     seconds: f64,
@@ -155,10 +124,6 @@ struct Report {
     large_body: Stream,
     suspend_to_suspended_ms: Stats,
     auto_resume_to_first_byte_ms: Stats,
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }
 
 /// The proxy's address and how requests name a microVM.
@@ -529,24 +494,6 @@ async fn first_byte(endpoint: &Endpoint) -> Result<f64> {
         bail!("auto-resume answered {line:?}");
     }
     Ok(elapsed)
-}
-
-fn unpack_base(dir: &Path) -> Result<()> {
-    let base = hearth_vm::Assets::from_env()
-        .base_image("debian-12")
-        .context("the debian-12 base image (run scripts/setup-host)")?;
-    std::fs::create_dir_all(dir)?;
-    let status = std::process::Command::new("debugfs")
-        .arg("-R")
-        .arg(format!("rdump / {}", dir.display()))
-        .arg(&base)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .context("running debugfs")?;
-    if !status.success() || !dir.join("usr/bin/python3").exists() {
-        bail!("could not unpack {}", base.display());
-    }
-    Ok(())
 }
 
 /// Polls GetMicrovm every 10 ms until `state`.

@@ -13,6 +13,7 @@ mod bench;
 mod bench_api;
 mod bench_endpoint;
 mod client_cli;
+mod measure;
 mod operator;
 mod shell;
 mod terminal;

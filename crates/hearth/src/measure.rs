@@ -1,0 +1,63 @@
+//! What the benchmarks share: percentiles of samples, durations in ms, and a
+//! root filesystem to import (the cached debian-12 disk, unpacked).
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+
+/// Percentiles of a set of samples (nearest rank).
+#[derive(Debug, Serialize)]
+pub(crate) struct Stats {
+    pub n: usize,
+    pub p50: f64,
+    pub p95: f64,
+    pub p99: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Stats {
+    pub(crate) fn of(mut samples: Vec<f64>) -> Self {
+        samples.sort_by(f64::total_cmp);
+        let pick = |q: f64| {
+            if samples.is_empty() {
+                return f64::NAN;
+            }
+            let idx = ((samples.len() as f64 - 1.0) * q).round() as usize;
+            samples[idx.min(samples.len() - 1)]
+        };
+        Self {
+            n: samples.len(),
+            p50: pick(0.5),
+            p95: pick(0.95),
+            p99: pick(0.99),
+            min: pick(0.0),
+            max: pick(1.0),
+        }
+    }
+}
+
+pub(crate) fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Unpacks the cached debian-12 root disk into `dir` (with `debugfs rdump`).
+pub(crate) fn unpack_base(dir: &Path) -> Result<()> {
+    let base = hearth_vm::Assets::from_env()
+        .base_image("debian-12")
+        .context("the debian-12 base image (run scripts/setup-host)")?;
+    std::fs::create_dir_all(dir)?;
+    let status = std::process::Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("rdump / {}", dir.display()))
+        .arg(&base)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .context("running debugfs")?;
+    if !status.success() || !dir.join("usr/bin/python3").exists() {
+        bail!("could not unpack {}", base.display());
+    }
+    Ok(())
+}
