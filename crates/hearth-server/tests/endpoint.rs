@@ -9,10 +9,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hearth_server::ops::{dispatch, Caller};
-use hearth_server::{AppState, ServerConfig};
+use hearth_server::ops::Caller;
+use hearth_server::ServerConfig;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+mod common;
+use common::{call, sh, wait_state};
 
 const APP: &str = r#"
 import http.server, json, os, threading, time
@@ -45,47 +48,6 @@ class Hooks(http.server.BaseHTTPRequestHandler):
 threading.Thread(target=http.server.ThreadingHTTPServer(('0.0.0.0', 8080), App).serve_forever, daemon=True).start()
 http.server.ThreadingHTTPServer(('0.0.0.0', 9000), Hooks).serve_forever()
 "#;
-
-fn make_rootfs(dir: &Path) {
-    let base = hearth_vm::Assets::from_env()
-        .base_image("debian-12")
-        .expect("debian-12 base image");
-    std::fs::create_dir_all(dir).expect("mkdir rootfs");
-    let status = std::process::Command::new("debugfs")
-        .arg("-R")
-        .arg(format!("rdump / {}", dir.display()))
-        .arg(&base)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .expect("debugfs");
-    assert!(status.success() && dir.join("usr/bin/python3").exists());
-    std::fs::create_dir_all(dir.join("app")).expect("mkdir app");
-    std::fs::write(dir.join("app/server.py"), APP).expect("write app");
-}
-
-async fn call(state: &AppState, caller: &Caller, op: &str, input: Value) -> Value {
-    dispatch(state, caller, op, input)
-        .await
-        .unwrap_or_else(|e| panic!("{op}: {e:?}"))
-}
-
-async fn wait_state(state: &AppState, caller: &Caller, id: &str, want: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let vm = call(
-            state,
-            caller,
-            "GetMicrovm",
-            json!({"microvmIdentifier": id}),
-        )
-        .await;
-        if vm["state"] == want {
-            return vm;
-        }
-        assert!(Instant::now() < deadline, "waiting for {want}: {vm}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 /// One HTTP/1.1 request through the proxy; returns (status, body).
 async fn get(
@@ -125,30 +87,13 @@ fn db(data: &Path) -> rusqlite::Connection {
     rusqlite::Connection::open(data.join("hearth.db")).expect("db")
 }
 
-async fn sh(state: &AppState, caller: &Caller, id: &str, script: &str) -> String {
-    let row = state
-        .store
-        .microvm(&caller.account_id, id)
-        .expect("store")
-        .expect("row");
-    let agent = state.engine.agent(&row).await.expect("agent");
-    let out = agent
-        .exec_output(hearth_proto::ExecRequest {
-            argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
-            ..Default::default()
-        })
-        .await
-        .expect("exec");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn endpoint_tokens_idle_and_auto_resume() {
     let t0 = Instant::now();
     let work = tempfile::tempdir().expect("tempdir");
     let data = work.path().join("data");
     let rootfs = work.path().join("rootfs");
-    make_rootfs(&rootfs);
+    common::make_rootfs(&rootfs, APP);
     let state = hearth_server::start(ServerConfig::new(
         data.clone(),
         ([127, 0, 0, 1], 0).into(),

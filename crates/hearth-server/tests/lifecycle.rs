@@ -5,13 +5,14 @@
 //!
 //! Needs the host set-up (scripts/setup-host) and the agent (scripts/build-agent).
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use hearth_proto::ExecRequest;
 use hearth_server::ops::{dispatch, Caller};
-use hearth_server::{AppState, ServerConfig};
+use hearth_server::ServerConfig;
 use serde_json::{json, Value};
+
+mod common;
+use common::{call, sh, wait_state};
 
 const APP: &str = r#"
 import http.server, os, time
@@ -36,82 +37,12 @@ class H(http.server.BaseHTTPRequestHandler):
 http.server.ThreadingHTTPServer(('0.0.0.0', 9000), H).serve_forever()
 "#;
 
-/// Unpacks the cached debian-12 root disk into a directory and adds the app.
-fn make_rootfs(dir: &Path) {
-    let assets = hearth_vm::Assets::from_env();
-    let base = assets
-        .base_image("debian-12")
-        .expect("debian-12 base image");
-    std::fs::create_dir_all(dir).expect("mkdir rootfs");
-    let status = std::process::Command::new("debugfs")
-        .arg("-R")
-        .arg(format!("rdump / {}", dir.display()))
-        .arg(&base)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .expect("debugfs");
-    assert!(status.success());
-    assert!(dir.join("usr/bin/python3").exists(), "rdump made no tree");
-    std::fs::create_dir_all(dir.join("app")).expect("mkdir app");
-    std::fs::write(dir.join("app/server.py"), APP).expect("write app");
-}
-
-async fn call(state: &AppState, caller: &Caller, op: &str, input: Value) -> Value {
-    let output = dispatch(state, caller, op, input)
-        .await
-        .unwrap_or_else(|e| panic!("{op}: {e:?}"));
-    let model = hearth_api::model();
-    let operation = model.operation(op).expect("operation");
-    model
-        .check_output(operation, &output)
-        .unwrap_or_else(|e| panic!("{op} output does not match the model: {e}\n{output}"));
-    output
-}
-
-async fn wait_state(state: &AppState, caller: &Caller, id: &str, want: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let vm = call(
-            state,
-            caller,
-            "GetMicrovm",
-            json!({"microvmIdentifier": id}),
-        )
-        .await;
-        if vm["state"] == want {
-            return vm;
-        }
-        assert!(
-            Instant::now() < deadline && vm["state"] != "TERMINATED",
-            "waiting for {want}: {vm}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-async fn sh(state: &AppState, caller: &Caller, id: &str, script: &str) -> String {
-    let row = state
-        .store
-        .microvm(&caller.account_id, id)
-        .expect("store")
-        .expect("row");
-    let agent = state.engine.agent(&row).await.expect("agent");
-    let out = agent
-        .exec_output(ExecRequest {
-            argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
-            ..Default::default()
-        })
-        .await
-        .expect("exec");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn import_run_suspend_resume_terminate() {
     let work = tempfile::tempdir().expect("tempdir");
     let data = work.path().join("data");
     let rootfs = work.path().join("rootfs");
-    make_rootfs(&rootfs);
+    common::make_rootfs(&rootfs, APP);
 
     let mut config =
         ServerConfig::new(data.clone(), ([127, 0, 0, 1], 0).into(), "us-east-1".into());
