@@ -471,4 +471,3 @@ fn authenticate(
         )),
     }
 }
-
