@@ -52,15 +52,17 @@ pub fn route(method: &Method, path: &str) -> Option<Route> {
     }
 }
 
+/// The body of an exec request, here and in the endpoint's agent API.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct ExecBody {
-    argv: Vec<String>,
+pub(crate) struct ExecBody {
+    pub(crate) argv: Vec<String>,
     #[serde(default)]
-    env: std::collections::BTreeMap<String, String>,
-    cwd: Option<String>,
-    stdin: Option<String>,
-    timeout_in_seconds: Option<u64>,
+    pub(crate) env: std::collections::BTreeMap<String, String>,
+    pub(crate) cwd: Option<String>,
+    /// Base64.
+    pub(crate) stdin: Option<String>,
+    pub(crate) timeout_in_seconds: Option<u64>,
 }
 
 pub async fn handle(

@@ -29,7 +29,6 @@ use http::{Response, StatusCode};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use hyper_util::rt::TokioIo;
-use serde::Deserialize;
 use serde_json::json;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
@@ -37,6 +36,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tracing::{info, warn};
 
 use crate::endpoint::EndpointBackend;
+use crate::extensions::ExecBody;
 use crate::AppState;
 
 /// How long a request may wait for a suspended VM to resume.
@@ -290,17 +290,6 @@ fn resize_of(text: &str) -> Option<(u16, u16)> {
     let cols = u16::try_from(value["cols"].as_u64()?).ok()?;
     let rows = u16::try_from(value["rows"].as_u64()?).ok()?;
     hearth_proto::window_size_is_valid(cols, rows).then_some((cols, rows))
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct ExecBody {
-    argv: Vec<String>,
-    #[serde(default)]
-    env: std::collections::BTreeMap<String, String>,
-    cwd: Option<String>,
-    stdin: Option<String>,
-    timeout_in_seconds: Option<u64>,
 }
 
 async fn exec(
