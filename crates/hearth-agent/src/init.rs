@@ -35,6 +35,8 @@ pub struct BootConfig {
     pub root: String,
     pub root_fstype: String,
     pub hostname: Option<String>,
+    /// `hearth.net=user`: eth0 is on QEMU's user-mode network.
+    pub user_network: bool,
 }
 
 impl BootConfig {
@@ -43,6 +45,7 @@ impl BootConfig {
             root: "/dev/vda".to_owned(),
             root_fstype: "ext4".to_owned(),
             hostname: None,
+            user_network: false,
         };
         for word in cmdline.split_whitespace() {
             let Some((key, value)) = word.split_once('=') else {
@@ -52,6 +55,7 @@ impl BootConfig {
                 "hearth.root" if !value.is_empty() => config.root = value.to_owned(),
                 "hearth.rootfstype" if !value.is_empty() => config.root_fstype = value.to_owned(),
                 "hearth.hostname" if !value.is_empty() => config.hostname = Some(value.to_owned()),
+                "hearth.net" => config.user_network = value == "user",
                 _ => {}
             }
         }
@@ -225,6 +229,48 @@ fn set_up_system(config: &BootConfig) {
             log!("setting hostname {name}: {err}");
         }
     }
+    if config.user_network {
+        if let Err(err) = set_up_user_network() {
+            log!("network: {err}");
+        }
+    }
+}
+
+/// QEMU's user-mode network: the guest is 10.0.2.15/24, the gateway (NAT to
+/// the host's network) 10.0.2.2, the DNS forwarder 10.0.2.3. The resolver
+/// file is a bind mount from /run, so it never lands in the root disk.
+fn set_up_user_network() -> Result<(), String> {
+    use std::net::Ipv4Addr;
+    sys::interface_up("eth0").map_err(|e| format!("eth0 up: {e}"))?;
+    sys::set_ipv4(
+        "eth0",
+        Ipv4Addr::new(10, 0, 2, 15),
+        Ipv4Addr::new(255, 255, 255, 0),
+    )
+    .map_err(|e| format!("eth0 address: {e}"))?;
+    sys::add_default_route(Ipv4Addr::new(10, 0, 2, 2))
+        .map_err(|e| format!("default route: {e}"))?;
+    let resolv = Path::new("/run/hearth-resolv.conf");
+    fs::write(resolv, "nameserver 10.0.2.3\n").map_err(|e| format!("{}: {e}", resolv.display()))?;
+    let target = Path::new("/etc/resolv.conf");
+    let is_symlink = target
+        .symlink_metadata()
+        .is_ok_and(|m| m.file_type().is_symlink());
+    if is_symlink {
+        return Err("/etc/resolv.conf is a symlink; DNS left as the image has it".into());
+    }
+    if !target.exists() {
+        let _ = fs::create_dir_all("/etc");
+        fs::write(target, "").map_err(|e| format!("{}: {e}", target.display()))?;
+    }
+    sys::mount(
+        &resolv.display().to_string(),
+        target,
+        None,
+        libc::MS_BIND,
+        None,
+    )
+    .map_err(|e| format!("bind {}: {e}", target.display()))
 }
 
 #[cfg(test)]

@@ -502,6 +502,10 @@ async fn run_stream(
             .await
             .err()
             .map(|err| Box::new(err) as _),
+        Request::Sync => system::sync(stream, &sink)
+            .await
+            .err()
+            .map(|err| Box::new(err) as _),
     };
     if let Some(failure) = failure {
         let _ = sink

@@ -194,6 +194,58 @@ pub fn interface_up(name: &str) -> io::Result<()> {
     check(unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS, &request) }).map(drop)
 }
 
+/// An `AF_INET` datagram socket for interface ioctls.
+fn inet_socket() -> io::Result<std::os::fd::OwnedFd> {
+    // SAFETY: plain socket(2) call; the result is checked and then owned.
+    let raw =
+        check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: `raw` is a fresh descriptor that nothing else owns.
+    Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) })
+}
+
+fn sockaddr_in(addr: std::net::Ipv4Addr) -> libc::sockaddr {
+    // SAFETY: sockaddr_in is plain data; all-zero is a valid value.
+    let mut sin: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    sin.sin_family = libc::AF_INET as libc::sa_family_t;
+    sin.sin_addr.s_addr = u32::from_ne_bytes(addr.octets());
+    // SAFETY: sockaddr_in and sockaddr have the same size on Linux and
+    // sockaddr is plain data, so the bytes reinterpret as a valid value.
+    unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+}
+
+/// Sets an interface's IPv4 address and netmask (`SIOCSIFADDR`, `SIOCSIFNETMASK`).
+pub fn set_ipv4(name: &str, addr: std::net::Ipv4Addr, mask: std::net::Ipv4Addr) -> io::Result<()> {
+    let socket = inet_socket()?;
+    // SAFETY: ifreq is plain data; all-zero is a valid value.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    if name.len() >= request.ifr_name.len() {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    for (dst, src) in request.ifr_name.iter_mut().zip(name.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    request.ifr_ifru.ifru_addr = sockaddr_in(addr);
+    // SAFETY: `request` is a valid ifreq with a NUL-terminated name and an address.
+    check(unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFADDR, &request) })?;
+    request.ifr_ifru.ifru_netmask = sockaddr_in(mask);
+    // SAFETY: as above, with the netmask member set.
+    check(unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFNETMASK, &request) }).map(drop)
+}
+
+/// Adds a default IPv4 route through `gateway` (`SIOCADDRT`).
+pub fn add_default_route(gateway: std::net::Ipv4Addr) -> io::Result<()> {
+    let socket = inet_socket()?;
+    // SAFETY: rtentry is plain data; all-zero is a valid value.
+    let mut route: libc::rtentry = unsafe { std::mem::zeroed() };
+    route.rt_dst = sockaddr_in(std::net::Ipv4Addr::UNSPECIFIED);
+    route.rt_genmask = sockaddr_in(std::net::Ipv4Addr::UNSPECIFIED);
+    route.rt_gateway = sockaddr_in(gateway);
+    route.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
+    // SAFETY: `route` is a valid rtentry (no device name pointer: the kernel
+    // picks the interface that reaches the gateway).
+    check(unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCADDRT, &route) }).map(drop)
+}
+
 /// Registers an open file with tokio's reactor.
 pub fn register_async(file: std::fs::File) -> io::Result<tokio::io::unix::AsyncFd<std::fs::File>> {
     // SAFETY: a `File` owns its descriptor, which stays open and unchanged until the

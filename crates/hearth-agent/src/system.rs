@@ -91,6 +91,13 @@ fn add_entropy(entropy: &[u8]) {
 
 /// Handles `Shutdown`: acknowledge, then (as PID 1) stop every process, sync and
 /// power off. Outside a VM the agent just exits.
+/// sync(2) off the runtime's threads (it can take seconds), then `Synced`.
+pub async fn sync(stream: u32, sink: &FrameSink) -> Result<(), SystemError> {
+    let _ = tokio::task::spawn_blocking(sys::sync).await;
+    sink.reply(stream, &Reply::Synced).await?;
+    Ok(())
+}
+
 pub async fn shutdown(stream: u32, sink: &FrameSink, agent: &Agent) -> Result<(), SystemError> {
     sink.reply(stream, &Reply::ShuttingDown).await?;
     sink.flush().await?;

@@ -534,8 +534,18 @@ pub fn ignored(path: &str, patterns: &[String]) -> bool {
     result
 }
 
+/// Whether a COPY source `pattern` (`*`, `?`, `[...]` within components,
+/// `**` across them) matches the context path `path`, both `/`-separated.
+pub(crate) fn glob_path(pattern: &str, path: &str) -> bool {
+    let pattern = clean(pattern);
+    let path = clean(path);
+    let pat: Vec<&str> = pattern.split('/').collect();
+    let comps: Vec<&str> = path.split('/').collect();
+    match_components(&pat, &comps)
+}
+
 /// Strips leading `/` and `./`, collapses `//` and `.` components.
-fn clean(p: &str) -> String {
+pub(crate) fn clean(p: &str) -> String {
     p.split('/')
         .filter(|c| !c.is_empty() && *c != ".")
         .collect::<Vec<_>>()

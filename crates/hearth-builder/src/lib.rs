@@ -1,5 +1,11 @@
-//! Image builder pieces: a Dockerfile parser ([`dockerfile`]) and safe
-//! extraction of code-artifact zips ([`archive`]).
+//! The image builder: a Dockerfile parser ([`dockerfile`]), safe extraction
+//! of code-artifact zips ([`archive`]), the build context ([`context`]), the
+//! step cache ([`cache`]) and the executor that runs a Dockerfile in build
+//! microVMs ([`run`]).
 
 pub mod archive;
+pub mod cache;
+pub mod config;
+pub mod context;
 pub mod dockerfile;
+pub mod run;

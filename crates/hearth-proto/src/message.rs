@@ -34,6 +34,10 @@ pub enum Request {
     Restored(RestoredRequest),
     /// Sync disks and power the VM off. Answered by [`Reply::ShuttingDown`] first.
     Shutdown,
+    /// Write every dirty page and filesystem journal to disk (sync(2)), so the
+    /// host can freeze the disk image in a consistent state. Answered by
+    /// [`Reply::Synced`].
+    Sync,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -168,6 +172,7 @@ pub enum Reply {
         previous_time_ns: u64,
     },
     ShuttingDown,
+    Synced,
 }
 
 /// Payload of `Error` frames.

@@ -10,14 +10,14 @@
 //! chain to the snapshot's disk, which chains to `rootfs.ext4`.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use hearth_proto::ExecRequest;
-use hearth_vm::agent::AgentClient;
-use hearth_vm::{BootRequest, Driver, MachineShape, QemuDriver, VmError};
+use hearth_vm::disk::BackingFormat;
+use hearth_vm::{ColdBoot, Driver, MachineShape, QemuDriver, VmError};
 use serde_json::{json, Value};
 use tokio::process::Command;
 
+use crate::app::AppSpec;
 use crate::engine::error_chain;
 use crate::records::{NewVersion, Quotas, Refusal};
 use crate::store::{Store, StoreError};
@@ -25,10 +25,6 @@ use crate::store::{Store, StoreError};
 /// Build VMs are named `build-<build id hex>`; reconciliation leaves them to
 /// their own process.
 pub const BUILD_VM_PREFIX: &str = "build-";
-/// Where the app's output goes inside the guest.
-const APP_LOG: &str = "/var/log/hearth-app.log";
-/// How long a process must stay up before a hook-less import snapshots it.
-const SETTLE: Duration = Duration::from_millis(1500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImportError {
@@ -204,7 +200,15 @@ pub async fn import_image(
         .join(&request.account_id)
         .join(&request.image_name)
         .join(started.version.to_string());
-    let built = build(driver, request, &started.build_id, &version_dir, progress).await;
+    let built = build(
+        driver,
+        request,
+        &started.build_id,
+        started.version,
+        &version_dir,
+        progress,
+    )
+    .await;
     match built {
         Ok(sizes) => {
             store.finish_build(
@@ -237,6 +241,7 @@ async fn build(
     driver: &QemuDriver,
     request: &ImportRequest,
     build_id: &str,
+    version: u32,
     version_dir: &Path,
     progress: &(dyn Fn(&str) + Sync),
 ) -> Result<Value, String> {
@@ -249,50 +254,44 @@ async fn build(
     let rootfs = version_dir.join("rootfs.ext4");
     progress("making the root disk (mkfs.ext4 -d)");
     let code_size = make_root_disk(&request.rootfs, &rootfs, version_dir).await?;
-    let name = build_vm_name(build_id);
-    progress("booting the build VM");
-    let vm = driver
-        .boot_from_disk(
-            &BootRequest {
-                name: name.clone(),
-                image: "imported-rootfs".into(),
-                shape: MachineShape {
-                    memory_mib: request.memory_mib,
-                    vcpus: 1,
-                },
-            },
-            &rootfs,
-        )
-        .await
-        .map_err(|e| platform("the build VM did not boot", &e))?;
-    let result = async {
-        let agent = driver
-            .agent(&vm)
-            .await
-            .map_err(|e| platform("the build VM's agent did not answer", &e))?;
-        if !request.command.is_empty() {
-            progress(&format!("starting {}", request.command.join(" ")));
-            let pid = start_app(&agent, request).await?;
-            wait_ready(&agent, request, pid, progress).await?;
-        }
-        drop(agent);
-        progress("snapshotting memory and disk");
-        let snapshot = driver
-            .snapshot(&vm, &version_dir.join("snapshot"))
-            .await
-            .map_err(|e| platform("the snapshot failed", &e))?;
-        let size_of = |path: PathBuf| std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-        Ok(json!({
-            "memorySnapshotSizeInBytes": size_of(snapshot.memory()),
-            "diskSnapshotSizeInBytes": size_of(snapshot.disk()),
-            "codeInstallSizeInBytes": code_size,
-        }))
-    }
-    .await;
-    if let Err(err) = driver.remove(&vm).await {
-        tracing::warn!(error = %error_chain(&err), "cannot remove the build VM");
-    }
-    result
+    let app = AppSpec {
+        argv: request.command.clone(),
+        env: app_env(request, version),
+        cwd: request.workdir.clone(),
+        user: None,
+        hooks_port: request.hooks_port,
+        ready_timeout: request.ready_timeout,
+    };
+    crate::app::snapshot_ready_app(
+        driver,
+        &build_vm_name(build_id),
+        MachineShape {
+            memory_mib: request.memory_mib,
+            vcpus: 1,
+        },
+        &ColdBoot {
+            base: rootfs,
+            base_format: BackingFormat::Raw,
+            overlay: None,
+            user_network: false,
+        },
+        &app,
+        &version_dir.join("snapshot"),
+        code_size,
+        progress,
+    )
+    .await
+}
+
+fn app_env(request: &ImportRequest, version: u32) -> Vec<(String, String)> {
+    let mut env = request.environment.clone();
+    env.extend(crate::app::aws_env(
+        &request.region,
+        &request.account_id,
+        &request.image_name,
+        Some(version),
+    ));
+    env
 }
 
 /// Makes `out` from a directory or tar archive; returns the tree's size.
@@ -369,145 +368,6 @@ fn tree_size(root: &Path) -> u64 {
         }
     }
     total
-}
-
-fn app_env(request: &ImportRequest) -> Vec<(String, String)> {
-    let mut env = request.environment.clone();
-    env.extend([
-        (
-            "AWS_LAMBDA_MICROVM_IMAGE_NAME".to_string(),
-            request.image_name.clone(),
-        ),
-        (
-            "AWS_LAMBDA_MICROVM_IMAGE_ARN".to_string(),
-            image_arn(&request.region, &request.account_id, &request.image_name),
-        ),
-        ("AWS_REGION".to_string(), request.region.clone()),
-    ]);
-    env
-}
-
-/// Starts the app detached (its own session, output to [`APP_LOG`]) and
-/// returns its pid.
-async fn start_app(agent: &AgentClient, request: &ImportRequest) -> Result<u32, String> {
-    let mut argv = vec![
-        "/bin/sh".to_string(),
-        "-c".to_string(),
-        format!("setsid \"$@\" </dev/null >>{APP_LOG} 2>&1 & echo $!"),
-        "sh".to_string(),
-    ];
-    argv.extend(request.command.iter().cloned());
-    let output = agent
-        .exec_output(ExecRequest {
-            argv,
-            env: app_env(request),
-            cwd: Some(request.workdir.clone()),
-            timeout_ms: Some(30_000),
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| {
-            format!(
-                "CONTAINER_BUILD_FAILED: cannot start the command (is /bin/sh in the root filesystem?): {}",
-                error_chain(&e)
-            )
-        })?;
-    let text = String::from_utf8_lossy(&output.stdout);
-    text.trim().parse().map_err(|_| {
-        format!(
-            "CONTAINER_BUILD_FAILED: cannot start the command: {}",
-            tail(&output.stderr)
-        )
-    })
-}
-
-async fn app_alive(agent: &AgentClient, pid: u32) -> bool {
-    agent
-        .exec_output(ExecRequest {
-            argv: vec!["/bin/sh".into(), "-c".into(), format!("kill -0 {pid}")],
-            timeout_ms: Some(10_000),
-            ..Default::default()
-        })
-        .await
-        .is_ok_and(|o| o.status.code == Some(0))
-}
-
-async fn app_log(agent: &AgentClient) -> String {
-    match agent
-        .exec_output(ExecRequest {
-            argv: vec!["tail".into(), "-c".into(), "2000".into(), APP_LOG.into()],
-            timeout_ms: Some(10_000),
-            ..Default::default()
-        })
-        .await
-    {
-        Ok(output) => tail(&output.stdout),
-        Err(_) => String::new(),
-    }
-}
-
-fn tail(bytes: &[u8]) -> String {
-    let text = String::from_utf8_lossy(bytes);
-    let text = text.trim();
-    let start = text
-        .char_indices()
-        .rev()
-        .nth(1000)
-        .map(|(i, _)| i)
-        .unwrap_or(0);
-    text[start..].to_string()
-}
-
-/// Waits until the app is ready: its `ready` hook answers 200 (503 and a
-/// closed port mean "not yet"), or without hooks, until it has stayed up.
-async fn wait_ready(
-    agent: &AgentClient,
-    request: &ImportRequest,
-    pid: u32,
-    progress: &(dyn Fn(&str) + Sync),
-) -> Result<(), String> {
-    let exited = |log: String| {
-        format!("CONTAINER_BUILD_FAILED: the command exited before it was ready; its output ends: {log}")
-    };
-    let Some(port) = request.hooks_port else {
-        progress("waiting for the app to settle");
-        tokio::time::sleep(SETTLE).await;
-        if !app_alive(agent, pid).await {
-            return Err(exited(app_log(agent).await));
-        }
-        return Ok(());
-    };
-    progress(&format!("waiting for the ready hook on port {port}"));
-    let deadline = Instant::now() + request.ready_timeout;
-    let mut last_check = Instant::now();
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(format!(
-                "Ready hook invocation timed out after PT{}S",
-                request.ready_timeout.as_secs()
-            ));
-        }
-        let answer = crate::hooks::call(
-            agent,
-            port,
-            "ready",
-            None,
-            left.min(Duration::from_secs(10)),
-        )
-        .await;
-        // 503 is "not yet"; so are a closed port and a slow answer while starting.
-        if let Ok(200) = answer {
-            return Ok(());
-        }
-        if last_check.elapsed() > Duration::from_secs(1) {
-            last_check = Instant::now();
-            if !app_alive(agent, pid).await {
-                return Err(exited(app_log(agent).await));
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 /// Marks builds whose process died as FAILED and removes their build VMs.

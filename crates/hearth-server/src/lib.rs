@@ -22,6 +22,8 @@ use hearth_api::{ApiError, ErrorCode};
 use hearth_vm::Assets;
 use tracing::{info, warn};
 
+pub mod app;
+pub mod build;
 pub mod endpoint;
 pub mod engine;
 pub mod extensions;
@@ -63,6 +65,8 @@ pub enum ServerError {
     Tokens(#[from] tokens::TokenError),
     #[error("cannot set up the endpoint certificate")]
     Tls(#[source] hearth_proxy::tls::TlsError),
+    #[error(transparent)]
+    Builds(#[from] build::BuildsError),
     #[error("cannot reconcile microVMs with their processes")]
     Reconcile(#[source] engine::EngineError),
     #[error("quota {0:?} must look like NAME=NUMBER with NAME one of memory-mib, images, versions-per-image, concurrent-builds")]
@@ -165,6 +169,8 @@ pub struct AppState {
     pub tokens: tokens::TokenKeys,
     pub(crate) limits: limits::RateLimits,
     pub(crate) metrics: Metrics,
+    /// Dockerfile builds (CreateMicrovmImage, UpdateMicrovmImage).
+    pub builds: Arc<build::Builds>,
 }
 
 impl AppState {
@@ -178,7 +184,20 @@ impl AppState {
         };
         let store = Store::open(dir).expect("store");
         let driver = hearth_vm::QemuDriver::with_accel(assets.clone(), hearth_vm::Accel::Tcg);
+        let builds = Arc::new(
+            build::Builds::new(
+                store.clone(),
+                driver.clone(),
+                assets.clone(),
+                dir,
+                "us-east-1",
+                Arc::new(build::NoArtifacts),
+                1 << 30,
+            )
+            .expect("builds"),
+        );
         Self {
+            builds,
             config: ServerConfig::new(
                 dir.to_path_buf(),
                 ([127, 0, 0, 1], 0).into(),
@@ -299,6 +318,18 @@ pub async fn start(config: ServerConfig) -> Result<Arc<AppState>, ServerError> {
         .map_err(|e| ServerError::DataDir(assets.vms_dir(), std::io::Error::other(e)))?;
     let driver = hearth_vm::QemuDriver::new(assets.clone()).map_err(ServerError::Vm)?;
     import::reap_interrupted_builds(&store, &driver, &config.data_dir).await?;
+    let builds = Arc::new(
+        build::Builds::new(
+            store.clone(),
+            driver.clone(),
+            assets.clone(),
+            &config.data_dir,
+            &config.region,
+            Arc::new(build::NoArtifacts),
+            1 << 30,
+        )
+        .map_err(ServerError::Builds)?,
+    );
     let engine = engine::Engine::new(driver, store.clone());
     engine.reconcile().await.map_err(ServerError::Reconcile)?;
     tokio::spawn(engine.clone().watch());
@@ -311,6 +342,7 @@ pub async fn start(config: ServerConfig) -> Result<Arc<AppState>, ServerError> {
         tokens,
         limits,
         metrics: Metrics::default(),
+        builds,
     }))
 }
 

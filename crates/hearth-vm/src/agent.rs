@@ -394,6 +394,15 @@ impl AgentClient {
         }
     }
 
+    /// Asks the guest to write all dirty data to its disks.
+    pub async fn sync(&self) -> Result<(), AgentError> {
+        let mut stream = self.open(&Request::Sync).await?;
+        match stream.reply().await? {
+            Reply::Synced => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     /// Asks the guest to sync and power off.
     pub async fn shutdown(&self) -> Result<(), AgentError> {
         let mut stream = self.open(&Request::Shutdown).await?;

@@ -120,6 +120,10 @@ pub struct VmRecord {
     pub memory: Memory,
     pub origin: Origin,
     pub created_unix: u64,
+    /// A virtio-net device on QEMU's user-mode network (outbound only, NAT).
+    /// Only cold-booted VMs have one; snapshots of them are not made.
+    #[serde(default)]
+    pub user_network: bool,
 }
 
 impl VmRecord {
@@ -158,6 +162,20 @@ pub struct BootRequest {
     /// A base image name (e.g. `debian-12`).
     pub image: String,
     pub shape: MachineShape,
+}
+
+/// A cold boot from an explicit root disk.
+#[derive(Debug, Clone)]
+pub struct ColdBoot {
+    /// The disk the VM's overlay reads unwritten blocks from.
+    pub base: PathBuf,
+    pub base_format: disk::BackingFormat,
+    /// Where to create the VM's overlay; `None`: inside the VM's directory
+    /// (removed with the VM). A caller that keeps the overlay (the image
+    /// builder's layer cache) names a path outside it.
+    pub overlay: Option<PathBuf>,
+    /// Give the guest outbound network through QEMU's user-mode NAT.
+    pub user_network: bool,
 }
 
 /// A VMM that can run hearth guests. Implementations persist each VM's

@@ -19,7 +19,8 @@ use crate::disk::{self, BackingFormat, DiskError};
 use crate::qmp::{Qmp, QmpError};
 use crate::snapshot::{self, Manifest, Snapshot, SnapshotError};
 use crate::{
-    validate_name, Accel, BootRequest, Driver, MachineShape, Memory, Origin, VmRecord, VmState,
+    validate_name, Accel, BootRequest, ColdBoot, Driver, MachineShape, Memory, Origin, VmRecord,
+    VmState,
 };
 
 /// How long a cold boot may take to reach the agent (TCG boots take seconds).
@@ -86,10 +87,14 @@ enum Incoming<'a> {
 }
 
 /// The guest kernel's command line for a cold boot.
-fn boot_cmdline(accel: Accel) -> String {
+fn boot_cmdline(accel: Accel, user_network: bool) -> String {
     // Every microVM of an image has the hostname `localhost`, as the reference.
     let mut cmdline =
         String::from("console=ttyS0 quiet panic=-1 hearth.root=/dev/vda hearth.hostname=localhost");
+    if user_network {
+        // The agent configures eth0 for QEMU's user-mode network (10.0.2.0/24).
+        cmdline.push_str(" hearth.net=user");
+    }
     // See `accel::host_tsc_khz`: without it a TCG boot on a busy host can hang.
     if accel == Accel::Tcg {
         if let Some(khz) = accel::host_tsc_khz() {
@@ -385,6 +390,12 @@ impl QemuDriver {
         ));
         push("-device");
         push("virtio-blk-device,drive=root");
+        if vm.user_network {
+            push("-netdev");
+            push("user,id=net0");
+            push("-device");
+            push("virtio-net-device,netdev=net0");
+        }
         push("-device");
         push("virtio-serial-device,max_ports=2");
         push("-chardev");
@@ -621,6 +632,21 @@ impl QemuDriver {
         request: &BootRequest,
         base: &Path,
     ) -> Result<VmRecord, VmError> {
+        let boot = ColdBoot {
+            base: base.to_path_buf(),
+            base_format: BackingFormat::Raw,
+            overlay: None,
+            user_network: false,
+        };
+        self.boot_with(request, &boot).await
+    }
+
+    /// Boots a VM as `boot` says and waits until its agent answers.
+    pub async fn boot_with(
+        &self,
+        request: &BootRequest,
+        boot: &ColdBoot,
+    ) -> Result<VmRecord, VmError> {
         let kernel = self.assets.guest_kernel()?;
         let dir = self.create_dir(&request.name)?;
         let instance = new_instance_id();
@@ -635,8 +661,11 @@ impl QemuDriver {
                 accel: self.accel,
                 kernel: kernel.vmlinuz.clone(),
                 initrd: kernel.initrd.clone(),
-                cmdline: boot_cmdline(self.accel),
-                disk: dir.join("disk.qcow2"),
+                cmdline: boot_cmdline(self.accel, boot.user_network),
+                disk: boot
+                    .overlay
+                    .clone()
+                    .unwrap_or_else(|| dir.join("disk.qcow2")),
                 memory: Memory::SharedFile {
                     path: self.ram_file(&instance)?,
                 },
@@ -644,8 +673,9 @@ impl QemuDriver {
                     image: request.image.clone(),
                 },
                 created_unix: unix_now(),
+                user_network: boot.user_network,
             };
-            disk::create_overlay(&vm.disk, base, BackingFormat::Raw).await?;
+            disk::create_overlay(&vm.disk, &boot.base, boot.base_format).await?;
             self.save(&vm)?;
             let (pid, _qmp) = self.spawn(&vm, Incoming::None).await?;
             let vm = VmRecord {
@@ -679,10 +709,39 @@ impl QemuDriver {
         }
         .await;
         if result.is_err() {
+            if let Some(overlay) = &boot.overlay {
+                let _ = std::fs::remove_file(overlay);
+            }
             let _ = std::fs::remove_dir_all(&dir);
             let _ = std::fs::remove_file(self.assets.ram_dir.join(format!("{instance}.ram")));
         }
         result
+    }
+
+    /// Freezes the VM's current disk overlay: QEMU creates `new_overlay` on top
+    /// of it and sends all later writes there (QMP `blockdev-snapshot-sync`),
+    /// so the old overlay keeps the disk exactly as it is now. The guest
+    /// should have synced first ([`AgentClient::sync`]). Returns the frozen file.
+    pub async fn checkpoint_disk(
+        &self,
+        vm: &mut VmRecord,
+        new_overlay: &Path,
+    ) -> Result<PathBuf, VmError> {
+        let mut qmp = Qmp::connect(&vm.qmp_socket()).await?;
+        qmp.execute::<serde_json::Value>(
+            "blockdev-snapshot-sync",
+            Some(serde_json::json!({
+                "device": "root",
+                "snapshot-file": new_overlay.display().to_string(),
+                "format": "qcow2",
+                "mode": "absolute-paths",
+            })),
+        )
+        .await
+        .map_err(|err| self.qemu_failure(vm, err))?;
+        let frozen = std::mem::replace(&mut vm.disk, new_overlay.to_path_buf());
+        self.save(vm)?;
+        Ok(frozen)
     }
 
     /// Launches from a snapshot and returns the record with a connected agent.
@@ -1084,6 +1143,7 @@ fn restored_record(
             dir: origin.to_path_buf(),
         },
         created_unix: unix_now(),
+        user_network: false,
     }
 }
 

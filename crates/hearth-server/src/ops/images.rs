@@ -483,3 +483,210 @@ pub(super) fn list_builds(
         .collect();
     super::paginate(rows, input, 50)
 }
+
+/// Default `resources[0].minimumMemoryInMiB` (the reference's).
+const DEFAULT_MEMORY_MIB: u64 = 2048;
+/// The memory sizes a build accepts, in MiB.
+const MEMORY_RANGE: std::ops::RangeInclusive<u64> = 256..=32768;
+
+/// The request members frozen into a version (and echoed back).
+const FROZEN_MEMBERS: &[&str] = &[
+    "baseImageArn",
+    "baseImageVersion",
+    "buildRoleArn",
+    "description",
+    "codeArtifact",
+    "logging",
+    "egressNetworkConnectors",
+    "cpuConfigurations",
+    "resources",
+    "additionalOsCapabilities",
+    "hooks",
+    "environmentVariables",
+];
+
+/// Checks the parts of a build request the model cannot: the base image, the
+/// architecture, memory, hooks and connectors. Returns the memory in MiB.
+fn check_build_request(state: &AppState, caller: &Caller, input: &Value) -> Result<u32, ApiError> {
+    let base = string(input, "baseImageArn").unwrap_or_default();
+    let prefix = format!("arn:aws:lambda:{}:aws:microvm-image:", caller.region);
+    let managed = base
+        .strip_prefix(&prefix)
+        .filter(|name| {
+            !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        })
+        .is_some_and(|name| state.assets.base_image(name).is_ok());
+    if !managed {
+        return Err(ApiError::validation(format!(
+            "baseImageArn {base} is not a managed MicroVM image in {} (see ListManagedMicrovmImages)",
+            caller.region
+        )));
+    }
+    if let Some(version) = string(input, "baseImageVersion") {
+        if super::parse_version(version).is_none() && version.parse::<u32>().is_err() {
+            return Err(ApiError::validation(format!(
+                "baseImageVersion {version} is not a version"
+            )));
+        }
+    }
+    if let Some(cpus) = input.get("cpuConfigurations").and_then(Value::as_array) {
+        for cpu in cpus {
+            let arch = cpu
+                .get("architecture")
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            if arch != "X86_64" {
+                return Err(ApiError::validation(format!(
+                    "Architecture {arch} is not supported by this host (X86_64 only)"
+                )));
+            }
+        }
+    }
+    let memory = input
+        .pointer("/resources/0/minimumMemoryInMiB")
+        .and_then(Value::as_u64)
+        .unwrap_or(DEFAULT_MEMORY_MIB);
+    if !MEMORY_RANGE.contains(&memory) {
+        return Err(ApiError::validation(format!(
+            "minimumMemoryInMiB must be between {} and {}",
+            MEMORY_RANGE.start(),
+            MEMORY_RANGE.end()
+        )));
+    }
+    let hooks = input.get("hooks");
+    let enabled =
+        |path: &str| hooks.and_then(|h| h.pointer(path)).and_then(Value::as_str) == Some("ENABLED");
+    let runtime_hook = ["run", "resume", "suspend", "terminate"]
+        .iter()
+        .any(|h| enabled(&format!("/microvmHooks/{h}")));
+    if runtime_hook && !enabled("/microvmImageHooks/ready") {
+        return Err(ApiError::validation(
+            "Enabling any microvmHooks requires microvmImageHooks.ready to be ENABLED",
+        ));
+    }
+    let any_hook = runtime_hook
+        || enabled("/microvmImageHooks/ready")
+        || enabled("/microvmImageHooks/validate");
+    if any_hook && hooks.and_then(|h| h.get("port")).is_none() {
+        return Err(ApiError::validation("Enabled hooks require hooks.port"));
+    }
+    super::microvms::connectors(
+        caller,
+        input,
+        "egressNetworkConnectors",
+        super::microvms::EGRESS,
+        "egress",
+    )?;
+    Ok(memory as u32)
+}
+
+/// CreateMicrovmImage (`create`) and UpdateMicrovmImage: record the version
+/// and its build, start the build, answer at once (state CREATING/UPDATING).
+pub(super) fn create_or_update(
+    state: &AppState,
+    caller: &Caller,
+    input: &Value,
+    create: bool,
+) -> Result<Value, ApiError> {
+    let name = if create {
+        string(input, "name").unwrap_or_default().to_string()
+    } else {
+        image_name(caller, string(input, "imageIdentifier").unwrap_or_default())?
+    };
+    let memory_mib = check_build_request(state, caller, input)?;
+    let mut spec = serde_json::Map::new();
+    for member in FROZEN_MEMBERS {
+        if let Some(value) = input.get(*member) {
+            spec.insert((*member).to_string(), value.clone());
+        }
+    }
+    spec.entry("cpuConfigurations")
+        .or_insert_with(|| json!([{"architecture": "X86_64"}]));
+    spec.entry("resources")
+        .or_insert_with(|| json!([{"minimumMemoryInMiB": memory_mib}]));
+    let spec = Value::Object(spec);
+    let started = state
+        .store
+        .start_version(
+            &crate::records::NewVersion {
+                account_id: caller.account_id.clone(),
+                image_name: name.clone(),
+                spec: spec.clone(),
+                memory_mib,
+                architecture: "X86_64".into(),
+                chipset: "INTEL".into(),
+                client_token: string(input, "clientToken").map(str::to_string),
+                fingerprint: super::fingerprint(input),
+                create,
+            },
+            &state.config.quotas,
+        )
+        .map_err(internal)?;
+    let started = match started {
+        Ok(started) => started,
+        Err(crate::records::Refusal::Quota(m)) => return Err(ApiError::quota_exceeded(m)),
+        Err(crate::records::Refusal::Conflict(m)) => return Err(ApiError::conflict(m)),
+        Err(crate::records::Refusal::NotFound(m)) => {
+            return Err(ApiError::not_found(m));
+        }
+    };
+    let arn = image_arn(&caller.region, &caller.account_id, &name);
+    if create && !started.replayed {
+        if let Some(tags) = input.get("tags").and_then(Value::as_object) {
+            let tags: Vec<(String, String)> = tags
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                .collect();
+            if let Err(refusal) = state
+                .store
+                .tag(&caller.account_id, &arn, &tags, 50)
+                .map_err(internal)?
+            {
+                tracing::warn!(?refusal, "tags of a new image refused");
+            }
+        }
+    }
+    if !started.replayed {
+        state.builds.spawn(crate::build::BuildJob {
+            account_id: caller.account_id.clone(),
+            image_name: name.clone(),
+            version: started.version,
+            build_id: started.build_id.clone(),
+            spec: spec.clone(),
+            memory_mib,
+        });
+    }
+    let image = state
+        .store
+        .image(&caller.account_id, &name)
+        .map_err(internal)?
+        .ok_or_else(|| image_not_found(&name))?;
+    let version = state
+        .store
+        .version(&caller.account_id, &name, started.version)
+        .map_err(internal)?
+        .ok_or_else(|| image_not_found(&name))?;
+    let mut out = image_output(caller, &image);
+    for member in FROZEN_MEMBERS {
+        if let Some(value) = version.spec.get(*member) {
+            out[*member] = value.clone();
+        }
+    }
+    out["imageVersion"] = json!(version_text(started.version));
+    if out.get("updatedAt").is_none() {
+        out["updatedAt"] = timestamp(image.created_at);
+    }
+    if create {
+        let tags = state
+            .store
+            .tags(&caller.account_id, &arn)
+            .map_err(internal)?;
+        if !tags.is_empty() {
+            out["tags"] = json!(tags);
+        }
+    }
+    Ok(out)
+}

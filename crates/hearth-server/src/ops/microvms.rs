@@ -20,10 +20,10 @@ use crate::AppState;
 const CONNECTOR_PREFIX: &str = "network-connector:aws-network-connector:";
 const INGRESS: &[&str] = &["HTTP_INGRESS", "ALL_INGRESS", "NO_INGRESS", "SHELL_INGRESS"];
 /// `NO_EGRESS` is hearth's extension: a VM with no network at all.
-const EGRESS: &[&str] = &["INTERNET_EGRESS", "NO_EGRESS"];
+pub(super) const EGRESS: &[&str] = &["INTERNET_EGRESS", "NO_EGRESS"];
 
 /// The connector names of a list of managed connector ARNs.
-fn connectors<'a>(
+pub(super) fn connectors<'a>(
     caller: &Caller,
     input: &'a Value,
     member: &str,

@@ -55,8 +55,8 @@ pub async fn dispatch(
         "TagResource" => tags::tag(state, caller, &input),
         "UntagResource" => tags::untag(state, caller, &input),
         "ListTags" => tags::list(state, caller, &input),
-        // Dockerfile builds (CreateMicrovmImage, UpdateMicrovmImage) arrive
-        // with the builder.
+        "CreateMicrovmImage" => images::create_or_update(state, caller, &input, true),
+        "UpdateMicrovmImage" => images::create_or_update(state, caller, &input, false),
         other => Err(ApiError::new(
             ErrorCode::UnknownOperation,
             format!("{other} is not implemented by this hearth server yet"),

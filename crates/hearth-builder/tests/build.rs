@@ -1,0 +1,242 @@
+//! The builder on real guests: a Dockerfile runs in build VMs under QEMU, the
+//! result boots, and the step cache makes rebuilds skip unchanged steps.
+//! Needs `scripts/setup-host` and `scripts/build-agent` (as `scripts/test` does).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use hearth_builder::run::{Base, BaseResolver, BuildError, BuildLog, BuildRequest, Builder, Disk};
+use hearth_proto::ExecRequest;
+use hearth_vm::disk::BackingFormat;
+use hearth_vm::{Assets, BootRequest, ColdBoot, Driver, MachineShape, QemuDriver};
+
+/// Resolves `debian-12` to the host's managed base image, as the server does.
+struct HostBases(Assets);
+
+impl BaseResolver for HostBases {
+    async fn resolve(&self, image: &str, _log: &dyn BuildLog) -> Result<Base, String> {
+        let path = self.0.base_image(image).map_err(|e| e.to_string())?;
+        Ok(Base {
+            identity: format!("{image}@{}", path.display()),
+            disk: Disk {
+                path,
+                format: BackingFormat::Raw,
+            },
+            config: Default::default(),
+        })
+    }
+}
+
+#[derive(Default)]
+struct Lines(Mutex<Vec<String>>);
+
+impl BuildLog for Lines {
+    fn line(&self, text: &str) {
+        self.0.lock().expect("lock").push(text.to_string());
+    }
+}
+
+impl Lines {
+    fn text(&self) -> String {
+        self.0.lock().expect("lock").join("\n")
+    }
+}
+
+fn write(dir: &Path, rel: &str, text: &str) {
+    let path = dir.join(rel);
+    std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+    std::fs::write(path, text).expect("write");
+}
+
+const DOCKERFILE: &str = r#"# a test app
+ARG BASE=debian-12
+FROM ${BASE} AS builder
+RUN mkdir -p /out && echo compiled > /out/artifact.txt
+
+FROM debian-12
+ARG GREETING=hello
+ENV APP_HOME=/srv/app MODE=test
+WORKDIR $APP_HOME
+COPY app/ ./
+COPY --from=builder /out/artifact.txt ./artifact.txt
+ADD data.tar.gz /opt/data/
+RUN echo "$GREETING $MODE" > built.txt && useradd -m -u 1234 appuser
+USER appuser
+RUN id -u > /tmp/uid.txt
+LABEL purpose=test
+CMD ["python3", "main.py"]
+"#;
+
+fn context(dir: &Path) {
+    write(dir, "Dockerfile", DOCKERFILE);
+    write(dir, "app/main.py", "print('hi')\n");
+    write(dir, "app/lib/util.py", "X = 1\n");
+    write(dir, "app/secret.key", "do not copy");
+    write(dir, ".dockerignore", "app/*.key\n");
+    // A gzipped tar for ADD to unpack.
+    let src = dir.join("tarsrc");
+    write(&src, "inside/file.txt", "from the tar\n");
+    let status = std::process::Command::new("tar")
+        .arg("-czf")
+        .arg(dir.join("data.tar.gz"))
+        .arg("-C")
+        .arg(&src)
+        .arg("inside")
+        .status()
+        .expect("tar");
+    assert!(status.success());
+    std::fs::remove_dir_all(&src).expect("rm");
+}
+
+async fn sh(agent: &hearth_vm::AgentClient, script: &str) -> String {
+    let out = agent
+        .exec_output(ExecRequest {
+            argv: vec!["sh".into(), "-c".into(), script.into()],
+            ..Default::default()
+        })
+        .await
+        .expect("exec");
+    assert_eq!(
+        out.status.code,
+        Some(0),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dockerfile_builds_boots_and_caches() {
+    let state = tempfile::Builder::new()
+        .prefix("hbl")
+        .tempdir_in("/tmp")
+        .expect("state dir");
+    let assets = Assets {
+        state_dir: state.path().join("engine"),
+        ..Assets::from_env()
+    };
+    let driver = QemuDriver::new(assets.clone()).expect("driver");
+    let builder = Builder::new(driver.clone(), &state.path().join("cache")).expect("builder");
+    let ctx = state.path().join("ctx");
+    context(&ctx);
+    let request = BuildRequest {
+        context: ctx.clone(),
+        dockerfile: DOCKERFILE.into(),
+        build_args: HashMap::from([("GREETING".to_string(), "howdy".to_string())]),
+        vm_prefix: "bt".into(),
+        shape: MachineShape::default(),
+        network: false,
+        step_timeout: Duration::from_secs(600),
+    };
+    let bases = HostBases(assets.clone());
+    let log = Lines::default();
+    let built = builder
+        .build(&request, &bases, &log)
+        .await
+        .unwrap_or_else(|e| panic!("build failed: {}\n{}", e.reason(), log.text()));
+    assert_eq!(built.steps_cached, 0, "{}", log.text());
+    // builder: RUN; final: WORKDIR, COPY, COPY --from, ADD, RUN, RUN.
+    assert_eq!(built.steps_run, 7, "{}", log.text());
+    assert_eq!(built.config.command(), ["python3", "main.py"]);
+    assert_eq!(built.config.cwd(), "/srv/app");
+    assert_eq!(built.config.user.as_deref(), Some("appuser"));
+    assert_eq!(built.config.env_value("MODE"), Some("test"));
+    assert_eq!(
+        built.config.labels.get("purpose").map(String::as_str),
+        Some("test")
+    );
+    assert!(
+        driver.list().expect("list").is_empty(),
+        "build VMs left behind"
+    );
+
+    // The result boots and holds what the steps made.
+    let vm = driver
+        .boot_with(
+            &BootRequest {
+                name: "check".into(),
+                image: "built".into(),
+                shape: MachineShape::default(),
+            },
+            &ColdBoot {
+                base: built.disk.path.clone(),
+                base_format: built.disk.format,
+                overlay: None,
+                user_network: false,
+            },
+        )
+        .await
+        .expect("boot the built disk");
+    let agent = driver.agent(&vm).await.expect("agent");
+    assert_eq!(sh(&agent, "cat /srv/app/built.txt").await, "howdy test");
+    assert_eq!(sh(&agent, "cat /srv/app/main.py").await, "print('hi')");
+    assert_eq!(sh(&agent, "cat /srv/app/lib/util.py").await, "X = 1");
+    assert_eq!(
+        sh(&agent, "test -e /srv/app/secret.key && echo yes || echo no").await,
+        "no"
+    );
+    assert_eq!(sh(&agent, "cat /srv/app/artifact.txt").await, "compiled");
+    assert_eq!(
+        sh(&agent, "cat /opt/data/inside/file.txt").await,
+        "from the tar"
+    );
+    assert_eq!(sh(&agent, "cat /tmp/uid.txt").await, "1234");
+    drop(agent);
+    driver.remove(&vm).await.expect("remove");
+
+    // Unchanged: everything from the cache, no VM booted.
+    let log2 = Lines::default();
+    let again = builder
+        .build(&request, &bases, &log2)
+        .await
+        .expect("rebuild");
+    assert_eq!(
+        (again.steps_run, again.steps_cached),
+        (0, 7),
+        "{}",
+        log2.text()
+    );
+    assert_eq!(again.disk, built.disk);
+    assert!(
+        !log2.text().contains("starting a build VM"),
+        "{}",
+        log2.text()
+    );
+
+    // A changed source file re-runs its COPY and what follows, not what precedes.
+    write(&ctx, "app/main.py", "print('changed')\n");
+    let log3 = Lines::default();
+    let changed = builder
+        .build(&request, &bases, &log3)
+        .await
+        .expect("build after a change");
+    assert_eq!(
+        (changed.steps_run, changed.steps_cached),
+        (5, 2),
+        "{}",
+        log3.text()
+    );
+
+    // A failing RUN names its line and shows its output.
+    let failing = BuildRequest {
+        dockerfile: "FROM debian-12\nRUN echo preparing\nRUN echo 'boom happened' >&2; exit 3\n"
+            .into(),
+        ..request.clone()
+    };
+    let log4 = Lines::default();
+    let err = builder
+        .build(&failing, &bases, &log4)
+        .await
+        .expect_err("must fail");
+    let reason = err.reason();
+    assert!(matches!(err, BuildError::Step { line: 3, .. }), "{reason}");
+    assert!(reason.starts_with("CONTAINER_BUILD_FAILED"), "{reason}");
+    assert!(reason.contains("non-zero code: 3"), "{reason}");
+    assert!(reason.contains("boom happened"), "{reason}");
+    assert!(
+        driver.list().expect("list").is_empty(),
+        "build VMs left behind"
+    );
+}

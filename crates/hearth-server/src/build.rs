@@ -1,0 +1,533 @@
+//! Dockerfile builds: what CreateMicrovmImage and UpdateMicrovmImage start.
+//!
+//! A build runs as a task of the server: it marks the build IN_PROGRESS,
+//! fetches the code artifact (`s3://bucket/key`, from the built-in store or
+//! the operator's), extracts it safely, runs the Dockerfile in build microVMs
+//! ([`hearth_builder::run`]), boots the result, starts the app, waits for it
+//! to be ready, snapshots it ([`crate::app`]), optionally calls `/validate` on
+//! a clone of the snapshot, and records the outcome: the version SUCCESSFUL
+//! (image CREATED/UPDATED) or FAILED with the reference's error code in the
+//! build's `stateReason`.
+//!
+//! Each build keeps a log at `DATA/builds/<build id>/build.log` (capped),
+//! served by the `hearth image logs` extension route.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hearth_builder::archive;
+use hearth_builder::run::{Base, BaseResolver, BuildLog, BuildRequest, Builder, Disk};
+use hearth_vm::disk::BackingFormat;
+use hearth_vm::{Assets, ColdBoot, Driver, MachineShape, QemuDriver};
+use serde_json::Value;
+use tokio::sync::Semaphore;
+
+use crate::app::{aws_env, snapshot_ready_app, AppSpec};
+use crate::engine::error_chain;
+use crate::store::{Store, StoreError};
+
+/// Largest build log kept; later lines are dropped with a note.
+const MAX_LOG_BYTES: u64 = 8 * 1024 * 1024;
+/// Longest one RUN step may take.
+const STEP_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// Default `readyTimeoutInSeconds` and `validateTimeoutInSeconds` (the reference's).
+const DEFAULT_HOOK_TIMEOUT: u64 = 30;
+/// Builds running at once on this host (each is one or more VMs under TCG).
+const PARALLEL_BUILDS: usize = 2;
+
+/// Where code artifacts come from: the built-in S3 store or the operator's.
+pub trait ArtifactFetch: Send + Sync + fmt::Debug {
+    /// Copies `uri`, as `account` may see it, into the new file `dest`, at
+    /// most `max_bytes`. The error is a build `stateReason` starting with the
+    /// reference's code (S3_NO_SUCH_KEY, S3_ACCESS_DENIED, ...).
+    fn fetch<'a>(
+        &'a self,
+        account: &'a str,
+        uri: &'a str,
+        dest: &'a Path,
+        max_bytes: u64,
+    ) -> Pin<Box<dyn Future<Output = Result<u64, String>> + Send + 'a>>;
+}
+
+/// Until the artifact store is wired: every fetch fails as a missing bucket.
+#[derive(Debug)]
+pub struct NoArtifacts;
+
+impl ArtifactFetch for NoArtifacts {
+    fn fetch<'a>(
+        &'a self,
+        _account: &'a str,
+        uri: &'a str,
+        _dest: &'a Path,
+        _max_bytes: u64,
+    ) -> Pin<Box<dyn Future<Output = Result<u64, String>> + Send + 'a>> {
+        Box::pin(async move { Err(format!("S3_NO_SUCH_BUCKET: {uri}")) })
+    }
+}
+
+/// A build to run (its rows exist, PENDING).
+#[derive(Debug, Clone)]
+pub struct BuildJob {
+    pub account_id: String,
+    pub image_name: String,
+    pub version: u32,
+    pub build_id: String,
+    /// The version's frozen request.
+    pub spec: Value,
+    pub memory_mib: u32,
+}
+
+/// Runs builds.
+pub struct Builds {
+    store: Store,
+    builder: Builder,
+    assets: Assets,
+    data_dir: PathBuf,
+    region: String,
+    artifacts: Arc<dyn ArtifactFetch>,
+    limits: archive::Limits,
+    max_artifact_bytes: u64,
+    slots: Semaphore,
+}
+
+impl fmt::Debug for Builds {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Builds")
+            .field("data_dir", &self.data_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildsError {
+    #[error("cannot set up the builder")]
+    Builder(#[source] hearth_builder::run::BuildError),
+}
+
+impl Builds {
+    pub fn new(
+        store: Store,
+        driver: QemuDriver,
+        assets: Assets,
+        data_dir: &Path,
+        region: &str,
+        artifacts: Arc<dyn ArtifactFetch>,
+        max_artifact_bytes: u64,
+    ) -> Result<Builds, BuildsError> {
+        // The step cache lives with the data: image versions chain to its layers.
+        let builder =
+            Builder::new(driver, &data_dir.join("build-cache")).map_err(BuildsError::Builder)?;
+        Ok(Builds {
+            store,
+            builder,
+            assets,
+            data_dir: data_dir.to_path_buf(),
+            region: region.to_string(),
+            artifacts,
+            limits: archive::Limits::default(),
+            max_artifact_bytes,
+            slots: Semaphore::new(PARALLEL_BUILDS),
+        })
+    }
+
+    fn work_dir(&self, build_id: &str) -> PathBuf {
+        self.data_dir.join("builds").join(build_id)
+    }
+
+    /// The build's log file.
+    pub fn log_path(&self, build_id: &str) -> PathBuf {
+        self.work_dir(build_id).join("build.log")
+    }
+
+    /// Starts `job` in the background.
+    pub fn spawn(self: &Arc<Self>, job: BuildJob) {
+        let builds = self.clone();
+        tokio::spawn(async move {
+            if let Err(err) = builds.run(&job).await {
+                tracing::error!(build = %job.build_id, error = %error_chain(&err), "build bookkeeping failed");
+            }
+        });
+    }
+
+    async fn run(&self, job: &BuildJob) -> Result<(), StoreError> {
+        let work = self.work_dir(&job.build_id);
+        let _ = hearth_vm::disk::create_private_dir_all(&work);
+        let log = FileLog::create(&self.log_path(&job.build_id));
+        log.line(&format!(
+            "build {} of {} version {}.0",
+            job.build_id, job.image_name, job.version
+        ));
+        let _slot = match self.slots.try_acquire() {
+            Ok(slot) => slot,
+            Err(_) => {
+                log.line("waiting for a free build slot");
+                match self.slots.acquire().await {
+                    Ok(slot) => slot,
+                    Err(_) => return Ok(()),
+                }
+            }
+        };
+        self.store.build_started(&job.account_id, &job.build_id)?;
+        let started = Instant::now();
+        let outcome = self.execute(job, &work, &log).await;
+        let _ = std::fs::remove_dir_all(work.join("context"));
+        let _ = std::fs::remove_file(work.join("artifact.zip"));
+        match &outcome {
+            Ok(_) => log.line(&format!(
+                "build SUCCESSFUL in {:.1} s",
+                started.elapsed().as_secs_f64()
+            )),
+            Err(reason) => {
+                log.line(&format!("build FAILED: {reason}"));
+                let _ = std::fs::remove_dir_all(self.version_dir(job));
+            }
+        }
+        self.store
+            .finish_build(&job.account_id, &job.build_id, outcome)
+    }
+
+    fn version_dir(&self, job: &BuildJob) -> PathBuf {
+        self.data_dir
+            .join("images")
+            .join(&job.account_id)
+            .join(&job.image_name)
+            .join(job.version.to_string())
+    }
+
+    /// The build's steps; the error is the build's `stateReason`.
+    async fn execute(
+        &self,
+        job: &BuildJob,
+        work: &Path,
+        log: &FileLog,
+    ) -> Result<(PathBuf, Value), String> {
+        let uri = job
+            .spec
+            .pointer("/codeArtifact/uri")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        log.line(&format!("fetching {uri}"));
+        let artifact = work.join("artifact.zip");
+        let _ = std::fs::remove_file(&artifact);
+        self.artifacts
+            .fetch(&job.account_id, uri, &artifact, self.max_artifact_bytes)
+            .await?;
+        log.line("extracting the code artifact");
+        let context = work.join("context");
+        let _ = std::fs::remove_dir_all(&context);
+        hearth_vm::disk::create_private_dir_all(&context)
+            .map_err(|_| "INTERNAL_PLATFORM_ERROR: cannot create the build context".to_string())?;
+        let limits = self.limits;
+        let (zip, dest) = (artifact.clone(), context.clone());
+        let extracted = tokio::task::spawn_blocking(move || {
+            let file = std::fs::File::open(&zip).map_err(|_| {
+                "INTERNAL_PLATFORM_ERROR: the fetched artifact is unreadable".to_string()
+            })?;
+            archive::extract(std::io::BufReader::new(file), &dest, &limits)
+                .map_err(|e| format!("{}: {}", e.code(), error_chain(&e)))
+        })
+        .await
+        .map_err(|_| "INTERNAL_PLATFORM_ERROR: extraction stopped".to_string())??;
+        log.line(&format!(
+            "{} files, {} bytes",
+            extracted.files, extracted.bytes
+        ));
+        let dockerfile = std::fs::read_to_string(context.join("Dockerfile")).map_err(|_| {
+            "ARCHIVE_DOCKERFILE_NOT_FOUND: the artifact has no readable Dockerfile at its root"
+                .to_string()
+        })?;
+
+        let base_arn = job
+            .spec
+            .get("baseImageArn")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let resolver = ManagedBases {
+            assets: &self.assets,
+            region: &self.region,
+            default_base: base_arn.rsplit(':').next().unwrap_or_default().to_string(),
+        };
+        let hex = job.build_id.replace('-', "");
+        let prefix = format!("b{}", &hex[..hex.len().min(20)]);
+        let shape = MachineShape {
+            memory_mib: job.memory_mib,
+            vcpus: 1,
+        };
+        let egress = job
+            .spec
+            .get("egressNetworkConnectors")
+            .and_then(Value::as_array)
+            .is_some_and(|list| {
+                list.iter()
+                    .filter_map(Value::as_str)
+                    .any(|arn| arn.ends_with(":INTERNET_EGRESS"))
+            });
+        let request = BuildRequest {
+            context: context.clone(),
+            dockerfile,
+            build_args: HashMap::new(),
+            vm_prefix: prefix.clone(),
+            shape,
+            network: egress,
+            step_timeout: STEP_TIMEOUT,
+        };
+        let built = self
+            .builder
+            .build(&request, &resolver, log)
+            .await
+            .map_err(|e| e.reason())?;
+        log.line(&format!(
+            "steps: {} run, {} from the cache",
+            built.steps_run, built.steps_cached
+        ));
+
+        let hooks = job.spec.get("hooks");
+        let image_hook = |name: &str| {
+            hooks
+                .and_then(|h| h.pointer(&format!("/microvmImageHooks/{name}")))
+                .and_then(Value::as_str)
+                == Some("ENABLED")
+        };
+        let hook_timeout = |name: &str| {
+            hooks
+                .and_then(|h| h.pointer(&format!("/microvmImageHooks/{name}TimeoutInSeconds")))
+                .and_then(Value::as_u64)
+                .unwrap_or(DEFAULT_HOOK_TIMEOUT)
+        };
+        let port = hooks
+            .and_then(|h| h.get("port"))
+            .and_then(Value::as_u64)
+            .and_then(|p| u16::try_from(p).ok());
+        let mut env = built.config.process_env();
+        if let Some(vars) = job
+            .spec
+            .get("environmentVariables")
+            .and_then(Value::as_object)
+        {
+            for (k, v) in vars {
+                let v = v.as_str().unwrap_or_default().to_string();
+                match env.iter_mut().find(|(key, _)| key == k) {
+                    Some(slot) => slot.1 = v,
+                    None => env.push((k.clone(), v)),
+                }
+            }
+        }
+        env.extend(aws_env(
+            &self.region,
+            &job.account_id,
+            &job.image_name,
+            Some(job.version),
+        ));
+        let app = AppSpec {
+            argv: built.config.command(),
+            env,
+            cwd: built.config.cwd(),
+            user: built.config.user.clone(),
+            hooks_port: if image_hook("ready") { port } else { None },
+            ready_timeout: Duration::from_secs(hook_timeout("ready")),
+        };
+        let version_dir = self.version_dir(job);
+        let _ = std::fs::remove_dir_all(&version_dir);
+        hearth_vm::disk::create_private_dir_all(&version_dir).map_err(|_| {
+            "INTERNAL_PLATFORM_ERROR: cannot create the version directory".to_string()
+        })?;
+        let snapshot_dir = version_dir.join("snapshot");
+        let progress = |text: &str| log.line(text);
+        let sizes = snapshot_ready_app(
+            self.builder.driver(),
+            &format!("{prefix}-app"),
+            shape,
+            &ColdBoot {
+                base: built.disk.path.clone(),
+                base_format: built.disk.format,
+                overlay: None,
+                user_network: false,
+            },
+            &app,
+            &snapshot_dir,
+            extracted.bytes,
+            &progress,
+        )
+        .await?;
+        if image_hook("validate") {
+            let port = port.ok_or_else(|| {
+                "CONTAINER_BUILD_FAILED: the validate hook needs hooks.port".to_string()
+            })?;
+            self.validate(
+                &snapshot_dir,
+                &format!("{prefix}-val"),
+                port,
+                hook_timeout("validate"),
+                log,
+            )
+            .await?;
+        }
+        Ok((snapshot_dir, sizes))
+    }
+
+    /// Launches a clone of the new snapshot and calls its `/validate` hook
+    /// until 200 (503: not yet), up to `timeout_secs`.
+    async fn validate(
+        &self,
+        snapshot_dir: &Path,
+        name: &str,
+        port: u16,
+        timeout_secs: u64,
+        log: &FileLog,
+    ) -> Result<(), String> {
+        log.line(&format!(
+            "validating: a clone of the snapshot, /validate on port {port}"
+        ));
+        let driver = self.builder.driver();
+        let snapshot =
+            hearth_vm::Snapshot::open(snapshot_dir, hearth_vm::Verify::Sizes).map_err(|e| {
+                format!(
+                    "INTERNAL_PLATFORM_ERROR: the new snapshot does not open: {}",
+                    error_chain(&e)
+                )
+            })?;
+        let (vm, agent) = driver
+            .launch_with_agent(&snapshot, name)
+            .await
+            .map_err(|e| {
+                format!(
+                    "INTERNAL_PLATFORM_ERROR: the validation clone did not start: {}",
+                    error_chain(&e)
+                )
+            })?;
+        let deadline = Instant::now() + Duration::from_secs(timeout_secs);
+        let result = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break Err(format!(
+                    "Validate hook invocation timed out after PT{timeout_secs}S"
+                ));
+            }
+            match crate::hooks::call(
+                &agent,
+                port,
+                "validate",
+                None,
+                left.min(Duration::from_secs(10)),
+            )
+            .await
+            {
+                Ok(200) => break Ok(()),
+                Ok(503) | Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                Ok(status) => {
+                    break Err(format!(
+                        "CONTAINER_BUILD_FAILED: Validate hook returned HTTP status {status}"
+                    ))
+                }
+            }
+        };
+        drop(agent);
+        if let Err(e) = driver.remove(&vm).await {
+            tracing::warn!(error = %error_chain(&e), "cannot remove the validation clone");
+        }
+        if result.is_ok() {
+            log.line("validate hook answered 200");
+        }
+        result
+    }
+}
+
+/// FROM names the operator's managed base images resolve: the image's name
+/// (`FROM debian-12`), its ARN, and the reference's recommended base
+/// (`public.ecr.aws/lambda/microvms:*`) meaning the request's `baseImageArn`.
+struct ManagedBases<'a> {
+    assets: &'a Assets,
+    region: &'a str,
+    default_base: String,
+}
+
+impl BaseResolver for ManagedBases<'_> {
+    async fn resolve(&self, image: &str, log: &dyn BuildLog) -> Result<Base, String> {
+        let arn_prefix = format!("arn:aws:lambda:{}:aws:microvm-image:", self.region);
+        let lower = image.to_ascii_lowercase();
+        let name = if let Some(name) = lower.strip_prefix(&arn_prefix) {
+            name.to_string()
+        } else if lower.starts_with("public.ecr.aws/lambda/microvms") {
+            self.default_base.clone()
+        } else {
+            lower.strip_suffix(":latest").unwrap_or(&lower).to_string()
+        };
+        let valid = !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        let path = valid
+            .then(|| self.assets.base_image(&name).ok())
+            .flatten()
+            .ok_or_else(|| {
+                format!(
+                    "{image} is not a managed base image of this host (try FROM {}); registries are not configured",
+                    if self.default_base.is_empty() { "debian-12" } else { &self.default_base }
+                )
+            })?;
+        log.line(&format!(" ---> managed base image {name}"));
+        let real = std::fs::canonicalize(&path).unwrap_or(path.clone());
+        Ok(Base {
+            disk: Disk {
+                path: real.clone(),
+                format: BackingFormat::Raw,
+            },
+            identity: format!("{name}@{}", real.display()),
+            config: Default::default(),
+        })
+    }
+}
+
+/// A build's log file: lines are appended and flushed as they come, up to
+/// [`MAX_LOG_BYTES`].
+struct FileLog {
+    file: Mutex<Option<std::fs::File>>,
+    written: Mutex<u64>,
+}
+
+impl FileLog {
+    fn create(path: &Path) -> FileLog {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(
+                |e| tracing::warn!(path = %path.display(), error = %e, "cannot open the build log"),
+            )
+            .ok();
+        FileLog {
+            file: Mutex::new(file),
+            written: Mutex::new(0),
+        }
+    }
+}
+
+impl BuildLog for FileLog {
+    fn line(&self, text: &str) {
+        tracing::debug!(target: "hearth_build", "{text}");
+        let (Ok(mut file), Ok(mut written)) = (self.file.lock(), self.written.lock()) else {
+            return;
+        };
+        let Some(f) = file.as_mut() else {
+            return;
+        };
+        if *written >= MAX_LOG_BYTES {
+            return;
+        }
+        let mut line = text.replace('\r', "");
+        line.push('\n');
+        if *written + line.len() as u64 > MAX_LOG_BYTES {
+            line = "[log truncated: the build log limit was reached]\n".into();
+            *written = MAX_LOG_BYTES;
+        } else {
+            *written += line.len() as u64;
+        }
+        let _ = f.write_all(line.as_bytes());
+    }
+}
