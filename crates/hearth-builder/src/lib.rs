@@ -8,4 +8,5 @@ pub mod cache;
 pub mod config;
 pub mod context;
 pub mod dockerfile;
+pub mod oci;
 pub mod run;

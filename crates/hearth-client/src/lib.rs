@@ -231,7 +231,106 @@ impl Client {
         Err(ClientError::PaginationLoop)
     }
 
+    /// Creates `bucket` in the endpoint's S3-compatible store (service `s3`,
+    /// path-style); a bucket the caller already owns is fine.
+    pub async fn s3_create_bucket(&self, bucket: &str) -> Result<(), ClientError> {
+        match self
+            .s3(http::Method::PUT, &format!("/{bucket}"), Vec::new())
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(ClientError::Api { code, .. }) if code == "BucketAlreadyOwnedByYou" => Ok(()),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Uploads `body` as `s3://bucket/key` to the endpoint's S3-compatible store.
+    pub async fn s3_put_object(
+        &self,
+        bucket: &str,
+        key: &str,
+        body: Vec<u8>,
+    ) -> Result<(), ClientError> {
+        let key: String = key
+            .split('/')
+            .map(|part| {
+                percent_encoding::utf8_percent_encode(part, request::PATH_SEGMENT).to_string()
+            })
+            .collect::<Vec<_>>()
+            .join("/");
+        self.s3(http::Method::PUT, &format!("/{bucket}/{key}"), body)
+            .await
+            .map(drop)
+    }
+
+    async fn s3(
+        &self,
+        method: http::Method,
+        target: &str,
+        body: Vec<u8>,
+    ) -> Result<Bytes, ClientError> {
+        let prepared = request::Prepared {
+            method,
+            target: target.to_string(),
+            headers: Vec::new(),
+            body: Some(body),
+        };
+        let request = self.sign_for(prepared, "s3")?;
+        let endpoint = || self.config.endpoint_url().to_string();
+        let response = tokio::time::timeout(REQUEST_TIMEOUT, self.http.request(request))
+            .await
+            .map_err(|_| ClientError::Timeout {
+                endpoint: endpoint(),
+            })?
+            .map_err(|source| ClientError::Transport {
+                endpoint: endpoint(),
+                source,
+            })?;
+        let (parts, body) = response.into_parts();
+        let body = Limited::new(body, MAX_RESPONSE_BYTES)
+            .collect()
+            .await
+            .map_err(|e| {
+                if e.is::<LengthLimitError>() {
+                    ClientError::TooLarge
+                } else {
+                    ClientError::ReadBody(e)
+                }
+            })?
+            .to_bytes();
+        if !parts.status.is_success() {
+            // S3 errors are XML: <Error><Code>..</Code><Message>..</Message></Error>.
+            let text = String::from_utf8_lossy(&body);
+            let tag = |name: &str| {
+                text.split(&format!("<{name}>"))
+                    .nth(1)
+                    .and_then(|rest| rest.split(&format!("</{name}>")).next())
+                    .unwrap_or_default()
+                    .to_string()
+            };
+            let code = tag("Code");
+            return Err(ClientError::Api {
+                status: parts.status.as_u16(),
+                code: if code.is_empty() {
+                    format!("HTTP {}", parts.status.as_u16())
+                } else {
+                    code
+                },
+                message: tag("Message"),
+            });
+        }
+        Ok(body)
+    }
+
     fn sign(&self, prepared: request::Prepared) -> Result<http::Request<Full<Bytes>>, ClientError> {
+        self.sign_for(prepared, "lambda")
+    }
+
+    fn sign_for(
+        &self,
+        prepared: request::Prepared,
+        service: &str,
+    ) -> Result<http::Request<Full<Bytes>>, ClientError> {
         let url = format!("{}{}", self.config.endpoint_url(), prepared.target);
         let mut headers = prepared.headers;
         headers.push(("host".into(), self.config.authority().to_string()));
@@ -240,6 +339,15 @@ impl Client {
             concat!("hearth-client/", env!("CARGO_PKG_VERSION")).into(),
         ));
         let body = prepared.body.unwrap_or_default();
+        let mut settings = SigningSettings::default();
+        if service == "s3" {
+            // S3 signs the payload hash as a header and the path as sent.
+            settings.payload_checksum_kind =
+                aws_sigv4::http_request::PayloadChecksumKind::XAmzSha256;
+            settings.percent_encoding_mode = aws_sigv4::http_request::PercentEncodingMode::Single;
+            settings.uri_path_normalization_mode =
+                aws_sigv4::http_request::UriPathNormalizationMode::Disabled;
+        }
 
         let identity: Identity = Credentials::new(
             self.config.access_key_id(),
@@ -252,9 +360,9 @@ impl Client {
         let params = v4::SigningParams::builder()
             .identity(&identity)
             .region(self.config.region())
-            .name("lambda")
+            .name(service)
             .time(SystemTime::now())
-            .settings(SigningSettings::default())
+            .settings(settings)
             .build()
             .map_err(|e| ClientError::Sign(e.into()))?
             .into();

@@ -12,6 +12,7 @@ use crate::ClientError;
 /// RFC 3986 unreserved characters stay; everything else is percent-encoded,
 /// as botocore does for query keys and values (so `+` and space are never
 /// ambiguous to the server or to the SigV4 canonical query).
+pub(crate) const PATH_SEGMENT: &AsciiSet = QUERY_SET;
 const QUERY_SET: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'-')
     .remove(b'_')

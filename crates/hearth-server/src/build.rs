@@ -55,22 +55,6 @@ pub trait ArtifactFetch: Send + Sync + fmt::Debug {
     ) -> Pin<Box<dyn Future<Output = Result<u64, String>> + Send + 'a>>;
 }
 
-/// Until the artifact store is wired: every fetch fails as a missing bucket.
-#[derive(Debug)]
-pub struct NoArtifacts;
-
-impl ArtifactFetch for NoArtifacts {
-    fn fetch<'a>(
-        &'a self,
-        _account: &'a str,
-        uri: &'a str,
-        _dest: &'a Path,
-        _max_bytes: u64,
-    ) -> Pin<Box<dyn Future<Output = Result<u64, String>> + Send + 'a>> {
-        Box::pin(async move { Err(format!("S3_NO_SUCH_BUCKET: {uri}")) })
-    }
-}
-
 /// A build to run (its rows exist, PENDING).
 #[derive(Debug, Clone)]
 pub struct BuildJob {
@@ -83,6 +67,16 @@ pub struct BuildJob {
     pub memory_mib: u32,
 }
 
+/// The operator's settings for builds.
+#[derive(Debug, Clone)]
+pub struct BuildSettings {
+    pub region: String,
+    /// Largest code artifact fetched.
+    pub max_artifact_bytes: u64,
+    /// Where FROM may pull images that are not managed base images.
+    pub registry: Option<hearth_oci::RegistryConfig>,
+}
+
 /// Runs builds.
 pub struct Builds {
     store: Store,
@@ -93,6 +87,7 @@ pub struct Builds {
     artifacts: Arc<dyn ArtifactFetch>,
     limits: archive::Limits,
     max_artifact_bytes: u64,
+    registry: Option<hearth_oci::RegistryConfig>,
     slots: Semaphore,
 }
 
@@ -116,10 +111,14 @@ impl Builds {
         driver: QemuDriver,
         assets: Assets,
         data_dir: &Path,
-        region: &str,
         artifacts: Arc<dyn ArtifactFetch>,
-        max_artifact_bytes: u64,
+        settings: BuildSettings,
     ) -> Result<Builds, BuildsError> {
+        let BuildSettings {
+            region,
+            max_artifact_bytes,
+            registry,
+        } = settings;
         // The step cache lives with the data: image versions chain to its layers.
         let builder =
             Builder::new(driver, &data_dir.join("build-cache")).map_err(BuildsError::Builder)?;
@@ -128,10 +127,11 @@ impl Builds {
             builder,
             assets,
             data_dir: data_dir.to_path_buf(),
-            region: region.to_string(),
+            region,
             artifacts,
             limits: archive::Limits::default(),
             max_artifact_bytes,
+            registry,
             slots: Semaphore::new(PARALLEL_BUILDS),
         })
     }
@@ -251,6 +251,8 @@ impl Builds {
         let resolver = ManagedBases {
             assets: &self.assets,
             region: &self.region,
+            registry: self.registry.as_ref(),
+            cache_dir: self.data_dir.join("build-cache"),
             default_base: base_arn.rsplit(':').next().unwrap_or_default().to_string(),
         };
         let hex = job.build_id.replace('-', "");
@@ -441,10 +443,13 @@ impl Builds {
 /// FROM names the operator's managed base images resolve: the image's name
 /// (`FROM debian-12`), its ARN, and the reference's recommended base
 /// (`public.ecr.aws/lambda/microvms:*`) meaning the request's `baseImageArn`.
+/// Other names are pulled from the operator's OCI registry, when one is set.
 struct ManagedBases<'a> {
     assets: &'a Assets,
     region: &'a str,
     default_base: String,
+    registry: Option<&'a hearth_oci::RegistryConfig>,
+    cache_dir: PathBuf,
 }
 
 impl BaseResolver for ManagedBases<'_> {
@@ -462,15 +467,21 @@ impl BaseResolver for ManagedBases<'_> {
             && name
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-        let path = valid
-            .then(|| self.assets.base_image(&name).ok())
-            .flatten()
-            .ok_or_else(|| {
-                format!(
-                    "{image} is not a managed base image of this host (try FROM {}); registries are not configured",
-                    if self.default_base.is_empty() { "debian-12" } else { &self.default_base }
-                )
-            })?;
+        let managed = valid.then(|| self.assets.base_image(&name).ok()).flatten();
+        let Some(path) = managed else {
+            if let Some(registry) = self.registry {
+                return hearth_builder::oci::registry_base(registry, image, &self.cache_dir, log)
+                    .await;
+            }
+            return Err(format!(
+                "{image} is not a managed base image of this host (try FROM {}), and no registry is configured",
+                if self.default_base.is_empty() {
+                    "debian-12"
+                } else {
+                    &self.default_base
+                }
+            ));
+        };
         log.line(&format!(" ---> managed base image {name}"));
         let real = std::fs::canonicalize(&path).unwrap_or(path.clone());
         Ok(Base {

@@ -6,6 +6,10 @@
 //!   Body: `{"argv": [..], "env"?: {..}, "cwd"?: "/", "stdin"?: base64,
 //!   "timeoutInSeconds"?: 1-3600}`. Answer: `{"exitCode"?, "signal"?,
 //!   "timedOut", "stdout": base64, "stderr": base64}`.
+//! - `GET /hearth/2025-09-09/builds/{buildId}/logs?offset=N`: the build's log
+//!   from byte `offset` (at most 256 KiB per call). Answer: `{"buildState",
+//!   "stateReason"?, "log", "nextOffset", "complete"}`; `complete` is true
+//!   once the build has ended and the whole log was read.
 
 use std::time::Duration;
 
@@ -22,6 +26,9 @@ use crate::resources::MicrovmState;
 use crate::AppState;
 
 const PREFIX: &str = "/hearth/2025-09-09/microvms/";
+const BUILDS_PREFIX: &str = "/hearth/2025-09-09/builds/";
+/// Most log bytes one call returns.
+const LOG_CHUNK: u64 = 256 * 1024;
 /// Output beyond this is refused rather than buffered (the agent caps at 64 MiB).
 const MAX_OUTPUT: usize = 16 * 1024 * 1024;
 const MAX_ARGS: usize = 4096;
@@ -30,6 +37,7 @@ const MAX_ARGS: usize = 4096;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
     Exec { microvm_id: String },
+    BuildLogs { build_id: String, offset: u64 },
 }
 
 impl Route {
@@ -37,11 +45,26 @@ impl Route {
     pub fn operation(&self) -> &'static str {
         match self {
             Route::Exec { .. } => "HearthExec",
+            Route::BuildLogs { .. } => "HearthBuildLogs",
         }
     }
 }
 
-pub fn route(method: &Method, path: &str) -> Option<Route> {
+pub fn route(method: &Method, path: &str, query: Option<&str>) -> Option<Route> {
+    if let Some(rest) = path.strip_prefix(BUILDS_PREFIX) {
+        let (id, action) = rest.split_once('/')?;
+        if method != Method::GET || action != "logs" || id.is_empty() {
+            return None;
+        }
+        let offset = form_urlencoded::parse(query.unwrap_or("").as_bytes())
+            .find(|(k, _)| k == "offset")
+            .map(|(_, v)| v.parse::<u64>().unwrap_or(u64::MAX))
+            .unwrap_or(0);
+        return Some(Route::BuildLogs {
+            build_id: id.to_string(),
+            offset,
+        });
+    }
     let rest = path.strip_prefix(PREFIX)?;
     let (id, action) = rest.split_once('/')?;
     match (method, action) {
@@ -73,7 +96,56 @@ pub async fn handle(
 ) -> Result<Response, ApiError> {
     match route {
         Route::Exec { microvm_id } => exec(state, caller, &microvm_id, body).await,
+        Route::BuildLogs { build_id, offset } => build_logs(state, caller, &build_id, offset),
     }
+}
+
+fn build_logs(
+    state: &AppState,
+    caller: &Caller,
+    build_id: &str,
+    offset: u64,
+) -> Result<Response, ApiError> {
+    use std::io::{Read, Seek, SeekFrom};
+    let build = state
+        .store
+        .build(&caller.account_id, build_id)
+        .map_err(crate::ops::internal)?
+        .ok_or_else(|| ApiError::not_found(format!("Build {build_id} not found")))?;
+    let ended = matches!(
+        build.state,
+        crate::resources::BuildState::Successful | crate::resources::BuildState::Failed
+    );
+    let mut text = Vec::new();
+    let mut size = 0;
+    if let Ok(mut file) = std::fs::File::open(state.builds.log_path(build_id)) {
+        size = file.metadata().map(|m| m.len()).unwrap_or(0);
+        if offset > size {
+            return Err(ApiError::validation(format!(
+                "offset {offset} is past the end of the log ({size} bytes)"
+            )));
+        }
+        if file.seek(SeekFrom::Start(offset)).is_ok() {
+            let _ = file.take(LOG_CHUNK).read_to_end(&mut text);
+        }
+    } else if offset > 0 {
+        return Err(ApiError::validation("offset is past the end of the log"));
+    }
+    let next = offset + text.len() as u64;
+    let mut out = json!({
+        "buildState": build.state.as_str(),
+        "log": String::from_utf8_lossy(&text),
+        "nextOffset": next,
+        "complete": ended && next >= size,
+    });
+    if let Some(reason) = &build.state_reason {
+        out["stateReason"] = json!(reason);
+    }
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        out.to_string(),
+    )
+        .into_response())
 }
 
 async fn exec(
@@ -241,19 +313,61 @@ mod tests {
     #[test]
     fn routes() {
         assert_eq!(
-            route(&Method::POST, "/hearth/2025-09-09/microvms/microvm-1/exec"),
+            route(
+                &Method::POST,
+                "/hearth/2025-09-09/microvms/microvm-1/exec",
+                None
+            ),
             Some(Route::Exec {
                 microvm_id: "microvm-1".into()
             })
         );
         assert_eq!(
-            route(&Method::GET, "/hearth/2025-09-09/microvms/m/exec"),
+            route(&Method::GET, "/hearth/2025-09-09/microvms/m/exec", None),
             None
         );
         assert_eq!(
-            route(&Method::POST, "/hearth/2025-09-09/microvms//exec"),
+            route(&Method::POST, "/hearth/2025-09-09/microvms//exec", None),
             None
         );
-        assert_eq!(route(&Method::POST, "/2025-09-09/microvms/m"), None);
+        assert_eq!(route(&Method::POST, "/2025-09-09/microvms/m", None), None);
+        assert_eq!(
+            route(
+                &Method::GET,
+                "/hearth/2025-09-09/builds/b-1/logs",
+                Some("offset=42")
+            ),
+            Some(Route::BuildLogs {
+                build_id: "b-1".into(),
+                offset: 42
+            })
+        );
+        assert_eq!(
+            route(&Method::GET, "/hearth/2025-09-09/builds/b-1/logs", None),
+            Some(Route::BuildLogs {
+                build_id: "b-1".into(),
+                offset: 0
+            })
+        );
+        // A bad offset is past any log (a validation error), not 0.
+        assert_eq!(
+            route(
+                &Method::GET,
+                "/hearth/2025-09-09/builds/b/logs",
+                Some("offset=x")
+            ),
+            Some(Route::BuildLogs {
+                build_id: "b".into(),
+                offset: u64::MAX
+            })
+        );
+        assert_eq!(
+            route(&Method::POST, "/hearth/2025-09-09/builds/b/logs", None),
+            None
+        );
+        assert_eq!(
+            route(&Method::GET, "/hearth/2025-09-09/builds//logs", None),
+            None
+        );
     }
 }

@@ -35,6 +35,7 @@ pub mod limits;
 pub mod ops;
 pub mod records;
 pub mod resources;
+pub mod s3;
 pub mod secrets;
 pub mod store;
 pub mod tokens;
@@ -71,6 +72,8 @@ pub enum ServerError {
     Reconcile(#[source] engine::EngineError),
     #[error("quota {0:?} must look like NAME=NUMBER with NAME one of memory-mib, images, versions-per-image, concurrent-builds")]
     Quota(String),
+    #[error("cannot open the artifact store")]
+    Artifacts(#[source] hearth_s3::StoreError),
 }
 
 #[derive(Debug, Clone)]
@@ -94,6 +97,11 @@ pub struct ServerConfig {
     pub endpoint_port: Option<u16>,
     /// Upper bound (and default) of `maximumDurationInSeconds`.
     pub max_lifetime_secs: u64,
+    /// Where build artifacts come from (built-in S3 store, external store, file://).
+    pub artifacts: s3::ArtifactsConfig,
+    /// The OCI registry Dockerfile FROM lines may pull from (none: managed
+    /// base images and scratch only).
+    pub registry: Option<hearth_oci::RegistryConfig>,
 }
 
 impl ServerConfig {
@@ -111,6 +119,8 @@ impl ServerConfig {
             endpoint_limits: hearth_proxy::VmLimits::default(),
             endpoint_port: None,
             max_lifetime_secs: 28_800,
+            artifacts: s3::ArtifactsConfig::default(),
+            registry: None,
         }
     }
 }
@@ -171,6 +181,10 @@ pub struct AppState {
     pub(crate) metrics: Metrics,
     /// Dockerfile builds (CreateMicrovmImage, UpdateMicrovmImage).
     pub builds: Arc<build::Builds>,
+    /// Where the builder fetches `codeArtifact.uri` from.
+    pub artifacts: s3::ArtifactSource,
+    /// The built-in S3-compatible store, served on the API's listener.
+    pub s3: hearth_s3::S3Service,
 }
 
 impl AppState {
@@ -183,6 +197,12 @@ impl AppState {
             ram_dir: dir.join("ram"),
         };
         let store = Store::open(dir).expect("store");
+        let config = ServerConfig::new(
+            dir.to_path_buf(),
+            ([127, 0, 0, 1], 0).into(),
+            "us-east-1".into(),
+        );
+        let (s3, artifacts) = s3::build(&config, &store).expect("artifact store");
         let driver = hearth_vm::QemuDriver::with_accel(assets.clone(), hearth_vm::Accel::Tcg);
         let builds = Arc::new(
             build::Builds::new(
@@ -190,19 +210,20 @@ impl AppState {
                 driver.clone(),
                 assets.clone(),
                 dir,
-                "us-east-1",
-                Arc::new(build::NoArtifacts),
-                1 << 30,
+                Arc::new(artifacts.clone()),
+                build::BuildSettings {
+                    region: "us-east-1".into(),
+                    max_artifact_bytes: config.artifacts.max_artifact_bytes,
+                    registry: None,
+                },
             )
             .expect("builds"),
         );
         Self {
             builds,
-            config: ServerConfig::new(
-                dir.to_path_buf(),
-                ([127, 0, 0, 1], 0).into(),
-                "us-east-1".into(),
-            ),
+            config,
+            artifacts,
+            s3,
             engine: engine::Engine::new(driver, store.clone()),
             tokens: tokens::TokenKeys::open_or_create(dir).expect("token keys"),
             store,
@@ -220,6 +241,10 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .fallback(http_api)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            s3::front_door,
+        ))
         .with_state(state)
 }
 
@@ -318,15 +343,19 @@ pub async fn start(config: ServerConfig) -> Result<Arc<AppState>, ServerError> {
         .map_err(|e| ServerError::DataDir(assets.vms_dir(), std::io::Error::other(e)))?;
     let driver = hearth_vm::QemuDriver::new(assets.clone()).map_err(ServerError::Vm)?;
     import::reap_interrupted_builds(&store, &driver, &config.data_dir).await?;
+    let (s3, artifacts) = s3::build(&config, &store)?;
     let builds = Arc::new(
         build::Builds::new(
             store.clone(),
             driver.clone(),
             assets.clone(),
             &config.data_dir,
-            &config.region,
-            Arc::new(build::NoArtifacts),
-            1 << 30,
+            Arc::new(artifacts.clone()),
+            build::BuildSettings {
+                region: config.region.clone(),
+                max_artifact_bytes: config.artifacts.max_artifact_bytes,
+                registry: config.registry.clone(),
+            },
         )
         .map_err(ServerError::Builds)?,
     );
@@ -343,6 +372,8 @@ pub async fn start(config: ServerConfig) -> Result<Arc<AppState>, ServerError> {
         limits,
         metrics: Metrics::default(),
         builds,
+        artifacts,
+        s3,
     }))
 }
 
@@ -420,7 +451,7 @@ async fn handle(state: &AppState, request: Request) -> Result<Response, ApiError
         )
     })?;
     let model = hearth_api::model();
-    if let Some(route) = extensions::route(&parts.method, parts.uri.path()) {
+    if let Some(route) = extensions::route(&parts.method, parts.uri.path(), parts.uri.query()) {
         let account = authenticate(state, &parts, &body)?;
         if !state.limits.allow(&account, route.operation()) {
             return Err(ApiError::new(ErrorCode::Throttling, "Rate exceeded"));

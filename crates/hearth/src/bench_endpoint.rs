@@ -128,7 +128,7 @@ struct Report {
 
 /// The proxy's address and how requests name a microVM.
 #[derive(Debug, Clone)]
-struct Endpoint {
+pub(crate) struct Endpoint {
     proxy: SocketAddr,
     host: String,
     token: String,
@@ -306,7 +306,7 @@ pub async fn endpoint(args: EndpointArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn microvm_id(run: &Value) -> Result<String> {
+pub(crate) fn microvm_id(run: &Value) -> Result<String> {
     run["microvmId"]
         .as_str()
         .map(str::to_string)
@@ -315,7 +315,7 @@ fn microvm_id(run: &Value) -> Result<String> {
 
 /// A token for the app's port (it is also the hooks port, so named
 /// explicitly) and the endpoint host.
-async fn endpoint_of(client: &Client, proxy: SocketAddr, id: &str) -> Result<Endpoint> {
+pub(crate) async fn endpoint_of(client: &Client, proxy: SocketAddr, id: &str) -> Result<Endpoint> {
     let minted = client
         .call(
             "CreateMicrovmAuthToken",
@@ -338,7 +338,7 @@ async fn endpoint_of(client: &Client, proxy: SocketAddr, id: &str) -> Result<End
 }
 
 /// GET / until 200; 502/503/504 (not reachable yet) are retried every 10 ms.
-async fn poll_until_200(endpoint: &Endpoint) -> Result<()> {
+pub(crate) async fn poll_until_200(endpoint: &Endpoint) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let status = match endpoint.connect().await {
@@ -522,7 +522,7 @@ async fn wait_for(client: &Client, id: &str, state: &str) -> Result<()> {
     }
 }
 
-async fn terminate(client: &Client, id: &str) -> Result<()> {
+pub(crate) async fn terminate(client: &Client, id: &str) -> Result<()> {
     client
         .call("TerminateMicrovm", json!({ "microvmIdentifier": id }))
         .await?;

@@ -28,7 +28,7 @@ pub struct ConnectArgs {
 }
 
 impl ConnectArgs {
-    fn client(&self) -> Result<Client> {
+    pub(crate) fn client(&self) -> Result<Client> {
         let resolved = ClientConfig::resolve(&ConfigFlags {
             endpoint_url: self.endpoint_url.clone(),
             region: self.region.clone(),
@@ -66,6 +66,11 @@ pub enum ImageCommand {
         #[command(flatten)]
         connect: ConnectArgs,
     },
+    /// Build an image from a Dockerfile: zip and upload the context, create
+    /// or update the image, follow the build's log until it ends.
+    Build(crate::image_build::BuildArgs),
+    /// Print the log of an image version's build.
+    Logs(crate::image_build::LogsArgs),
     /// Delete an image, or one version of it.
     Rm {
         /// Image name or ARN.
@@ -220,6 +225,8 @@ pub async fn image(command: ImageCommand) -> ExitCode {
             version,
             connect,
         } => image_rm(image, version, connect).await,
+        ImageCommand::Build(args) => crate::image_build::build(args).await,
+        ImageCommand::Logs(args) => crate::image_build::logs(args).await,
     })
 }
 

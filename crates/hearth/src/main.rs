@@ -11,8 +11,10 @@ use hearth_vm::{Assets, BootRequest, Driver, MachineShape, QemuDriver, Snapshot,
 
 mod bench;
 mod bench_api;
+mod bench_build;
 mod bench_endpoint;
 mod client_cli;
+mod image_build;
 mod measure;
 mod operator;
 mod shell;
@@ -89,6 +91,30 @@ struct ServeArgs {
     /// Longest lifetime a microVM may ask for (maximumDurationInSeconds), in seconds.
     #[arg(long, default_value_t = 28_800, value_parser = clap::value_parser!(u64).range(1..=31_536_000))]
     max_lifetime: u64,
+    /// Accept `file:///path` code artifacts (files on this host) in image builds.
+    #[arg(long)]
+    allow_file_artifacts: bool,
+    /// Fetch `s3://` code artifacts from this S3-compatible store instead of the
+    /// built-in one, with the keys in HEARTH_ARTIFACT_S3_ACCESS_KEY_ID and
+    /// HEARTH_ARTIFACT_S3_SECRET_ACCESS_KEY (account isolation is then that store's).
+    #[arg(long, value_name = "URL")]
+    artifact_s3_endpoint: Option<String>,
+    /// Region the external artifact store signs for (default: --region).
+    #[arg(long, value_parser = parse_region)]
+    artifact_s3_region: Option<String>,
+    /// Address the external artifact store as URL/bucket/key (else bucket.host/key).
+    #[arg(long)]
+    artifact_s3_path_style: bool,
+    /// Largest code artifact, and largest object the built-in S3 store accepts.
+    #[arg(long, default_value_t = 5 << 30, value_parser = clap::value_parser!(u64).range(1..))]
+    max_artifact_bytes: u64,
+    /// OCI registry (HOST:PORT) that Dockerfile FROM lines may pull from;
+    /// credentials from HEARTH_REGISTRY_USERNAME / HEARTH_REGISTRY_PASSWORD.
+    #[arg(long, value_name = "HOST:PORT")]
+    registry: Option<String>,
+    /// Talk to --registry over plain HTTP (a registry on loopback).
+    #[arg(long)]
+    registry_insecure: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -232,6 +258,9 @@ enum BenchCommand {
     /// The endpoint proxy on real guests: first 200 after RunMicrovm, requests/s
     /// and latency, a large streamed body, auto-resume to first byte.
     Endpoint(bench_endpoint::EndpointArgs),
+    /// Dockerfile builds on real guests: fresh build, cached rebuild,
+    /// snapshot sizes, first 200 from the built image.
+    Build(bench_build::BuildArgs),
 }
 
 fn main() -> ExitCode {
@@ -269,6 +298,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Bench(BenchCommand::Launch(args)) => bench::launch(args).await,
         Command::Bench(BenchCommand::Api(args)) => bench_api::api(args).await,
         Command::Bench(BenchCommand::Endpoint(args)) => bench_endpoint::endpoint(args).await,
+        Command::Bench(BenchCommand::Build(args)) => bench_build::build(args).await,
         Command::Shell(args) => Ok(shell::main(args).await),
         Command::Serve(args) => {
             let mut config =
@@ -285,6 +315,33 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 config.endpoint_tls_listen = args.endpoint_tls_listen;
             }
             config.max_lifetime_secs = args.max_lifetime;
+            config.artifacts.allow_file_uris = args.allow_file_artifacts;
+            config.registry = args.registry.map(|registry| hearth_oci::RegistryConfig {
+                registry,
+                insecure_http: args.registry_insecure,
+                username: std::env::var("HEARTH_REGISTRY_USERNAME").ok(),
+                password: std::env::var("HEARTH_REGISTRY_PASSWORD").ok(),
+            });
+            config.artifacts.max_artifact_bytes = args.max_artifact_bytes;
+            if let Some(endpoint) = args.artifact_s3_endpoint {
+                if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+                    anyhow::bail!("--artifact-s3-endpoint must be an http:// or https:// URL");
+                }
+                let key = |name: &str| {
+                    std::env::var(name).map_err(|_| {
+                        anyhow::anyhow!("--artifact-s3-endpoint needs {name} in the environment")
+                    })
+                };
+                config.artifacts.external = Some(hearth_server::s3::ExternalS3 {
+                    endpoint,
+                    region: args
+                        .artifact_s3_region
+                        .unwrap_or_else(|| config.region.clone()),
+                    access_key_id: key("HEARTH_ARTIFACT_S3_ACCESS_KEY_ID")?,
+                    secret_access_key: key("HEARTH_ARTIFACT_S3_SECRET_ACCESS_KEY")?,
+                    path_style: args.artifact_s3_path_style,
+                });
+            }
             hearth_server::serve(config).await?;
             Ok(ExitCode::SUCCESS)
         }
