@@ -6,6 +6,7 @@ made before the snapshot. Crafted artifacts produce every build error code.
 """
 
 import io
+import pathlib
 import json
 import re
 import time
@@ -431,3 +432,88 @@ def test_create_twice_conflicts_and_client_token_replays(hearth, s3, built):
     again = create(hearth.client, "replayed", "s3://no-such-bucket-here/x.zip", clientToken="token-1")
     assert first["imageVersion"] == again["imageVersion"] == "1.0"
     wait_image(hearth.client, "replayed", ("CREATE_FAILED",), timeout=120)
+
+
+# ---------------------------------------------------------------- the CLI and the network
+
+
+def hearth_cli(hearth, *argv, timeout=600):
+    import subprocess
+
+    from conftest import HEARTH
+
+    return subprocess.run(
+        [str(HEARTH), *argv, "--endpoint-url", hearth.api_url, "--region", REGION],
+        capture_output=True, text=True, timeout=timeout,
+        env={"PATH": "/usr/bin:/bin", "AWS_ACCESS_KEY_ID": hearth.account["accessKeyId"],
+             "AWS_SECRET_ACCESS_KEY": hearth.account["secretAccessKey"]},
+    )
+
+
+def test_cli_builds_streams_the_log_and_masks_build_args(hearth, tmp_path):
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(
+        "FROM debian-12\nARG TOKEN\nARG PLAIN=visible-default\n"
+        "RUN echo \"token is $TOKEN, plain is $PLAIN\" && test \"$TOKEN\" = s3cr3t-value\n"
+        "COPY notes.txt /notes.txt\n"
+        "CMD [\"python3\", \"-c\", \"import time; time.sleep(1000000)\"]\n")
+    (ctx / "notes.txt").write_text("n\n")
+    (ctx / "skip.me").write_text("x\n")
+    (ctx / ".dockerignore").write_text("*.me\n")
+    out = hearth_cli(hearth, "image", "build", str(ctx), "--name", "cli-app", "--build-arg", "TOKEN=s3cr3t-value")
+    assert out.returncode == 0, out.stderr + out.stdout
+    assert "token is ***, plain is visible-default" in out.stdout, out.stdout
+    assert "s3cr3t-value" not in out.stdout + out.stderr
+    assert "build SUCCESSFUL" in out.stdout
+    logs = hearth_cli(hearth, "image", "logs", "cli-app")
+    assert logs.returncode == 0 and "token is ***" in logs.stdout and "s3cr3t-value" not in logs.stdout
+    # The secret never reaches the server's log or the database either.
+    data = pathlib.Path(hearth.data_dir)
+    for path in [*data.glob("serve-*.log"), *data.glob("*.db*")]:
+        assert b"s3cr3t-value" not in path.read_bytes(), path
+    # A failing build: exit 1 with the reason.
+    (ctx / "Dockerfile").write_text("FROM debian-12\nRUN exit 42\n")
+    out = hearth_cli(hearth, "image", "build", str(ctx), "--name", "cli-app")
+    assert out.returncode == 1, out.stdout
+    assert "CONTAINER_BUILD_FAILED" in out.stderr and "line 2" in out.stderr, out.stderr
+    assert "version 2.0" in out.stderr
+
+
+def test_run_steps_reach_the_network_only_with_internet_egress(hearth, s3):
+    import http.server
+    import secrets
+    import threading
+
+    marker = secrets.token_hex(8)
+
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = f"egress-ok-{marker}".encode()
+            self.send_response(200)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        # QEMU's user-mode network: the host's loopback is 10.0.2.2 in the guest.
+        dockerfile = (
+            "FROM debian-12\n"
+            f"RUN python3 -c \"import urllib.request as u; print(u.urlopen('http://10.0.2.2:{port}/', timeout=20).read().decode())\"\n"
+        )
+        s3.put_object(Bucket="build-artifacts", Key="net.zip", Body=zip_bytes({"Dockerfile": dockerfile}))
+        create(hearth.client, "with-egress", "s3://build-artifacts/net.zip", egressNetworkConnectors=[INTERNET_EGRESS])
+        image = wait_image(hearth.client, "with-egress", ("CREATED", "CREATE_FAILED"))
+        build = build_of(hearth.client, "with-egress", "1.0")
+        assert image["state"] == "CREATED", build
+        assert f"egress-ok-{marker}" in build_log(hearth, ["with-egress"])
+        reason = failed_reason(hearth, "without-egress", "s3://build-artifacts/net.zip")
+        assert reason.startswith("CONTAINER_BUILD_FAILED") and "line 2" in reason, reason
+    finally:
+        server.shutdown()

@@ -187,22 +187,22 @@ def test_list_images_name_filter(client, images):
     assert client.list_microvm_images(nameFilter="no-such")["items"] == []
 
 
-def test_unimplemented_operations_answer_cleanly(client, images):
-    """Dockerfile builds (CreateMicrovmImage, UpdateMicrovmImage) are not
-    implemented yet: 404 UnknownOperationException with a message."""
-    base = f"arn:aws:lambda:{REGION}:aws:microvm-image:debian-12"
+def test_build_operations_refuse_bad_requests_without_side_effects(client, images):
+    """CreateMicrovmImage / UpdateMicrovmImage (built in test_builds.py):
+    an unmanaged base is a ValidationException, updating a missing image a
+    404; neither leaves an image behind."""
     role = "arn:aws:iam::123456789012:role/builder"
     artifact = {"uri": "s3://bucket/app.zip"}
-    calls = [
-        (client.create_microvm_image, dict(name="new", baseImageArn=base, buildRoleArn=role, codeArtifact=artifact)),
-        (client.update_microvm_image, dict(imageIdentifier="app", baseImageArn=base, buildRoleArn=role,
-                                           codeArtifact=artifact)),
-    ]
-    for call, params in calls:
-        excinfo = client_error(call, **params)
-        assert error_of(excinfo) == ("UnknownOperationException", 404), call
-        assert "not implemented" in excinfo.value.response["Error"]["Message"]
-    assert "new" not in {i["name"] for i in client.list_microvm_images()["items"]}
+    excinfo = client_error(client.create_microvm_image, name="new",
+                           baseImageArn=f"arn:aws:lambda:{REGION}:aws:microvm-image:no-such-base",
+                           buildRoleArn=role, codeArtifact=artifact)
+    assert error_of(excinfo) == ("ValidationException", 400)
+    excinfo = client_error(client.update_microvm_image, imageIdentifier="no-such-image",
+                           baseImageArn=f"arn:aws:lambda:{REGION}:aws:microvm-image:debian-12",
+                           buildRoleArn=role, codeArtifact=artifact)
+    assert error_of(excinfo) == ("ResourceNotFoundException", 404)
+    names = {i["name"] for i in client.list_microvm_images()["items"]}
+    assert "new" not in names and "no-such-image" not in names
     # The endpoint tokens arrive with the proxy; until then they are unknown
     # operations, after that a missing microVM is a plain 404. Either way: 404.
     for call, params in [

@@ -539,8 +539,13 @@ impl BuildRun<'_> {
                             env.push((k.clone(), v.clone()));
                         }
                     }
-                    let env_text =
-                        format!("{env:?}|{:?}|{:?}", state.config.user, state.config.cwd());
+                    // The network setting is part of what a RUN saw.
+                    let env_text = format!(
+                        "{env:?}|{:?}|{:?}|net={}",
+                        state.config.user,
+                        state.config.cwd(),
+                        self.request.network
+                    );
                     let step_key = key.then(&[&text, &env_text]);
                     self.log.line(&format!("[{step}/{total}] {quoted}"));
                     let action = Action::Run {

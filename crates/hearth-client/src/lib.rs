@@ -126,6 +126,19 @@ impl Client {
         self.send(prepared).await
     }
 
+    /// [`Self::call`] with extra headers (hearth's extensions to an
+    /// operation, e.g. `x-hearth-build-args`), signed with the rest.
+    pub async fn call_with_headers(
+        &self,
+        operation: &str,
+        input: Value,
+        headers: &[(String, String)],
+    ) -> Result<Value, ClientError> {
+        let mut prepared = request::prepare(operation, input)?;
+        prepared.headers.extend(headers.iter().cloned());
+        self.send(prepared).await
+    }
+
     /// Calls one of hearth's extension routes (outside the model, e.g.
     /// `POST /hearth/2025-09-09/microvms/{id}/exec`), signed like the API.
     pub async fn call_extension(

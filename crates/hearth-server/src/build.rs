@@ -55,6 +55,51 @@ pub trait ArtifactFetch: Send + Sync + fmt::Debug {
     ) -> Pin<Box<dyn Future<Output = Result<u64, String>> + Send + 'a>>;
 }
 
+/// The extension header carrying build arguments (`ARG` values): base64 of a
+/// JSON object of strings. They live only as long as the build task (never
+/// in the database) and are masked in the build log.
+pub const BUILD_ARGS_HEADER: &str = "x-hearth-build-args";
+/// Where the parsed header travels in the operation's input (no model member
+/// can have this name).
+pub const BUILD_ARGS_MEMBER: &str = "__hearthBuildArgs";
+const MAX_BUILD_ARGS: usize = 64;
+const MAX_BUILD_ARG_VALUE: usize = 4096;
+
+/// Reads [`BUILD_ARGS_HEADER`]; a malformed one is a ValidationException.
+pub fn build_args_header(headers: &http::HeaderMap) -> Result<Option<Value>, hearth_api::ApiError> {
+    use base64::Engine as _;
+    let Some(raw) = headers.get(BUILD_ARGS_HEADER) else {
+        return Ok(None);
+    };
+    let bad = |why: &str| hearth_api::ApiError::validation(format!("{BUILD_ARGS_HEADER}: {why}"));
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(raw.as_bytes())
+        .map_err(|_| bad("not base64"))?;
+    let map: serde_json::Map<String, Value> =
+        serde_json::from_slice(&bytes).map_err(|_| bad("not a JSON object"))?;
+    if map.len() > MAX_BUILD_ARGS {
+        return Err(bad("too many build arguments"));
+    }
+    for (name, value) in &map {
+        let valid_name = name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && name.len() <= 256
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid_name {
+            return Err(bad("argument names are letters, digits and _"));
+        }
+        if !value
+            .as_str()
+            .is_some_and(|v| v.len() <= MAX_BUILD_ARG_VALUE)
+        {
+            return Err(bad("argument values are strings of at most 4096 bytes"));
+        }
+    }
+    Ok(Some(Value::Object(map)))
+}
+
 /// A build to run (its rows exist, PENDING).
 #[derive(Debug, Clone)]
 pub struct BuildJob {
@@ -65,6 +110,8 @@ pub struct BuildJob {
     /// The version's frozen request.
     pub spec: Value,
     pub memory_mib: u32,
+    /// `ARG` values for this build only (not persisted; masked in the log).
+    pub build_args: Vec<(String, String)>,
 }
 
 /// The operator's settings for builds.
@@ -158,7 +205,13 @@ impl Builds {
     async fn run(&self, job: &BuildJob) -> Result<(), StoreError> {
         let work = self.work_dir(&job.build_id);
         let _ = hearth_vm::disk::create_private_dir_all(&work);
-        let log = FileLog::create(&self.log_path(&job.build_id));
+        let mut log = FileLog::create(&self.log_path(&job.build_id));
+        log.secrets = job
+            .build_args
+            .iter()
+            .map(|(_, v)| v.clone())
+            .filter(|v| v.len() >= 3)
+            .collect();
         log.line(&format!(
             "build {} of {} version {}.0",
             job.build_id, job.image_name, job.version
@@ -273,7 +326,7 @@ impl Builds {
         let request = BuildRequest {
             context: context.clone(),
             dockerfile,
-            build_args: HashMap::new(),
+            build_args: job.build_args.iter().cloned().collect::<HashMap<_, _>>(),
             vm_prefix: prefix.clone(),
             shape,
             network: egress,
@@ -500,6 +553,8 @@ impl BaseResolver for ManagedBases<'_> {
 struct FileLog {
     file: Mutex<Option<std::fs::File>>,
     written: Mutex<u64>,
+    /// Build-argument values, replaced by `***` in every line.
+    secrets: Vec<String>,
 }
 
 impl FileLog {
@@ -515,12 +570,19 @@ impl FileLog {
         FileLog {
             file: Mutex::new(file),
             written: Mutex::new(0),
+            secrets: Vec::new(),
         }
     }
 }
 
 impl BuildLog for FileLog {
     fn line(&self, text: &str) {
+        let mut text = text.to_string();
+        for secret in &self.secrets {
+            if text.contains(secret.as_str()) {
+                text = text.replace(secret.as_str(), "***");
+            }
+        }
         tracing::debug!(target: "hearth_build", "{text}");
         let (Ok(mut file), Ok(mut written)) = (self.file.lock(), self.written.lock()) else {
             return;

@@ -471,7 +471,16 @@ async fn handle(state: &AppState, request: Request) -> Result<Response, ApiError
     if !state.limits.allow(&account, &operation.name) {
         return Err(ApiError::new(ErrorCode::Throttling, "Rate exceeded"));
     }
-    let input = model.parse_input(operation, &labels, parts.uri.query(), &parts.headers, &body)?;
+    let mut input =
+        model.parse_input(operation, &labels, parts.uri.query(), &parts.headers, &body)?;
+    if matches!(
+        operation.name.as_str(),
+        "CreateMicrovmImage" | "UpdateMicrovmImage"
+    ) {
+        if let Some(args) = build::build_args_header(&parts.headers)? {
+            input[build::BUILD_ARGS_MEMBER] = args;
+        }
+    }
     let caller = ops::Caller {
         account_id: account,
         region: state.config.region.clone(),

@@ -48,6 +48,10 @@ pub struct BuildArgs {
     /// The app's environment, KEY=VALUE (repeatable).
     #[arg(long = "env", value_name = "KEY=VALUE")]
     env: Vec<String>,
+    /// A build argument, NAME=VALUE (repeatable): ARG values for this build
+    /// only, sent in an extension header, masked in the build log.
+    #[arg(long = "build-arg", value_name = "NAME=VALUE")]
+    build_args: Vec<String>,
     /// Outbound network for RUN steps (INTERNET_EGRESS).
     #[arg(long)]
     egress: bool,
@@ -206,12 +210,31 @@ pub async fn build(args: BuildArgs) -> Result<()> {
         Err(ClientError::Api { status: 404, .. }) => false,
         Err(err) => return Err(err.into()),
     };
+    let mut headers = Vec::new();
+    if !args.build_args.is_empty() {
+        use base64::Engine as _;
+        let mut map = serde_json::Map::new();
+        for pair in &args.build_args {
+            let (k, v) = pair
+                .split_once('=')
+                .with_context(|| format!("--build-arg {:?} must be NAME=VALUE", redact(pair)))?;
+            map.insert(k.to_string(), json!(v));
+        }
+        headers.push((
+            "x-hearth-build-args".to_string(),
+            base64::engine::general_purpose::STANDARD.encode(Value::Object(map).to_string()),
+        ));
+    }
     let response = if exists {
         input["imageIdentifier"] = json!(args.name);
-        client.call("UpdateMicrovmImage", input).await?
+        client
+            .call_with_headers("UpdateMicrovmImage", input, &headers)
+            .await?
     } else {
         input["name"] = json!(args.name);
-        client.call("CreateMicrovmImage", input).await?
+        client
+            .call_with_headers("CreateMicrovmImage", input, &headers)
+            .await?
     };
     let version = response
         .get("imageVersion")
@@ -230,6 +253,14 @@ pub async fn build(args: BuildArgs) -> Result<()> {
     let build_id = build_of(&client, &args.name, &version).await?;
     follow(&client, &build_id, true).await?;
     finish(&client, &args.name, &version, &build_id).await
+}
+
+/// A NAME=VALUE argument with its value hidden (for error messages).
+fn redact(pair: &str) -> String {
+    match pair.split_once('=') {
+        Some((name, _)) => format!("{name}=***"),
+        None => pair.chars().take(40).collect(),
+    }
 }
 
 async fn build_of(client: &Client, image: &str, version: &str) -> Result<String> {

@@ -657,6 +657,15 @@ pub(super) fn create_or_update(
             build_id: started.build_id.clone(),
             spec: spec.clone(),
             memory_mib,
+            build_args: input
+                .get(crate::build::BUILD_ARGS_MEMBER)
+                .and_then(Value::as_object)
+                .map(|args| {
+                    args.iter()
+                        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                        .collect()
+                })
+                .unwrap_or_default(),
         });
     }
     let image = state
