@@ -90,10 +90,7 @@ pub fn build_args_header(headers: &http::HeaderMap) -> Result<Option<Value>, hea
         if !valid_name {
             return Err(bad("argument names are letters, digits and _"));
         }
-        if !value
-            .as_str()
-            .is_some_and(|v| v.len() <= MAX_BUILD_ARG_VALUE)
-        {
+        if value.as_str().is_none_or(|v| v.len() > MAX_BUILD_ARG_VALUE) {
             return Err(bad("argument values are strings of at most 4096 bytes"));
         }
     }
