@@ -13,7 +13,7 @@ use hearth_builder::run::{Base, BaseResolver, BuildLog, BuildRequest, Builder};
 use hearth_oci::RegistryConfig;
 use hearth_vm::{Assets, BootRequest, ColdBoot, Driver, MachineShape, QemuDriver};
 
-#[allow(dead_code)]
+// The registry and image pusher of hearth-oci's tests (it allows its own dead code).
 #[path = "../../hearth-oci/tests/support/mod.rs"]
 mod support;
 
