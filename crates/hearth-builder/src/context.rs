@@ -198,6 +198,25 @@ pub fn select(
     })
 }
 
+/// Bytes in a directory tree (not following symlinks); unreadable parts count 0.
+pub fn tree_bytes(root: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            match entry.path().symlink_metadata() {
+                Ok(m) if m.is_dir() => stack.push(entry.path()),
+                Ok(m) => total += m.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}
+
 fn entry(context: &Path, rel: &str, dest: &str, is_dir: bool) -> Result<Entry, ContextError> {
     let source = context.join(rel);
     let meta = fs::symlink_metadata(&source).map_err(|e| ContextError::Io(source.clone(), e))?;

@@ -86,7 +86,7 @@ async fn make_disk(
     disk: &Path,
     owners: &[hearth_oci::Ownership],
 ) -> Result<(), String> {
-    let size_mib = tree_bytes(root) / (1 << 20) * 2 + HEADROOM_MIB;
+    let size_mib = crate::context::tree_bytes(root) / (1 << 20) * 2 + HEADROOM_MIB;
     let tmp = work.join("disk.ext4");
     let output = tokio::process::Command::new("mkfs.ext4")
         .args(["-q", "-F", "-L", "hearth-root", "-d"])
@@ -134,24 +134,6 @@ async fn make_disk(
     }
     let _ = std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o400));
     std::fs::rename(&tmp, disk).map_err(|_| "cannot place the image disk".to_string())
-}
-
-fn tree_bytes(root: &Path) -> u64 {
-    let mut total = 0;
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            match entry.path().symlink_metadata() {
-                Ok(m) if m.is_dir() => stack.push(entry.path()),
-                Ok(m) => total += m.len(),
-                Err(_) => {}
-            }
-        }
-    }
-    total
 }
 
 /// The image's config as the Dockerfile's starting point.

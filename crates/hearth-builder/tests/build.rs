@@ -4,13 +4,15 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Mutex;
 use std::time::Duration;
 
+mod common;
+
+use common::Lines;
 use hearth_builder::run::{Base, BaseResolver, BuildError, BuildLog, BuildRequest, Builder, Disk};
 use hearth_proto::ExecRequest;
 use hearth_vm::disk::BackingFormat;
-use hearth_vm::{Assets, BootRequest, ColdBoot, Driver, MachineShape, QemuDriver};
+use hearth_vm::{Assets, Driver, MachineShape};
 
 /// Resolves `debian-12` to the host's managed base image, as the server does.
 struct HostBases(Assets);
@@ -26,21 +28,6 @@ impl BaseResolver for HostBases {
             },
             config: Default::default(),
         })
-    }
-}
-
-#[derive(Default)]
-struct Lines(Mutex<Vec<String>>);
-
-impl BuildLog for Lines {
-    fn line(&self, text: &str) {
-        self.0.lock().expect("lock").push(text.to_string());
-    }
-}
-
-impl Lines {
-    fn text(&self) -> String {
-        self.0.lock().expect("lock").join("\n")
     }
 }
 
@@ -109,15 +96,7 @@ async fn sh(agent: &hearth_vm::AgentClient, script: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dockerfile_builds_boots_and_caches() {
-    let state = tempfile::Builder::new()
-        .prefix("hbl")
-        .tempdir_in("/tmp")
-        .expect("state dir");
-    let assets = Assets {
-        state_dir: state.path().join("engine"),
-        ..Assets::from_env()
-    };
-    let driver = QemuDriver::new(assets.clone()).expect("driver");
+    let (state, assets, driver) = common::driver("hbl");
     let builder = Builder::new(driver.clone(), &state.path().join("cache")).expect("builder");
     let ctx = state.path().join("ctx");
     context(&ctx);
@@ -153,23 +132,7 @@ async fn dockerfile_builds_boots_and_caches() {
     );
 
     // The result boots and holds what the steps made.
-    let vm = driver
-        .boot_with(
-            &BootRequest {
-                name: "check".into(),
-                image: "built".into(),
-                shape: MachineShape::default(),
-            },
-            &ColdBoot {
-                base: built.disk.path.clone(),
-                base_format: built.disk.format,
-                overlay: None,
-                user_network: false,
-            },
-        )
-        .await
-        .expect("boot the built disk");
-    let agent = driver.agent(&vm).await.expect("agent");
+    let (vm, agent) = common::boot_built(&driver, &built.disk).await;
     assert_eq!(sh(&agent, "cat /srv/app/built.txt").await, "howdy test");
     assert_eq!(sh(&agent, "cat /srv/app/main.py").await, "print('hi')");
     assert_eq!(sh(&agent, "cat /srv/app/lib/util.py").await, "X = 1");

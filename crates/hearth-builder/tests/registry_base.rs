@@ -6,12 +6,14 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Mutex;
 use std::time::Duration;
 
+mod common;
+
+use common::Lines;
 use hearth_builder::run::{Base, BaseResolver, BuildLog, BuildRequest, Builder};
 use hearth_oci::RegistryConfig;
-use hearth_vm::{Assets, BootRequest, ColdBoot, Driver, MachineShape, QemuDriver};
+use hearth_vm::{Driver, MachineShape};
 
 // The registry and image pusher of hearth-oci's tests (it allows its own dead code).
 #[path = "../../hearth-oci/tests/support/mod.rs"]
@@ -25,21 +27,6 @@ struct RegistryBases {
 impl BaseResolver for RegistryBases {
     async fn resolve(&self, image: &str, log: &dyn BuildLog) -> Result<Base, String> {
         hearth_builder::oci::registry_base(&self.config, image, &self.cache, log).await
-    }
-}
-
-#[derive(Default)]
-struct Lines(Mutex<Vec<String>>);
-
-impl BuildLog for Lines {
-    fn line(&self, text: &str) {
-        self.0.lock().expect("lock").push(text.to_string());
-    }
-}
-
-impl Lines {
-    fn text(&self) -> String {
-        self.0.lock().expect("lock").join("\n")
     }
 }
 
@@ -73,15 +60,7 @@ async fn from_a_registry_image() {
         }),
     );
 
-    let state = tempfile::Builder::new()
-        .prefix("hbo")
-        .tempdir_in("/tmp")
-        .expect("state dir");
-    let assets = Assets {
-        state_dir: state.path().join("engine"),
-        ..Assets::from_env()
-    };
-    let driver = QemuDriver::new(assets).expect("driver");
+    let (state, _assets, driver) = common::driver("hbo");
     let builder = Builder::new(driver.clone(), &state.path().join("cache")).expect("builder");
     let ctx = state.path().join("ctx");
     std::fs::create_dir_all(&ctx).expect("mkdir");
@@ -120,23 +99,7 @@ async fn from_a_registry_image() {
     assert_eq!(built.config.cwd(), "/srv");
     assert_eq!(built.config.command(), ["/srv/app"]);
 
-    let vm = driver
-        .boot_with(
-            &BootRequest {
-                name: "check".into(),
-                image: "built".into(),
-                shape: MachineShape::default(),
-            },
-            &ColdBoot {
-                base: built.disk.path.clone(),
-                base_format: built.disk.format,
-                overlay: None,
-                user_network: false,
-            },
-        )
-        .await
-        .expect("boot the built disk");
-    let agent = driver.agent(&vm).await.expect("agent");
+    let (vm, agent) = common::boot_built(&driver, &built.disk).await;
     let mut hello = Vec::new();
     agent
         .read_file("/srv/hello.txt", &mut hello)

@@ -158,35 +158,7 @@ impl Client {
 
     async fn send(&self, prepared: request::Prepared) -> Result<Value, ClientError> {
         let request = self.sign(prepared)?;
-        let endpoint = || self.config.endpoint_url().to_string();
-        let exchange = async {
-            let response =
-                self.http
-                    .request(request)
-                    .await
-                    .map_err(|source| ClientError::Transport {
-                        endpoint: endpoint(),
-                        source,
-                    })?;
-            let (parts, body) = response.into_parts();
-            let body = Limited::new(body, MAX_RESPONSE_BYTES)
-                .collect()
-                .await
-                .map_err(|e| {
-                    if e.is::<LengthLimitError>() {
-                        ClientError::TooLarge
-                    } else {
-                        ClientError::ReadBody(e)
-                    }
-                })?
-                .to_bytes();
-            Ok::<_, ClientError>((parts, body))
-        };
-        let (parts, body) = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
-            .await
-            .map_err(|_| ClientError::Timeout {
-                endpoint: endpoint(),
-            })??;
+        let (parts, body) = self.exchange(request).await?;
         if !parts.status.is_success() {
             let code = parts
                 .headers
@@ -289,28 +261,7 @@ impl Client {
             body: Some(body),
         };
         let request = self.sign_for(prepared, "s3")?;
-        let endpoint = || self.config.endpoint_url().to_string();
-        let response = tokio::time::timeout(REQUEST_TIMEOUT, self.http.request(request))
-            .await
-            .map_err(|_| ClientError::Timeout {
-                endpoint: endpoint(),
-            })?
-            .map_err(|source| ClientError::Transport {
-                endpoint: endpoint(),
-                source,
-            })?;
-        let (parts, body) = response.into_parts();
-        let body = Limited::new(body, MAX_RESPONSE_BYTES)
-            .collect()
-            .await
-            .map_err(|e| {
-                if e.is::<LengthLimitError>() {
-                    ClientError::TooLarge
-                } else {
-                    ClientError::ReadBody(e)
-                }
-            })?
-            .to_bytes();
+        let (parts, body) = self.exchange(request).await?;
         if !parts.status.is_success() {
             // S3 errors are XML: <Error><Code>..</Code><Message>..</Message></Error>.
             let text = String::from_utf8_lossy(&body);
@@ -333,6 +284,43 @@ impl Client {
             });
         }
         Ok(body)
+    }
+
+    /// Sends a signed request; returns the answer's head and its body (bounded,
+    /// within [`REQUEST_TIMEOUT`]).
+    async fn exchange(
+        &self,
+        request: http::Request<Full<Bytes>>,
+    ) -> Result<(http::response::Parts, Bytes), ClientError> {
+        let endpoint = || self.config.endpoint_url().to_string();
+        let exchange = async {
+            let response =
+                self.http
+                    .request(request)
+                    .await
+                    .map_err(|source| ClientError::Transport {
+                        endpoint: endpoint(),
+                        source,
+                    })?;
+            let (parts, body) = response.into_parts();
+            let body = Limited::new(body, MAX_RESPONSE_BYTES)
+                .collect()
+                .await
+                .map_err(|e| {
+                    if e.is::<LengthLimitError>() {
+                        ClientError::TooLarge
+                    } else {
+                        ClientError::ReadBody(e)
+                    }
+                })?
+                .to_bytes();
+            Ok::<_, ClientError>((parts, body))
+        };
+        tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+            .await
+            .map_err(|_| ClientError::Timeout {
+                endpoint: endpoint(),
+            })?
     }
 
     fn sign(&self, prepared: request::Prepared) -> Result<http::Request<Full<Bytes>>, ClientError> {

@@ -106,11 +106,16 @@ pub async fn snapshot_ready_app(
             .snapshot(&vm, snapshot_dir)
             .await
             .map_err(|e| platform("the snapshot failed", &e))?;
-        let size_of =
-            |path: std::path::PathBuf| std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        // Bytes stored: the memory file is sparse (pages the guest never
+        // touched are holes), so its length would only repeat the VM's size.
+        let stored = |path: std::path::PathBuf| {
+            std::fs::metadata(path)
+                .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+                .unwrap_or(0)
+        };
         Ok(json!({
-            "memorySnapshotSizeInBytes": size_of(snapshot.memory()),
-            "diskSnapshotSizeInBytes": size_of(snapshot.disk()),
+            "memorySnapshotSizeInBytes": stored(snapshot.memory()),
+            "diskSnapshotSizeInBytes": stored(snapshot.disk()),
             "codeInstallSizeInBytes": code_size,
         }))
     }

@@ -329,14 +329,17 @@ impl Builds {
             network: egress,
             step_timeout: STEP_TIMEOUT,
         };
+        let steps_started = Instant::now();
         let built = self
             .builder
             .build(&request, &resolver, log)
             .await
             .map_err(|e| e.reason())?;
         log.line(&format!(
-            "steps: {} run, {} from the cache",
-            built.steps_run, built.steps_cached
+            "steps: {} run, {} from the cache, in {:.2} s",
+            built.steps_run,
+            built.steps_cached,
+            steps_started.elapsed().as_secs_f64()
         ));
 
         let hooks = job.spec.get("hooks");

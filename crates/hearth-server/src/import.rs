@@ -323,7 +323,7 @@ async fn make_root_disk(source: &Path, out: &Path, work: &Path) -> Result<u64, S
         }
         extracted.clone()
     };
-    let size = tree_size(&tree);
+    let size = hearth_builder::context::tree_bytes(&tree);
     // Room for the tree plus the app's writes; the disk is sparse.
     let disk_mib = ((size / (1 << 20)) * 2 + 512).max(1024);
     let output = Command::new("mkfs.ext4")
@@ -346,28 +346,6 @@ async fn make_root_disk(source: &Path, out: &Path, work: &Path) -> Result<u64, S
     }
     let _ = std::fs::set_permissions(out, std::os::unix::fs::PermissionsExt::from_mode(0o400));
     Ok(size)
-}
-
-/// Bytes in a directory tree (without following symlinks).
-fn tree_size(root: &Path) -> u64 {
-    let mut total = 0;
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let Ok(meta) = entry.path().symlink_metadata() else {
-                continue;
-            };
-            if meta.is_dir() {
-                stack.push(entry.path());
-            } else {
-                total += meta.len();
-            }
-        }
-    }
-    total
 }
 
 /// Marks builds whose process died as FAILED and removes their build VMs.

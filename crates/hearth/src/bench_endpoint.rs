@@ -26,7 +26,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::measure::{ms, unpack_base, Stats};
+use crate::measure::{ms, unpack_base, BenchServer, Stats};
 use crate::progress;
 
 /// The in-guest app: `/` answers a small body, `/big?bytes=N` streams N
@@ -164,34 +164,21 @@ pub async fn endpoint(args: EndpointArgs) -> Result<ExitCode> {
     std::fs::create_dir_all(rootfs.join("app"))?;
     std::fs::write(rootfs.join("app/bench.py"), APP)?;
 
-    let mut config =
-        hearth_server::ServerConfig::new(data.clone(), ([127, 0, 0, 1], 0).into(), REGION.into());
     // The bench measures the endpoint, not the API's throttling.
-    config.rate_limits = [
-        "RunMicrovm",
-        "GetMicrovm",
-        "SuspendMicrovm",
-        "ResumeMicrovm",
-        "TerminateMicrovm",
-        "CreateMicrovmAuthToken",
-    ]
-    .iter()
-    .map(|op| format!("{op}=100000"))
-    .collect();
-    let state = hearth_server::start(config).await?;
-    let api = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let api_address = api.local_addr()?;
-    let app = hearth_server::app(state.clone());
-    let api_server = tokio::spawn(async move { axum::serve(api, app).await });
-    let proxy_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let proxy = proxy_listener.local_addr()?;
-    // The proxy as `hearth serve` sets it up, without per-microVM limits.
-    let (backend, mut proxy_config) = hearth_server::endpoint::proxy(&state);
-    proxy_config.limits = hearth_proxy::VmLimits {
-        max_connections: 0,
-        requests_per_second: 0,
-    };
-    let proxy_server = tokio::spawn(hearth_proxy::serve(proxy_listener, backend, proxy_config));
+    let server = BenchServer::start(
+        &data,
+        REGION,
+        &[
+            "RunMicrovm",
+            "GetMicrovm",
+            "SuspendMicrovm",
+            "ResumeMicrovm",
+            "TerminateMicrovm",
+            "CreateMicrovmAuthToken",
+        ],
+    )
+    .await?;
+    let (state, api_address, proxy) = (server.state.clone(), server.api, server.proxy);
     let account = state.store.create_account("bench")?;
 
     progress("importing an image (boot, start the app, ready hook, snapshot)");
@@ -286,8 +273,7 @@ pub async fn endpoint(args: EndpointArgs) -> Result<ExitCode> {
         resumes.push(first_byte(&endpoint).await?);
     }
     terminate(&client, &id).await?;
-    api_server.abort();
-    proxy_server.abort();
+    drop(server);
 
     let report = Report {
         accel: format!("{:?}", state.engine.driver().accel()).to_lowercase(),

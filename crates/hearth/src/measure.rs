@@ -4,6 +4,9 @@
 use std::path::Path;
 use std::time::Duration;
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
@@ -60,4 +63,60 @@ pub(crate) fn unpack_base(dir: &Path) -> Result<()> {
         bail!("could not unpack {}", base.display());
     }
     Ok(())
+}
+
+/// A `hearth serve` inside the benchmark's process: the API and the endpoint
+/// proxy on loopback ports, rate limits lifted for `unthrottled` operations
+/// and the proxy's per-microVM limits off (the figures are what the path
+/// carries, not what an operator allows). Both servers stop when it drops.
+pub(crate) struct BenchServer {
+    pub state: Arc<hearth_server::AppState>,
+    pub api: SocketAddr,
+    pub proxy: SocketAddr,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl BenchServer {
+    pub(crate) async fn start(data: &Path, region: &str, unthrottled: &[&str]) -> Result<Self> {
+        let mut config = hearth_server::ServerConfig::new(
+            data.to_path_buf(),
+            ([127, 0, 0, 1], 0).into(),
+            region.into(),
+        );
+        config.rate_limits = unthrottled
+            .iter()
+            .map(|op| format!("{op}=100000"))
+            .collect();
+        let state = hearth_server::start(config).await?;
+        let api_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let api = api_listener.local_addr()?;
+        let app = hearth_server::app(state.clone());
+        let api_task = tokio::spawn(async move {
+            let _ = axum::serve(api_listener, app).await;
+        });
+        let proxy_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let proxy = proxy_listener.local_addr()?;
+        let (backend, mut proxy_config) = hearth_server::endpoint::proxy(&state);
+        proxy_config.limits = hearth_proxy::VmLimits {
+            max_connections: 0,
+            requests_per_second: 0,
+        };
+        let proxy_task = tokio::spawn(async move {
+            let _ = hearth_proxy::serve(proxy_listener, backend, proxy_config).await;
+        });
+        Ok(Self {
+            state,
+            api,
+            proxy,
+            tasks: vec![api_task, proxy_task],
+        })
+    }
+}
+
+impl Drop for BenchServer {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
 }

@@ -88,7 +88,8 @@ fn image_output(caller: &Caller, image: &ImageRow) -> Value {
     out
 }
 
-/// The members of a version's frozen request that the API echoes.
+/// The members of a build request frozen into its version, which the API
+/// echoes.
 const SPEC_MEMBERS: &[&str] = &[
     "baseImageArn",
     "baseImageVersion",
@@ -489,22 +490,6 @@ const DEFAULT_MEMORY_MIB: u64 = 2048;
 /// The memory sizes a build accepts, in MiB.
 const MEMORY_RANGE: std::ops::RangeInclusive<u64> = 256..=32768;
 
-/// The request members frozen into a version (and echoed back).
-const FROZEN_MEMBERS: &[&str] = &[
-    "baseImageArn",
-    "baseImageVersion",
-    "buildRoleArn",
-    "description",
-    "codeArtifact",
-    "logging",
-    "egressNetworkConnectors",
-    "cpuConfigurations",
-    "resources",
-    "additionalOsCapabilities",
-    "hooks",
-    "environmentVariables",
-];
-
 /// Checks the parts of a build request the model cannot: the base image, the
 /// architecture, memory, hooks and connectors. Returns the memory in MiB.
 fn check_build_request(state: &AppState, caller: &Caller, input: &Value) -> Result<u32, ApiError> {
@@ -598,7 +583,7 @@ pub(super) fn create_or_update(
     };
     let memory_mib = check_build_request(state, caller, input)?;
     let mut spec = serde_json::Map::new();
-    for member in FROZEN_MEMBERS {
+    for member in SPEC_MEMBERS {
         if let Some(value) = input.get(*member) {
             spec.insert((*member).to_string(), value.clone());
         }
@@ -679,7 +664,7 @@ pub(super) fn create_or_update(
         .map_err(internal)?
         .ok_or_else(|| image_not_found(&name))?;
     let mut out = image_output(caller, &image);
-    for member in FROZEN_MEMBERS {
+    for member in SPEC_MEMBERS {
         if let Some(value) = version.spec.get(*member) {
             out[*member] = value.clone();
         }
