@@ -517,3 +517,123 @@ def test_run_steps_reach_the_network_only_with_internet_egress(hearth, s3):
         assert reason.startswith("CONTAINER_BUILD_FAILED") and "line 2" in reason, reason
     finally:
         server.shutdown()
+
+
+# ---------------------------------------------------------------- FROM a registry
+
+
+def start_registry(directory):
+    """Debian's docker-registry on a free loopback port (scripts/setup-host
+    installs it); returns (process, host:port)."""
+    import socket
+    import subprocess
+
+    import requests
+
+    binary = pathlib.Path("/usr/bin/docker-registry")
+    assert binary.exists(), f"{binary} is missing: run scripts/setup-host"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    addr = f"127.0.0.1:{port}"
+    config = directory / "registry.yml"
+    config.write_text(f"version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n"
+                      f"    rootdirectory: {directory / 'data'}\nhttp:\n  addr: {addr}\n")
+    proc = subprocess.Popen([str(binary), "serve", str(config)], stdout=subprocess.DEVNULL,
+                            stderr=open(directory / "registry.log", "w"))
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"http://{addr}/v2/", timeout=1).status_code == 200:
+                return proc, addr
+        except requests.ConnectionError:
+            time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"docker-registry did not start: {(directory / 'registry.log').read_text()}")
+
+
+def push_image(addr, name, tag, files, config):
+    """Pushes a one-layer image (files: {path: bytes}) through the distribution API."""
+    import gzip
+    import hashlib
+    import tarfile
+
+    import requests
+
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        for path, data in files.items():
+            info = tarfile.TarInfo(path)
+            info.size = len(data)
+            info.mode = 0o644
+            tar.addfile(info, io.BytesIO(data))
+    layer_tar = raw.getvalue()
+    layer = gzip.compress(layer_tar)
+
+    def push_blob(blob):
+        digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+        start = requests.post(f"http://{addr}/v2/{name}/blobs/uploads/", timeout=10)
+        assert start.status_code == 202, start.text
+        location = start.headers["Location"]
+        if location.startswith("/"):
+            location = f"http://{addr}{location}"
+        sep = "&" if "?" in location else "?"
+        done = requests.put(f"{location}{sep}digest={digest}", data=blob,
+                            headers={"Content-Type": "application/octet-stream"}, timeout=30)
+        assert done.status_code == 201, done.text
+        return digest
+
+    config = dict(config, rootfs={"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(layer_tar).hexdigest()]})
+    config_bytes = json.dumps(config).encode()
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": push_blob(config_bytes),
+                   "size": len(config_bytes)},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": push_blob(layer),
+                    "size": len(layer)}],
+    }
+    out = requests.put(f"http://{addr}/v2/{name}/manifests/{tag}", data=json.dumps(manifest),
+                       headers={"Content-Type": manifest["mediaType"]}, timeout=10)
+    assert out.status_code == 201, out.text
+
+
+def test_from_an_image_of_the_configured_registry(model_path, guest_cleanup, tmp_path_factory, request):
+    """`hearth serve --registry`: FROM pulls through the distribution API; the
+    image's Env and WorkingDir carry into the build."""
+    from conftest import start_server, stop_server
+
+    reg_dir = tmp_path_factory.mktemp("registry")
+    registry, addr = start_registry(reg_dir)
+    request.addfinalizer(registry.kill)
+    push_image(addr, "tiny", "1", {"etc/passwd": b"root:x:0:0:root:/root:/bin/sh\n", "srv/base.txt": b"base\n"},
+               {"architecture": "amd64", "os": "linux", "config": {"Env": ["FROM_IMAGE=yes"], "WorkingDir": "/srv"}})
+    data_dir = short_data_dir(tmp_path_factory, "reg")
+    request.addfinalizer(lambda: kill_leftover_qemu(data_dir))
+    proc, url = start_server(data_dir, "--registry", addr, "--registry-insecure")
+    request.addfinalizer(lambda: stop_server(proc))
+    server = {"url": url, "data_dir": data_dir, "proc": proc}
+    account = create_account(server, "registry-tenant")
+    from conftest import client_for
+
+    client = client_for(server, account)
+    hearth = Hearth(data_dir, account)
+    hearth.api_url = url
+    s3 = s3_client(hearth, account)
+    s3.create_bucket(Bucket="reg")
+    s3.put_object(Bucket="reg", Key="app.zip", Body=zip_bytes({
+        "Dockerfile": f"FROM {addr}/tiny:1\nCOPY hello.txt ./\n",
+        "hello.txt": "hello\n",
+    }))
+    create(client, "from-registry", "s3://reg/app.zip")
+    image = wait_image(client, "from-registry", ("CREATED", "CREATE_FAILED"), timeout=300)
+    build = build_of(client, "from-registry", "1.0")
+    assert image["state"] == "CREATED", build
+    log = build_log(hearth, ["from-registry"])
+    assert f"resolving {addr}/tiny:1" in log, log
+    # A name the registry does not have fails the build with its name.
+    s3.put_object(Bucket="reg", Key="missing.zip", Body=zip_bytes({"Dockerfile": f"FROM {addr}/nothing:1\n"}))
+    create(client, "missing-base", "s3://reg/missing.zip")
+    image = wait_image(client, "missing-base", ("CREATED", "CREATE_FAILED"), timeout=120)
+    reason = build_of(client, "missing-base", "1.0")["stateReason"]
+    assert image["state"] == "CREATE_FAILED" and reason.startswith("CONTAINER_BUILD_FAILED") and "nothing" in reason

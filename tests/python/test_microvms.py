@@ -112,8 +112,9 @@ def test_import_prints_versions_and_snapshot_sizes(images, account):
     assert app1["buildId"] != app2["buildId"]
     for imported in (app1, app2, images["idle"]):
         sizes = imported["snapshotBuild"]
-        # 256 MiB of guest memory; the root tree holds python3 (tens of MiB).
-        assert sizes["memorySnapshotSizeInBytes"] == 256 << 20
+        # Bytes stored of 256 MiB of guest memory (the file is sparse: pages
+        # the guest never touched take no space); the root tree holds python3.
+        assert 16 << 20 < sizes["memorySnapshotSizeInBytes"] <= 256 << 20
         assert sizes["diskSnapshotSizeInBytes"] > 0
         assert sizes["codeInstallSizeInBytes"] > 20 << 20
 
