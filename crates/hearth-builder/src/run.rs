@@ -79,6 +79,8 @@ pub enum BuildError {
         output: String,
         disk_full: bool,
     },
+    #[error("the build did not finish within {} s", .0.as_secs())]
+    TimedOut(Duration),
     #[error("{0}")]
     Platform(String),
 }
@@ -89,7 +91,9 @@ impl BuildError {
             BuildError::Step {
                 disk_full: true, ..
             } => "DISK_STORAGE_FULL",
-            BuildError::Dockerfile(_) | BuildError::Step { .. } => "CONTAINER_BUILD_FAILED",
+            BuildError::Dockerfile(_) | BuildError::Step { .. } | BuildError::TimedOut(_) => {
+                "CONTAINER_BUILD_FAILED"
+            }
             BuildError::Platform(_) => "INTERNAL_PLATFORM_ERROR",
         }
     }
@@ -119,6 +123,9 @@ pub struct BuildRequest {
     pub network: bool,
     /// Longest a single RUN may take.
     pub step_timeout: Duration,
+    /// Longest the whole build may take (a Dockerfile of many slow steps
+    /// must not hold a build slot for ever).
+    pub build_timeout: Duration,
 }
 
 /// A finished build.
@@ -184,7 +191,13 @@ impl Builder {
             steps_cached: 0,
             counter: 0,
         };
-        let result = run.all(resolver).await;
+        let limit = request.build_timeout;
+        let result = match tokio::time::timeout(limit, run.all(resolver)).await {
+            Ok(result) => result,
+            Err(_) => Err(BuildError::TimedOut(limit)),
+        };
+        // Whatever happened (the steps' future is gone on a timeout), the
+        // build's VMs go.
         run.cleanup().await;
         let last = result?;
         Ok(Built {

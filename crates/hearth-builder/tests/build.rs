@@ -108,6 +108,7 @@ async fn dockerfile_builds_boots_and_caches() {
         shape: MachineShape::default(),
         network: false,
         step_timeout: Duration::from_secs(600),
+        build_timeout: Duration::from_secs(1200),
     };
     let bases = HostBases(assets.clone());
     let log = Lines::default();

@@ -87,6 +87,7 @@ async fn from_a_registry_image() {
         shape: MachineShape::default(),
         network: false,
         step_timeout: Duration::from_secs(300),
+        build_timeout: Duration::from_secs(600),
     };
     let log = Lines::default();
     let built = builder

@@ -36,6 +36,8 @@ use crate::store::{Store, StoreError};
 const MAX_LOG_BYTES: u64 = 8 * 1024 * 1024;
 /// Longest one RUN step may take.
 const STEP_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// Longest the Dockerfile steps of one build may take together.
+const BUILD_TIMEOUT: Duration = Duration::from_secs(2 * 60 * 60);
 /// Default `readyTimeoutInSeconds` and `validateTimeoutInSeconds` (the reference's).
 const DEFAULT_HOOK_TIMEOUT: u64 = 30;
 /// Builds running at once on this host (each is one or more VMs under TCG).
@@ -328,6 +330,7 @@ impl Builds {
             shape,
             network: egress,
             step_timeout: STEP_TIMEOUT,
+            build_timeout: BUILD_TIMEOUT,
         };
         let steps_started = Instant::now();
         let built = self
