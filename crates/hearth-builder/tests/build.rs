@@ -203,4 +203,27 @@ async fn dockerfile_builds_boots_and_caches() {
         driver.list().expect("list").is_empty(),
         "build VMs left behind"
     );
+
+    // A build past its time limit fails, and its VM goes with it.
+    let slow = BuildRequest {
+        dockerfile: "FROM debian-12\nRUN sleep 600\n".into(),
+        build_timeout: Duration::from_secs(8),
+        ..request.clone()
+    };
+    let started = std::time::Instant::now();
+    let err = builder
+        .build(&slow, &bases, &Lines::default())
+        .await
+        .expect_err("must time out");
+    assert!(started.elapsed() < Duration::from_secs(60));
+    assert!(
+        err.reason()
+            .starts_with("CONTAINER_BUILD_FAILED: the build did not finish within 8 s"),
+        "{}",
+        err.reason()
+    );
+    assert!(
+        driver.list().expect("list").is_empty(),
+        "build VMs left behind"
+    );
 }
