@@ -843,10 +843,11 @@ pub async fn resolve_user(
         Some((u, g)) => (u, Some(g)),
         None => (spec, None),
     };
+    // The image's files are the tenant's: read at most MAX_ACCOUNT_FILE bytes.
     let read = |path: &'static str| async move {
-        let mut buf = Vec::new();
+        let mut buf = CappedWriter::new(MAX_ACCOUNT_FILE);
         match agent.read_file(path, &mut buf).await {
-            Ok(_) => String::from_utf8_lossy(&buf).into_owned(),
+            Ok(_) => String::from_utf8_lossy(&buf.bytes).into_owned(),
             Err(_) => String::new(),
         }
     };
@@ -891,6 +892,49 @@ pub async fn resolve_user(
         },
     };
     Ok((uid, gid, home))
+}
+
+/// Largest /etc/passwd or /etc/group read to resolve a user.
+const MAX_ACCOUNT_FILE: usize = 4 << 20;
+
+/// Collects bytes up to a limit; past it, writes fail (and so does the read).
+struct CappedWriter {
+    bytes: Vec<u8>,
+    limit: usize,
+}
+
+impl CappedWriter {
+    fn new(limit: usize) -> Self {
+        CappedWriter {
+            bytes: Vec::new(),
+            limit,
+        }
+    }
+}
+
+impl AsyncWrite for CappedWriter {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        if self.bytes.len() + buf.len() > self.limit {
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::OutOfMemory,
+                "file larger than the limit",
+            )));
+        }
+        self.bytes.extend_from_slice(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
 }
 
 /// The first bytes of an archive ADD extracts (tar, gzip, bzip2, xz).
@@ -1364,5 +1408,66 @@ impl BuildRun<'_> {
         let index = self.boot(&disk, false).await?;
         self.stage_vms.insert(stage, index);
         self.agent(index)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    #[tokio::test]
+    async fn capped_writer_refuses_past_its_limit() {
+        let mut w = CappedWriter::new(8);
+        w.write_all(b"12345678").await.expect("fits");
+        assert!(w.write_all(b"9").await.is_err());
+        assert_eq!(w.bytes, b"12345678");
+    }
+
+    #[test]
+    fn only_needed_stages_are_built() {
+        let text = "FROM debian-12 AS unused\nRUN x\nFROM debian-12 AS base\nRUN y\n\
+                    FROM debian-12 AS tools\nRUN z\nFROM base\nCOPY --from=tools /t /t\n";
+        let stages = dockerfile::parse(text)
+            .expect("parse")
+            .stages()
+            .expect("stages");
+        assert_eq!(
+            needed_stages(&stages).into_iter().collect::<Vec<_>>(),
+            [1, 2, 3]
+        );
+    }
+
+    #[test]
+    fn destinations_resolve_against_workdir() {
+        assert_eq!(resolve_dest("/srv", "./"), "/srv/");
+        assert_eq!(resolve_dest("/srv", "app.py"), "/srv/app.py");
+        assert_eq!(resolve_dest("/srv", "/etc/"), "/etc/");
+        assert_eq!(resolve_dest("/", "/"), "/");
+    }
+
+    #[test]
+    fn error_codes() {
+        let step = |output: &str| BuildError::Step {
+            step: 2,
+            total: 3,
+            line: 4,
+            text: "RUN make".into(),
+            detail: "the command returned a non-zero code: 2".into(),
+            output: output.into(),
+            disk_full: output.contains("No space"),
+        };
+        assert_eq!(
+            step("cc: error").reason(),
+            "CONTAINER_BUILD_FAILED: step 2/3 (line 4) RUN make: the command returned a \
+             non-zero code: 2; output ends: cc: error"
+        );
+        assert!(step("No space left on device")
+            .reason()
+            .starts_with("DISK_STORAGE_FULL"));
+        assert_eq!(
+            BuildError::TimedOut(Duration::from_secs(5)).reason(),
+            "CONTAINER_BUILD_FAILED: the build did not finish within 5 s"
+        );
     }
 }
