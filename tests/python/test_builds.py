@@ -391,7 +391,7 @@ def test_crafted_artifacts_fail_with_the_reference_codes(hearth, s3, other_bucke
                                           "RUN echo 'it broke here' >&2 && exit 7\n"}),
         "bad-dockerfile": lambda: zip_bytes({"Dockerfile": "FROM debian-12\nFROBNICATE now\n"}),
         "disk-full": lambda: zip_bytes({"Dockerfile": "FROM debian-12\n"
-                                        "RUN dd if=/dev/zero of=/fill bs=1M count=4096\n"}),
+                                        "RUN fallocate -l 64G /fill\n"}),
     }.get(case)
     if body is not None:
         s3.put_object(Bucket=bucket, Key=f"bad/{case}.zip", Body=body())

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use hearth_vm::disk;
 
 /// Bumped when the meaning of a key changes, so old layers stop matching.
-pub const CACHE_FORMAT: &str = "hearth-step-cache-1";
+pub const CACHE_FORMAT: &str = "hearth-step-cache-2";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {

@@ -29,6 +29,9 @@ use crate::config::{resolve_path, ImageConfig};
 use crate::context::{self, ContextError};
 use crate::dockerfile::{self, CopySpec, Dockerfile, InstructionKind, Stage, Stages};
 
+/// Virtual size of a build VM's disk on a base image: the root filesystem
+/// grows to it (the reference's microVMs have an 8 GB root disk).
+pub const BUILD_DISK_BYTES: u64 = 8 << 30;
 /// How much of a failing step's output the error keeps.
 const OUTPUT_TAIL: usize = 2000;
 /// Longest Dockerfile line quoted in the log.
@@ -711,6 +714,9 @@ impl BuildRun<'_> {
                     base_format: disk.format,
                     overlay,
                     user_network: self.request.network,
+                    // A build VM on a base image gets room to grow (see `grow_root`).
+                    disk_size: (keep_layers && disk.format == BackingFormat::Raw)
+                        .then_some(BUILD_DISK_BYTES),
                 },
             )
             .await
@@ -729,10 +735,33 @@ impl BuildRun<'_> {
         let index = self.vms.len() - 1;
         self.agents.insert(index, Arc::new(agent));
         if keep_layers {
+            if disk.format == BackingFormat::Raw {
+                self.grow_root(index).await;
+            }
             // Freeze what the boot wrote, so the first step's layer holds only its own writes.
             self.checkpoint(index).await?;
         }
         Ok(index)
+    }
+
+    /// Grows the root filesystem to the build disk's size (online, with the
+    /// image's own resize2fs; an image without it keeps its base's size).
+    async fn grow_root(&self, index: usize) {
+        let Ok(agent) = self.agent(index) else {
+            return;
+        };
+        let grown = agent
+            .exec_output(ExecRequest {
+                argv: vec!["resize2fs".into(), "/dev/vda".into()],
+                env: vec![("PATH".into(), crate::config::DEFAULT_PATH.into())],
+                timeout_ms: Some(120_000),
+                ..Default::default()
+            })
+            .await;
+        if !grown.is_ok_and(|o| o.status.code == Some(0)) {
+            self.log
+                .line(" ---> the root filesystem keeps its size (no resize2fs in the image)");
+        }
     }
 
     /// Syncs the guest and freezes the VM's overlay; returns the frozen file.

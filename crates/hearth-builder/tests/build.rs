@@ -147,6 +147,13 @@ async fn dockerfile_builds_boots_and_caches() {
         "from the tar"
     );
     assert_eq!(sh(&agent, "cat /tmp/uid.txt").await, "1234");
+    // The root filesystem grew to the build disk's 8 GiB (from the base's 1 GiB).
+    let blocks: u64 = sh(&agent, "df -k --output=size / | tail -1")
+        .await
+        .trim()
+        .parse()
+        .expect("df");
+    assert!(blocks > 7 * 1024 * 1024, "{blocks} KiB");
     drop(agent);
     driver.remove(&vm).await.expect("remove");
 

@@ -406,6 +406,7 @@ impl Builds {
                 base_format: built.disk.format,
                 overlay: None,
                 user_network: false,
+                disk_size: None,
             },
             &app,
             &snapshot_dir,

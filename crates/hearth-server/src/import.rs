@@ -274,6 +274,7 @@ async fn build(
             base_format: BackingFormat::Raw,
             overlay: None,
             user_network: false,
+            disk_size: None,
         },
         &app,
         &version_dir.join("snapshot"),

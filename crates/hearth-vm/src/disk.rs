@@ -32,6 +32,17 @@ pub async fn create_overlay(
     backing: &Path,
     format: BackingFormat,
 ) -> Result<(), DiskError> {
+    create_overlay_sized(path, backing, format, None).await
+}
+
+/// [`create_overlay`] with a virtual size of `size` bytes (at least the
+/// backing file's; more leaves room to grow the filesystem).
+pub async fn create_overlay_sized(
+    path: &Path,
+    backing: &Path,
+    format: BackingFormat,
+    size: Option<u64>,
+) -> Result<(), DiskError> {
     let format = match format {
         BackingFormat::Raw => "raw",
         BackingFormat::Qcow2 => "qcow2",
@@ -42,6 +53,7 @@ pub async fn create_overlay(
         .args(["-f", "qcow2", "-F", format, "-b"])
         .arg(backing)
         .arg(path)
+        .args(size.map(|bytes| bytes.to_string()))
         .output()
         .await
         .map_err(DiskError::Spawn)?;

@@ -176,6 +176,9 @@ pub struct ColdBoot {
     pub overlay: Option<PathBuf>,
     /// Give the guest outbound network through QEMU's user-mode NAT.
     pub user_network: bool,
+    /// Virtual size of the overlay in bytes when larger than the base's
+    /// (room to grow the filesystem in the guest); `None`: the base's size.
+    pub disk_size: Option<u64>,
 }
 
 /// A VMM that can run hearth guests. Implementations persist each VM's

@@ -637,6 +637,7 @@ impl QemuDriver {
             base_format: BackingFormat::Raw,
             overlay: None,
             user_network: false,
+            disk_size: None,
         };
         self.boot_with(request, &boot).await
     }
@@ -675,7 +676,8 @@ impl QemuDriver {
                 created_unix: unix_now(),
                 user_network: boot.user_network,
             };
-            disk::create_overlay(&vm.disk, &boot.base, boot.base_format).await?;
+            disk::create_overlay_sized(&vm.disk, &boot.base, boot.base_format, boot.disk_size)
+                .await?;
             self.save(&vm)?;
             let (pid, _qmp) = self.spawn(&vm, Incoming::None).await?;
             let vm = VmRecord {

@@ -53,6 +53,7 @@ pub async fn boot_built(driver: &QemuDriver, disk: &Disk) -> (VmRecord, AgentCli
                 base_format: disk.format,
                 overlay: None,
                 user_network: false,
+                disk_size: None,
             },
         )
         .await
