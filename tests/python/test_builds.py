@@ -637,3 +637,35 @@ def test_from_an_image_of_the_configured_registry(model_path, guest_cleanup, tmp
     image = wait_image(client, "missing-base", ("CREATED", "CREATE_FAILED"), timeout=120)
     reason = build_of(client, "missing-base", "1.0")["stateReason"]
     assert image["state"] == "CREATE_FAILED" and reason.startswith("CONTAINER_BUILD_FAILED") and "nothing" in reason
+
+
+def test_restart_sweeps_the_step_cache_and_keeps_images(hearth, s3, built):
+    """At start the server removes step-cache files no build or image needs
+    (e.g. left by an interrupted build); built images and cached steps stay."""
+    import shutil
+
+    name, _, _ = built
+    layers = pathlib.Path(hearth.data_dir) / "build-cache" / "layers"
+    some_layer = next(layers.glob("layer-*.qcow2"))
+    orphan = layers / "layer-00orphan00.qcow2"
+    shutil.copy(some_layer, orphan)
+    hearth.stop()
+    hearth.restart()
+    assert not orphan.exists()
+    assert some_layer.exists()
+    vm = run_vm(hearth, name, connectors=(HTTP_INGRESS,))
+    try:
+        token = app_token(hearth, vm["microvmId"], APP_PORT)
+        assert ep_request(hearth, vm["endpoint"], token=token).status_code == 200
+    finally:
+        terminate_quietly(hearth, vm["microvmId"])
+    s3 = s3_client(hearth, hearth.account)  # the API listens on a new port
+    s3.put_object(Bucket="build-artifacts", Key="app/after-restart.zip", Body=app_zip("2"))
+    hearth.client.update_microvm_image(imageIdentifier=name, baseImageArn=BASE_ARN, buildRoleArn=ROLE,
+                                       codeArtifact={"uri": "s3://build-artifacts/app/after-restart.zip"},
+                                       resources=[{"minimumMemoryInMiB": 512}], hooks=hooks())
+    image = wait_image(hearth.client, name, ("UPDATED", "UPDATE_FAILED"))
+    version = image["latestActiveImageVersion"]
+    assert image["state"] == "UPDATED", build_of(hearth.client, name, version)
+    log = build_log(hearth, [name, "--version", version])
+    assert re.search(r"steps: 0 run, \d+ from the cache", log), log

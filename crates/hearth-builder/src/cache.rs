@@ -160,3 +160,136 @@ mod tests {
         assert_eq!(cache.lookup(&key), None);
     }
 }
+
+/// The backing file a qcow2 image names (resolved against its directory),
+/// or `None` for a raw file, a qcow2 without one, or anything unreadable.
+pub fn qcow2_backing(path: &Path) -> Option<PathBuf> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(path).ok()?;
+    let mut header = [0u8; 20];
+    file.read_exact(&mut header).ok()?;
+    if &header[..4] != b"QFI\xfb" {
+        return None;
+    }
+    let offset = u64::from_be_bytes(header[8..16].try_into().ok()?);
+    let size = u32::from_be_bytes(header[16..20].try_into().ok()?) as usize;
+    // QEMU limits backing file names to 1023 bytes.
+    if offset == 0 || size == 0 || size > 1023 {
+        return None;
+    }
+    let mut name = vec![0u8; size];
+    file.seek(SeekFrom::Start(offset)).ok()?;
+    file.read_exact(&mut name).ok()?;
+    let name = PathBuf::from(String::from_utf8(name).ok()?);
+    Some(match path.parent() {
+        Some(dir) if name.is_relative() => dir.join(name),
+        _ => name,
+    })
+}
+
+impl LayerCache {
+    /// Removes what no build can use and no image needs: layer files that no
+    /// marker records and no chain from `roots` (the disks of image versions
+    /// and VMs) reaches, and markers whose layer is gone. Run it only while no
+    /// build runs (the server does at start): a running build's layers are not
+    /// recorded yet. Returns the files removed.
+    pub fn sweep(&self, roots: &[PathBuf]) -> usize {
+        let mut live = std::collections::HashSet::new();
+        let mut starts: Vec<PathBuf> = roots.to_vec();
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return 0;
+        };
+        let entries: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+        let mut removed = 0;
+        for marker in entries
+            .iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "done"))
+        {
+            let name = std::fs::read_to_string(marker).unwrap_or_default();
+            let layer = self.dir.join(name.trim());
+            if name.trim().is_empty() || name.contains('/') || !layer.is_file() {
+                if std::fs::remove_file(marker).is_ok() {
+                    removed += 1;
+                }
+            } else {
+                starts.push(layer);
+            }
+        }
+        for start in starts {
+            // Chains are short; the bound guards against a loop of names.
+            let mut next = Some(start);
+            for _ in 0..10_000 {
+                let Some(path) = next.take() else { break };
+                let path = std::fs::canonicalize(&path).unwrap_or(path);
+                if !live.insert(path.clone()) {
+                    break;
+                }
+                next = qcow2_backing(&path);
+            }
+        }
+        let dir = std::fs::canonicalize(&self.dir).unwrap_or(self.dir.clone());
+        for file in entries
+            .iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "qcow2"))
+        {
+            let path = std::fs::canonicalize(file).unwrap_or(file.clone());
+            if path.starts_with(&dir) && !live.contains(&path) && std::fs::remove_file(file).is_ok()
+            {
+                removed += 1;
+            }
+        }
+        removed
+    }
+}
+
+#[cfg(test)]
+mod sweep_tests {
+    use super::*;
+
+    async fn overlay(path: &Path, backing: &Path, format: hearth_vm::disk::BackingFormat) {
+        hearth_vm::disk::create_overlay(path, backing, format)
+            .await
+            .expect("qemu-img create");
+    }
+
+    #[tokio::test]
+    async fn sweep_keeps_recorded_and_referenced_chains() {
+        use hearth_vm::disk::BackingFormat::{Qcow2, Raw};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let base = dir.path().join("base.ext4");
+        std::fs::write(&base, vec![0u8; 1 << 20]).expect("base");
+        let cache = LayerCache::open(dir.path()).expect("open");
+        // boot <- recorded layer; boot2 <- image's layer (unrecorded) <- image disk;
+        // an orphan, and a marker whose layer is gone.
+        let boot = cache.new_file("boot");
+        overlay(&boot, &base, Raw).await;
+        let recorded = cache.new_file("layer");
+        overlay(&recorded, &boot, Qcow2).await;
+        cache.record(&Key::base("a"), &recorded).expect("record");
+        let boot2 = cache.new_file("boot");
+        overlay(&boot2, &base, Raw).await;
+        let used = cache.new_file("layer");
+        overlay(&used, &boot2, Qcow2).await;
+        let image_disk = dir.path().join("image-disk.qcow2");
+        overlay(&image_disk, &used, Qcow2).await;
+        let orphan = cache.new_file("layer");
+        overlay(&orphan, &boot, Qcow2).await;
+        std::fs::write(
+            cache
+                .dir()
+                .join(format!("{}.done", Key::base("gone").as_str())),
+            "layer-gone.qcow2",
+        )
+        .expect("marker");
+        assert_eq!(qcow2_backing(&recorded), Some(boot.clone()));
+        assert_eq!(qcow2_backing(&base), None);
+
+        let removed = cache.sweep(std::slice::from_ref(&image_disk));
+        assert_eq!(removed, 2, "the orphan and the dangling marker");
+        for kept in [&boot, &recorded, &boot2, &used, &image_disk, &base] {
+            assert!(kept.exists(), "{} was removed", kept.display());
+        }
+        assert!(!orphan.exists());
+        assert_eq!(cache.lookup(&Key::base("a")), Some(recorded));
+    }
+}

@@ -171,6 +171,10 @@ impl Builder {
         &self.driver
     }
 
+    pub fn cache(&self) -> &LayerCache {
+        &self.cache
+    }
+
     /// Builds `request`; the build VMs are gone when this returns.
     pub async fn build<R: BaseResolver>(
         &self,

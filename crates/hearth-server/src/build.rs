@@ -182,6 +182,39 @@ impl Builds {
         })
     }
 
+    /// Removes step-cache files nothing needs (see `LayerCache::sweep`): the
+    /// roots are every image version's snapshot disk and every VM's disk.
+    /// Only while no build runs: the server calls it at start.
+    pub fn sweep_cache(&self) -> usize {
+        let mut roots = Vec::new();
+        let images = self.data_dir.join("images");
+        // images/<account>/<image>/<version>/snapshot/disk.qcow2
+        let children = |dir: &Path| -> Vec<PathBuf> {
+            std::fs::read_dir(dir)
+                .map(|d| d.flatten().map(|e| e.path()).collect())
+                .unwrap_or_default()
+        };
+        for account in children(&images) {
+            for image in children(&account) {
+                for version in children(&image) {
+                    roots.push(
+                        version
+                            .join("snapshot")
+                            .join(hearth_vm::snapshot::DISK_FILE),
+                    );
+                }
+            }
+        }
+        if let Ok(vms) = self.builder.driver().list() {
+            roots.extend(vms.into_iter().map(|vm| vm.disk));
+        }
+        let removed = self.builder.cache().sweep(&roots);
+        if removed > 0 {
+            tracing::info!(removed, "step cache: removed files no build or image needs");
+        }
+        removed
+    }
+
     fn work_dir(&self, build_id: &str) -> PathBuf {
         self.data_dir.join("builds").join(build_id)
     }

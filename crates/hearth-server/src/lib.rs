@@ -361,6 +361,8 @@ pub async fn start(config: ServerConfig) -> Result<Arc<AppState>, ServerError> {
     );
     let engine = engine::Engine::new(driver, store.clone());
     engine.reconcile().await.map_err(ServerError::Reconcile)?;
+    // No build runs yet: what interrupted builds left in the step cache can go.
+    builds.sweep_cache();
     tokio::spawn(engine.clone().watch());
     let tokens = tokens::TokenKeys::open_or_create(&config.data_dir)?;
     Ok(Arc::new(AppState {
