@@ -462,6 +462,23 @@ fn max_keys(value: Option<i32>) -> usize {
     value.map_or(1000, |v| usize::try_from(v.clamp(0, 1000)).unwrap_or(1000))
 }
 
+/// A listing's objects and common prefixes as both ListObjects versions show them.
+fn listing_entries(listing: store::Listing, url: bool) -> (Vec<Object>, Vec<CommonPrefix>) {
+    let contents = listing
+        .objects
+        .into_iter()
+        .map(|m| object_entry(m, url))
+        .collect();
+    let prefixes = listing
+        .common_prefixes
+        .into_iter()
+        .map(|p| CommonPrefix {
+            prefix: Some(encode_list(p, url)),
+        })
+        .collect();
+    (contents, prefixes)
+}
+
 fn object_entry(meta: store::ObjectMeta, url: bool) -> Object {
     Object {
         e_tag: Some(etag(&meta.etag)),
@@ -805,6 +822,8 @@ impl S3 for Backend {
             .map_err(s3_err)?;
         let url = wants_url(input.encoding_type.as_ref());
         let key_count = listing.objects.len() + listing.common_prefixes.len();
+        let next_marker = listing.next_marker.clone();
+        let (contents, common_prefixes) = listing_entries(listing, url);
         Ok(S3Response::new(ListObjectsV2Output {
             name: Some(input.bucket.clone()),
             prefix: Some(encode_list(input.prefix.clone().unwrap_or_default(), url)),
@@ -813,24 +832,10 @@ impl S3 for Backend {
             key_count: Some(i32::try_from(key_count).unwrap_or(i32::MAX)),
             continuation_token: input.continuation_token.clone(),
             start_after: input.start_after.clone().map(|s| encode_list(s, url)),
-            is_truncated: Some(listing.next_marker.is_some()),
-            next_continuation_token: listing.next_marker.map(hex::encode),
-            contents: Some(
-                listing
-                    .objects
-                    .into_iter()
-                    .map(|m| object_entry(m, url))
-                    .collect(),
-            ),
-            common_prefixes: Some(
-                listing
-                    .common_prefixes
-                    .into_iter()
-                    .map(|p| CommonPrefix {
-                        prefix: Some(encode_list(p, url)),
-                    })
-                    .collect(),
-            ),
+            is_truncated: Some(next_marker.is_some()),
+            next_continuation_token: next_marker.map(hex::encode),
+            contents: Some(contents),
+            common_prefixes: Some(common_prefixes),
             encoding_type: input.encoding_type.clone(),
             ..Default::default()
         }))
@@ -858,30 +863,18 @@ impl S3 for Backend {
             .await
             .map_err(s3_err)?;
         let url = wants_url(input.encoding_type.as_ref());
+        let next_marker = listing.next_marker.clone();
+        let (contents, common_prefixes) = listing_entries(listing, url);
         Ok(S3Response::new(ListObjectsOutput {
             name: Some(input.bucket.clone()),
             prefix: Some(encode_list(input.prefix.clone().unwrap_or_default(), url)),
             delimiter: input.delimiter.clone().map(|d| encode_list(d, url)),
             marker: input.marker.clone().map(|m| encode_list(m, url)),
             max_keys: Some(i32::try_from(limit).unwrap_or(1000)),
-            is_truncated: Some(listing.next_marker.is_some()),
-            next_marker: listing.next_marker.map(|m| encode_list(m, url)),
-            contents: Some(
-                listing
-                    .objects
-                    .into_iter()
-                    .map(|m| object_entry(m, url))
-                    .collect(),
-            ),
-            common_prefixes: Some(
-                listing
-                    .common_prefixes
-                    .into_iter()
-                    .map(|p| CommonPrefix {
-                        prefix: Some(encode_list(p, url)),
-                    })
-                    .collect(),
-            ),
+            is_truncated: Some(next_marker.is_some()),
+            next_marker: next_marker.map(|m| encode_list(m, url)),
+            contents: Some(contents),
+            common_prefixes: Some(common_prefixes),
             encoding_type: input.encoding_type.clone(),
             ..Default::default()
         }))

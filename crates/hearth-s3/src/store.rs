@@ -458,6 +458,34 @@ impl Store {
         &self.config
     }
 
+    /// Streams a request body into a temporary file within the object size
+    /// limit, checking the declared length and Content-MD5; returns the file
+    /// and the body's MD5.
+    async fn receive<S, E>(
+        &self,
+        body: S,
+        options: &PutOptions,
+    ) -> Result<(TempFile, [u8; 16]), StoreError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Unpin,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let limit = self.config.max_object_bytes;
+        if options.content_length.is_some_and(|l| l > limit) {
+            return Err(StoreError::EntityTooLarge(limit));
+        }
+        let mut temp = TempFile::create(&self.tmp()).await?;
+        temp.write_body(body, limit).await?;
+        if options.content_length.is_some_and(|l| l != temp.written) {
+            return Err(StoreError::IncompleteBody);
+        }
+        let md5 = temp.md5();
+        if options.content_md5.is_some_and(|expected| expected != md5) {
+            return Err(StoreError::BadDigest);
+        }
+        Ok((temp, md5))
+    }
+
     fn tmp(&self) -> PathBuf {
         self.root.join("tmp")
     }
@@ -665,19 +693,7 @@ impl Store {
         let dest = self.object_path(bucket, key)?;
         check_metadata(&options.metadata)?;
         self.check_bucket(account, bucket).await?;
-        let limit = self.config.max_object_bytes;
-        if options.content_length.is_some_and(|l| l > limit) {
-            return Err(StoreError::EntityTooLarge(limit));
-        }
-        let mut temp = TempFile::create(&self.tmp()).await?;
-        temp.write_body(body, limit).await?;
-        if options.content_length.is_some_and(|l| l != temp.written) {
-            return Err(StoreError::IncompleteBody);
-        }
-        let md5 = temp.md5();
-        if options.content_md5.is_some_and(|expected| expected != md5) {
-            return Err(StoreError::BadDigest);
-        }
+        let (mut temp, md5) = self.receive(body, &options).await?;
         let meta = ObjectMeta {
             key: key.to_string(),
             size: temp.written,
@@ -877,19 +893,7 @@ impl Store {
             return Err(StoreError::InvalidPartNumber(max_parts));
         }
         let (dir, _) = self.upload(account, bucket, key, upload_id).await?;
-        let limit = self.config.max_object_bytes;
-        if options.content_length.is_some_and(|l| l > limit) {
-            return Err(StoreError::EntityTooLarge(limit));
-        }
-        let mut temp = TempFile::create(&self.tmp()).await?;
-        temp.write_body(body, limit).await?;
-        if options.content_length.is_some_and(|l| l != temp.written) {
-            return Err(StoreError::IncompleteBody);
-        }
-        let md5 = temp.md5();
-        if options.content_md5.is_some_and(|expected| expected != md5) {
-            return Err(StoreError::BadDigest);
-        }
+        let (mut temp, md5) = self.receive(body, &options).await?;
         let meta = ObjectMeta {
             key: String::new(),
             size: temp.written,
