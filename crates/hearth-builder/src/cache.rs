@@ -75,14 +75,21 @@ impl LayerCache {
     /// The layer recorded for `key`, if its file is still there.
     pub fn lookup(&self, key: &Key) -> Option<PathBuf> {
         let marker = self.dir.join(format!("{}.done", key.as_str()));
-        let name = std::fs::read_to_string(marker).ok()?;
+        let name = std::fs::read_to_string(&marker).ok()?;
         let name = name.trim();
         // The marker names a file in this directory, nothing else.
         if name.is_empty() || name.contains('/') || name.starts_with('.') {
             return None;
         }
         let path = self.dir.join(name);
-        path.is_file().then_some(path)
+        if !path.is_file() {
+            return None;
+        }
+        // A hit keeps the entry fresh for `sweep`'s age limit.
+        if let Ok(file) = std::fs::File::options().append(true).open(&marker) {
+            let _ = file.set_modified(std::time::SystemTime::now());
+        }
+        Some(path)
     }
 
     /// A new, unused file name for an overlay (`what` says what it is for).
@@ -188,12 +195,13 @@ pub fn qcow2_backing(path: &Path) -> Option<PathBuf> {
 }
 
 impl LayerCache {
-    /// Removes what no build can use and no image needs: layer files that no
-    /// marker records and no chain from `roots` (the disks of image versions
-    /// and VMs) reaches, and markers whose layer is gone. Run it only while no
-    /// build runs (the server does at start): a running build's layers are not
-    /// recorded yet. Returns the files removed.
-    pub fn sweep(&self, roots: &[PathBuf]) -> usize {
+    /// Removes what no build can use and no image needs: markers unused for
+    /// longer than `max_age` (a hit refreshes them) or whose layer is gone,
+    /// then layer files that no remaining marker records and no chain from
+    /// `roots` (the disks of image versions and VMs) reaches. Run it only
+    /// while no build runs (the server does at start): a running build's
+    /// layers are not recorded yet. Returns the files removed.
+    pub fn sweep(&self, roots: &[PathBuf], max_age: std::time::Duration) -> usize {
         let mut live = std::collections::HashSet::new();
         let mut starts: Vec<PathBuf> = roots.to_vec();
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
@@ -207,7 +215,12 @@ impl LayerCache {
         {
             let name = std::fs::read_to_string(marker).unwrap_or_default();
             let layer = self.dir.join(name.trim());
-            if name.trim().is_empty() || name.contains('/') || !layer.is_file() {
+            let stale = std::fs::metadata(marker)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > max_age);
+            if stale || name.trim().is_empty() || name.contains('/') || !layer.is_file() {
                 if std::fs::remove_file(marker).is_ok() {
                     removed += 1;
                 }
@@ -284,12 +297,34 @@ mod sweep_tests {
         assert_eq!(qcow2_backing(&recorded), Some(boot.clone()));
         assert_eq!(qcow2_backing(&base), None);
 
-        let removed = cache.sweep(std::slice::from_ref(&image_disk));
+        let day = std::time::Duration::from_secs(86_400);
+        let removed = cache.sweep(std::slice::from_ref(&image_disk), day);
         assert_eq!(removed, 2, "the orphan and the dangling marker");
         for kept in [&boot, &recorded, &boot2, &used, &image_disk, &base] {
             assert!(kept.exists(), "{} was removed", kept.display());
         }
         assert!(!orphan.exists());
-        assert_eq!(cache.lookup(&Key::base("a")), Some(recorded));
+        assert_eq!(cache.lookup(&Key::base("a")), Some(recorded.clone()));
+
+        // An entry unused for longer than the limit goes, with the layers only
+        // it kept (the image's chain stays).
+        let marker = cache
+            .dir()
+            .join(format!("{}.done", Key::base("a").as_str()));
+        let old = std::time::SystemTime::now() - 2 * day;
+        std::fs::File::options()
+            .append(true)
+            .open(&marker)
+            .and_then(|f| f.set_modified(old))
+            .expect("age the marker");
+        let removed = cache.sweep(std::slice::from_ref(&image_disk), day);
+        assert_eq!(
+            removed, 3,
+            "the marker, its layer and the boot layer under it"
+        );
+        assert!(!recorded.exists() && !boot.exists());
+        for kept in [&boot2, &used, &image_disk] {
+            assert!(kept.exists(), "{} was removed", kept.display());
+        }
     }
 }

@@ -121,6 +121,8 @@ pub struct BuildSettings {
     pub max_artifact_bytes: u64,
     /// Where FROM may pull images that are not managed base images.
     pub registry: Option<hearth_oci::RegistryConfig>,
+    /// Step-cache entries unused this long are dropped at the next start.
+    pub cache_max_age: Duration,
 }
 
 /// Runs builds.
@@ -134,6 +136,7 @@ pub struct Builds {
     limits: archive::Limits,
     max_artifact_bytes: u64,
     registry: Option<hearth_oci::RegistryConfig>,
+    cache_max_age: Duration,
     slots: Semaphore,
 }
 
@@ -164,6 +167,7 @@ impl Builds {
             region,
             max_artifact_bytes,
             registry,
+            cache_max_age,
         } = settings;
         // The step cache lives with the data: image versions chain to its layers.
         let builder =
@@ -178,6 +182,7 @@ impl Builds {
             limits: archive::Limits::default(),
             max_artifact_bytes,
             registry,
+            cache_max_age,
             slots: Semaphore::new(PARALLEL_BUILDS),
         })
     }
@@ -208,7 +213,7 @@ impl Builds {
         if let Ok(vms) = self.builder.driver().list() {
             roots.extend(vms.into_iter().map(|vm| vm.disk));
         }
-        let removed = self.builder.cache().sweep(&roots);
+        let removed = self.builder.cache().sweep(&roots, self.cache_max_age);
         if removed > 0 {
             tracing::info!(removed, "step cache: removed files no build or image needs");
         }

@@ -102,6 +102,8 @@ pub struct ServerConfig {
     /// The OCI registry Dockerfile FROM lines may pull from (none: managed
     /// base images and scratch only).
     pub registry: Option<hearth_oci::RegistryConfig>,
+    /// Step-cache entries unused for this many days are dropped at start.
+    pub build_cache_days: u64,
 }
 
 impl ServerConfig {
@@ -121,6 +123,7 @@ impl ServerConfig {
             max_lifetime_secs: 28_800,
             artifacts: s3::ArtifactsConfig::default(),
             registry: None,
+            build_cache_days: 14,
         }
     }
 }
@@ -215,6 +218,7 @@ impl AppState {
                     region: "us-east-1".into(),
                     max_artifact_bytes: config.artifacts.max_artifact_bytes,
                     registry: None,
+                    cache_max_age: Duration::from_secs(14 * 86_400),
                 },
             )
             .expect("builds"),
@@ -355,6 +359,7 @@ pub async fn start(config: ServerConfig) -> Result<Arc<AppState>, ServerError> {
                 region: config.region.clone(),
                 max_artifact_bytes: config.artifacts.max_artifact_bytes,
                 registry: config.registry.clone(),
+                cache_max_age: Duration::from_secs(config.build_cache_days * 86_400),
             },
         )
         .map_err(ServerError::Builds)?,

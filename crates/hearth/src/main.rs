@@ -115,6 +115,9 @@ struct ServeArgs {
     /// Talk to --registry over plain HTTP (a registry on loopback).
     #[arg(long)]
     registry_insecure: bool,
+    /// Drop build-cache entries unused for this many days (at start).
+    #[arg(long, default_value_t = 14, value_parser = clap::value_parser!(u64).range(1..=3650))]
+    build_cache_days: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -316,6 +319,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             }
             config.max_lifetime_secs = args.max_lifetime;
             config.artifacts.allow_file_uris = args.allow_file_artifacts;
+            config.build_cache_days = args.build_cache_days;
             config.registry = args.registry.map(|registry| hearth_oci::RegistryConfig {
                 registry,
                 insecure_http: args.registry_insecure,
