@@ -126,76 +126,102 @@ fn walk(context: &Path, ignore: &[String]) -> Result<Vec<(String, bool)>, Contex
     Ok(out)
 }
 
-/// Selects the files `sources` name in `context` for a copy to `dest`.
+/// Selects the files `sources` name in `context` for a copy to `dest`
+/// (reads the tree; a build with several COPY steps reads it once with
+/// [`Tree::read`]).
 pub fn select(
     context: &Path,
     sources: &[String],
     dest: &str,
     ignore: &[String],
 ) -> Result<Selection, ContextError> {
-    let all = walk(context, ignore)?;
-    let mut matched: Vec<(String, bool)> = Vec::new();
-    let mut any_glob = false;
-    for source in sources {
-        let cleaned = normalize(source)?;
-        if cleaned.is_empty() {
-            matched.push((String::new(), true));
-            continue;
-        }
-        if has_glob(&cleaned) {
-            any_glob = true;
-            let before = matched.len();
-            matched.extend(
-                all.iter()
-                    .filter(|(path, _)| glob_path(&cleaned, path))
-                    .cloned(),
-            );
-            if matched.len() == before {
-                return Err(ContextError::NotFound(source.clone()));
-            }
-        } else {
-            match all.iter().find(|(path, _)| *path == cleaned) {
-                Some(found) => matched.push(found.clone()),
-                None => return Err(ContextError::NotFound(source.clone())),
-            }
-        }
+    Tree::read(context, ignore)?.select(sources, dest)
+}
+
+/// A build context's paths, minus what `.dockerignore` excludes. The context
+/// does not change during a build, so one read serves every COPY.
+#[derive(Debug, Clone)]
+pub struct Tree {
+    root: PathBuf,
+    /// Relative paths and whether each is a directory, sorted.
+    paths: Vec<(String, bool)>,
+}
+
+impl Tree {
+    pub fn read(context: &Path, ignore: &[String]) -> Result<Tree, ContextError> {
+        Ok(Tree {
+            root: context.to_path_buf(),
+            paths: walk(context, ignore)?,
+        })
     }
-    let dest_is_dir = dest.ends_with('/')
-        || sources.len() > 1
-        || any_glob
-        || matched.iter().any(|(_, is_dir)| *is_dir);
-    let mut entries = Vec::new();
-    for (path, is_dir) in &matched {
-        if *is_dir {
-            // A directory source copies its contents, not itself.
-            let prefix = if path.is_empty() {
-                String::new()
-            } else {
-                format!("{path}/")
-            };
-            for (sub, sub_is_dir) in all.iter().filter(|(p, _)| p.starts_with(&prefix)) {
-                entries.push(entry(context, sub, &sub[prefix.len()..], *sub_is_dir)?);
+
+    /// Selects the files `sources` name for a copy to `dest` (their content
+    /// is read for the digest).
+    pub fn select(&self, sources: &[String], dest: &str) -> Result<Selection, ContextError> {
+        let (context, all) = (self.root.as_path(), &self.paths);
+        let mut matched: Vec<(String, bool)> = Vec::new();
+        let mut any_glob = false;
+        for source in sources {
+            let cleaned = normalize(source)?;
+            if cleaned.is_empty() {
+                matched.push((String::new(), true));
+                continue;
             }
-        } else {
-            let name = if dest_is_dir {
-                path.rsplit('/').next().unwrap_or(path.as_str())
+            if has_glob(&cleaned) {
+                any_glob = true;
+                let before = matched.len();
+                matched.extend(
+                    all.iter()
+                        .filter(|(path, _)| glob_path(&cleaned, path))
+                        .cloned(),
+                );
+                if matched.len() == before {
+                    return Err(ContextError::NotFound(source.clone()));
+                }
             } else {
-                ""
-            };
-            entries.push(entry(context, path, name, false)?);
+                match all.iter().find(|(path, _)| *path == cleaned) {
+                    Some(found) => matched.push(found.clone()),
+                    None => return Err(ContextError::NotFound(source.clone())),
+                }
+            }
         }
-        if entries.len() > MAX_SELECTED {
-            return Err(ContextError::TooMany(path.clone()));
+        let dest_is_dir = dest.ends_with('/')
+            || sources.len() > 1
+            || any_glob
+            || matched.iter().any(|(_, is_dir)| *is_dir);
+        let mut entries = Vec::new();
+        for (path, is_dir) in &matched {
+            if *is_dir {
+                // A directory source copies its contents, not itself.
+                let prefix = if path.is_empty() {
+                    String::new()
+                } else {
+                    format!("{path}/")
+                };
+                for (sub, sub_is_dir) in all.iter().filter(|(p, _)| p.starts_with(&prefix)) {
+                    entries.push(entry(context, sub, &sub[prefix.len()..], *sub_is_dir)?);
+                }
+            } else {
+                let name = if dest_is_dir {
+                    path.rsplit('/').next().unwrap_or(path.as_str())
+                } else {
+                    ""
+                };
+                entries.push(entry(context, path, name, false)?);
+            }
+            if entries.len() > MAX_SELECTED {
+                return Err(ContextError::TooMany(path.clone()));
+            }
         }
+        entries.sort_by(|a, b| a.dest.cmp(&b.dest));
+        entries.dedup_by(|a, b| a.dest == b.dest);
+        let digest = digest(&entries)?;
+        Ok(Selection {
+            entries,
+            dest_is_dir,
+            digest,
+        })
     }
-    entries.sort_by(|a, b| a.dest.cmp(&b.dest));
-    entries.dedup_by(|a, b| a.dest == b.dest);
-    let digest = digest(&entries)?;
-    Ok(Selection {
-        entries,
-        dest_is_dir,
-        digest,
-    })
 }
 
 /// Bytes in a directory tree (not following symlinks); unreadable parts count 0.

@@ -10,7 +10,9 @@ use hearth_vm::disk::BackingFormat;
 
 use crate::config::ImageConfig;
 use crate::dockerfile::CommandForm;
-use crate::run::{error_chain, Base, BuildLog, Disk};
+use hearth_vm::error_chain;
+
+use crate::run::{Base, BuildLog, Disk};
 
 /// Room left on a pulled image's disk for the build's own writes.
 const HEADROOM_MIB: u64 = 1024;

@@ -20,8 +20,9 @@ use std::time::Duration;
 
 use hearth_proto::{ExecRequest, WriteFileRequest};
 use hearth_vm::agent::AgentClient;
+use hearth_vm::agent::CappedBuffer;
 use hearth_vm::disk::BackingFormat;
-use hearth_vm::{BootRequest, ColdBoot, Driver, MachineShape, QemuDriver, VmRecord};
+use hearth_vm::{error_chain, BootRequest, ColdBoot, Driver, MachineShape, QemuDriver, VmRecord};
 use tokio::io::AsyncWrite;
 
 use crate::cache::{Key, LayerCache};
@@ -190,13 +191,12 @@ impl Builder {
             log,
             dockerfile: &parsed,
             stages: &stages,
+            tree: None,
             results: HashMap::new(),
             vms: Vec::new(),
-            agents: HashMap::new(),
             stage_vms: HashMap::new(),
             steps_run: 0,
             steps_cached: 0,
-            counter: 0,
         };
         let limit = request.build_timeout;
         let result = match tokio::time::timeout(limit, run.all(resolver)).await {
@@ -259,15 +259,22 @@ struct BuildRun<'a> {
     log: &'a dyn BuildLog,
     dockerfile: &'a Dockerfile,
     stages: &'a Stages,
+    /// The build context's files (read at the first COPY or ADD).
+    tree: Option<context::Tree>,
     results: HashMap<usize, StageResult>,
-    /// Every VM this build started (removed at the end), and their agents.
-    vms: Vec<VmRecord>,
-    agents: HashMap<usize, Arc<AgentClient>>,
+    /// Every VM this build started (removed at the end); VMs are named by
+    /// their place here.
+    vms: Vec<BuildVm>,
     /// The VM that holds a finished stage's filesystem, for COPY --from.
     stage_vms: HashMap<usize, usize>,
     steps_run: usize,
     steps_cached: usize,
-    counter: usize,
+}
+
+/// A VM of the build and its agent connection.
+struct BuildVm {
+    vm: VmRecord,
+    agent: Arc<AgentClient>,
 }
 
 /// Where the program's stdout/stderr go: the build log, line by line, and a
@@ -489,11 +496,14 @@ impl BuildRun<'_> {
                 }
             };
             let text = format!("{:?}", expanded.kind);
-            match &expanded.kind {
+            self.log.line(&format!("[{step}/{total}] {quoted}"));
+            // A step that changes files: its cache key and what it does.
+            let change: Option<(Key, Action)> = match &expanded.kind {
                 InstructionKind::Env(pairs) => {
                     for (k, v) in pairs {
                         state.config.set_env(k, v);
                     }
+                    None
                 }
                 InstructionKind::Arg(args) => {
                     for (name, default) in args {
@@ -508,11 +518,13 @@ impl BuildRun<'_> {
                             state.args.insert(name.clone(), value);
                         }
                     }
+                    None
                 }
                 InstructionKind::Label(pairs) => {
                     for (k, v) in pairs {
                         state.config.labels.insert(k.clone(), v.clone());
                     }
+                    None
                 }
                 InstructionKind::Expose(ports) => {
                     for p in ports {
@@ -520,10 +532,12 @@ impl BuildRun<'_> {
                             state.config.exposed.push(p.clone());
                         }
                     }
+                    None
                 }
                 InstructionKind::Cmd(form) => {
                     state.config.cmd = Some(form.clone());
                     state.cmd_set = true;
+                    None
                 }
                 InstructionKind::Entrypoint(form) => {
                     state.config.entrypoint = Some(form.clone());
@@ -531,22 +545,26 @@ impl BuildRun<'_> {
                     if !state.cmd_set {
                         state.config.cmd = None;
                     }
+                    None
                 }
-                InstructionKind::User(user) => state.config.user = Some(user.clone()),
-                InstructionKind::Shell(words) => state.config.shell = Some(words.clone()),
-                InstructionKind::StopSignal(sig) => state.config.stop_signal = Some(sig.clone()),
-                InstructionKind::From { .. } => {}
+                InstructionKind::User(user) => {
+                    state.config.user = Some(user.clone());
+                    None
+                }
+                InstructionKind::Shell(words) => {
+                    state.config.shell = Some(words.clone());
+                    None
+                }
+                InstructionKind::StopSignal(sig) => {
+                    state.config.stop_signal = Some(sig.clone());
+                    None
+                }
+                InstructionKind::From { .. } => None,
                 InstructionKind::Workdir(dir) => {
                     let cwd = state.config.cwd();
                     let path = resolve_path(&cwd, dir);
                     state.config.workdir = Some(path.clone());
-                    let step_key = key.then(&[&text]);
-                    self.log.line(&format!("[{step}/{total}] {quoted}"));
-                    self.fs_step(&mut state, &step_key, Action::Mkdir(path))
-                        .await
-                        .map_err(|(d, o)| step_err(d, o))?;
-                    key = step_key;
-                    continue;
+                    Some((key.then(&[&text]), Action::Mkdir(path)))
                 }
                 InstructionKind::Run(form) => {
                     let argv = state.config.argv(form);
@@ -566,23 +584,16 @@ impl BuildRun<'_> {
                         state.config.cwd(),
                         self.request.network
                     );
-                    let step_key = key.then(&[&text, &env_text]);
-                    self.log.line(&format!("[{step}/{total}] {quoted}"));
                     let action = Action::Run {
                         argv,
                         env,
                         cwd: state.config.cwd(),
                         user: state.config.user.clone(),
                     };
-                    self.fs_step(&mut state, &step_key, action)
-                        .await
-                        .map_err(|(d, o)| step_err(d, o))?;
-                    key = step_key;
-                    continue;
+                    Some((key.then(&[&text, &env_text]), action))
                 }
                 InstructionKind::Copy(spec) | InstructionKind::Add(spec) => {
                     let is_add = matches!(expanded.kind, InstructionKind::Add(_));
-                    self.log.line(&format!("[{step}/{total}] {quoted}"));
                     let dest = resolve_dest(&state.config.cwd(), &spec.dest);
                     if let Some(from) = &spec.from {
                         let source = self
@@ -601,45 +612,52 @@ impl BuildRun<'_> {
                             .get(&source)
                             .map(|r| r.key.as_str().to_string())
                             .unwrap_or_default();
-                        let step_key = key.then(&[&text, &source_key]);
                         let action = Action::CopyFrom {
                             source,
                             spec: spec.clone(),
                             dest,
                         };
-                        self.fs_step(&mut state, &step_key, action)
-                            .await
-                            .map_err(|(d, o)| step_err(d, o))?;
-                        key = step_key;
-                        continue;
-                    }
-                    if spec.sources.iter().any(|s| s.contains("://")) {
-                        return Err(step_err(
+                        Some((key.then(&[&text, &source_key]), action))
+                    } else {
+                        if spec.sources.iter().any(|s| s.contains("://")) {
+                            return Err(step_err(
                             "sources from URLs are not supported; fetch them with RUN (curl or wget) instead".into(),
                             String::new(),
                         ));
-                    }
-                    let ignore = context::dockerignore(&self.request.context);
-                    let selection =
-                        context::select(&self.request.context, &spec.sources, &spec.dest, &ignore)
+                        }
+                        let tree = match &self.tree {
+                            Some(tree) => tree,
+                            None => {
+                                let ignore = context::dockerignore(&self.request.context);
+                                let tree = context::Tree::read(&self.request.context, &ignore)
+                                    .map_err(|e| step_err(e.to_string(), String::new()))?;
+                                self.tree.insert(tree)
+                            }
+                        };
+                        let selection = tree
+                            .select(&spec.sources, &spec.dest)
                             .map_err(|e: ContextError| step_err(e.to_string(), String::new()))?;
-                    let step_key = key.then(&[&text, &selection.digest, &format!("{is_add}")]);
-                    let action = Action::CopyContext {
-                        selection,
-                        spec: spec.clone(),
-                        dest,
-                        is_add,
-                    };
+                        let step_key = key.then(&[&text, &selection.digest, &format!("{is_add}")]);
+                        let action = Action::CopyContext {
+                            selection,
+                            spec: spec.clone(),
+                            dest,
+                            is_add,
+                        };
+                        Some((step_key, action))
+                    }
+                }
+            };
+            key = match change {
+                Some((step_key, action)) => {
                     self.fs_step(&mut state, &step_key, action)
                         .await
                         .map_err(|(d, o)| step_err(d, o))?;
-                    key = step_key;
-                    continue;
+                    step_key
                 }
-            }
-            // Metadata-only instructions change the key, not the disk.
-            key = key.then(&[&text]);
-            self.log.line(&format!("[{step}/{total}] {quoted}"));
+                // Metadata-only instructions change the key, not the disk.
+                None => key.then(&[&text]),
+            };
         }
         // The stage's VM (if any) holds its final filesystem for COPY --from.
         if let Some(index) = state.vm {
@@ -660,24 +678,25 @@ impl BuildRun<'_> {
         key: &Key,
         action: Action,
     ) -> Result<(), (String, String)> {
-        if state.vm.is_none() {
-            if let Some(layer) = self.builder.cache.lookup(key) {
-                self.log.line(" ---> cached");
-                self.steps_cached += 1;
-                state.disk = Disk {
-                    path: layer,
-                    format: BackingFormat::Qcow2,
-                };
-                return Ok(());
+        let index = match state.vm {
+            Some(index) => index,
+            None => {
+                if let Some(layer) = self.builder.cache.lookup(key) {
+                    self.log.line(" ---> cached");
+                    self.steps_cached += 1;
+                    state.disk = Disk {
+                        path: layer,
+                        format: BackingFormat::Qcow2,
+                    };
+                    return Ok(());
+                }
+                let index = self
+                    .boot(&state.disk, true)
+                    .await
+                    .map_err(|e| (e, String::new()))?;
+                state.vm = Some(index);
+                index
             }
-            let index = self
-                .boot(&state.disk, true)
-                .await
-                .map_err(|e| (e, String::new()))?;
-            state.vm = Some(index);
-        }
-        let Some(index) = state.vm else {
-            return Err(("no build VM".into(), String::new()));
         };
         self.perform(index, action).await?;
         let layer = self
@@ -700,8 +719,7 @@ impl BuildRun<'_> {
     /// the cache (the first one, holding what the boot wrote, is frozen at
     /// once and becomes part of the chain). Returns its index in `self.vms`.
     async fn boot(&mut self, disk: &Disk, keep_layers: bool) -> Result<usize, String> {
-        self.counter += 1;
-        let name = format!("{}-{}", self.request.vm_prefix, self.counter);
+        let name = format!("{}-{}", self.request.vm_prefix, self.vms.len() + 1);
         self.log.line(" ---> starting a build VM");
         let overlay = keep_layers.then(|| self.builder.cache.new_file("boot"));
         let vm = self
@@ -735,9 +753,11 @@ impl BuildRun<'_> {
                 ));
             }
         };
-        self.vms.push(vm);
+        self.vms.push(BuildVm {
+            vm,
+            agent: Arc::new(agent),
+        });
         let index = self.vms.len() - 1;
-        self.agents.insert(index, Arc::new(agent));
         if keep_layers {
             if disk.format == BackingFormat::Raw {
                 self.grow_root(index).await;
@@ -776,27 +796,27 @@ impl BuildRun<'_> {
             .await
             .map_err(|e| format!("the build VM did not sync: {}", error_chain(&e)))?;
         let next = self.builder.cache.new_file("layer");
-        let vm = self
+        let build_vm = self
             .vms
             .get_mut(index)
             .ok_or_else(|| "no build VM".to_string())?;
         self.builder
             .driver
-            .checkpoint_disk(vm, &next)
+            .checkpoint_disk(&mut build_vm.vm, &next)
             .await
             .map_err(|e| format!("cannot freeze the build disk: {}", error_chain(&e)))
     }
 
     fn agent(&self, index: usize) -> Result<Arc<AgentClient>, String> {
-        self.agents
-            .get(&index)
-            .cloned()
+        self.vms
+            .get(index)
+            .map(|v| v.agent.clone())
             .ok_or_else(|| "the build VM is gone".to_string())
     }
 
     async fn cleanup(&mut self) {
-        self.agents.clear();
-        for vm in self.vms.drain(..) {
+        for BuildVm { vm, agent } in self.vms.drain(..) {
+            drop(agent);
             if let Err(e) = self.builder.driver.remove(&vm).await {
                 tracing::warn!(vm = %vm.name, error = %error_chain(&e), "cannot remove a build VM");
             }
@@ -854,18 +874,6 @@ fn resolve_dest(cwd: &str, dest: &str) -> String {
     }
 }
 
-/// An error and its sources, one line.
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
-
 /// `user[:group]` as numbers, looked up in the guest's /etc/passwd and
 /// /etc/group when they are names. Returns (uid, gid, home).
 pub async fn resolve_user(
@@ -878,9 +886,9 @@ pub async fn resolve_user(
     };
     // The image's files are the tenant's: read at most MAX_ACCOUNT_FILE bytes.
     let read = |path: &'static str| async move {
-        let mut buf = CappedWriter::new(MAX_ACCOUNT_FILE);
+        let mut buf = CappedBuffer::new(MAX_ACCOUNT_FILE);
         match agent.read_file(path, &mut buf).await {
-            Ok(_) => String::from_utf8_lossy(&buf.bytes).into_owned(),
+            Ok(_) => String::from_utf8_lossy(&buf.into_bytes()).into_owned(),
             Err(_) => String::new(),
         }
     };
@@ -929,46 +937,6 @@ pub async fn resolve_user(
 
 /// Largest /etc/passwd or /etc/group read to resolve a user.
 const MAX_ACCOUNT_FILE: usize = 4 << 20;
-
-/// Collects bytes up to a limit; past it, writes fail (and so does the read).
-struct CappedWriter {
-    bytes: Vec<u8>,
-    limit: usize,
-}
-
-impl CappedWriter {
-    fn new(limit: usize) -> Self {
-        CappedWriter {
-            bytes: Vec::new(),
-            limit,
-        }
-    }
-}
-
-impl AsyncWrite for CappedWriter {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        if self.bytes.len() + buf.len() > self.limit {
-            return Poll::Ready(Err(std::io::Error::new(
-                std::io::ErrorKind::OutOfMemory,
-                "file larger than the limit",
-            )));
-        }
-        self.bytes.extend_from_slice(buf);
-        Poll::Ready(Ok(buf.len()))
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-}
 
 /// The first bytes of an archive ADD extracts (tar, gzip, bzip2, xz).
 fn is_archive(path: &Path) -> bool {
@@ -1101,15 +1069,15 @@ impl BuildRun<'_> {
         &self,
         agent: &AgentClient,
         spec: &CopySpec,
-    ) -> Result<(Option<u32>, Option<u32>), (String, String)> {
+    ) -> Result<(u32, u32), (String, String)> {
         match &spec.chown {
             Some(chown) => {
                 let (uid, gid, _) = resolve_user(agent, chown)
                     .await
                     .map_err(|e| (e, String::new()))?;
-                Ok((Some(uid), Some(gid)))
+                Ok((uid, gid))
             }
-            None => Ok((Some(0), Some(0))),
+            None => Ok((0, 0)),
         }
     }
 
@@ -1160,8 +1128,8 @@ impl BuildRun<'_> {
                     WriteFileRequest {
                         path: target.clone(),
                         mode: Some(chmod.unwrap_or(entry.mode)),
-                        uid,
-                        gid,
+                        uid: Some(uid),
+                        gid: Some(gid),
                         create_parents: true,
                     },
                     file,
@@ -1183,12 +1151,10 @@ impl BuildRun<'_> {
                     "mkdir -p '{0}'\nchmod {mode:o} '{0}'\n",
                     dir.replace('\'', "'\\''")
                 ));
-                if let (Some(uid), Some(gid)) = (uid, gid) {
-                    script.push_str(&format!(
-                        "chown {uid}:{gid} '{}'\n",
-                        dir.replace('\'', "'\\''")
-                    ));
-                }
+                script.push_str(&format!(
+                    "chown {uid}:{gid} '{}'\n",
+                    dir.replace('\'', "'\\''")
+                ));
             }
             self.shell(agent, script).await?;
         }
@@ -1239,8 +1205,8 @@ impl BuildRun<'_> {
         agent: &AgentClient,
         archive: &Path,
         dest: &str,
-        uid: Option<u32>,
-        gid: Option<u32>,
+        uid: u32,
+        gid: u32,
     ) -> Result<(), (String, String)> {
         let tmp = "/tmp/.hearth-add-archive";
         let file = tokio::fs::File::open(archive)
@@ -1267,10 +1233,8 @@ impl BuildRun<'_> {
         let quoted = dest.replace('\'', "'\\''");
         let mut script =
             format!("set -e\nmkdir -p '{quoted}'\ntar -xf {tmp} -C '{quoted}'\nrm -f {tmp}\n");
-        if let (Some(uid), Some(gid)) = (uid, gid) {
-            if uid != 0 || gid != 0 {
-                script.push_str(&format!("chown -R {uid}:{gid} '{quoted}'\n"));
-            }
+        if (uid, gid) != (0, 0) {
+            script.push_str(&format!("chown -R {uid}:{gid} '{quoted}'\n"));
         }
         self.shell(agent, script).await
     }
@@ -1388,10 +1352,8 @@ impl BuildRun<'_> {
                 None if is_dir => into.clone(),
                 None => format!("{into}/{what}"),
             };
-            if let (Some(uid), Some(gid)) = (uid, gid) {
-                if uid != 0 || gid != 0 {
-                    script.push_str(&format!("chown -R {uid}:{gid} '{}'\n", q(&target)));
-                }
+            if (uid, gid) != (0, 0) {
+                script.push_str(&format!("chown -R {uid}:{gid} '{}'\n", q(&target)));
             }
             let sink = LogSink::new(self.log);
             let mut out = sink.clone();
@@ -1450,11 +1412,11 @@ mod tests {
     use tokio::io::AsyncWriteExt;
 
     #[tokio::test]
-    async fn capped_writer_refuses_past_its_limit() {
-        let mut w = CappedWriter::new(8);
+    async fn capped_buffer_refuses_past_its_limit() {
+        let mut w = CappedBuffer::new(8);
         w.write_all(b"12345678").await.expect("fits");
         assert!(w.write_all(b"9").await.is_err());
-        assert_eq!(w.bytes, b"12345678");
+        assert_eq!(w.into_bytes(), b"12345678");
     }
 
     #[test]

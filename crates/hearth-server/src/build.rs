@@ -283,11 +283,12 @@ impl Builds {
     }
 
     fn version_dir(&self, job: &BuildJob) -> PathBuf {
-        self.data_dir
-            .join("images")
-            .join(&job.account_id)
-            .join(&job.image_name)
-            .join(job.version.to_string())
+        crate::import::version_dir(
+            &self.data_dir,
+            &job.account_id,
+            &job.image_name,
+            job.version,
+        )
     }
 
     /// The build's steps; the error is the build's `stateReason`.
@@ -558,12 +559,9 @@ impl BaseResolver for ManagedBases<'_> {
         } else {
             lower.strip_suffix(":latest").unwrap_or(&lower).to_string()
         };
-        let valid = !name.is_empty()
-            && name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-        let managed = valid.then(|| self.assets.base_image(&name).ok()).flatten();
-        let Some(path) = managed else {
+        // `base_image` refuses names that are not plain image names, and
+        // resolves the image's `current` link to its exact content.
+        let Ok(path) = self.assets.base_image(&name) else {
             if let Some(registry) = self.registry {
                 return hearth_builder::oci::registry_base(registry, image, &self.cache_dir, log)
                     .await;
@@ -578,13 +576,12 @@ impl BaseResolver for ManagedBases<'_> {
             ));
         };
         log.line(&format!(" ---> managed base image {name}"));
-        let real = std::fs::canonicalize(&path).unwrap_or(path.clone());
         Ok(Base {
+            identity: format!("{name}@{}", path.display()),
             disk: Disk {
-                path: real.clone(),
+                path,
                 format: BackingFormat::Raw,
             },
-            identity: format!("{name}@{}", real.display()),
             config: Default::default(),
         })
     }

@@ -742,17 +742,9 @@ async fn call_hook(agent: &AgentClient, hook: &Hook, body: Option<&[u8]>) -> Res
     }
 }
 
-/// An error with its sources, for logs.
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
+/// An error with its sources, for logs (one definition for the workspace's
+/// crates that already depend on the VM layer).
+pub use hearth_vm::error_chain;
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex

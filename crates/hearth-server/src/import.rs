@@ -77,6 +77,16 @@ pub struct Imported {
     pub snapshot_build: Value,
 }
 
+/// Where a version's files live (builds and imports alike):
+/// `DATA/images/<account>/<image>/<version>`.
+pub fn version_dir(data_dir: &Path, account: &str, image: &str, version: u32) -> PathBuf {
+    data_dir
+        .join("images")
+        .join(account)
+        .join(image)
+        .join(version.to_string())
+}
+
 pub fn image_arn(region: &str, account: &str, name: &str) -> String {
     format!("arn:aws:lambda:{region}:{account}:microvm-image:{name}")
 }
@@ -195,11 +205,12 @@ pub async fn import_image(
         "image {} version {}.0: build {}",
         request.image_name, started.version, started.build_id
     ));
-    let version_dir = data_dir
-        .join("images")
-        .join(&request.account_id)
-        .join(&request.image_name)
-        .join(started.version.to_string());
+    let version_dir = version_dir(
+        data_dir,
+        &request.account_id,
+        &request.image_name,
+        started.version,
+    );
     let built = build(
         driver,
         request,
@@ -365,12 +376,12 @@ pub async fn reap_interrupted_builds(
         if let Ok(vm) = driver.load(&build_vm_name(&build.build_id)) {
             let _ = driver.remove(&vm).await;
         }
-        let version_dir = data_dir
-            .join("images")
-            .join(&build.account_id)
-            .join(&build.image_name)
-            .join(build.version.to_string());
-        let _ = std::fs::remove_dir_all(version_dir);
+        let _ = std::fs::remove_dir_all(version_dir(
+            data_dir,
+            &build.account_id,
+            &build.image_name,
+            build.version,
+        ));
         store.finish_build(
             &build.account_id,
             &build.build_id,

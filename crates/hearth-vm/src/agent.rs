@@ -321,15 +321,15 @@ impl AgentClient {
     /// [`MAX_COLLECTED_OUTPUT`] bytes (the guest is untrusted: stream larger output
     /// with [`Self::exec`] instead).
     pub async fn exec_output(&self, request: ExecRequest) -> Result<ExecOutput, AgentError> {
-        let mut stdout = CappedBuffer::default();
-        let mut stderr = CappedBuffer::default();
+        let mut stdout = CappedBuffer::new(MAX_COLLECTED_OUTPUT);
+        let mut stderr = CappedBuffer::new(MAX_COLLECTED_OUTPUT);
         let status = self
             .exec(request, None::<tokio::io::Empty>, &mut stdout, &mut stderr)
             .await?;
         Ok(ExecOutput {
             status,
-            stdout: stdout.0,
-            stderr: stderr.0,
+            stdout: stdout.into_bytes(),
+            stderr: stderr.into_bytes(),
         })
     }
 
@@ -416,10 +416,26 @@ impl AgentClient {
 /// Most bytes [`AgentClient::exec_output`] keeps of one output stream.
 pub const MAX_COLLECTED_OUTPUT: usize = 64 * 1024 * 1024;
 
-/// An in-memory sink that fails once it would hold more than
-/// [`MAX_COLLECTED_OUTPUT`] bytes.
-#[derive(Debug, Default)]
-struct CappedBuffer(Vec<u8>);
+/// An in-memory sink that fails once it would hold more than its limit (for
+/// what a guest sends: output, files read back).
+#[derive(Debug)]
+pub struct CappedBuffer {
+    bytes: Vec<u8>,
+    limit: usize,
+}
+
+impl CappedBuffer {
+    pub fn new(limit: usize) -> Self {
+        Self {
+            bytes: Vec::new(),
+            limit,
+        }
+    }
+
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.bytes
+    }
+}
 
 impl AsyncWrite for CappedBuffer {
     fn poll_write(
@@ -427,13 +443,13 @@ impl AsyncWrite for CappedBuffer {
         _cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        if self.0.len() + buf.len() > MAX_COLLECTED_OUTPUT {
+        if self.bytes.len() + buf.len() > self.limit {
             return std::task::Poll::Ready(Err(std::io::Error::new(
                 std::io::ErrorKind::OutOfMemory,
-                "command output exceeds the collection limit",
+                "more bytes than the collection limit",
             )));
         }
-        self.0.extend_from_slice(buf);
+        self.bytes.extend_from_slice(buf);
         std::task::Poll::Ready(Ok(buf.len()))
     }
 

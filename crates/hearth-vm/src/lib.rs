@@ -28,6 +28,18 @@ pub use assets::{AssetError, Assets};
 pub use qemu::{QemuDriver, VmError};
 pub use snapshot::{Snapshot, SnapshotError, Verify};
 
+/// An error and its sources on one line (`a: b: c`), for logs and reasons.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 /// Size of a VM: snapshots restore only into the same shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct MachineShape {

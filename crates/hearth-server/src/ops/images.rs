@@ -156,14 +156,20 @@ pub(super) fn get_image(
     )?;
     let mut out = image_output(caller, &image);
     let arn = image_arn(&caller.region, &caller.account_id, &image.name);
+    add_tags(state, caller, &arn, &mut out)?;
+    Ok(out)
+}
+
+/// Adds the resource's tags to an output, when it has any.
+fn add_tags(state: &AppState, caller: &Caller, arn: &str, out: &mut Value) -> Result<(), ApiError> {
     let tags = state
         .store
-        .tags(&caller.account_id, &arn)
+        .tags(&caller.account_id, arn)
         .map_err(internal)?;
     if !tags.is_empty() {
         out["tags"] = json!(tags);
     }
-    Ok(out)
+    Ok(())
 }
 
 pub(super) fn list_images(
@@ -495,14 +501,9 @@ const MEMORY_RANGE: std::ops::RangeInclusive<u64> = 256..=32768;
 fn check_build_request(state: &AppState, caller: &Caller, input: &Value) -> Result<u32, ApiError> {
     let base = string(input, "baseImageArn").unwrap_or_default();
     let prefix = format!("arn:aws:lambda:{}:aws:microvm-image:", caller.region);
+    // `base_image` refuses names that are not plain image names.
     let managed = base
         .strip_prefix(&prefix)
-        .filter(|name| {
-            !name.is_empty()
-                && name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        })
         .is_some_and(|name| state.assets.base_image(name).is_ok());
     if !managed {
         return Err(ApiError::validation(format!(
@@ -674,13 +675,7 @@ pub(super) fn create_or_update(
         out["updatedAt"] = timestamp(image.created_at);
     }
     if create {
-        let tags = state
-            .store
-            .tags(&caller.account_id, &arn)
-            .map_err(internal)?;
-        if !tags.is_empty() {
-            out["tags"] = json!(tags);
-        }
+        add_tags(state, caller, &arn, &mut out)?;
     }
     Ok(out)
 }
