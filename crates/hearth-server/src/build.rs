@@ -643,3 +643,63 @@ impl BuildLog for FileLog {
         let _ = f.write_all(line.as_bytes());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine as _;
+
+    fn header(raw: &str) -> http::HeaderMap {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            BUILD_ARGS_HEADER,
+            http::HeaderValue::from_str(raw).expect("header"),
+        );
+        headers
+    }
+
+    fn encoded(json: &str) -> http::HeaderMap {
+        header(&base64::engine::general_purpose::STANDARD.encode(json))
+    }
+
+    #[test]
+    fn build_args_header_is_checked() {
+        assert_eq!(
+            build_args_header(&http::HeaderMap::new()).expect("absent"),
+            None
+        );
+        let ok = build_args_header(&encoded(r#"{"TOKEN":"s3cr3t","_X1":""}"#)).expect("valid");
+        assert_eq!(ok, Some(serde_json::json!({"TOKEN": "s3cr3t", "_X1": ""})));
+        let too_many = format!(
+            "{{{}}}",
+            (0..65)
+                .map(|i| format!("\"A{i}\":\"v\""))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        for bad in [
+            header("%%% not base64"),
+            encoded("[1, 2]"),
+            encoded(r#"{"1ABC":"v"}"#),
+            encoded(r#"{"A-B":"v"}"#),
+            encoded(r#"{"A":1}"#),
+            encoded(&format!(r#"{{"A":"{}"}}"#, "x".repeat(4097))),
+            encoded(&too_many),
+        ] {
+            let err = build_args_header(&bad).expect_err("must be refused");
+            assert_eq!(err.code, hearth_api::ErrorCode::Validation);
+        }
+    }
+
+    #[test]
+    fn the_log_masks_build_arg_values() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("build.log");
+        let mut log = FileLog::create(&path);
+        log.secrets = vec!["s3cr3t-value".into()];
+        log.line("token is s3cr3t-value, again s3cr3t-value");
+        log.line("nothing secret");
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert_eq!(text, "token is ***, again ***\nnothing secret\n");
+    }
+}
