@@ -344,31 +344,19 @@ impl<S> Checked<S> {
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_string)
             };
-            self.expected.crc32 = self
-                .expected
-                .crc32
-                .take()
-                .or_else(|| get("x-amz-checksum-crc32"));
-            self.expected.crc32c = self
-                .expected
-                .crc32c
-                .take()
-                .or_else(|| get("x-amz-checksum-crc32c"));
-            self.expected.crc64nvme = self
-                .expected
-                .crc64nvme
-                .take()
-                .or_else(|| get("x-amz-checksum-crc64nvme"));
-            self.expected.sha1 = self
-                .expected
-                .sha1
-                .take()
-                .or_else(|| get("x-amz-checksum-sha1"));
-            self.expected.sha256 = self
-                .expected
-                .sha256
-                .take()
-                .or_else(|| get("x-amz-checksum-sha256"));
+            let expected = &mut self.expected;
+            for (slot, header) in [
+                (&mut expected.crc32, "x-amz-checksum-crc32"),
+                (&mut expected.crc32c, "x-amz-checksum-crc32c"),
+                (&mut expected.crc64nvme, "x-amz-checksum-crc64nvme"),
+                (&mut expected.sha1, "x-amz-checksum-sha1"),
+                (&mut expected.sha256, "x-amz-checksum-sha256"),
+            ] {
+                // A checksum in the headers wins over the trailer's.
+                if slot.is_none() {
+                    *slot = get(header);
+                }
+            }
         }
         let pairs = [
             ("CRC32", &self.expected.crc32, &got.checksum_crc32),
