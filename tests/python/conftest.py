@@ -1,10 +1,12 @@
 """Fixtures: a real `hearth serve` on a free loopback port, accounts made with
 `hearth account create`, and boto3 clients built from the API model file.
 
-botocore does not ship the Lambda MicroVMs model yet, so the suite points
-AWS_DATA_PATH at a directory laid out like botocore's own data
-(`lambda-microvms/2025-09-09/{service-2,paginators-1}.json`) holding the model
-from the repo.
+botocore (1.44.18, pinned by scripts/setup-host) ships the Lambda MicroVMs
+model, so the clients are plain `boto3.client("lambda-microvms")`, as users
+write them. Only an older botocore without it gets AWS_DATA_PATH pointed at a
+directory laid out like botocore's own data
+(`lambda-microvms/2025-09-09/{service-2,paginators-1}.json`) holding the
+model from the repo.
 
 Guests: images are made with `hearth image import` from a root filesystem
 directory unpacked once per session from the debian-12 base image (with
@@ -106,8 +108,23 @@ def guest_cleanup(tmp_path_factory):
         os.environ["HEARTH_RAM_DIR"] = old_ram
 
 
+def botocore_ships_the_model():
+    import botocore.exceptions
+    import botocore.loaders
+
+    try:
+        botocore.loaders.Loader().load_service_model("lambda-microvms", "service-2")
+        return True
+    except botocore.exceptions.UnknownServiceError:
+        return False
+
+
 @pytest.fixture(scope="session")
 def model_path(tmp_path_factory):
+    """Where the model comes from: botocore's own (None) or, for a botocore
+    without it, a data directory holding the repo's copy."""
+    if botocore_ships_the_model():
+        return None
     data = tmp_path_factory.mktemp("botocore-data")
     target = data / "lambda-microvms" / "2025-09-09"
     target.mkdir(parents=True)

@@ -1,6 +1,6 @@
 //! The builder on real guests: a Dockerfile runs in build VMs under QEMU, the
 //! result boots, and the step cache makes rebuilds skip unchanged steps.
-//! Needs `scripts/setup-host` and `scripts/build-agent` (as `scripts/test` does).
+//! Needs `scripts/setup-host` (as `scripts/test` does).
 
 use std::collections::HashMap;
 use std::path::Path;

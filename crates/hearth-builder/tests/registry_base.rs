@@ -2,7 +2,7 @@
 //! loopback): the image is pulled, made a base disk, built upon in a VM, and
 //! its config (Env, WorkingDir, Cmd) carries into the result. The image has
 //! no shell at all, so COPY goes through the agent's file writes.
-//! Needs `scripts/setup-host` and `scripts/build-agent`.
+//! Needs `scripts/setup-host`.
 
 use std::collections::HashMap;
 use std::path::PathBuf;

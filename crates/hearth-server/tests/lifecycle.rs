@@ -3,7 +3,7 @@
 //! state inside the guest across suspend/resume, terminate it; outputs are
 //! checked against the model and another account sees only 404s.
 //!
-//! Needs the host set-up (scripts/setup-host) and the agent (scripts/build-agent).
+//! Needs the host set-up (scripts/setup-host).
 
 use std::time::{Duration, Instant};
 

@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::initramfs::{self, InitramfsError, InitramfsSpec};
+use crate::pins::{HostPins, UntestedHost};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AssetError {
@@ -17,6 +18,10 @@ pub enum AssetError {
     BadImageName(String),
     #[error("hearth-agent binary not found (looked in {0}); build it with scripts/build-agent or set HEARTH_AGENT")]
     MissingAgent(String),
+    #[error("cannot write the guest agent to {0}")]
+    WriteAgent(PathBuf, #[source] std::io::Error),
+    #[error(transparent)]
+    UntestedHost(#[from] UntestedHost),
     #[error("cannot build the initramfs")]
     Initramfs(#[from] InitramfsError),
 }
@@ -119,6 +124,7 @@ impl Assets {
         let version = std::fs::read_to_string(dir.join("version"))
             .map(|v| v.trim().to_string())
             .unwrap_or_default();
+        HostPins::tested().check_kernel(&version)?;
         let initrd = initramfs::ensure(
             &InitramfsSpec {
                 agent: self.agent_binary()?,
@@ -133,8 +139,10 @@ impl Assets {
         })
     }
 
-    /// The static agent binary: `$HEARTH_AGENT`, else beside the running
-    /// executable, else where `scripts/build-agent` puts it in the target dir.
+    /// The static agent binary: `$HEARTH_AGENT`, else the copy built into this
+    /// executable (see `build.rs`), written once into the cache under its hash;
+    /// else (a build without it) beside the running executable or where
+    /// `scripts/build-agent` puts it in the target dir.
     pub fn agent_binary(&self) -> Result<PathBuf, AssetError> {
         if let Some(path) = std::env::var_os("HEARTH_AGENT").filter(|v| !v.is_empty()) {
             let path = PathBuf::from(path);
@@ -144,6 +152,49 @@ impl Assets {
                 Err(AssetError::MissingAgent(path.display().to_string()))
             };
         }
+        #[cfg(hearth_embedded_agent)]
+        {
+            self.embedded_agent()
+        }
+        #[cfg(not(hearth_embedded_agent))]
+        {
+            self.agent_beside_executable()
+        }
+    }
+
+    /// Writes the embedded agent to `cache/agent/hearth-agent-<hash>` (once;
+    /// atomically, so concurrent first runs agree) and returns that path.
+    #[cfg(hearth_embedded_agent)]
+    fn embedded_agent(&self) -> Result<PathBuf, AssetError> {
+        static AGENT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hearth-agent"));
+        let hash = blake3::hash(AGENT).to_hex();
+        let dir = self.cache_dir.join("agent");
+        let path = dir.join(format!("hearth-agent-{}", &hash[..16]));
+        if path.is_file() {
+            return Ok(path);
+        }
+        let write = || -> std::io::Result<()> {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::create_dir_all(&dir)?;
+            let tmp = dir.join(format!(".hearth-agent.{}", std::process::id()));
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o755)
+                .open(&tmp)?;
+            file.write_all(AGENT)?;
+            file.sync_all()?;
+            std::fs::rename(&tmp, &path)
+        };
+        write().map_err(|err| AssetError::WriteAgent(path.clone(), err))?;
+        Ok(path)
+    }
+
+    /// Without an embedded agent: beside the executable, or in a target dir.
+    #[cfg(not(hearth_embedded_agent))]
+    fn agent_beside_executable(&self) -> Result<PathBuf, AssetError> {
         // The static build (scripts/build-agent) lives in the target-triple
         // directory of a cargo target dir: the CLI runs from target/{debug,release}/
         // and test binaries from target/debug/deps/. Installed, it sits beside the CLI.

@@ -17,6 +17,7 @@ pub mod agent;
 pub mod assets;
 pub mod disk;
 pub mod initramfs;
+pub mod pins;
 pub mod pool;
 pub mod qemu;
 pub mod qmp;

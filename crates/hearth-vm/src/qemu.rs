@@ -16,6 +16,7 @@ use crate::accel::{self, AccelError};
 use crate::agent::{AgentClient, AgentError};
 use crate::assets::{AssetError, Assets};
 use crate::disk::{self, BackingFormat, DiskError};
+use crate::pins::{HostPins, UntestedHost};
 use crate::qmp::{Qmp, QmpError};
 use crate::snapshot::{self, Manifest, Snapshot, SnapshotError};
 use crate::{
@@ -25,6 +26,9 @@ use crate::{
 
 /// How long a cold boot may take to reach the agent (TCG boots take seconds).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+/// A cold boot whose console stays empty this long has hung before the kernel
+/// printed anything (it prints within seconds even on a loaded TCG host).
+const SILENT_BOOT_LIMIT: Duration = Duration::from_secs(60);
 /// How long a restored guest's agent may take to answer.
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long QEMU may take to open its QMP socket.
@@ -55,6 +59,14 @@ pub enum VmError {
     Spawn(#[source] std::io::Error),
     #[error("QEMU exited: {log}")]
     QemuDied { log: String },
+    #[error(
+        "the guest did not come up: {reason}; console ends: {console}; QEMU log ends: {qemu_log}"
+    )]
+    BootFailed {
+        reason: String,
+        console: String,
+        qemu_log: String,
+    },
     #[error("QEMU control failed")]
     Qmp(#[from] QmpError),
     #[error("guest agent failed")]
@@ -67,6 +79,10 @@ pub enum VmError {
     Disk(#[from] DiskError),
     #[error(transparent)]
     Accel(#[from] AccelError),
+    #[error(transparent)]
+    UntestedHost(#[from] UntestedHost),
+    #[error("snapshot was made with {made_with:?}, this host runs {runs:?}; rebuild the image, or set HEARTH_ALLOW_UNTESTED_HOST=1 to try anyway")]
+    SnapshotQemu { made_with: String, runs: String },
     #[error("snapshot was made for {0:?}, this host runs {1:?}")]
     AccelMismatch(Accel, Accel),
     #[error("VM record {0} is unreadable")]
@@ -91,6 +107,17 @@ fn boot_cmdline(accel: Accel, user_network: bool) -> String {
     // Every microVM of an image has the hostname `localhost`, as the reference.
     let mut cmdline =
         String::from("console=ttyS0 quiet panic=-1 hearth.root=/dev/vda hearth.hostname=localhost");
+    // `edd=off`: work around a QEMU `microvm` + SeaBIOS fault that hangs the boot
+    // at some memory sizes, 2048 MiB among them (docs/qemu-microvm-edd.md).
+    // QEMU loads the initrd just below `top of RAM - 160 KiB` (its ACPI
+    // reservation), but SeaBIOS keeps 256 KiB there, including the virtqueue of
+    // its virtio-blk driver, so the initrd overwrites that queue. The kernel's
+    // real-mode setup then probes disks for EDD through the BIOS (INT 13h), the
+    // BIOS submits a read on the clobbered queue ("virtio-blk missing headers"),
+    // and waits forever: the guest never prints a line. Without the probe the
+    // BIOS never touches the queue again and the kernel resets the device. The
+    // guest loses only EDD's BIOS disk data, which no virtio guest uses.
+    cmdline.push_str(" edd=off");
     if user_network {
         // The agent configures eth0 for QEMU's user-mode network (10.0.2.0/24).
         cmdline.push_str(" hearth.net=user");
@@ -120,6 +147,9 @@ pub struct QemuDriver {
     assets: Assets,
     accel: Accel,
     qemu: PathBuf,
+    /// The first line of `qemu --version` (empty when QEMU is missing), read
+    /// once: snapshots record it and launches compare it.
+    qemu_version: String,
 }
 
 impl QemuDriver {
@@ -129,19 +159,24 @@ impl QemuDriver {
             .map_err(|e| VmError::Io(assets.cache_dir.clone(), e))?;
         let (accel, reason) = accel::select_cached(&assets.cache_dir.join("accel.json"))?;
         info!(accel = ?accel, "{reason}");
-        Ok(Self {
-            assets,
-            accel,
-            qemu: PathBuf::from("qemu-system-x86_64"),
-        })
+        let driver = Self::with_accel(assets, accel);
+        // A host without QEMU fails at the first start with its own message; a
+        // QEMU other than the tested one is refused here, before any guest runs.
+        if !driver.qemu_version.is_empty() {
+            HostPins::tested().check_qemu(&driver.qemu_version)?;
+        }
+        Ok(driver)
     }
 
     /// A driver with a given accelerator, for callers that have chosen already.
     pub fn with_accel(assets: Assets, accel: Accel) -> Self {
+        let qemu = PathBuf::from("qemu-system-x86_64");
+        let qemu_version = read_qemu_version(&qemu);
         Self {
             assets,
             accel,
-            qemu: PathBuf::from("qemu-system-x86_64"),
+            qemu,
+            qemu_version,
         }
     }
 
@@ -501,10 +536,21 @@ impl QemuDriver {
         if manifest.accel != self.accel {
             return Err(VmError::AccelMismatch(manifest.accel, self.accel));
         }
+        // QEMU restores only device state its own version wrote reliably.
+        if manifest.qemu_version != self.qemu_version && !crate::pins::untested_allowed() {
+            return Err(VmError::SnapshotQemu {
+                made_with: manifest.qemu_version.clone(),
+                runs: self.qemu_version.clone(),
+            });
+        }
         let dir = if pool_slot {
             self.create_dir_unchecked(name)?
         } else {
             self.create_dir(name)?
+        };
+        let mut guard = BootGuard {
+            process: None,
+            paths: vec![dir.clone()],
         };
         let result = async {
             let vm = restored_record(
@@ -519,6 +565,7 @@ impl QemuDriver {
             disk::create_overlay(&vm.disk, &snapshot.disk(), BackingFormat::Qcow2).await?;
             self.save(&vm)?;
             let (pid, qmp) = self.spawn(&vm, Incoming::Defer).await?;
+            guard.process = Some((pid, vm.instance.clone()));
             let vm = VmRecord {
                 pid: Some(pid),
                 ..vm
@@ -527,8 +574,8 @@ impl QemuDriver {
             Ok((vm, qmp))
         }
         .await;
-        if result.is_err() {
-            let _ = std::fs::remove_dir_all(&dir);
+        if result.is_ok() {
+            guard.disarm();
         }
         result
     }
@@ -651,6 +698,16 @@ impl QemuDriver {
         let kernel = self.assets.guest_kernel()?;
         let dir = self.create_dir(&request.name)?;
         let instance = new_instance_id();
+        let mut guard = BootGuard {
+            process: None,
+            paths: vec![
+                dir.clone(),
+                self.assets.ram_dir.join(format!("{instance}.ram")),
+            ],
+        };
+        if let Some(overlay) = &boot.overlay {
+            guard.paths.push(overlay.clone());
+        }
         let result = async {
             let vm = VmRecord {
                 name: request.name.clone(),
@@ -680,43 +737,32 @@ impl QemuDriver {
                 .await?;
             self.save(&vm)?;
             let (pid, _qmp) = self.spawn(&vm, Incoming::None).await?;
+            guard.process = Some((pid, instance.clone()));
             let vm = VmRecord {
                 pid: Some(pid),
                 ..vm
             };
             self.save(&vm)?;
             info!(vm = %vm.name, pid, "booting");
-            let agent = AgentClient::connect(&vm.agent_socket(), BOOT_TIMEOUT).await;
-            match agent {
+            match await_agent(&vm, BOOT_TIMEOUT, SILENT_BOOT_LIMIT).await {
                 Ok(agent) => {
                     debug!(agent = agent.agent_software(), "agent up");
                     Ok(vm)
                 }
                 Err(err) => {
-                    let err = if Self::is_alive(&vm) {
-                        VmError::Agent(err)
-                    } else {
-                        VmError::QemuDied {
-                            log: format!(
-                                "{}\nconsole: {}",
-                                read_tail(&vm.qemu_log()),
-                                read_tail(&vm.console_log())
-                            ),
-                        }
-                    };
                     self.stop_process(&vm).await;
                     Err(err)
                 }
             }
         }
         .await;
-        if result.is_err() {
-            if let Some(overlay) = &boot.overlay {
-                let _ = std::fs::remove_file(overlay);
-            }
-            let _ = std::fs::remove_dir_all(&dir);
-            let _ = std::fs::remove_file(self.assets.ram_dir.join(format!("{instance}.ram")));
+        if result.is_ok() {
+            guard.disarm();
         }
+        // On an error the guard ends QEMU and removes the VM's files here; if this
+        // future is dropped instead (a cancelled build, an interrupted CLI), it
+        // does so when dropped.
+        drop(guard);
         result
     }
 
@@ -753,9 +799,18 @@ impl QemuDriver {
         name: &str,
     ) -> Result<(VmRecord, AgentClient), VmError> {
         let (vm, mut qmp) = self.prepare_clone(snapshot, name, false).await?;
+        // Ends the clone if this future is dropped mid-restore.
+        let mut guard = BootGuard {
+            process: vm.pid.map(|pid| (pid, vm.instance.clone())),
+            paths: vec![vm.dir.clone()],
+        };
         match self.restore_clone(&vm, &mut qmp, snapshot).await {
-            Ok(agent) => Ok((vm, agent)),
+            Ok(agent) => {
+                guard.disarm();
+                Ok((vm, agent))
+            }
             Err(err) => {
+                guard.disarm();
                 let _ = self.remove(&vm).await;
                 Err(err)
             }
@@ -838,13 +893,7 @@ impl QemuDriver {
     }
 
     fn qemu_version(&self) -> String {
-        std::process::Command::new(&self.qemu)
-            .arg("--version")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8(o.stdout).ok())
-            .and_then(|s| s.lines().next().map(str::to_string))
-            .unwrap_or_default()
+        self.qemu_version.clone()
     }
 }
 
@@ -1192,9 +1241,261 @@ async fn wait_gone(pid: u32, instance: &str, timeout: Duration) -> bool {
     true
 }
 
+/// Waits for a cold-booted guest's agent, failing as soon as the boot is
+/// known to have gone wrong: QEMU exited, or the guest printed nothing on its
+/// console for `silent_limit` (the kernel prints within a second or two
+/// even under TCG, so a silent console means the firmware or the kernel's
+/// setup hung). The error carries the tails of the console and QEMU's log.
+async fn await_agent(
+    vm: &VmRecord,
+    timeout: Duration,
+    silent_limit: Duration,
+) -> Result<AgentClient, VmError> {
+    let started = Instant::now();
+    let watch = async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if !QemuDriver::is_alive(vm) {
+                return "QEMU exited".to_string();
+            }
+            let silent = std::fs::metadata(vm.console_log()).map_or(true, |m| m.len() == 0);
+            if silent && started.elapsed() >= silent_limit {
+                return format!(
+                    "the guest printed nothing on its console in {}s",
+                    silent_limit.as_secs()
+                );
+            }
+        }
+    };
+    let socket = vm.agent_socket();
+    let reason = tokio::select! {
+        agent = AgentClient::connect(&socket, timeout) => match agent {
+            Ok(agent) => return Ok(agent),
+            Err(AgentError::Timeout(t)) => format!("the agent did not answer within {}s", t.as_secs()),
+            Err(err) if QemuDriver::is_alive(vm) => crate::error_chain(&err),
+            Err(_) => "QEMU exited".to_string(),
+        },
+        reason = watch => reason,
+    };
+    // Give QEMU a moment to flush its log if it is on its way out.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    Err(VmError::BootFailed {
+        reason,
+        console: console_tail(&vm.console_log()),
+        qemu_log: match read_tail(&vm.qemu_log()) {
+            log if log.is_empty() => "(empty)".to_string(),
+            log => log,
+        },
+    })
+}
+
+/// Ends a booting VM's QEMU and removes its files unless disarmed: on an error,
+/// and when the boot future is dropped before it finishes (a cancelled build,
+/// an interrupted `hearth vm boot`), so a failed boot leaves no process behind.
+struct BootGuard {
+    /// QEMU's pid and the instance id that identifies it in `/proc`.
+    process: Option<(u32, String)>,
+    /// The VM's directory, RAM file and disk overlay.
+    paths: Vec<PathBuf>,
+}
+
+impl BootGuard {
+    fn disarm(&mut self) {
+        self.process = None;
+        self.paths.clear();
+    }
+}
+
+impl Drop for BootGuard {
+    fn drop(&mut self) {
+        if let Some((pid, instance)) = self.process.take() {
+            if process_alive(pid, &instance) {
+                if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+                    let _ = rustix::process::kill_process(pid, rustix::process::Signal::Kill);
+                }
+            }
+        }
+        for path in self.paths.drain(..) {
+            if path.is_dir() {
+                let _ = std::fs::remove_dir_all(&path);
+            } else {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+}
+
+/// The last lines of a guest console for an error message, or a note that it
+/// is empty (which says where a boot stopped: before the kernel printed).
+fn console_tail(path: &Path) -> String {
+    let text = std::fs::read(path).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    if lines.is_empty() {
+        return "(empty)".to_string();
+    }
+    let tail = lines[lines.len().saturating_sub(12)..].join("\n");
+    let start = tail.len().saturating_sub(1500);
+    let start = (start..tail.len())
+        .find(|&i| tail.is_char_boundary(i))
+        .unwrap_or(0);
+    tail[start..].to_string()
+}
+
+/// The first line of `qemu --version`, or empty when it cannot be run.
+fn read_qemu_version(qemu: &Path) -> String {
+    std::process::Command::new(qemu)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.lines().next().map(str::to_string))
+        .unwrap_or_default()
+}
+
 /// The last lines of a log file, for error messages.
 fn read_tail(path: &Path) -> String {
     let text = std::fs::read(path).unwrap_or_default();
     let start = text.len().saturating_sub(2000);
     String::from_utf8_lossy(&text[start..]).trim().to_string()
+}
+
+#[cfg(test)]
+mod boot_failure_tests {
+    use super::*;
+
+    /// A stand-in for a booting QEMU: a process whose command line carries the
+    /// instance id, as `process_alive` looks for.
+    fn fake_qemu(instance: &str, seconds: &str) -> std::process::Child {
+        std::process::Command::new("sh")
+            .args([
+                "-c",
+                &format!("sleep {seconds}"),
+                &format!("hearth-{instance}"),
+            ])
+            .spawn()
+            .expect("spawn sh")
+    }
+
+    fn record(dir: &Path, instance: &str, pid: u32) -> VmRecord {
+        VmRecord {
+            name: "t".into(),
+            instance: instance.into(),
+            dir: dir.to_path_buf(),
+            state: VmState::Running,
+            pid: Some(pid),
+            shape: MachineShape::default(),
+            accel: Accel::Tcg,
+            kernel: dir.join("vmlinuz"),
+            initrd: dir.join("initrd"),
+            cmdline: String::new(),
+            disk: dir.join("disk.qcow2"),
+            memory: Memory::Anonymous,
+            origin: Origin::Boot {
+                image: "debian-12".into(),
+            },
+            created_unix: 0,
+            user_network: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_silent_console_fails_the_boot_early_and_says_so() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let instance = new_instance_id();
+        let mut child = fake_qemu(&instance, "30");
+        let vm = record(dir.path(), &instance, child.id());
+        std::fs::write(vm.console_log(), b"").expect("console");
+        std::fs::write(
+            vm.qemu_log(),
+            b"qemu-system-x86_64: virtio-blk missing headers\n",
+        )
+        .expect("qemu log");
+        let started = Instant::now();
+        let err = await_agent(&vm, BOOT_TIMEOUT, Duration::from_secs(1))
+            .await
+            .expect_err("a silent guest never answers");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
+        let text = err.to_string();
+        assert!(text.contains("printed nothing on its console"), "{text}");
+        assert!(text.contains("console ends: (empty)"), "{text}");
+        assert!(text.contains("virtio-blk missing headers"), "{text}");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    #[tokio::test]
+    async fn an_exited_qemu_fails_the_boot_with_the_console_tail() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let instance = new_instance_id();
+        let mut child = fake_qemu(&instance, "0.3");
+        let vm = record(dir.path(), &instance, child.id());
+        std::fs::write(
+            vm.console_log(),
+            b"[    0.000000] Linux version 6.1\nKernel panic - not syncing: VFS\n",
+        )
+        .expect("console");
+        let err = await_agent(&vm, BOOT_TIMEOUT, Duration::from_secs(60))
+            .await
+            .expect_err("QEMU is gone");
+        let text = err.to_string();
+        assert!(text.contains("QEMU exited"), "{text}");
+        assert!(text.contains("Kernel panic - not syncing: VFS"), "{text}");
+        let _ = child.wait();
+    }
+
+    #[test]
+    fn a_dropped_boot_guard_ends_the_process_and_removes_the_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let vm_dir = dir.path().join("vm");
+        std::fs::create_dir(&vm_dir).expect("vm dir");
+        std::fs::write(vm_dir.join("console.log"), b"x").expect("file");
+        let ram = dir.path().join("x.ram");
+        std::fs::write(&ram, b"ram").expect("ram");
+        let instance = new_instance_id();
+        let mut child = fake_qemu(&instance, "30");
+        let guard = BootGuard {
+            process: Some((child.id(), instance.clone())),
+            paths: vec![vm_dir.clone(), ram.clone()],
+        };
+        drop(guard);
+        let status = child.wait().expect("wait");
+        assert!(!status.success(), "killed, not exited: {status:?}");
+        assert!(!vm_dir.exists() && !ram.exists());
+
+        // Disarmed (a successful boot), it leaves everything alone.
+        let mut child = fake_qemu(&instance, "30");
+        std::fs::write(&ram, b"ram").expect("ram");
+        let mut guard = BootGuard {
+            process: Some((child.id(), instance)),
+            paths: vec![ram.clone()],
+        };
+        guard.disarm();
+        drop(guard);
+        assert!(ram.exists());
+        assert!(
+            child.try_wait().expect("try_wait").is_none(),
+            "still running"
+        );
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    #[test]
+    fn the_console_tail_keeps_the_last_lines() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("console.log");
+        assert_eq!(console_tail(&path), "(empty)");
+        let text: String = (0..40).map(|i| format!("line {i}\n")).collect();
+        std::fs::write(&path, text).expect("write");
+        let tail = console_tail(&path);
+        assert!(
+            tail.starts_with("line 28") && tail.ends_with("line 39"),
+            "{tail}"
+        );
+    }
 }

@@ -1,6 +1,6 @@
 //! `AgentClient::exec_pty` and `StreamSender::resize` against the real agent
 //! (served on a Unix socket, no VM). Like `agent_client.rs`, this uses the agent
-//! binary `Assets` finds: run `scripts/build-agent` first (or set `HEARTH_AGENT`).
+//! binary `Assets` finds (the one built into hearth-vm, or `HEARTH_AGENT`).
 
 use std::time::{Duration, Instant};
 

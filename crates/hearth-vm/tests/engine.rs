@@ -1,6 +1,6 @@
 //! Library-level end-to-end tests: real guests under QEMU, driven through the
 //! `Driver` API and the warm pool. Needs `scripts/setup-host` and
-//! `scripts/build-agent` (as `scripts/test` does).
+//! the agent built into hearth-vm (as `scripts/test` does).
 
 use std::time::Duration;
 

@@ -404,6 +404,21 @@ fn account(command: AccountCommand) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Resolves on SIGINT or SIGTERM.
+async fn interrupted() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
+}
+
 fn driver() -> Result<QemuDriver> {
     Ok(QemuDriver::new(Assets::from_env())?)
 }
@@ -413,16 +428,23 @@ async fn vm(command: VmCommand) -> Result<ExitCode> {
     match command {
         VmCommand::Boot { image, name, shape } => {
             eprintln!("hearth: booting {name} from {image} (waiting for the guest agent)");
-            let vm = driver
-                .boot(&BootRequest {
-                    name,
-                    image,
-                    shape: MachineShape {
-                        memory_mib: shape.memory_mib,
-                        vcpus: shape.vcpus,
-                    },
-                })
-                .await?;
+            let request = BootRequest {
+                name,
+                image,
+                shape: MachineShape {
+                    memory_mib: shape.memory_mib,
+                    vcpus: shape.vcpus,
+                },
+            };
+            // An interrupted boot drops the boot future, which ends its QEMU and
+            // removes the VM's files: nothing is left behind half-booted.
+            let vm = tokio::select! {
+                vm = driver.boot(&request) => vm?,
+                _ = interrupted() => {
+                    eprintln!("hearth: interrupted; {} removed", request.name);
+                    return Ok(ExitCode::from(130));
+                }
+            };
             println!("{}", vm.name);
         }
         VmCommand::Exec(args) => return exec(&driver, args).await,

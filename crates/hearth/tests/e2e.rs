@@ -1,6 +1,6 @@
 //! End-to-end: the real `hearth` binary boots real guests (Debian's kernel, the
 //! static agent, the debian-12 root filesystem) under QEMU. Needs what
-//! `scripts/setup-host` installs and `scripts/build-agent` builds.
+//! `scripts/setup-host` installs (the agent is built into hearth-vm).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
