@@ -22,23 +22,18 @@ use hearth_api::{ApiError, ErrorCode};
 use hearth_vm::Assets;
 use tracing::{info, warn};
 
-pub mod app;
-pub mod build;
+pub mod api;
+pub mod db;
 pub mod endpoint;
-pub mod engine;
-pub mod extensions;
-pub mod guest_api;
-pub mod hooks;
-pub mod ids;
-pub mod import;
-pub mod limits;
-pub mod ops;
-pub mod records;
-pub mod resources;
-pub mod s3;
-pub mod secrets;
-pub mod store;
-pub mod tokens;
+pub mod images;
+pub mod vms;
+
+// Old flat paths, until the moved files' imports are rewritten.
+pub use api::{extensions, limits, ops, s3};
+pub use db::{ids, records, resources, secrets, store};
+pub use endpoint::{guest_api, tokens};
+pub use images::{app, build, import};
+pub use vms::{engine, hooks};
 
 pub use records::Quotas;
 pub use store::Store;

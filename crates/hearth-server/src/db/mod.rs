@@ -1,0 +1,7 @@
+//! Persistent state: the SQLite store, resource rows and state machines, sealed secrets, identifiers.
+
+pub mod ids;
+pub mod records;
+pub mod resources;
+pub mod secrets;
+pub mod store;

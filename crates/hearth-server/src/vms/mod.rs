@@ -1,0 +1,4 @@
+//! The VMs behind microVM records: launch, suspend, resume, terminate, reconcile, lifecycle hooks.
+
+pub mod engine;
+pub mod hooks;
