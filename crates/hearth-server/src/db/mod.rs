@@ -4,4 +4,5 @@ pub mod ids;
 pub mod records;
 pub mod resources;
 pub mod secrets;
+pub mod spec;
 pub mod store;
