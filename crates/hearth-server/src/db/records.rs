@@ -1153,3 +1153,138 @@ impl Store {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::spec::{HookCall, RuntimeHook};
+
+    /// A spec as a server before the typed specs stored it (members in key
+    /// order, as serde_json's maps print them).
+    const LEGACY_VERSION_SPEC: &str = r#"{"baseImageArn":"arn:aws:lambda:us-east-1:aws:microvm-image:debian-12","buildRoleArn":"arn:aws:iam::123456789012:role/b","codeArtifact":{"uri":"s3://b/app.zip"},"cpuConfigurations":[{"architecture":"X86_64"}],"egressNetworkConnectors":["arn:aws:lambda:us-east-1:aws:network-connector:aws-network-connector:INTERNET_EGRESS"],"environmentVariables":{"A":"1"},"hooks":{"microvmHooks":{"run":"ENABLED"},"microvmImageHooks":{"ready":"ENABLED"},"port":8080},"resources":[{"minimumMemoryInMiB":512}]}"#;
+    const LEGACY_MICROVM_SPEC: &str = r#"{"hooks":{"microvmHooks":{"run":"ENABLED"},"microvmImageHooks":{"ready":"ENABLED"},"port":8080},"idlePolicy":{"autoResumeEnabled":true,"maxIdleDurationSeconds":60,"suspendedDurationSeconds":30},"ingressNetworkConnectors":["arn:aws:lambda:us-east-1:aws:network-connector:aws-network-connector:HTTP_INGRESS"],"maximumDurationInSeconds":600,"runHookPayload":"p"}"#;
+
+    fn version(store: &Store, account: &str, spec: ImageSpec) -> StartedVersion {
+        store
+            .start_version(
+                &NewVersion {
+                    account_id: account.into(),
+                    image_name: "web".into(),
+                    memory_mib: spec.memory_mib(),
+                    spec,
+                    architecture: "X86_64".into(),
+                    chipset: "INTEL".into(),
+                    client_token: None,
+                    fingerprint: String::new(),
+                    create: true,
+                },
+                &Quotas::default(),
+            )
+            .expect("store")
+            .expect("recorded")
+    }
+
+    fn microvm(account: &str, spec: MicrovmSpec) -> MicrovmRow {
+        MicrovmRow {
+            microvm_id: "microvm-1".into(),
+            account_id: account.into(),
+            image_name: "web".into(),
+            image_version: 1,
+            state: MicrovmState::Pending,
+            state_reason: None,
+            spec,
+            memory_mib: 512,
+            vm_name: "mv-1".into(),
+            started_at: 1,
+            terminated_at: None,
+            deadline_at: 2,
+            last_activity_at: None,
+            suspended_at: None,
+        }
+    }
+
+    #[test]
+    fn rows_keep_typed_specs_and_read_legacy_ones() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let account = store.create_account("a").expect("account").account_id;
+
+        let legacy: ImageSpec = serde_json::from_str(LEGACY_VERSION_SPEC).expect("parse");
+        let started = version(&store, &account, legacy.clone());
+        let read = store
+            .version(&account, "web", started.version)
+            .expect("query")
+            .expect("row");
+        assert_eq!(read.spec, legacy);
+        // A row as the untyped server wrote it reads the same.
+        store
+            .conn()
+            .execute(
+                "UPDATE image_versions SET spec = ?1",
+                params![LEGACY_VERSION_SPEC],
+            )
+            .expect("update");
+        let read = store
+            .version(&account, "web", started.version)
+            .expect("query")
+            .expect("row");
+        assert_eq!(read.spec, legacy);
+        assert!(read.spec.internet_egress());
+        assert_eq!(read.memory_mib, 512);
+
+        let spec: MicrovmSpec = serde_json::from_str(LEGACY_MICROVM_SPEC).expect("parse");
+        let row = microvm(&account, spec.clone());
+        store
+            .insert_microvm(&row, None, "", &Quotas::default())
+            .expect("store")
+            .expect("inserted");
+        store
+            .conn()
+            .execute(
+                "UPDATE microvms SET spec = ?1",
+                params![LEGACY_MICROVM_SPEC],
+            )
+            .expect("update");
+        let read = store
+            .microvm(&account, "microvm-1")
+            .expect("query")
+            .expect("row");
+        assert_eq!(read, row);
+        assert_eq!(
+            read.spec.hook(RuntimeHook::Run),
+            Some(HookCall {
+                name: "run",
+                port: 8080,
+                timeout: std::time::Duration::from_secs(1)
+            })
+        );
+        assert_eq!(
+            read.spec.idle_policy.map(|p| p.suspended_ms()),
+            Some(30_000)
+        );
+    }
+
+    #[test]
+    fn an_unreadable_spec_is_an_error_not_a_default() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let account = store.create_account("a").expect("account").account_id;
+        store
+            .insert_microvm(
+                &microvm(&account, MicrovmSpec::default()),
+                None,
+                "",
+                &Quotas::default(),
+            )
+            .expect("store")
+            .expect("inserted");
+        store
+            .conn()
+            .execute(
+                "UPDATE microvms SET spec = '{\"maximumDurationInSeconds\": \"soon\"}'",
+                [],
+            )
+            .expect("update");
+        assert!(store.microvm(&account, "microvm-1").is_err());
+    }
+}
