@@ -1,4 +1,4 @@
-//! Persistent state: the SQLite store, resource rows and state machines, sealed secrets, identifiers.
+//! Persistent state: the SQLite store, resource rows and state machines, typed specs, sealed secrets, identifiers.
 
 pub mod ids;
 pub mod records;
