@@ -384,7 +384,7 @@ def wait_for_state(client, microvm_id, wanted, timeout=30, interval=0.1):
 
 
 def vm_dir_name(microvm_id):
-    """The engine's VM directory name for a microVM (hearth-server/src/ids.rs)."""
+    """The engine's VM directory name for a microVM (hearth-server/src/layout.rs)."""
     return "mv-" + microvm_id.removeprefix("microvm-").replace("-", "")
 
 

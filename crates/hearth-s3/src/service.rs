@@ -240,7 +240,8 @@ fn s3_err(err: StoreError) -> S3Error {
             Err(source) => S3Error::with_source(S3ErrorCode::IncompleteBody, source),
         },
         err @ (E::Corrupt { .. } | E::Io { .. } | E::Join(_)) => {
-            tracing::warn!(error = %crate::error_chain(&err), "S3 store error");
+            // Logged as an error value: the subscriber prints its sources too.
+            tracing::warn!(error = &err as &(dyn std::error::Error + 'static), "S3 store error");
             S3Error::internal_error(err)
         }
     }

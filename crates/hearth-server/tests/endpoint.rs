@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hearth_server::ops::Caller;
+use hearth_server::api::ops::Caller;
 use hearth_server::ServerConfig;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -105,7 +105,7 @@ async fn endpoint_tokens_idle_and_auto_resume() {
         .await
         .expect("bind");
     let proxy = listener.local_addr().expect("addr");
-    let (backend, proxy_config) = hearth_server::endpoint::proxy(&state);
+    let (backend, proxy_config) = state.endpoint_proxy();
     tokio::spawn(hearth_proxy::serve(listener, backend, proxy_config));
 
     let owner = state.store.create_account("owner").expect("account");
@@ -113,12 +113,12 @@ async fn endpoint_tokens_idle_and_auto_resume() {
         account_id: owner.account_id.clone(),
         region: "us-east-1".into(),
     };
-    hearth_server::import::import_image(
+    hearth_server::images::import::import_image(
         &data,
         &state.store,
         state.engine.driver(),
         &state.config.quotas,
-        &hearth_server::import::ImportRequest {
+        &hearth_server::images::import::ImportRequest {
             account_id: owner.account_id.clone(),
             image_name: "web".into(),
             region: "us-east-1".into(),

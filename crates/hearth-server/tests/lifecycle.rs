@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use hearth_server::ops::{dispatch, Caller};
+use hearth_server::api::ops::{dispatch, Caller};
 use hearth_server::ServerConfig;
 use serde_json::{json, Value};
 
@@ -60,7 +60,7 @@ async fn import_run_suspend_resume_terminate() {
     };
 
     // Import: boot, start the app, wait for its ready hook, snapshot.
-    let request = hearth_server::import::ImportRequest {
+    let request = hearth_server::images::import::ImportRequest {
         account_id: owner.account_id.clone(),
         image_name: "web".into(),
         region: "us-east-1".into(),
@@ -81,7 +81,7 @@ async fn import_run_suspend_resume_terminate() {
         description: Some("test app".into()),
     };
     let driver = state.engine.driver().clone();
-    let imported = hearth_server::import::import_image(
+    let imported = hearth_server::images::import::import_image(
         &data,
         &state.store,
         &driver,

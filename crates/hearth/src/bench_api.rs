@@ -85,12 +85,12 @@ pub async fn api(args: ApiArgs) -> Result<ExitCode> {
     let account = state.store.create_account("bench")?;
 
     progress("importing an image (boot, start the app, snapshot)");
-    let imported = hearth_server::import::import_image(
+    let imported = hearth_server::images::import::import_image(
         &data,
         &state.store,
         state.engine.driver(),
         &state.config.quotas,
-        &hearth_server::import::ImportRequest {
+        &hearth_server::images::import::ImportRequest {
             account_id: account.account_id.clone(),
             image_name: "bench".into(),
             region: "us-east-1".into(),

@@ -182,12 +182,12 @@ pub async fn endpoint(args: EndpointArgs) -> Result<ExitCode> {
     let account = state.store.create_account("bench")?;
 
     progress("importing an image (boot, start the app, ready hook, snapshot)");
-    let imported = hearth_server::import::import_image(
+    let imported = hearth_server::images::import::import_image(
         &data,
         &state.store,
         state.engine.driver(),
         &state.config.quotas,
-        &hearth_server::import::ImportRequest {
+        &hearth_server::images::import::ImportRequest {
             account_id: account.account_id.clone(),
             image_name: "bench-endpoint".into(),
             region: REGION.into(),

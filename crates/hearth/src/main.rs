@@ -336,7 +336,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                         anyhow::anyhow!("--artifact-s3-endpoint needs {name} in the environment")
                     })
                 };
-                config.artifacts.external = Some(hearth_server::s3::ExternalS3 {
+                config.artifacts.external = Some(hearth_server::api::s3::ExternalS3 {
                     endpoint,
                     region: args
                         .artifact_s3_region
@@ -351,7 +351,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Account(command) => account(command),
         Command::TokenKeys(TokenKeysCommand::Rotate { data_dir: dir }) => {
-            let keys = hearth_server::tokens::TokenKeys::rotate(&data_dir(dir))?;
+            let keys = hearth_server::endpoint::tokens::TokenKeys::rotate(&data_dir(dir))?;
             println!("rotated: {keys:?}");
             Ok(ExitCode::SUCCESS)
         }

@@ -96,7 +96,7 @@ impl BenchServer {
         });
         let proxy_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let proxy = proxy_listener.local_addr()?;
-        let (backend, mut proxy_config) = hearth_server::endpoint::proxy(&state);
+        let (backend, mut proxy_config) = state.endpoint_proxy();
         proxy_config.limits = hearth_proxy::VmLimits {
             max_connections: 0,
             requests_per_second: 0,

@@ -91,7 +91,7 @@ pub async fn import(args: ImportArgs, data_dir: PathBuf) -> Result<ExitCode> {
     hearth_vm::disk::create_private_dir_all(&assets.vms_dir())
         .with_context(|| format!("creating {}", assets.vms_dir().display()))?;
     let driver = hearth_vm::QemuDriver::new(assets)?;
-    let request = hearth_server::import::ImportRequest {
+    let request = hearth_server::images::import::ImportRequest {
         account_id: args.account,
         image_name: args.name,
         region: args.region,
@@ -107,7 +107,7 @@ pub async fn import(args: ImportArgs, data_dir: PathBuf) -> Result<ExitCode> {
         description: args.description,
     };
     let progress = |step: &str| eprintln!("hearth: {step}");
-    let imported = hearth_server::import::import_image(
+    let imported = hearth_server::images::import::import_image(
         &data_dir,
         &store,
         &driver,

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use hearth_proto::ExecRequest;
-use hearth_server::ops::{dispatch, Caller};
+use hearth_server::api::ops::{dispatch, Caller};
 use hearth_server::AppState;
 use serde_json::{json, Value};
 

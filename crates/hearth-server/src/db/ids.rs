@@ -20,7 +20,7 @@ pub fn new_uuid() -> String {
 /// engine's shorter name for it (VM directory and socket paths must stay short).
 pub fn new_microvm_ids() -> (String, String) {
     let uuid = new_uuid();
-    let vm_name = format!("mv-{}", uuid.replace('-', ""));
+    let vm_name = crate::layout::microvm_vm_name(&uuid);
     (format!("microvm-{uuid}"), vm_name)
 }
 

@@ -1,16 +1,19 @@
 //! Rows of the resource tables (images, versions, builds, microVMs, tags,
 //! idempotency keys) and the queries over them. State changes are
-//! compare-and-set on the current state (see [`crate::resources`]), inside
+//! compare-and-set on the current state (see [`crate::db::resources`]), inside
 //! transactions where several rows move together, so a crash between two
 //! statements never leaves a half-made resource.
 
 use std::path::PathBuf;
 
 use rusqlite::{params, OptionalExtension, Row, Transaction};
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::resources::{BuildState, ImageState, MicrovmState, VersionState, VersionStatus};
-use crate::store::{unix_now_ms, Store, StoreError};
+use crate::config::Quotas;
+use crate::db::resources::{BuildState, ImageState, MicrovmState, VersionState, VersionStatus};
+use crate::db::spec::{ImageSpec, MicrovmSpec};
+use crate::db::store::{unix_now_ms, Store, StoreError};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ImageRow {
@@ -32,7 +35,7 @@ pub struct VersionRow {
     pub status: VersionStatus,
     pub state_reason: Option<String>,
     /// The frozen request fields (baseImageArn, codeArtifact, hooks, ...).
-    pub spec: Value,
+    pub spec: ImageSpec,
     pub snapshot_dir: Option<PathBuf>,
     pub memory_mib: u32,
     pub created_at: i64,
@@ -63,7 +66,7 @@ pub struct MicrovmRow {
     pub state: MicrovmState,
     pub state_reason: Option<String>,
     /// Echoed request fields: executionRoleArn, idlePolicy, connectors, ...
-    pub spec: Value,
+    pub spec: MicrovmSpec,
     pub memory_mib: u32,
     /// The engine's name for the VM (its directory under the state dir).
     pub vm_name: String,
@@ -74,27 +77,6 @@ pub struct MicrovmRow {
     pub last_activity_at: Option<i64>,
     /// When the VM last became SUSPENDED, unix ms.
     pub suspended_at: Option<i64>,
-}
-
-/// Per-account limits (BEHAVIOUR.md's reference values by default).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Quotas {
-    /// Memory of non-terminated microVMs and running builds, in MiB.
-    pub memory_mib: u64,
-    pub images: u32,
-    pub versions_per_image: u32,
-    pub concurrent_builds: u32,
-}
-
-impl Default for Quotas {
-    fn default() -> Self {
-        Self {
-            memory_mib: 400 * 1024,
-            images: 100,
-            versions_per_image: 50,
-            concurrent_builds: 5,
-        }
-    }
 }
 
 /// What a `clientToken` lookup found.
@@ -124,11 +106,17 @@ fn state_err(column: usize, text: &str) -> rusqlite::Error {
     )
 }
 
-fn json_col(row: &Row<'_>, index: usize) -> rusqlite::Result<Value> {
+/// A JSON column read into its type.
+fn json_col<T: DeserializeOwned>(row: &Row<'_>, index: usize) -> rusqlite::Result<T> {
     let text: String = row.get(index)?;
     serde_json::from_str(&text).map_err(|e| {
         rusqlite::Error::FromSqlConversionFailure(index, rusqlite::types::Type::Text, e.into())
     })
+}
+
+/// A spec as its stored JSON text.
+fn spec_text(spec: &impl serde::Serialize) -> Result<String, StoreError> {
+    serde_json::to_string(spec).map_err(StoreError::Spec)
 }
 
 fn image_from_row(row: &Row<'_>) -> rusqlite::Result<ImageRow> {
@@ -277,7 +265,7 @@ fn memory_in_use(tx: &Transaction<'_>, account: &str) -> Result<u64, StoreError>
 pub struct NewVersion {
     pub account_id: String,
     pub image_name: String,
-    pub spec: Value,
+    pub spec: ImageSpec,
     pub memory_mib: u32,
     pub architecture: String,
     pub chipset: String,
@@ -520,12 +508,12 @@ impl Store {
                 version,
                 VersionState::Pending.as_str(),
                 VersionStatus::Active.as_str(),
-                new.spec.to_string(),
+                spec_text(&new.spec)?,
                 new.memory_mib,
                 now
             ],
         )?;
-        let build_id = crate::ids::new_uuid();
+        let build_id = crate::db::ids::new_uuid();
         tx.execute(
             &format!(
                 "INSERT INTO builds ({BUILD_COLS})
@@ -938,7 +926,7 @@ impl Store {
                 row.image_version,
                 row.state.as_str(),
                 row.state_reason,
-                row.spec.to_string(),
+                spec_text(&row.spec)?,
                 row.memory_mib,
                 row.vm_name,
                 row.started_at,
@@ -1163,5 +1151,140 @@ impl Store {
             params![account, arn],
         )?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::spec::{HookCall, RuntimeHook};
+
+    /// A spec as a server before the typed specs stored it (members in key
+    /// order, as serde_json's maps print them).
+    const LEGACY_VERSION_SPEC: &str = r#"{"baseImageArn":"arn:aws:lambda:us-east-1:aws:microvm-image:debian-12","buildRoleArn":"arn:aws:iam::123456789012:role/b","codeArtifact":{"uri":"s3://b/app.zip"},"cpuConfigurations":[{"architecture":"X86_64"}],"egressNetworkConnectors":["arn:aws:lambda:us-east-1:aws:network-connector:aws-network-connector:INTERNET_EGRESS"],"environmentVariables":{"A":"1"},"hooks":{"microvmHooks":{"run":"ENABLED"},"microvmImageHooks":{"ready":"ENABLED"},"port":8080},"resources":[{"minimumMemoryInMiB":512}]}"#;
+    const LEGACY_MICROVM_SPEC: &str = r#"{"hooks":{"microvmHooks":{"run":"ENABLED"},"microvmImageHooks":{"ready":"ENABLED"},"port":8080},"idlePolicy":{"autoResumeEnabled":true,"maxIdleDurationSeconds":60,"suspendedDurationSeconds":30},"ingressNetworkConnectors":["arn:aws:lambda:us-east-1:aws:network-connector:aws-network-connector:HTTP_INGRESS"],"maximumDurationInSeconds":600,"runHookPayload":"p"}"#;
+
+    fn version(store: &Store, account: &str, spec: ImageSpec) -> StartedVersion {
+        store
+            .start_version(
+                &NewVersion {
+                    account_id: account.into(),
+                    image_name: "web".into(),
+                    memory_mib: spec.memory_mib(),
+                    spec,
+                    architecture: "X86_64".into(),
+                    chipset: "INTEL".into(),
+                    client_token: None,
+                    fingerprint: String::new(),
+                    create: true,
+                },
+                &Quotas::default(),
+            )
+            .expect("store")
+            .expect("recorded")
+    }
+
+    fn microvm(account: &str, spec: MicrovmSpec) -> MicrovmRow {
+        MicrovmRow {
+            microvm_id: "microvm-1".into(),
+            account_id: account.into(),
+            image_name: "web".into(),
+            image_version: 1,
+            state: MicrovmState::Pending,
+            state_reason: None,
+            spec,
+            memory_mib: 512,
+            vm_name: "mv-1".into(),
+            started_at: 1,
+            terminated_at: None,
+            deadline_at: 2,
+            last_activity_at: None,
+            suspended_at: None,
+        }
+    }
+
+    #[test]
+    fn rows_keep_typed_specs_and_read_legacy_ones() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let account = store.create_account("a").expect("account").account_id;
+
+        let legacy: ImageSpec = serde_json::from_str(LEGACY_VERSION_SPEC).expect("parse");
+        let started = version(&store, &account, legacy.clone());
+        let read = store
+            .version(&account, "web", started.version)
+            .expect("query")
+            .expect("row");
+        assert_eq!(read.spec, legacy);
+        // A row as the untyped server wrote it reads the same.
+        store
+            .conn()
+            .execute(
+                "UPDATE image_versions SET spec = ?1",
+                params![LEGACY_VERSION_SPEC],
+            )
+            .expect("update");
+        let read = store
+            .version(&account, "web", started.version)
+            .expect("query")
+            .expect("row");
+        assert_eq!(read.spec, legacy);
+        assert!(read.spec.internet_egress());
+        assert_eq!(read.memory_mib, 512);
+
+        let spec: MicrovmSpec = serde_json::from_str(LEGACY_MICROVM_SPEC).expect("parse");
+        let row = microvm(&account, spec.clone());
+        store
+            .insert_microvm(&row, None, "", &Quotas::default())
+            .expect("store")
+            .expect("inserted");
+        store
+            .conn()
+            .execute(
+                "UPDATE microvms SET spec = ?1",
+                params![LEGACY_MICROVM_SPEC],
+            )
+            .expect("update");
+        let read = store
+            .microvm(&account, "microvm-1")
+            .expect("query")
+            .expect("row");
+        assert_eq!(read, row);
+        assert_eq!(
+            read.spec.hook(RuntimeHook::Run),
+            Some(HookCall {
+                name: "run",
+                port: 8080,
+                timeout: std::time::Duration::from_secs(1)
+            })
+        );
+        assert_eq!(
+            read.spec.idle_policy.map(|p| p.suspended_ms()),
+            Some(30_000)
+        );
+    }
+
+    #[test]
+    fn an_unreadable_spec_is_an_error_not_a_default() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let account = store.create_account("a").expect("account").account_id;
+        store
+            .insert_microvm(
+                &microvm(&account, MicrovmSpec::default()),
+                None,
+                "",
+                &Quotas::default(),
+            )
+            .expect("store")
+            .expect("inserted");
+        store
+            .conn()
+            .execute(
+                "UPDATE microvms SET spec = '{\"maximumDurationInSeconds\": \"soon\"}'",
+                [],
+            )
+            .expect("update");
+        assert!(store.microvm(&account, "microvm-1").is_err());
     }
 }

@@ -17,7 +17,8 @@ use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
 use rand::RngCore;
 
-const KEY_FILE: &str = "master.key";
+use crate::layout;
+
 const PREFIX: &str = "v1:";
 const NONCE_LEN: usize = 12;
 
@@ -47,7 +48,7 @@ impl std::fmt::Debug for SecretBox {
 impl SecretBox {
     /// Loads `DIR/master.key`, creating it (0600) on first use.
     pub fn open_or_create(dir: &Path) -> Result<Self, SecretsError> {
-        let path = dir.join(KEY_FILE);
+        let path = layout::master_key(dir);
         let io = |e| SecretsError::KeyFile(path.clone(), e);
         let key = match std::fs::read(&path) {
             Ok(bytes) => bytes,
@@ -147,7 +148,7 @@ mod tests {
         let other = SecretBox::open_or_create(other_dir.path()).expect("key");
         assert!(other.open("AKIA1", &sealed).is_err());
         let mode = std::os::unix::fs::PermissionsExt::mode(
-            &std::fs::metadata(dir.path().join(KEY_FILE))
+            &std::fs::metadata(layout::master_key(dir.path()))
                 .expect("meta")
                 .permissions(),
         );

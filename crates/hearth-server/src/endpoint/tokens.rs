@@ -18,7 +18,8 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
-const KEY_FILE: &str = "token-keys";
+use crate::layout;
+
 const PREFIX: &str = "hm1.";
 /// Keys kept after a rotation (the newest signs).
 const KEEP_KEYS: usize = 3;
@@ -112,7 +113,7 @@ impl std::fmt::Debug for TokenKeys {
 impl TokenKeys {
     /// Reads the keys in `dir`, making a first one when there are none.
     pub fn open_or_create(dir: &Path) -> Result<Self, TokenError> {
-        let path = dir.join(KEY_FILE);
+        let path = layout::token_keys(dir);
         match std::fs::read_to_string(&path) {
             Ok(text) => Self::parse(&text).ok_or(TokenError::BadKeyFile(path)),
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
@@ -149,8 +150,8 @@ impl TokenKeys {
     }
 
     fn write(&self, dir: &Path) -> Result<(), TokenError> {
-        let path = dir.join(KEY_FILE);
-        let tmp = dir.join(format!("{KEY_FILE}.tmp"));
+        let path = layout::token_keys(dir);
+        let tmp = path.with_extension("tmp");
         let text: String = self
             .keys
             .iter()
@@ -296,7 +297,7 @@ mod tests {
         let elsewhere = tempfile::tempdir().expect("tempdir");
         let stranger = TokenKeys::open_or_create(elsewhere.path()).expect("keys");
         assert!(stranger.verify(&fresh, 0).is_err());
-        let mode = std::fs::metadata(dir.path().join(KEY_FILE))
+        let mode = std::fs::metadata(layout::token_keys(dir.path()))
             .expect("meta")
             .permissions();
         assert_eq!(

@@ -17,13 +17,14 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use hearth_api::{ApiError, ErrorCode};
 use hearth_proto::ExecRequest;
+use hearth_vm::agent::CappedBuffer;
 use http::Method;
-use serde::Deserialize;
 use serde_json::json;
 
-use crate::ops::Caller;
-use crate::resources::MicrovmState;
-use crate::AppState;
+use crate::api::ops::input::{internal, Caller};
+use crate::api::state::AppState;
+use crate::db::resources::{BuildState, MicrovmState};
+use crate::endpoint::guest_api::ExecBody;
 
 const PREFIX: &str = "/hearth/2025-09-09/microvms/";
 const BUILDS_PREFIX: &str = "/hearth/2025-09-09/builds/";
@@ -75,19 +76,6 @@ pub fn route(method: &Method, path: &str, query: Option<&str>) -> Option<Route> 
     }
 }
 
-/// The body of an exec request, here and in the endpoint's agent API.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub(crate) struct ExecBody {
-    pub(crate) argv: Vec<String>,
-    #[serde(default)]
-    pub(crate) env: std::collections::BTreeMap<String, String>,
-    pub(crate) cwd: Option<String>,
-    /// Base64.
-    pub(crate) stdin: Option<String>,
-    pub(crate) timeout_in_seconds: Option<u64>,
-}
-
 pub async fn handle(
     state: &AppState,
     caller: &Caller,
@@ -110,12 +98,9 @@ fn build_logs(
     let build = state
         .store
         .build(&caller.account_id, build_id)
-        .map_err(crate::ops::internal)?
+        .map_err(internal)?
         .ok_or_else(|| ApiError::not_found(format!("Build {build_id} not found")))?;
-    let ended = matches!(
-        build.state,
-        crate::resources::BuildState::Successful | crate::resources::BuildState::Failed
-    );
+    let ended = matches!(build.state, BuildState::Successful | BuildState::Failed);
     let mut text = Vec::new();
     let mut size = 0;
     if let Ok(mut file) = std::fs::File::open(state.builds.log_path(build_id)) {
@@ -178,7 +163,7 @@ async fn exec(
     let row = state
         .store
         .microvm(&caller.account_id, microvm_id)
-        .map_err(crate::ops::internal)?
+        .map_err(internal)?
         .ok_or_else(|| ApiError::not_found(format!("MicroVM {microvm_id} not found")))?;
     if row.state != MicrovmState::Running {
         return Err(ApiError::conflict(format!(
@@ -187,7 +172,7 @@ async fn exec(
         )));
     }
     let agent = state.engine.agent(&row).await.map_err(|err| {
-        tracing::warn!(microvm = microvm_id, error = %crate::engine::error_chain(&err), "no agent");
+        tracing::warn!(microvm = microvm_id, error = %hearth_vm::error_chain(&err), "no agent");
         ApiError::conflict(format!("MicroVM {microvm_id} cannot be reached"))
     })?;
     let exec = ExecRequest {
@@ -243,8 +228,8 @@ async fn run(
         let output = match stdin {
             None => agent.exec_output(request).await,
             Some(bytes) => {
-                let mut stdout = CappedWriter::default();
-                let mut stderr = CappedWriter::default();
+                let mut stdout = CappedBuffer::new(MAX_OUTPUT);
+                let mut stderr = CappedBuffer::new(MAX_OUTPUT);
                 let status = agent
                     .exec(
                         request,
@@ -255,12 +240,12 @@ async fn run(
                     .await;
                 status.map(|status| hearth_vm::ExecOutput {
                     status,
-                    stdout: stdout.bytes,
-                    stderr: stderr.bytes,
+                    stdout: stdout.into_bytes(),
+                    stderr: stderr.into_bytes(),
                 })
             }
         };
-        output.map_err(|e| ExecError::Agent(crate::engine::error_chain(&e)))
+        output.map_err(|e| ExecError::Agent(hearth_vm::error_chain(&e)))
     };
     let output = tokio::time::timeout(timeout, work)
         .await
@@ -269,41 +254,6 @@ async fn run(
         return Err(ExecError::TooLarge);
     }
     Ok(output)
-}
-
-/// Collects output up to [`MAX_OUTPUT`] bytes, then fails the write: the guest
-/// decides how much it prints, so the host must not buffer without bound.
-#[derive(Debug, Default)]
-struct CappedWriter {
-    bytes: Vec<u8>,
-}
-
-impl tokio::io::AsyncWrite for CappedWriter {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        _cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        if self.bytes.len() + buf.len() > MAX_OUTPUT {
-            return std::task::Poll::Ready(Err(std::io::Error::other("output too large")));
-        }
-        self.bytes.extend_from_slice(buf);
-        std::task::Poll::Ready(Ok(buf.len()))
-    }
-
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        _cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        _cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
-    }
 }
 
 #[cfg(test)]

@@ -3,39 +3,18 @@
 use hearth_api::ApiError;
 use serde_json::{json, Value};
 
-use super::{internal, keyset_page, parse_version, string, timestamp, version_text, Caller};
-use crate::import::image_arn;
-use crate::records::{BuildRow, ImageRow, VersionRow};
-use crate::resources::{ImageState, VersionState, VersionStatus};
-use crate::AppState;
-
-/// The image name an identifier (name or ARN) names in the caller's account,
-/// or the same 404 whether it is missing, malformed or another account's.
-pub(crate) fn image_name(caller: &Caller, identifier: &str) -> Result<String, ApiError> {
-    let prefix = format!(
-        "arn:aws:lambda:{}:{}:microvm-image:",
-        caller.region, caller.account_id
-    );
-    let name = if identifier.starts_with("arn:") {
-        identifier.strip_prefix(&prefix).unwrap_or("")
-    } else {
-        identifier
-    };
-    let valid = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-    if valid {
-        Ok(name.to_string())
-    } else {
-        Err(image_not_found(identifier))
-    }
-}
-
-pub(crate) fn image_not_found(identifier: &str) -> ApiError {
-    ApiError::not_found(format!("MicroVM image {identifier} not found"))
-}
+use super::input::{
+    connectors, fingerprint, image_name, image_not_found, internal, parse_version, string,
+    timestamp, version_text, Caller, EGRESS,
+};
+use super::page::{keyset_page, paginate};
+use crate::api::state::AppState;
+use crate::arn::{Arn, MANAGED_ACCOUNT};
+use crate::db::records::{BuildRow, ImageRow, NewVersion, Refusal, VersionRow};
+use crate::db::resources::{ImageState, VersionState, VersionStatus};
+use crate::db::spec::{CpuConfiguration, ImageSpec, Resources};
+use crate::images::build::{BuildJob, BUILD_ARGS_MEMBER};
+use crate::layout;
 
 fn version_not_found(identifier: &str, version: &str) -> ApiError {
     ApiError::not_found(format!(
@@ -71,7 +50,7 @@ fn load_version(
 
 fn image_output(caller: &Caller, image: &ImageRow) -> Value {
     let mut out = json!({
-        "imageArn": image_arn(&caller.region, &image.account_id, &image.name),
+        "imageArn": Arn::image(&caller.region, &image.account_id, &image.name),
         "name": image.name,
         "state": image.state.as_str(),
         "createdAt": timestamp(image.created_at),
@@ -88,36 +67,25 @@ fn image_output(caller: &Caller, image: &ImageRow) -> Value {
     out
 }
 
-/// The members of a build request frozen into its version, which the API
-/// echoes.
-const SPEC_MEMBERS: &[&str] = &[
-    "baseImageArn",
-    "baseImageVersion",
-    "buildRoleArn",
-    "description",
-    "codeArtifact",
-    "logging",
-    "egressNetworkConnectors",
-    "cpuConfigurations",
-    "resources",
-    "additionalOsCapabilities",
-    "hooks",
-    "environmentVariables",
-];
+/// Adds the members of a build request frozen into a version (its spec's
+/// wire form), which the API echoes.
+fn add_spec(out: &mut Value, spec: &ImageSpec) {
+    if let (Some(out), Ok(Value::Object(members))) =
+        (out.as_object_mut(), serde_json::to_value(spec))
+    {
+        out.extend(members);
+    }
+}
 
 pub(crate) fn version_output(caller: &Caller, version: &VersionRow) -> Value {
     let mut out = json!({
-        "imageArn": image_arn(&caller.region, &version.account_id, &version.image_name),
+        "imageArn": Arn::image(&caller.region, &version.account_id, &version.image_name),
         "imageVersion": version_text(version.version),
         "state": version.state.as_str(),
         "status": version.status.as_str(),
         "createdAt": timestamp(version.created_at),
     });
-    for member in SPEC_MEMBERS {
-        if let Some(value) = version.spec.get(*member) {
-            out[*member] = value.clone();
-        }
-    }
+    add_spec(&mut out, &version.spec);
     if let Some(updated) = version.updated_at {
         out["updatedAt"] = timestamp(updated);
     }
@@ -129,7 +97,7 @@ pub(crate) fn version_output(caller: &Caller, version: &VersionRow) -> Value {
 
 fn build_output(caller: &Caller, build: &BuildRow) -> Value {
     let mut out = json!({
-        "imageArn": image_arn(&caller.region, &build.account_id, &build.image_name),
+        "imageArn": Arn::image(&caller.region, &build.account_id, &build.image_name),
         "imageVersion": version_text(build.version),
         "buildId": build.build_id,
         "buildState": build.state.as_str(),
@@ -155,7 +123,7 @@ pub(super) fn get_image(
         string(input, "imageIdentifier").unwrap_or_default(),
     )?;
     let mut out = image_output(caller, &image);
-    let arn = image_arn(&caller.region, &caller.account_id, &image.name);
+    let arn = Arn::image(&caller.region, &caller.account_id, &image.name).to_string();
     add_tags(state, caller, &arn, &mut out)?;
     Ok(out)
 }
@@ -272,7 +240,7 @@ pub(super) fn delete_image(
             );
         }
     }
-    let arn = image_arn(&caller.region, &caller.account_id, &name);
+    let arn = Arn::image(&caller.region, &caller.account_id, &name).to_string();
     store
         .drop_tags(&caller.account_id, &arn)
         .map_err(internal)?;
@@ -288,17 +256,16 @@ pub(super) fn delete_image(
 }
 
 fn remove_version_files(state: &AppState, version: &VersionRow) {
-    let dir = state
-        .config
-        .data_dir
-        .join("images")
-        .join(&version.account_id)
-        .join(&version.image_name)
-        .join(version.version.to_string());
+    let dir = layout::version_dir(
+        &state.config.data_dir,
+        &version.account_id,
+        &version.image_name,
+        version.version,
+    );
     if let Err(err) = make_writable_and_remove(&dir) {
         tracing::warn!(dir = %dir.display(), error = %err, "cannot remove version files");
     }
-    state.engine.forget_snapshot(&dir.join("snapshot"));
+    state.engine.forget_snapshot(&layout::snapshot_dir(&dir));
 }
 
 /// Snapshot files are read-only (0400) and their directories 0700; the owner
@@ -488,53 +455,50 @@ pub(super) fn list_builds(
         })
         .map(|b| (b.build_id.clone(), build_output(caller, b)))
         .collect();
-    super::paginate(rows, input, 50)
+    paginate(rows, input, 50)
 }
 
-/// Default `resources[0].minimumMemoryInMiB` (the reference's).
-const DEFAULT_MEMORY_MIB: u64 = 2048;
 /// The memory sizes a build accepts, in MiB.
-const MEMORY_RANGE: std::ops::RangeInclusive<u64> = 256..=32768;
+const MEMORY_RANGE: std::ops::RangeInclusive<u32> = 256..=32768;
 
-/// Checks the parts of a build request the model cannot: the base image, the
-/// architecture, memory, hooks and connectors. Returns the memory in MiB.
-fn check_build_request(state: &AppState, caller: &Caller, input: &Value) -> Result<u32, ApiError> {
-    let base = string(input, "baseImageArn").unwrap_or_default();
-    let prefix = format!("arn:aws:lambda:{}:aws:microvm-image:", caller.region);
+/// The version a build request asks for, read once from the validated input,
+/// after the checks the model cannot make: the base image, connectors,
+/// architecture, memory and hooks.
+fn build_spec(state: &AppState, caller: &Caller, input: &Value) -> Result<ImageSpec, ApiError> {
+    // Connectors first: their messages name the ARN that is wrong.
+    connectors(caller, input, "egressNetworkConnectors", EGRESS, "egress")?;
+    let mut spec: ImageSpec = serde_json::from_value(input.clone())
+        .map_err(|e| ApiError::validation(format!("Invalid build request: {e}")))?;
+    let base = &spec.base_image_arn;
     // `base_image` refuses names that are not plain image names.
-    let managed = base
-        .strip_prefix(&prefix)
-        .is_some_and(|name| state.assets.base_image(name).is_ok());
+    let managed = Arn::parse(base)
+        .and_then(|arn| {
+            arn.image_of(&caller.region, MANAGED_ACCOUNT)
+                .map(str::to_string)
+        })
+        .is_some_and(|name| state.assets.base_image(&name).is_ok());
     if !managed {
         return Err(ApiError::validation(format!(
             "baseImageArn {base} is not a managed MicroVM image in {} (see ListManagedMicrovmImages)",
             caller.region
         )));
     }
-    if let Some(version) = string(input, "baseImageVersion") {
-        if super::parse_version(version).is_none() && version.parse::<u32>().is_err() {
+    if let Some(version) = &spec.base_image_version {
+        if parse_version(version).is_none() && version.parse::<u32>().is_err() {
             return Err(ApiError::validation(format!(
                 "baseImageVersion {version} is not a version"
             )));
         }
     }
-    if let Some(cpus) = input.get("cpuConfigurations").and_then(Value::as_array) {
-        for cpu in cpus {
-            let arch = cpu
-                .get("architecture")
-                .and_then(Value::as_str)
-                .unwrap_or("");
-            if arch != "X86_64" {
-                return Err(ApiError::validation(format!(
-                    "Architecture {arch} is not supported by this host (X86_64 only)"
-                )));
-            }
+    for cpu in spec.cpu_configurations.iter().flatten() {
+        if cpu.architecture != "X86_64" {
+            return Err(ApiError::validation(format!(
+                "Architecture {} is not supported by this host (X86_64 only)",
+                cpu.architecture
+            )));
         }
     }
-    let memory = input
-        .pointer("/resources/0/minimumMemoryInMiB")
-        .and_then(Value::as_u64)
-        .unwrap_or(DEFAULT_MEMORY_MIB);
+    let memory = spec.memory_mib();
     if !MEMORY_RANGE.contains(&memory) {
         return Err(ApiError::validation(format!(
             "minimumMemoryInMiB must be between {} and {}",
@@ -542,31 +506,22 @@ fn check_build_request(state: &AppState, caller: &Caller, input: &Value) -> Resu
             MEMORY_RANGE.end()
         )));
     }
-    let hooks = input.get("hooks");
-    let enabled =
-        |path: &str| hooks.and_then(|h| h.pointer(path)).and_then(Value::as_str) == Some("ENABLED");
-    let runtime_hook = ["run", "resume", "suspend", "terminate"]
-        .iter()
-        .any(|h| enabled(&format!("/microvmHooks/{h}")));
-    if runtime_hook && !enabled("/microvmImageHooks/ready") {
-        return Err(ApiError::validation(
-            "Enabling any microvmHooks requires microvmImageHooks.ready to be ENABLED",
-        ));
+    if let Some(hooks) = &spec.hooks {
+        hooks
+            .check()
+            .map_err(|e| ApiError::validation(e.to_string()))?;
     }
-    let any_hook = runtime_hook
-        || enabled("/microvmImageHooks/ready")
-        || enabled("/microvmImageHooks/validate");
-    if any_hook && hooks.and_then(|h| h.get("port")).is_none() {
-        return Err(ApiError::validation("Enabled hooks require hooks.port"));
-    }
-    super::microvms::connectors(
-        caller,
-        input,
-        "egressNetworkConnectors",
-        super::microvms::EGRESS,
-        "egress",
-    )?;
-    Ok(memory as u32)
+    spec.cpu_configurations.get_or_insert_with(|| {
+        vec![CpuConfiguration {
+            architecture: "X86_64".into(),
+        }]
+    });
+    spec.resources.get_or_insert_with(|| {
+        vec![Resources {
+            minimum_memory_in_mib: memory,
+        }]
+    });
+    Ok(spec)
 }
 
 /// CreateMicrovmImage (`create`) and UpdateMicrovmImage: record the version
@@ -582,22 +537,12 @@ pub(super) fn create_or_update(
     } else {
         image_name(caller, string(input, "imageIdentifier").unwrap_or_default())?
     };
-    let memory_mib = check_build_request(state, caller, input)?;
-    let mut spec = serde_json::Map::new();
-    for member in SPEC_MEMBERS {
-        if let Some(value) = input.get(*member) {
-            spec.insert((*member).to_string(), value.clone());
-        }
-    }
-    spec.entry("cpuConfigurations")
-        .or_insert_with(|| json!([{"architecture": "X86_64"}]));
-    spec.entry("resources")
-        .or_insert_with(|| json!([{"minimumMemoryInMiB": memory_mib}]));
-    let spec = Value::Object(spec);
+    let spec = build_spec(state, caller, input)?;
+    let memory_mib = spec.memory_mib();
     let started = state
         .store
         .start_version(
-            &crate::records::NewVersion {
+            &NewVersion {
                 account_id: caller.account_id.clone(),
                 image_name: name.clone(),
                 spec: spec.clone(),
@@ -605,7 +550,7 @@ pub(super) fn create_or_update(
                 architecture: "X86_64".into(),
                 chipset: "INTEL".into(),
                 client_token: string(input, "clientToken").map(str::to_string),
-                fingerprint: super::fingerprint(input),
+                fingerprint: fingerprint(input),
                 create,
             },
             &state.config.quotas,
@@ -613,13 +558,13 @@ pub(super) fn create_or_update(
         .map_err(internal)?;
     let started = match started {
         Ok(started) => started,
-        Err(crate::records::Refusal::Quota(m)) => return Err(ApiError::quota_exceeded(m)),
-        Err(crate::records::Refusal::Conflict(m)) => return Err(ApiError::conflict(m)),
-        Err(crate::records::Refusal::NotFound(m)) => {
+        Err(Refusal::Quota(m)) => return Err(ApiError::quota_exceeded(m)),
+        Err(Refusal::Conflict(m)) => return Err(ApiError::conflict(m)),
+        Err(Refusal::NotFound(m)) => {
             return Err(ApiError::not_found(m));
         }
     };
-    let arn = image_arn(&caller.region, &caller.account_id, &name);
+    let arn = Arn::image(&caller.region, &caller.account_id, &name).to_string();
     if create && !started.replayed {
         if let Some(tags) = input.get("tags").and_then(Value::as_object) {
             let tags: Vec<(String, String)> = tags
@@ -636,7 +581,7 @@ pub(super) fn create_or_update(
         }
     }
     if !started.replayed {
-        state.builds.spawn(crate::build::BuildJob {
+        state.builds.spawn(BuildJob {
             account_id: caller.account_id.clone(),
             image_name: name.clone(),
             version: started.version,
@@ -644,7 +589,7 @@ pub(super) fn create_or_update(
             spec: spec.clone(),
             memory_mib,
             build_args: input
-                .get(crate::build::BUILD_ARGS_MEMBER)
+                .get(BUILD_ARGS_MEMBER)
                 .and_then(Value::as_object)
                 .map(|args| {
                     args.iter()
@@ -665,11 +610,7 @@ pub(super) fn create_or_update(
         .map_err(internal)?
         .ok_or_else(|| image_not_found(&name))?;
     let mut out = image_output(caller, &image);
-    for member in SPEC_MEMBERS {
-        if let Some(value) = version.spec.get(*member) {
-            out[*member] = value.clone();
-        }
-    }
+    add_spec(&mut out, &version.spec);
     out["imageVersion"] = json!(version_text(started.version));
     if out.get("updatedAt").is_none() {
         out["updatedAt"] = timestamp(image.created_at);

@@ -6,7 +6,8 @@
 //! transitional state (PENDING, SUSPENDING, TERMINATING) with a compare-and-set,
 //! then a task here does the work under the VM's lock and moves the record on.
 //! The record is written before the VM changes, so after a crash
-//! [`Engine::reconcile`] can tell what was in flight and finish or undo it.
+//! [`Engine::reconcile`] (in [`super::reconcile`]) can tell what was in
+//! flight and finish or undo it.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -14,19 +15,22 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hearth_vm::agent::AgentClient;
+use hearth_vm::error_chain;
 use hearth_vm::{Driver, QemuDriver, Snapshot, Verify, VmError, VmState};
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio::sync::Mutex as AsyncMutex;
 use tracing::{info, warn};
 
-use crate::records::MicrovmRow;
-use crate::resources::MicrovmState;
-use crate::store::{unix_now_ms, Store, StoreError};
+use crate::db::records::MicrovmRow;
+use crate::db::resources::MicrovmState;
+use crate::db::spec::{HookCall, RuntimeHook};
+use crate::db::store::{unix_now_ms, Store, StoreError};
+use crate::vms::hooks::{self, HookError};
 
 /// How often lifetimes and VM processes are checked.
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 /// How long an adopted VM's agent may take to answer after a restart.
-const ADOPT_TIMEOUT: Duration = Duration::from_secs(5);
+pub(super) const ADOPT_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -42,10 +46,10 @@ pub enum EngineError {
 
 #[derive(Debug)]
 pub struct Engine {
-    driver: QemuDriver,
-    store: Store,
+    pub(super) driver: QemuDriver,
+    pub(super) store: Store,
     /// One agent connection per running VM (QEMU's chardev serves one at a time).
-    agents: Mutex<HashMap<String, Arc<AgentClient>>>,
+    pub(super) agents: Mutex<HashMap<String, Arc<AgentClient>>>,
     /// Serialises the work on each VM.
     locks: Mutex<HashMap<String, Arc<AsyncMutex<()>>>>,
     /// Opened (size-checked) snapshots by directory.
@@ -168,7 +172,7 @@ impl Engine {
                 .microvm_by_id(microvm_id)
                 .map_err(|_| ConnectError::Unavailable)?
                 .ok_or(ConnectError::Unavailable)?;
-            let auto_resume = row.spec["idlePolicy"]["autoResumeEnabled"] == true;
+            let auto_resume = row.spec.auto_resume();
             match row.state {
                 MicrovmState::Running => {
                     return self
@@ -226,10 +230,10 @@ impl Engine {
             Ok((_vm, agent)) => {
                 // `/run` comes before the VM counts as RUNNING (and before the
                 // endpoint forwards traffic to it).
-                if let Some(hook) = hook_of(&row, "run") {
+                if let Some(hook) = row.spec.hook(RuntimeHook::Run) {
                     let body = json!({
                         "microvmId": row.microvm_id,
-                        "runHookPayload": row.spec.get("runHookPayload").and_then(Value::as_str).unwrap_or_default(),
+                        "runHookPayload": row.spec.run_hook_payload.as_deref().unwrap_or_default(),
                     })
                     .to_string();
                     if let Err(reason) = call_hook(&agent, &hook, Some(body.as_bytes())).await {
@@ -273,7 +277,7 @@ impl Engine {
     async fn suspend(&self, row: MicrovmRow) {
         let guard = self.lock_for(&row.microvm_id);
         let _held = guard.lock().await;
-        if let Some(hook) = hook_of(&row, "suspend") {
+        if let Some(hook) = row.spec.hook(RuntimeHook::Suspend) {
             let called = match self.agent_unlocked(&row).await {
                 Ok(agent) => call_hook(&agent, &hook, None).await,
                 Err(_) => Err("The MicroVM's agent did not answer before suspend.".to_string()),
@@ -341,7 +345,7 @@ impl Engine {
         .await;
         match resumed {
             Ok(agent) => {
-                if let Some(hook) = hook_of(&row, "resume") {
+                if let Some(hook) = row.spec.hook(RuntimeHook::Resume) {
                     if let Err(reason) = call_hook(&agent, &hook, None).await {
                         drop(agent);
                         self.fail(&row, &reason).await;
@@ -371,10 +375,10 @@ impl Engine {
         tokio::spawn(async move { engine.terminate(&row, &reason).await });
     }
 
-    async fn terminate(&self, row: &MicrovmRow, reason: &str) {
+    pub(super) async fn terminate(&self, row: &MicrovmRow, reason: &str) {
         let guard = self.lock_for(&row.microvm_id);
         let held = guard.lock().await;
-        if let Some(hook) = hook_of(row, "terminate") {
+        if let Some(hook) = row.spec.hook(RuntimeHook::Terminate) {
             // Best effort: the VM ends whatever the app answers.
             if let Ok(agent) = self.agent_unlocked(row).await {
                 if let Err(reason) = call_hook(&agent, &hook, None).await {
@@ -442,119 +446,6 @@ impl Engine {
         lock(&self.agents).remove(&row.microvm_id);
     }
 
-    /// Brings records and VM processes into agreement after a start: VMs whose
-    /// process still runs are adopted, half-done changes are finished or undone,
-    /// and VM directories that no live record names are removed (no orphaned QEMU).
-    pub async fn reconcile(self: &Arc<Self>) -> Result<(), EngineError> {
-        let rows = self.store.live_microvms()?;
-        // VM name -> the pid of its one legitimate QEMU process.
-        let mut keep: HashMap<String, Option<u32>> = HashMap::new();
-        for row in rows {
-            let vm = self.driver.load(&row.vm_name).ok();
-            let mut running = vm
-                .as_ref()
-                .is_some_and(|vm| vm.state == VmState::Running && QemuDriver::is_alive(vm));
-            // A process may be alive but not a usable guest (e.g. killed while its
-            // snapshot was loading): adopt it only if its agent answers.
-            let mut agent = None;
-            if let (true, Some(vm)) = (running, &vm) {
-                agent = self.probe_agent(vm).await;
-                if agent.is_none() {
-                    // Perhaps paused by an interrupted suspend: let it run on.
-                    match self.driver.recover(vm).await {
-                        Ok(()) => agent = self.probe_agent(vm).await,
-                        Err(err) => {
-                            warn!(microvm = %row.microvm_id, error = %error_chain(&err), "cannot recover VM")
-                        }
-                    }
-                }
-                running = agent.is_some();
-            }
-            let suspended = vm
-                .as_ref()
-                .is_some_and(|vm| vm.state == VmState::Suspended && vm.suspend_state().is_file());
-            use MicrovmState::*;
-            let target = match (row.state, running, suspended) {
-                (Terminating, _, _) => None,
-                (Pending | Running | Suspending, true, _) => Some(Running),
-                (Pending | Suspending | Suspended, false, true) => Some(Suspended),
-                _ => None,
-            };
-            match target {
-                Some(state) => {
-                    if state != row.state {
-                        // A direct write: this finishes or undoes an interrupted step.
-                        self.store.force_microvm_state(&row.microvm_id, state)?;
-                    }
-                    info!(microvm = %row.microvm_id, from = %row.state, to = %state, "adopted");
-                    let pid = vm
-                        .as_ref()
-                        .and_then(|vm| vm.pid)
-                        .filter(|_| state == Running);
-                    keep.insert(row.vm_name.clone(), pid);
-                    if let Some(agent) = agent {
-                        lock(&self.agents).insert(row.microvm_id.clone(), Arc::new(agent));
-                    }
-                }
-                None => {
-                    let reason = if row.state == Terminating {
-                        "Success."
-                    } else {
-                        "The MicroVM was lost while the hearth server was down."
-                    };
-                    self.store
-                        .force_microvm_state(&row.microvm_id, Terminating)?;
-                    self.terminate(&row, reason).await;
-                }
-            }
-        }
-        // QEMU processes no adopted VM accounts for: a second process for one VM
-        // (e.g. a resume interrupted after its QEMU started), or a VM no record owns.
-        for process in self.driver.processes() {
-            if process.vm.starts_with(crate::import::BUILD_VM_PREFIX) {
-                continue;
-            }
-            if keep.get(&process.vm) != Some(&Some(process.pid)) {
-                warn!(vm = %process.vm, pid = process.pid, "killing a QEMU process no microVM owns");
-                QemuDriver::kill_process(&process);
-            }
-        }
-        // VM directories no live record owns: left by a crash between creating
-        // the VM and recording it, or by a terminate that did not finish.
-        let vms_dir = self.driver.assets().vms_dir();
-        for entry in std::fs::read_dir(&vms_dir).into_iter().flatten().flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if keep.contains_key(&name) || name.starts_with(crate::import::BUILD_VM_PREFIX) {
-                continue;
-            }
-            warn!(vm = %name, "removing a VM no microVM owns");
-            match self.driver.load(&name) {
-                Ok(vm) => {
-                    let _ = self.driver.remove(&vm).await;
-                }
-                Err(_) => {
-                    let _ = std::fs::remove_dir_all(entry.path());
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Connects to a VM's agent and pings it, within a few seconds.
-    async fn probe_agent(&self, vm: &hearth_vm::VmRecord) -> Option<AgentClient> {
-        let probe = async {
-            let agent = AgentClient::connect(&vm.agent_socket(), ADOPT_TIMEOUT)
-                .await
-                .ok()?;
-            agent.ping().await.ok()?;
-            Some(agent)
-        };
-        tokio::time::timeout(ADOPT_TIMEOUT * 2, probe)
-            .await
-            .ok()
-            .flatten()
-    }
-
     /// Runs forever: ends microVMs past `maximumDurationInSeconds` and notices
     /// VM processes that died.
     pub async fn watch(self: Arc<Self>) {
@@ -578,10 +469,10 @@ impl Engine {
             if row.state == MicrovmState::Terminating {
                 continue;
             }
-            if let Some(policy) = IdlePolicy::of(&row) {
+            if let Some(policy) = row.spec.idle_policy {
                 let idle_since = row.last_activity_at.unwrap_or(row.started_at);
                 if row.state == MicrovmState::Running
-                    && now - idle_since >= policy.max_idle_ms
+                    && now - idle_since >= policy.max_idle_ms()
                     && self
                         .store
                         .transition_microvm(
@@ -598,7 +489,7 @@ impl Engine {
                 }
                 let suspended_since = row.suspended_at.unwrap_or(now);
                 if row.state == MicrovmState::Suspended
-                    && now - suspended_since >= policy.suspended_ms
+                    && now - suspended_since >= policy.suspended_ms()
                     && self
                         .store
                         .transition_microvm(
@@ -671,57 +562,12 @@ pub enum ConnectError {
     Timeout,
 }
 
-/// A microVM's idle policy, in milliseconds.
-#[derive(Debug, Clone, Copy)]
-struct IdlePolicy {
-    max_idle_ms: i64,
-    suspended_ms: i64,
-}
-
-impl IdlePolicy {
-    fn of(row: &MicrovmRow) -> Option<Self> {
-        let policy = row.spec.get("idlePolicy")?;
-        Some(Self {
-            max_idle_ms: policy["maxIdleDurationSeconds"]
-                .as_i64()?
-                .saturating_mul(1000),
-            suspended_ms: policy["suspendedDurationSeconds"]
-                .as_i64()?
-                .saturating_mul(1000),
-        })
-    }
-}
-
-/// An enabled lifecycle hook of a microVM.
-#[derive(Debug, Clone)]
-struct Hook {
-    name: &'static str,
-    port: u16,
-    timeout: Duration,
-}
-
-/// The hook `name` (`run`, `resume`, `suspend`, `terminate`) when the image
-/// enabled it (default timeout 1 s, as the reference).
-fn hook_of(row: &MicrovmRow, name: &'static str) -> Option<Hook> {
-    let hooks = row.spec.get("hooks")?;
-    let port = u16::try_from(hooks["port"].as_u64()?).ok()?;
-    let config = &hooks["microvmHooks"];
-    if config[name] != "ENABLED" {
-        return None;
-    }
-    let seconds = config[format!("{name}TimeoutInSeconds")]
-        .as_u64()
-        .unwrap_or(1)
-        .clamp(1, 60);
-    Some(Hook {
-        name,
-        port,
-        timeout: Duration::from_secs(seconds),
-    })
-}
-
 /// Calls a hook; the error is the microVM's `stateReason`.
-async fn call_hook(agent: &AgentClient, hook: &Hook, body: Option<&[u8]>) -> Result<(), String> {
+async fn call_hook(
+    agent: &AgentClient,
+    hook: &HookCall,
+    body: Option<&[u8]>,
+) -> Result<(), String> {
     let title = {
         let mut name = hook.name.to_string();
         if let Some(first) = name.get_mut(..1) {
@@ -729,12 +575,12 @@ async fn call_hook(agent: &AgentClient, hook: &Hook, body: Option<&[u8]>) -> Res
         }
         name
     };
-    match crate::hooks::call(agent, hook.port, hook.name, body, hook.timeout).await {
+    match hooks::call(agent, hook.port, hook.name, body, hook.timeout).await {
         Ok(200) => Ok(()),
         Ok(status) => Err(format!(
             "{title} lifecycle hook returned HTTP status {status}."
         )),
-        Err(crate::hooks::HookError::Timeout(_)) => Err(format!(
+        Err(HookError::Timeout(_)) => Err(format!(
             "{title} lifecycle hook invocation timed out after PT{}S.",
             hook.timeout.as_secs()
         )),
@@ -742,11 +588,7 @@ async fn call_hook(agent: &AgentClient, hook: &Hook, body: Option<&[u8]>) -> Res
     }
 }
 
-/// An error with its sources, for logs (one definition for the workspace's
-/// crates that already depend on the VM layer).
-pub use hearth_vm::error_chain;
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(super) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())

@@ -8,39 +8,29 @@ use std::time::Duration;
 
 use hearth_proxy::{Access, Backend, BoxFuture, ConnectError, Denied, Io};
 
-use crate::engine;
-use crate::resources::MicrovmState;
-use crate::tokens::{TokenError, TokenKind};
-use crate::AppState;
+use crate::db::resources::MicrovmState;
+use crate::db::store::{unix_now, Store};
+use crate::endpoint::tokens::{TokenError, TokenKeys, TokenKind};
+use crate::vms::engine::{self, Engine};
 
 /// How long a request may wait for its microVM to resume.
 const RESUME_WAIT: Duration = Duration::from_secs(30);
 
 #[derive(Debug)]
 pub struct EndpointBackend {
-    state: Arc<AppState>,
+    engine: Arc<Engine>,
+    store: Store,
+    tokens: TokenKeys,
 }
 
 impl EndpointBackend {
-    pub fn new(state: Arc<AppState>) -> Arc<Self> {
-        Arc::new(Self { state })
+    pub fn new(engine: Arc<Engine>, store: Store, tokens: TokenKeys) -> Arc<Self> {
+        Arc::new(Self {
+            engine,
+            store,
+            tokens,
+        })
     }
-}
-
-/// The proxy's backend and configuration for a server: its endpoint domain,
-/// and the shell and agent API served by [`crate::guest_api`].
-pub fn proxy(state: &Arc<AppState>) -> (Arc<EndpointBackend>, hearth_proxy::ProxyConfig) {
-    let backend = EndpointBackend::new(state.clone());
-    let config = hearth_proxy::ProxyConfig {
-        domain: state.config.endpoint_domain.clone(),
-        limits: state.config.endpoint_limits,
-        extension: Some(crate::guest_api::GuestApi::new(
-            state.clone(),
-            backend.clone(),
-        )),
-        ..Default::default()
-    };
-    (backend, config)
 }
 
 /// The reference answers every token problem with a bare 403.
@@ -50,23 +40,19 @@ fn forbidden() -> Denied {
 
 impl Backend for EndpointBackend {
     fn authorize(&self, microvm_id: &str, token: &str, access: Access) -> Result<(), Denied> {
-        let now = crate::store::unix_now().max(0) as u64;
-        let claims = self
-            .state
-            .tokens
-            .verify(token, now)
-            .map_err(|err| match err {
-                TokenError::Expired => Denied::Forbidden("Token expired".into()),
-                _ => forbidden(),
-            })?;
+        let now = unix_now().max(0) as u64;
+        let claims = self.tokens.verify(token, now).map_err(|err| match err {
+            TokenError::Expired => Denied::Forbidden("Token expired".into()),
+            _ => forbidden(),
+        })?;
         if claims.microvm != microvm_id {
             return Err(forbidden());
         }
-        let row = match self.state.store.microvm(&claims.account, microvm_id) {
+        let row = match self.store.microvm(&claims.account, microvm_id) {
             Ok(Some(row)) if row.state != MicrovmState::Terminated => row,
             Ok(_) => return Err(Denied::NotFound),
             Err(err) => {
-                tracing::warn!(error = %engine::error_chain(&err), "endpoint authorisation lookup failed");
+                tracing::warn!(error = %hearth_vm::error_chain(&err), "endpoint authorisation lookup failed");
                 return Err(forbidden());
             }
         };
@@ -78,8 +64,7 @@ impl Backend for EndpointBackend {
                     return Err(Denied::Forbidden("Access to port denied".into()));
                 }
                 // The hooks port only with a token that names it explicitly.
-                let hooks_port = row.spec["hooks"]["port"].as_u64();
-                if hooks_port == Some(u64::from(port)) && !claims.names_port(port) {
+                if row.spec.hooks_port() == Some(port) && !claims.names_port(port) {
                     return Err(Denied::Forbidden("Access to port denied".into()));
                 }
                 Ok(())
@@ -95,7 +80,6 @@ impl Backend for EndpointBackend {
         let microvm_id = microvm_id.to_string();
         Box::pin(async move {
             let io = self
-                .state
                 .engine
                 .connect_port(&microvm_id, port, RESUME_WAIT)
                 .await
@@ -111,6 +95,6 @@ impl Backend for EndpointBackend {
     }
 
     fn traffic(&self, microvm_id: &str, _bytes: u64) {
-        self.state.engine.note_traffic(microvm_id);
+        self.engine.note_traffic(microvm_id);
     }
 }

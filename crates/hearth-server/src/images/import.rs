@@ -13,18 +13,21 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use hearth_vm::disk::BackingFormat;
+use hearth_vm::error_chain;
 use hearth_vm::{ColdBoot, Driver, MachineShape, QemuDriver, VmError};
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::process::Command;
 
-use crate::app::AppSpec;
-use crate::engine::error_chain;
-use crate::records::{NewVersion, Quotas, Refusal};
-use crate::store::{Store, StoreError};
-
-/// Build VMs are named `build-<build id hex>`; reconciliation leaves them to
-/// their own process.
-pub const BUILD_VM_PREFIX: &str = "build-";
+use crate::arn::Arn;
+use crate::config::Quotas;
+use crate::db::records::{NewVersion, Refusal};
+use crate::db::spec::{
+    CodeArtifact, CpuConfiguration, HookState, Hooks, ImageSpec, MicrovmHooks, MicrovmImageHooks,
+    Resources, RuntimeHook,
+};
+use crate::db::store::{Store, StoreError};
+use crate::images::app::{self, AppSpec};
+use crate::layout;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImportError {
@@ -77,20 +80,6 @@ pub struct Imported {
     pub snapshot_build: Value,
 }
 
-/// Where a version's files live (builds and imports alike):
-/// `DATA/images/<account>/<image>/<version>`.
-pub fn version_dir(data_dir: &Path, account: &str, image: &str, version: u32) -> PathBuf {
-    data_dir
-        .join("images")
-        .join(account)
-        .join(image)
-        .join(version.to_string())
-}
-
-pub fn image_arn(region: &str, account: &str, name: &str) -> String {
-    format!("arn:aws:lambda:{region}:{account}:microvm-image:{name}")
-}
-
 fn valid_image_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
@@ -111,12 +100,14 @@ pub async fn import_image(
     if !valid_image_name(&request.image_name) {
         return Err(ImportError::BadName(request.image_name.clone()));
     }
+    let mut runtime_hooks = Vec::new();
     for name in &request.microvm_hooks {
-        if !matches!(name.as_str(), "run" | "resume" | "suspend" | "terminate") {
-            return Err(ImportError::BadHooks(format!(
+        let hook = RuntimeHook::parse(name).ok_or_else(|| {
+            ImportError::BadHooks(format!(
                 "unknown hook {name:?}: use run, resume, suspend or terminate"
-            )));
-        }
+            ))
+        })?;
+        runtime_hooks.push(hook);
     }
     if !request.microvm_hooks.is_empty() && request.hooks_port.is_none() {
         return Err(ImportError::BadHooks(
@@ -141,45 +132,7 @@ pub async fn import_image(
     let create = store
         .image(&request.account_id, &request.image_name)?
         .is_none();
-    let mut spec = json!({
-        "baseImageArn": format!("arn:aws:lambda:{}:aws:microvm-image:imported-rootfs", request.region),
-        "buildRoleArn": format!("arn:aws:iam::{}:role/hearth-operator-import", request.account_id),
-        "codeArtifact": {"uri": format!("file://{}", request.rootfs.display())},
-        "cpuConfigurations": [{"architecture": "X86_64"}],
-        "resources": [{"minimumMemoryInMiB": request.memory_mib}],
-    });
-    if !request.environment.is_empty() {
-        spec["environmentVariables"] = Value::Object(
-            request
-                .environment
-                .iter()
-                .map(|(k, v)| (k.clone(), Value::String(v.clone())))
-                .collect(),
-        );
-    }
-    if let Some(description) = &request.description {
-        spec["description"] = json!(description);
-    }
-    if let Some(port) = request.hooks_port {
-        spec["hooks"] = json!({
-            "port": port,
-            "microvmImageHooks": {
-                "ready": "ENABLED",
-                "readyTimeoutInSeconds": request.ready_timeout.as_secs(),
-            }
-        });
-        if !request.microvm_hooks.is_empty() {
-            let mut hooks = serde_json::Map::new();
-            for name in &request.microvm_hooks {
-                hooks.insert(name.clone(), json!("ENABLED"));
-                hooks.insert(
-                    format!("{name}TimeoutInSeconds"),
-                    json!(request.hook_timeout_secs),
-                );
-            }
-            spec["hooks"]["microvmHooks"] = Value::Object(hooks);
-        }
-    }
+    let spec = import_spec(request, &runtime_hooks);
     let started = store.start_version(
         &NewVersion {
             account_id: request.account_id.clone(),
@@ -205,7 +158,7 @@ pub async fn import_image(
         "image {} version {}.0: build {}",
         request.image_name, started.version, started.build_id
     ));
-    let version_dir = version_dir(
+    let version_dir = layout::version_dir(
         data_dir,
         &request.account_id,
         &request.image_name,
@@ -225,10 +178,11 @@ pub async fn import_image(
             store.finish_build(
                 &request.account_id,
                 &started.build_id,
-                Ok((version_dir.join("snapshot"), sizes.clone())),
+                Ok((layout::snapshot_dir(&version_dir), sizes.clone())),
             )?;
             Ok(Imported {
-                image_arn: image_arn(&request.region, &request.account_id, &request.image_name),
+                image_arn: Arn::image(&request.region, &request.account_id, &request.image_name)
+                    .to_string(),
                 version: started.version,
                 build_id: started.build_id,
                 snapshot_build: sizes,
@@ -240,11 +194,6 @@ pub async fn import_image(
             Err(ImportError::Build(reason))
         }
     }
-}
-
-/// The build VM's name for a build id.
-pub fn build_vm_name(build_id: &str) -> String {
-    format!("{BUILD_VM_PREFIX}{}", build_id.replace('-', ""))
 }
 
 /// Runs the build steps; the error is the build's `stateReason`.
@@ -262,7 +211,7 @@ async fn build(
     };
     hearth_vm::disk::create_private_dir_all(version_dir)
         .map_err(|e| platform("cannot create the version directory", &e))?;
-    let rootfs = version_dir.join("rootfs.ext4");
+    let rootfs = layout::imported_rootfs(version_dir);
     progress("making the root disk (mkfs.ext4 -d)");
     let code_size = make_root_disk(&request.rootfs, &rootfs, version_dir).await?;
     let app = AppSpec {
@@ -273,9 +222,9 @@ async fn build(
         hooks_port: request.hooks_port,
         ready_timeout: request.ready_timeout,
     };
-    crate::app::snapshot_ready_app(
+    app::snapshot_ready_app(
         driver,
-        &build_vm_name(build_id),
+        &layout::import_vm_name(build_id),
         MachineShape {
             memory_mib: request.memory_mib,
             vcpus: 1,
@@ -288,7 +237,7 @@ async fn build(
             disk_size: None,
         },
         &app,
-        &version_dir.join("snapshot"),
+        &layout::snapshot_dir(version_dir),
         code_size,
         progress,
     )
@@ -297,7 +246,7 @@ async fn build(
 
 fn app_env(request: &ImportRequest, version: u32) -> Vec<(String, String)> {
     let mut env = request.environment.clone();
-    env.extend(crate::app::aws_env(
+    env.extend(app::aws_env(
         &request.region,
         &request.account_id,
         &request.image_name,
@@ -312,7 +261,7 @@ async fn make_root_disk(source: &Path, out: &Path, work: &Path) -> Result<u64, S
     let tree = if source.is_dir() {
         source.to_path_buf()
     } else {
-        extracted = work.join("rootfs.tmp");
+        extracted = layout::import_unpack_dir(work);
         hearth_vm::disk::create_private_dir_all(&extracted)
             .map_err(|_| "INTERNAL_PLATFORM_ERROR: cannot create a work directory".to_string())?;
         // GNU tar refuses members with `..` and strips leading `/`, so an archive
@@ -373,10 +322,10 @@ pub async fn reap_interrupted_builds(
         if owner_alive {
             continue;
         }
-        if let Ok(vm) = driver.load(&build_vm_name(&build.build_id)) {
+        if let Ok(vm) = driver.load(&layout::import_vm_name(&build.build_id)) {
             let _ = driver.remove(&vm).await;
         }
-        let _ = std::fs::remove_dir_all(version_dir(
+        let _ = std::fs::remove_dir_all(layout::version_dir(
             data_dir,
             &build.account_id,
             &build.image_name,
@@ -398,5 +347,54 @@ fn process_exists(pid: u32) -> bool {
 impl From<VmError> for ImportError {
     fn from(err: VmError) -> Self {
         ImportError::Build(format!("INTERNAL_PLATFORM_ERROR: {}", error_chain(&err)))
+    }
+}
+
+/// The version spec an import records: what CreateMicrovmImage would have
+/// asked for to make the same version.
+fn import_spec(request: &ImportRequest, runtime_hooks: &[RuntimeHook]) -> ImageSpec {
+    let hooks = request.hooks_port.map(|port| {
+        let timeout = Some(request.hook_timeout_secs);
+        let state = |hook| runtime_hooks.contains(&hook).then_some(HookState::Enabled);
+        let timeout_of = |hook| runtime_hooks.contains(&hook).then_some(timeout).flatten();
+        Hooks {
+            port: Some(port),
+            microvm_image_hooks: Some(MicrovmImageHooks {
+                ready: Some(HookState::Enabled),
+                ready_timeout_in_seconds: Some(request.ready_timeout.as_secs()),
+                ..Default::default()
+            }),
+            microvm_hooks: (!runtime_hooks.is_empty()).then(|| MicrovmHooks {
+                run: state(RuntimeHook::Run),
+                run_timeout_in_seconds: timeout_of(RuntimeHook::Run),
+                resume: state(RuntimeHook::Resume),
+                resume_timeout_in_seconds: timeout_of(RuntimeHook::Resume),
+                suspend: state(RuntimeHook::Suspend),
+                suspend_timeout_in_seconds: timeout_of(RuntimeHook::Suspend),
+                terminate: state(RuntimeHook::Terminate),
+                terminate_timeout_in_seconds: timeout_of(RuntimeHook::Terminate),
+            }),
+        }
+    });
+    ImageSpec {
+        base_image_arn: Arn::managed_image(&request.region, "imported-rootfs").to_string(),
+        build_role_arn: format!(
+            "arn:aws:iam::{}:role/hearth-operator-import",
+            request.account_id
+        ),
+        description: request.description.clone(),
+        code_artifact: CodeArtifact {
+            uri: format!("file://{}", request.rootfs.display()),
+        },
+        cpu_configurations: Some(vec![CpuConfiguration {
+            architecture: "X86_64".into(),
+        }]),
+        resources: Some(vec![Resources {
+            minimum_memory_in_mib: request.memory_mib,
+        }]),
+        hooks,
+        environment_variables: (!request.environment.is_empty())
+            .then(|| request.environment.iter().cloned().collect()),
+        ..Default::default()
     }
 }

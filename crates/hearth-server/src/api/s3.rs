@@ -19,7 +19,11 @@ use tracing::warn;
 
 pub use hearth_s3::{ArtifactSource, ArtifactsConfig, ExternalS3, FetchError};
 
-use crate::{AppState, ServerConfig, ServerError, Store};
+use crate::api::state::AppState;
+use crate::config::ServerConfig;
+use crate::db::store::Store;
+use crate::images::build::ArtifactFetch;
+use crate::layout;
 
 /// S3 access keys are the API's.
 struct StoreAccounts(Store);
@@ -41,17 +45,14 @@ impl hearth_s3::Accounts for StoreAccounts {
 pub(crate) fn build(
     config: &ServerConfig,
     store: &Store,
-) -> Result<(hearth_s3::S3Service, ArtifactSource), ServerError> {
-    let builtin = Arc::new(
-        hearth_s3::Store::open(
-            &config.data_dir.join("s3"),
-            hearth_s3::StoreConfig {
-                max_object_bytes: config.artifacts.max_artifact_bytes,
-                ..Default::default()
-            },
-        )
-        .map_err(ServerError::Artifacts)?,
-    );
+) -> Result<(hearth_s3::S3Service, ArtifactSource), hearth_s3::StoreError> {
+    let builtin = Arc::new(hearth_s3::Store::open(
+        &layout::s3_dir(&config.data_dir),
+        hearth_s3::StoreConfig {
+            max_object_bytes: config.artifacts.max_artifact_bytes,
+            ..Default::default()
+        },
+    )?);
     let service = hearth_s3::service(
         builtin.clone(),
         Arc::new(StoreAccounts(store.clone())),
@@ -65,7 +66,7 @@ pub(crate) fn build(
 
 /// The builder's fetch: errors become `stateReason` texts starting with the
 /// reference's code; internal causes go to the log only.
-impl crate::build::ArtifactFetch for ArtifactSource {
+impl ArtifactFetch for ArtifactSource {
     fn fetch<'a>(
         &'a self,
         account: &'a str,
@@ -78,7 +79,7 @@ impl crate::build::ArtifactFetch for ArtifactSource {
                 .await
                 .map_err(|err| {
                     if let FetchError::Internal { .. } = err {
-                        warn!(error = %crate::engine::error_chain(&err), "artifact fetch failed");
+                        warn!(error = %hearth_vm::error_chain(&err), "artifact fetch failed");
                     }
                     err.message()
                 })

@@ -11,8 +11,10 @@ use hearth_vm::agent::AgentClient;
 use hearth_vm::{BootRequest, ColdBoot, Driver, MachineShape, QemuDriver};
 use serde_json::{json, Value};
 
-use crate::engine::error_chain;
-use crate::import::image_arn;
+use hearth_vm::error_chain;
+
+use crate::arn::Arn;
+use crate::vms::hooks;
 
 /// Where the app's output goes inside the guest.
 const APP_LOG: &str = "/var/log/hearth-app.log";
@@ -47,7 +49,7 @@ pub fn aws_env(
         ),
         (
             "AWS_LAMBDA_MICROVM_IMAGE_ARN".to_string(),
-            image_arn(region, account, image),
+            Arn::image(region, account, image).to_string(),
         ),
         ("AWS_REGION".to_string(), region.to_string()),
     ];
@@ -258,7 +260,7 @@ async fn wait_ready(
                 app.ready_timeout.as_secs()
             ));
         }
-        let answer = crate::hooks::call(
+        let answer = hooks::call(
             agent,
             port,
             "ready",

@@ -7,8 +7,11 @@ use std::time::UNIX_EPOCH;
 use hearth_api::{ApiError, ErrorCode};
 use serde_json::{json, Value};
 
-use super::{paginate, Caller};
-use crate::AppState;
+use super::input::Caller;
+use super::page::paginate;
+use crate::api::state::AppState;
+use crate::arn::{Arn, MANAGED_ACCOUNT};
+use crate::layout;
 
 /// One build of a managed base image in the cache (`images/NAME/KEY/`).
 #[derive(Debug, Clone)]
@@ -22,10 +25,6 @@ struct ManagedVersion {
 struct ManagedImage {
     name: String,
     versions: Vec<ManagedVersion>,
-}
-
-pub(super) fn managed_arn(region: &str, name: &str) -> String {
-    format!("arn:aws:lambda:{region}:aws:microvm-image:{name}")
 }
 
 /// Reads the operator's base images from the cache (made by scripts/setup-host).
@@ -94,15 +93,15 @@ fn find_managed(
     identifier: &str,
 ) -> Result<ManagedImage, ApiError> {
     let name = match identifier.strip_prefix("arn:") {
-        Some(_) => identifier
-            .strip_prefix(&format!(
-                "arn:aws:lambda:{}:aws:microvm-image:",
-                caller.region
-            ))
-            .unwrap_or(""),
-        None => identifier,
+        Some(_) => Arn::parse(identifier)
+            .and_then(|arn| {
+                arn.image_of(&caller.region, MANAGED_ACCOUNT)
+                    .map(str::to_string)
+            })
+            .unwrap_or_default(),
+        None => identifier.to_string(),
     };
-    managed_images(&state.assets.cache_dir.join("images"))
+    managed_images(&layout::managed_images_dir(&state.assets))
         .into_iter()
         .find(|image| image.name == name && !name.is_empty())
         .ok_or_else(|| {
@@ -118,7 +117,7 @@ pub(super) fn list_managed_images(
     caller: &Caller,
     input: &Value,
 ) -> Result<Value, ApiError> {
-    let images = managed_images(&state.assets.cache_dir.join("images"));
+    let images = managed_images(&layout::managed_images_dir(&state.assets));
     let rows: Vec<(String, Value)> = images
         .iter()
         .map(|image| {
@@ -127,7 +126,7 @@ pub(super) fn list_managed_images(
             (
                 image.name.clone(),
                 json!({
-                    "imageArn": managed_arn(&caller.region, &image.name),
+                    "imageArn": Arn::managed_image(&caller.region, &image.name),
                     "createdAt": created,
                     "updatedAt": updated,
                 }),
@@ -144,7 +143,7 @@ pub(super) fn list_managed_image_versions(
 ) -> Result<Value, ApiError> {
     let identifier = input["imageIdentifier"].as_str().unwrap_or_default();
     let image = find_managed(state, caller, identifier)?;
-    let arn = managed_arn(&caller.region, &image.name);
+    let arn = Arn::managed_image(&caller.region, &image.name);
     let rows = image
         .versions
         .iter()

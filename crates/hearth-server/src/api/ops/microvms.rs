@@ -4,49 +4,31 @@
 //! once with the state the record is in.
 
 use hearth_api::ApiError;
+use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::images::{image_name, image_not_found};
-use super::{
-    fingerprint, internal, keyset_page, parse_version, string, timestamp, version_text, Caller,
+use super::input::{
+    connectors, fingerprint, image_name, image_not_found, internal, parse_version, string,
+    timestamp, version_text, Caller, EGRESS, INGRESS,
 };
-use crate::import::image_arn;
-use crate::records::{MicrovmRow, Refusal};
-use crate::resources::MicrovmState;
-use crate::store::unix_now_ms;
-use crate::tokens::{Claims, PortRule, TokenKind};
-use crate::AppState;
+use super::page::keyset_page;
+use crate::api::state::AppState;
+use crate::arn::Arn;
+use crate::db::records::{MicrovmRow, Refusal};
+use crate::db::resources::{MicrovmState, VersionState, VersionStatus};
+use crate::db::spec::{IdlePolicy, Logging, MicrovmSpec};
+use crate::db::store::{unix_now, unix_now_ms};
+use crate::endpoint::tokens::{Claims, PortRule, TokenKind};
 
-const CONNECTOR_PREFIX: &str = "network-connector:aws-network-connector:";
-const INGRESS: &[&str] = &["HTTP_INGRESS", "ALL_INGRESS", "NO_INGRESS", "SHELL_INGRESS"];
-/// `NO_EGRESS` is hearth's extension: a VM with no network at all.
-pub(super) const EGRESS: &[&str] = &["INTERNET_EGRESS", "NO_EGRESS"];
-
-/// The connector names of a list of managed connector ARNs.
-pub(super) fn connectors<'a>(
-    caller: &Caller,
-    input: &'a Value,
-    member: &str,
-    allowed: &[&str],
-    kind: &str,
-) -> Result<Option<Vec<&'a str>>, ApiError> {
-    let Some(list) = input.get(member).and_then(Value::as_array) else {
-        return Ok(None);
-    };
-    let prefix = format!("arn:aws:lambda:{}:aws:{CONNECTOR_PREFIX}", caller.region);
-    let mut names = Vec::new();
-    for arn in list.iter().filter_map(Value::as_str) {
-        let name = arn.strip_prefix(&prefix).ok_or_else(|| {
-            ApiError::validation(format!("Malformed network connector ARN: {arn}"))
-        })?;
-        if !allowed.contains(&name) {
-            return Err(ApiError::validation(format!(
-                "{arn} is not an {kind} network connector"
-            )));
-        }
-        names.push(arn);
-    }
-    Ok(Some(names))
+/// The members of RunMicrovm's input a microVM keeps as they are.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RunOptions {
+    maximum_duration_in_seconds: Option<u64>,
+    execution_role_arn: Option<String>,
+    idle_policy: Option<IdlePolicy>,
+    logging: Option<Logging>,
+    run_hook_payload: Option<String>,
 }
 
 fn microvm_not_found(identifier: &str) -> ApiError {
@@ -57,11 +39,11 @@ fn microvm_not_found(identifier: &str) -> ApiError {
 /// whether it exists in another account.
 fn load(state: &AppState, caller: &Caller, input: &Value) -> Result<MicrovmRow, ApiError> {
     let identifier = string(input, "microvmIdentifier").unwrap_or_default();
-    let prefix = format!(
-        "arn:aws:lambda:{}:{}:microvm:",
-        caller.region, caller.account_id
-    );
-    let id = identifier.strip_prefix(&prefix).unwrap_or(identifier);
+    let arn = Arn::parse(identifier);
+    let id = arn
+        .as_ref()
+        .and_then(|arn| arn.microvm_of(&caller.region, &caller.account_id))
+        .unwrap_or(identifier);
     if !id.starts_with("microvm-") {
         return Err(microvm_not_found(identifier));
     }
@@ -83,24 +65,25 @@ fn endpoint(state: &AppState, row: &MicrovmRow) -> String {
 
 /// GetMicrovm's and RunMicrovm's shape.
 fn output(state: &AppState, caller: &Caller, row: &MicrovmRow) -> Value {
+    let spec = &row.spec;
     let mut out = json!({
         "microvmId": row.microvm_id,
         "state": row.state.as_str(),
         "endpoint": endpoint(state, row),
-        "imageArn": image_arn(&caller.region, &row.account_id, &row.image_name),
+        "imageArn": Arn::image(&caller.region, &row.account_id, &row.image_name),
         "imageVersion": version_text(row.image_version),
-        "maximumDurationInSeconds": row.spec["maximumDurationInSeconds"],
+        "maximumDurationInSeconds": spec.maximum_duration_in_seconds,
         "startedAt": timestamp(row.started_at),
+        "ingressNetworkConnectors": spec.ingress_network_connectors,
     });
-    for member in [
-        "executionRoleArn",
-        "idlePolicy",
-        "ingressNetworkConnectors",
-        "egressNetworkConnectors",
-    ] {
-        if let Some(value) = row.spec.get(member) {
-            out[member] = value.clone();
-        }
+    if let Some(arn) = &spec.execution_role_arn {
+        out["executionRoleArn"] = json!(arn);
+    }
+    if let Some(policy) = &spec.idle_policy {
+        out["idlePolicy"] = json!(policy);
+    }
+    if let Some(egress) = &spec.egress_network_connectors {
+        out["egressNetworkConnectors"] = json!(egress);
     }
     if let Some(at) = row.terminated_at {
         out["terminatedAt"] = timestamp(at);
@@ -131,8 +114,7 @@ pub(super) fn run(state: &AppState, caller: &Caller, input: &Value) -> Result<Va
                 .version(&caller.account_id, &name, number)
                 .map_err(internal)?
                 .filter(|v| {
-                    v.state == crate::resources::VersionState::Successful
-                        && v.status == crate::resources::VersionStatus::Active
+                    v.state == VersionState::Successful && v.status == VersionStatus::Active
                 })
                 .ok_or_else(no_active)?
         }
@@ -156,8 +138,10 @@ pub(super) fn run(state: &AppState, caller: &Caller, input: &Value) -> Result<Va
             "At most one egress network connector can be given",
         ));
     }
-    let max_duration = input["maximumDurationInSeconds"]
-        .as_u64()
+    let options: RunOptions = serde_json::from_value(input.clone())
+        .map_err(|e| ApiError::validation(format!("Invalid request: {e}")))?;
+    let max_duration = options
+        .maximum_duration_in_seconds
         .unwrap_or(state.config.max_lifetime_secs);
     if max_duration > state.config.max_lifetime_secs {
         return Err(ApiError::validation(format!(
@@ -165,31 +149,20 @@ pub(super) fn run(state: &AppState, caller: &Caller, input: &Value) -> Result<Va
             state.config.max_lifetime_secs
         )));
     }
-    let mut spec = json!({ "maximumDurationInSeconds": max_duration });
-    let default_ingress = format!(
-        "arn:aws:lambda:{}:aws:{CONNECTOR_PREFIX}HTTP_INGRESS",
-        caller.region
-    );
-    spec["ingressNetworkConnectors"] = json!(ingress.unwrap_or_else(|| vec![&default_ingress]));
-    if let Some(egress) = egress {
-        spec["egressNetworkConnectors"] = json!(egress);
-    }
-    for member in [
-        "executionRoleArn",
-        "idlePolicy",
-        "logging",
-        "runHookPayload",
-    ] {
-        if let Some(value) = input.get(member) {
-            spec[member] = value.clone();
-        }
-    }
-    // The image's hooks, frozen into the microVM (not echoed by the API).
-    if let Some(hooks) = version.spec.get("hooks") {
-        spec["hooks"] = hooks.clone();
-    }
+    let spec = MicrovmSpec {
+        maximum_duration_in_seconds: max_duration,
+        ingress_network_connectors: ingress
+            .unwrap_or_else(|| vec![Arn::connector(&caller.region, "HTTP_INGRESS")]),
+        egress_network_connectors: egress,
+        execution_role_arn: options.execution_role_arn,
+        idle_policy: options.idle_policy,
+        logging: options.logging,
+        run_hook_payload: options.run_hook_payload,
+        // The image's hooks, frozen into the microVM (not echoed by the API).
+        hooks: version.spec.hooks.clone(),
+    };
 
-    let (microvm_id, vm_name) = crate::ids::new_microvm_ids();
+    let (microvm_id, vm_name) = crate::db::ids::new_microvm_ids();
     let now = unix_now_ms();
     let row = MicrovmRow {
         microvm_id,
@@ -275,7 +248,7 @@ pub(super) fn list(state: &AppState, caller: &Caller, input: &Value) -> Result<V
             json!({
                 "microvmId": row.microvm_id,
                 "state": row.state.as_str(),
-                "imageArn": image_arn(&caller.region, &row.account_id, &row.image_name),
+                "imageArn": Arn::image(&caller.region, &row.account_id, &row.image_name),
                 "imageVersion": version_text(row.image_version),
                 "startedAt": timestamp(row.started_at),
             })
@@ -411,7 +384,7 @@ fn mint(
     ports: Vec<PortRule>,
     lifetime_secs: u64,
 ) -> Value {
-    let now = crate::store::unix_now().max(0) as u64;
+    let now = unix_now().max(0) as u64;
     let token = state.tokens.mint(Claims {
         kid: String::new(),
         kind,
@@ -481,14 +454,7 @@ pub(super) fn shell_token(
 ) -> Result<Value, ApiError> {
     let lifetime = token_expiry(input)?;
     let row = tokenable(state, caller, input)?;
-    let shell = row.spec["ingressNetworkConnectors"]
-        .as_array()
-        .is_some_and(|list| {
-            list.iter()
-                .filter_map(Value::as_str)
-                .any(|arn| arn.ends_with(":SHELL_INGRESS"))
-        });
-    if !shell {
+    if !row.spec.shell_ingress() {
         return Err(ApiError::validation(
             "Shell access needs the SHELL_INGRESS network connector at RunMicrovm",
         ));

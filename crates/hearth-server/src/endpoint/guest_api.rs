@@ -35,9 +35,10 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
 use tokio_tungstenite::tungstenite::Message;
 use tracing::{info, warn};
 
-use crate::endpoint::EndpointBackend;
-use crate::extensions::ExecBody;
-use crate::AppState;
+use serde::Deserialize;
+
+use crate::endpoint::backend::EndpointBackend;
+use crate::vms::engine::Engine;
 
 /// How long a request may wait for a suspended VM to resume.
 const RESUME_WAIT: Duration = Duration::from_secs(30);
@@ -48,14 +49,27 @@ const SHELL: &str = "if [ -x /bin/bash ]; then exec /bin/bash -l; else exec /bin
 
 #[derive(Debug)]
 pub struct GuestApi {
-    state: Arc<AppState>,
+    engine: Arc<Engine>,
     backend: Arc<EndpointBackend>,
 }
 
 impl GuestApi {
-    pub fn new(state: Arc<AppState>, backend: Arc<EndpointBackend>) -> Arc<Self> {
-        Arc::new(Self { state, backend })
+    pub fn new(engine: Arc<Engine>, backend: Arc<EndpointBackend>) -> Arc<Self> {
+        Arc::new(Self { engine, backend })
     }
+}
+
+/// The body of an exec request, here and in the API's exec extension.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct ExecBody {
+    pub(crate) argv: Vec<String>,
+    #[serde(default)]
+    pub(crate) env: std::collections::BTreeMap<String, String>,
+    pub(crate) cwd: Option<String>,
+    /// Base64.
+    pub(crate) stdin: Option<String>,
+    pub(crate) timeout_in_seconds: Option<u64>,
 }
 
 fn text(status: StatusCode, message: &str) -> Response<ProxyBody> {
@@ -98,8 +112,7 @@ impl GuestApi {
         &self,
         microvm_id: &str,
     ) -> Result<Arc<hearth_vm::AgentClient>, Response<ProxyBody>> {
-        self.state
-            .engine
+        self.engine
             .running_agent(microvm_id, RESUME_WAIT)
             .await
             .map_err(|err| text(StatusCode::BAD_GATEWAY, &err.to_string()))
@@ -130,7 +143,7 @@ impl GuestApi {
             Err(response) => return response,
         };
         let upgrade = hyper::upgrade::on(&mut request);
-        let state = self.state.clone();
+        let engine = self.engine.clone();
         tokio::spawn(async move {
             match upgrade.await {
                 Ok(upgraded) => {
@@ -140,7 +153,7 @@ impl GuestApi {
                         None,
                     )
                     .await;
-                    run_shell(state, agent, &microvm_id, ws).await;
+                    run_shell(engine, agent, &microvm_id, ws).await;
                 }
                 Err(err) => warn!(error = %err, "shell upgrade failed"),
             }
@@ -186,7 +199,7 @@ impl GuestApi {
             Ok(agent) => agent,
             Err(response) => return response,
         };
-        self.state.engine.note_traffic(&microvm_id);
+        self.engine.note_traffic(&microvm_id);
         match (method, path.as_str()) {
             (http::Method::POST, "/.hearth/v1/exec") => exec(agent, request).await,
             (http::Method::PUT, "/.hearth/v1/files") => put_file(agent, &query, request).await,
@@ -198,14 +211,14 @@ impl GuestApi {
 }
 
 async fn run_shell<S>(
-    state: Arc<AppState>,
+    engine: Arc<Engine>,
     agent: Arc<hearth_vm::AgentClient>,
     microvm_id: &str,
     mut ws: tokio_tungstenite::WebSocketStream<S>,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let session_id = crate::ids::new_uuid();
+    let session_id = crate::db::ids::new_uuid();
     let init = json!({"type": "session_init", "session_id": session_id}).to_string();
     if ws.send(Message::text(init)).await.is_err() {
         return;
@@ -233,7 +246,7 @@ async fn run_shell<S>(
     loop {
         tokio::select! {
             incoming = ws.next() => {
-                state.engine.note_traffic(microvm_id);
+                engine.note_traffic(microvm_id);
                 let message = match incoming {
                     Some(Ok(message)) => message,
                     _ => break,
@@ -252,7 +265,7 @@ async fn run_shell<S>(
                 }
             }
             event = stream.next_pty_event() => {
-                state.engine.note_traffic(microvm_id);
+                engine.note_traffic(microvm_id);
                 match event {
                     Ok(hearth_vm::agent::PtyEvent::Output(bytes)) => {
                         if ws.send(Message::Binary(bytes)).await.is_err() {

@@ -9,9 +9,8 @@ use std::time::Duration;
 use rand::Rng;
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::secrets::{SecretBox, SecretsError};
-
-const DB_FILE: &str = "hearth.db";
+use crate::db::secrets::{SecretBox, SecretsError};
+use crate::layout;
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
 const MIGRATIONS: &[&str] = &[
@@ -128,6 +127,8 @@ pub enum StoreError {
     Secrets(#[from] SecretsError),
     #[error("corrupt {0} in the database")]
     Corrupt(String),
+    #[error("cannot encode a resource spec")]
+    Spec(#[source] serde_json::Error),
 }
 
 /// A tenant.
@@ -158,7 +159,7 @@ impl Store {
     /// Opens (creating if needed) the database and master key in `data_dir`.
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
         let secrets = SecretBox::open_or_create(data_dir)?;
-        let path = data_dir.join(DB_FILE);
+        let path = layout::database(data_dir);
         let display = path.display().to_string();
         let conn = Connection::open(&path).map_err(|e| StoreError::Open(display.clone(), e))?;
         conn.busy_timeout(Duration::from_secs(5))
@@ -358,7 +359,7 @@ mod tests {
         }
         // The database file alone does not hold the secret in clear.
         drop(store);
-        let db = std::fs::read(dir.path().join(DB_FILE)).expect("db");
+        let db = std::fs::read(layout::database(dir.path())).expect("db");
         let wal = std::fs::read(dir.path().join("hearth.db-wal")).unwrap_or_default();
         let needle = key.secret_access_key.as_bytes();
         for bytes in [&db, &wal] {

@@ -3,9 +3,10 @@
 use hearth_api::ApiError;
 use serde_json::{json, Value};
 
-use super::{internal, string, Caller};
-use crate::records::Refusal;
-use crate::AppState;
+use super::input::{internal, string, Caller};
+use crate::api::state::AppState;
+use crate::arn::Arn;
+use crate::db::records::Refusal;
 
 /// The most tags one resource can carry (as Lambda's other resources).
 const MAX_TAGS: usize = 50;
@@ -14,11 +15,10 @@ const MAX_TAGS: usize = 50;
 fn taggable(state: &AppState, caller: &Caller, input: &Value) -> Result<String, ApiError> {
     let arn = string(input, "Resource").unwrap_or_default();
     let not_found = || ApiError::not_found(format!("Resource {arn} not found"));
-    let prefix = format!(
-        "arn:aws:lambda:{}:{}:microvm-image:",
-        caller.region, caller.account_id
-    );
-    let name = arn.strip_prefix(&prefix).ok_or_else(not_found)?;
+    let parsed = Arn::parse(arn).ok_or_else(not_found)?;
+    let name = parsed
+        .image_of(&caller.region, &caller.account_id)
+        .ok_or_else(not_found)?;
     state
         .store
         .image(&caller.account_id, name)

@@ -4,7 +4,7 @@
 //! fetches the code artifact (`s3://bucket/key`, from the built-in store or
 //! the operator's), extracts it safely, runs the Dockerfile in build microVMs
 //! ([`hearth_builder::run`]), boots the result, starts the app, waits for it
-//! to be ready, snapshots it ([`crate::app`]), optionally calls `/validate` on
+//! to be ready, snapshots it ([`crate::images::app`]), optionally calls `/validate` on
 //! a clone of the snapshot, and records the outcome: the version SUCCESSFUL
 //! (image CREATED/UPDATED) or FAILED with the reference's error code in the
 //! build's `stateReason`.
@@ -24,13 +24,16 @@ use std::time::{Duration, Instant};
 use hearth_builder::archive;
 use hearth_builder::run::{Base, BaseResolver, BuildLog, BuildRequest, Builder, Disk};
 use hearth_vm::disk::BackingFormat;
-use hearth_vm::{Assets, ColdBoot, Driver, MachineShape, QemuDriver};
+use hearth_vm::{error_chain, Assets, ColdBoot, Driver, MachineShape, QemuDriver};
 use serde_json::Value;
 use tokio::sync::Semaphore;
 
-use crate::app::{aws_env, snapshot_ready_app, AppSpec};
-use crate::engine::error_chain;
-use crate::store::{Store, StoreError};
+use crate::arn::Arn;
+use crate::db::spec::{ImageHook, ImageSpec};
+use crate::db::store::{Store, StoreError};
+use crate::images::app::{aws_env, snapshot_ready_app, AppSpec};
+use crate::layout;
+use crate::vms::hooks;
 
 /// Largest build log kept; later lines are dropped with a note.
 const MAX_LOG_BYTES: u64 = 8 * 1024 * 1024;
@@ -38,8 +41,6 @@ const MAX_LOG_BYTES: u64 = 8 * 1024 * 1024;
 const STEP_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// Longest the Dockerfile steps of one build may take together.
 const BUILD_TIMEOUT: Duration = Duration::from_secs(2 * 60 * 60);
-/// Default `readyTimeoutInSeconds` and `validateTimeoutInSeconds` (the reference's).
-const DEFAULT_HOOK_TIMEOUT: u64 = 30;
 /// Builds running at once on this host (each is one or more VMs under TCG).
 const PARALLEL_BUILDS: usize = 2;
 
@@ -107,7 +108,7 @@ pub struct BuildJob {
     pub version: u32,
     pub build_id: String,
     /// The version's frozen request.
-    pub spec: Value,
+    pub spec: ImageSpec,
     pub memory_mib: u32,
     /// `ARG` values for this build only (not persisted; masked in the log).
     pub build_args: Vec<(String, String)>,
@@ -171,7 +172,7 @@ impl Builds {
         } = settings;
         // The step cache lives with the data: image versions chain to its layers.
         let builder =
-            Builder::new(driver, &data_dir.join("build-cache")).map_err(BuildsError::Builder)?;
+            Builder::new(driver, &layout::build_cache(data_dir)).map_err(BuildsError::Builder)?;
         Ok(Builds {
             store,
             builder,
@@ -191,25 +192,7 @@ impl Builds {
     /// roots are every image version's snapshot disk and every VM's disk.
     /// Only while no build runs: the server calls it at start.
     pub fn sweep_cache(&self) -> usize {
-        let mut roots = Vec::new();
-        let images = self.data_dir.join("images");
-        // images/<account>/<image>/<version>/snapshot/disk.qcow2
-        let children = |dir: &Path| -> Vec<PathBuf> {
-            std::fs::read_dir(dir)
-                .map(|d| d.flatten().map(|e| e.path()).collect())
-                .unwrap_or_default()
-        };
-        for account in children(&images) {
-            for image in children(&account) {
-                for version in children(&image) {
-                    roots.push(
-                        version
-                            .join("snapshot")
-                            .join(hearth_vm::snapshot::DISK_FILE),
-                    );
-                }
-            }
-        }
+        let mut roots = layout::snapshot_disks(&self.data_dir);
         if let Ok(vms) = self.builder.driver().list() {
             roots.extend(vms.into_iter().map(|vm| vm.disk));
         }
@@ -221,12 +204,12 @@ impl Builds {
     }
 
     fn work_dir(&self, build_id: &str) -> PathBuf {
-        self.data_dir.join("builds").join(build_id)
+        layout::build_dir(&self.data_dir, build_id)
     }
 
     /// The build's log file.
     pub fn log_path(&self, build_id: &str) -> PathBuf {
-        self.work_dir(build_id).join("build.log")
+        layout::build_log(&self.data_dir, build_id)
     }
 
     /// Starts `job` in the background.
@@ -283,7 +266,7 @@ impl Builds {
     }
 
     fn version_dir(&self, job: &BuildJob) -> PathBuf {
-        crate::import::version_dir(
+        layout::version_dir(
             &self.data_dir,
             &job.account_id,
             &job.image_name,
@@ -298,11 +281,7 @@ impl Builds {
         work: &Path,
         log: &FileLog,
     ) -> Result<(PathBuf, Value), String> {
-        let uri = job
-            .spec
-            .pointer("/codeArtifact/uri")
-            .and_then(Value::as_str)
-            .unwrap_or_default();
+        let uri = &job.spec.code_artifact.uri;
         log.line(&format!("fetching {uri}"));
         let artifact = work.join("artifact.zip");
         let _ = std::fs::remove_file(&artifact);
@@ -334,33 +313,19 @@ impl Builds {
                 .to_string()
         })?;
 
-        let base_arn = job
-            .spec
-            .get("baseImageArn")
-            .and_then(Value::as_str)
-            .unwrap_or_default();
         let resolver = ManagedBases {
             assets: &self.assets,
             region: &self.region,
             registry: self.registry.as_ref(),
-            cache_dir: self.data_dir.join("build-cache"),
-            default_base: base_arn.rsplit(':').next().unwrap_or_default().to_string(),
+            cache_dir: layout::build_cache(&self.data_dir),
+            default_base: job.spec.base_image_name().unwrap_or_default(),
         };
-        let hex = job.build_id.replace('-', "");
-        let prefix = format!("b{}", &hex[..hex.len().min(20)]);
+        let prefix = layout::build_vm_prefix(&job.build_id);
         let shape = MachineShape {
             memory_mib: job.memory_mib,
             vcpus: 1,
         };
-        let egress = job
-            .spec
-            .get("egressNetworkConnectors")
-            .and_then(Value::as_array)
-            .is_some_and(|list| {
-                list.iter()
-                    .filter_map(Value::as_str)
-                    .any(|arn| arn.ends_with(":INTERNET_EGRESS"))
-            });
+        let egress = job.spec.internet_egress();
         let request = BuildRequest {
             context: context.clone(),
             dockerfile,
@@ -384,35 +349,15 @@ impl Builds {
             steps_started.elapsed().as_secs_f64()
         ));
 
-        let hooks = job.spec.get("hooks");
-        let image_hook = |name: &str| {
-            hooks
-                .and_then(|h| h.pointer(&format!("/microvmImageHooks/{name}")))
-                .and_then(Value::as_str)
-                == Some("ENABLED")
-        };
-        let hook_timeout = |name: &str| {
-            hooks
-                .and_then(|h| h.pointer(&format!("/microvmImageHooks/{name}TimeoutInSeconds")))
-                .and_then(Value::as_u64)
-                .unwrap_or(DEFAULT_HOOK_TIMEOUT)
-        };
-        let port = hooks
-            .and_then(|h| h.get("port"))
-            .and_then(Value::as_u64)
-            .and_then(|p| u16::try_from(p).ok());
+        let hooks = job.spec.hooks.clone().unwrap_or_default();
+        let image_hook = |hook| hooks.image_enabled(hook);
+        let hook_timeout = |hook| hooks.image_timeout(hook);
+        let port = hooks.port;
         let mut env = built.config.process_env();
-        if let Some(vars) = job
-            .spec
-            .get("environmentVariables")
-            .and_then(Value::as_object)
-        {
-            for (k, v) in vars {
-                let v = v.as_str().unwrap_or_default().to_string();
-                match env.iter_mut().find(|(key, _)| key == k) {
-                    Some(slot) => slot.1 = v,
-                    None => env.push((k.clone(), v)),
-                }
+        for (k, v) in job.spec.environment() {
+            match env.iter_mut().find(|(key, _)| key == k) {
+                Some(slot) => slot.1 = v.to_string(),
+                None => env.push((k.to_string(), v.to_string())),
             }
         }
         env.extend(aws_env(
@@ -426,15 +371,19 @@ impl Builds {
             env,
             cwd: built.config.cwd(),
             user: built.config.user.clone(),
-            hooks_port: if image_hook("ready") { port } else { None },
-            ready_timeout: Duration::from_secs(hook_timeout("ready")),
+            hooks_port: if image_hook(ImageHook::Ready) {
+                port
+            } else {
+                None
+            },
+            ready_timeout: hook_timeout(ImageHook::Ready),
         };
         let version_dir = self.version_dir(job);
         let _ = std::fs::remove_dir_all(&version_dir);
         hearth_vm::disk::create_private_dir_all(&version_dir).map_err(|_| {
             "INTERNAL_PLATFORM_ERROR: cannot create the version directory".to_string()
         })?;
-        let snapshot_dir = version_dir.join("snapshot");
+        let snapshot_dir = layout::snapshot_dir(&version_dir);
         let progress = |text: &str| log.line(text);
         let sizes = snapshot_ready_app(
             self.builder.driver(),
@@ -453,7 +402,7 @@ impl Builds {
             &progress,
         )
         .await?;
-        if image_hook("validate") {
+        if image_hook(ImageHook::Validate) {
             let port = port.ok_or_else(|| {
                 "CONTAINER_BUILD_FAILED: the validate hook needs hooks.port".to_string()
             })?;
@@ -461,7 +410,7 @@ impl Builds {
                 &snapshot_dir,
                 &format!("{prefix}-val"),
                 port,
-                hook_timeout("validate"),
+                hook_timeout(ImageHook::Validate).as_secs(),
                 log,
             )
             .await?;
@@ -507,7 +456,7 @@ impl Builds {
                     "Validate hook invocation timed out after PT{timeout_secs}S"
                 ));
             }
-            match crate::hooks::call(
+            match hooks::call(
                 &agent,
                 port,
                 "validate",
@@ -550,10 +499,13 @@ struct ManagedBases<'a> {
 
 impl BaseResolver for ManagedBases<'_> {
     async fn resolve(&self, image: &str, log: &dyn BuildLog) -> Result<Base, String> {
-        let arn_prefix = format!("arn:aws:lambda:{}:aws:microvm-image:", self.region);
         let lower = image.to_ascii_lowercase();
-        let name = if let Some(name) = lower.strip_prefix(&arn_prefix) {
-            name.to_string()
+        let managed = Arn::parse(&lower).and_then(|arn| {
+            arn.image_of(self.region, crate::arn::MANAGED_ACCOUNT)
+                .map(str::to_string)
+        });
+        let name = if let Some(name) = managed {
+            name
         } else if lower.starts_with("public.ecr.aws/lambda/microvms") {
             self.default_base.clone()
         } else {

@@ -1,0 +1,5 @@
+//! The VMs behind microVM records: launch, suspend, resume, terminate, reconcile, lifecycle hooks.
+
+pub mod engine;
+pub mod hooks;
+pub mod reconcile;
