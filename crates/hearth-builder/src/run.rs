@@ -343,6 +343,7 @@ impl Builder {
             tree: None,
             results: HashMap::new(),
             vms: Vec::new(),
+            started: Vec::new(),
             stage_vms: HashMap::new(),
             steps_run: 0,
             steps_cached: 0,
@@ -411,6 +412,9 @@ struct BuildRun<'a> {
     /// Every VM this build started (removed at the end); VMs are named by
     /// their place here.
     vms: Vec<BuildVm>,
+    /// The name of every VM whose boot began: a boot cut short by the
+    /// build's time limit leaves a VM that never reached `vms`.
+    started: Vec<String>,
     /// The VM that holds a finished stage's filesystem, for COPY --from.
     stage_vms: HashMap<usize, usize>,
     steps_run: usize,
@@ -727,7 +731,8 @@ impl BuildRun<'_> {
     /// the cache (the first one, holding what the boot wrote, is frozen at
     /// once and becomes part of the chain). Returns its index in `self.vms`.
     async fn boot(&mut self, disk: &Disk, keep_layers: bool) -> Result<usize, StepError> {
-        let name = format!("{}-{}", self.request.vm_prefix, self.vms.len() + 1);
+        let name = format!("{}-{}", self.request.vm_prefix, self.started.len() + 1);
+        self.started.push(name.clone());
         self.log.line(" ---> starting a build VM");
         let overlay = keep_layers.then(|| self.builder.cache.new_file("boot"));
         let vm = self
@@ -814,8 +819,20 @@ impl BuildRun<'_> {
     }
 
     async fn cleanup(&mut self) {
+        let mut vms = Vec::new();
         for BuildVm { vm, agent } in self.vms.drain(..) {
             drop(agent);
+            vms.push(vm);
+        }
+        // A boot the time limit interrupted: its record is on disk, its QEMU may run.
+        for name in self.started.drain(..) {
+            if !vms.iter().any(|vm| vm.name == name) {
+                if let Ok(vm) = self.builder.driver.load(&name) {
+                    vms.push(vm);
+                }
+            }
+        }
+        for vm in vms {
             if let Err(e) = self.builder.driver.remove(&vm).await {
                 tracing::warn!(vm = %vm.name, error = %error_chain(&e), "cannot remove a build VM");
             }
