@@ -6,6 +6,7 @@
 //! `model/` (a test compares it with `shared/spec` when that is present), so
 //! the server and the SDKs read one definition.
 
+mod build_failure;
 mod error;
 mod model;
 mod validate;
@@ -15,6 +16,7 @@ mod tests;
 
 use std::sync::OnceLock;
 
+pub use build_failure::{BuildErrorCode, BuildFailure, BuildHook};
 pub use error::{ApiError, ErrorCode};
 pub use model::{Location, Member, Model, Operation, Shape, ShapeKind};
 

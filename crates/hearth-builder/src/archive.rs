@@ -23,6 +23,8 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use hearth_api::{BuildErrorCode, BuildFailure};
+use hearth_vm::error_chain;
 use zip::CompressionMethod;
 
 /// Limits applied to one artifact.
@@ -116,11 +118,11 @@ pub enum ArchiveError {
 impl ArchiveError {
     /// The build error code: `ARCHIVE_INVALID`, `ARCHIVE_DOCKERFILE_NOT_FOUND`,
     /// `DISK_STORAGE_FULL` or `INTERNAL_PLATFORM_ERROR`.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> BuildErrorCode {
         match self {
-            Self::DockerfileNotFound => "ARCHIVE_DOCKERFILE_NOT_FOUND",
-            Self::DiskFull(_) => "DISK_STORAGE_FULL",
-            Self::Destination { .. } | Self::Io { .. } => "INTERNAL_PLATFORM_ERROR",
+            Self::DockerfileNotFound => BuildErrorCode::ArchiveDockerfileNotFound,
+            Self::DiskFull(_) => BuildErrorCode::DiskStorageFull,
+            Self::Destination { .. } | Self::Io { .. } => BuildErrorCode::InternalPlatformError,
             Self::NotZip(_)
             | Self::Corrupt { .. }
             | Self::TooManyEntries { .. }
@@ -135,8 +137,15 @@ impl ArchiveError {
             | Self::DuplicateNames
             | Self::FileTooLarge { .. }
             | Self::TotalTooLarge { .. }
-            | Self::SizeMismatch { .. } => "ARCHIVE_INVALID",
+            | Self::SizeMismatch { .. } => BuildErrorCode::ArchiveInvalid,
         }
+    }
+}
+
+/// The build's failure: the code and the error with its causes.
+impl From<&ArchiveError> for BuildFailure {
+    fn from(err: &ArchiveError) -> BuildFailure {
+        BuildFailure::new(err.code(), error_chain(err))
     }
 }
 

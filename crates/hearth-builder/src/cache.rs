@@ -2,7 +2,8 @@
 //!
 //! Every instruction of a stage extends a key: BLAKE3 of the previous key, the
 //! instruction after substitution and, where the step reads outside inputs,
-//! their digest (the files a COPY selects, the environment a RUN sees). A
+//! those inputs (the digest of the files a COPY selects, the environment a RUN
+//! sees); [`crate::plan`] says which, in the encoding of [`KeyInput`]. A
 //! step that changes the filesystem ends with the build VM's disk overlay
 //! frozen (see `hearth_vm::QemuDriver::checkpoint_disk`): that qcow2 file is
 //! the step's layer, and `<key>.done` names it. A later build whose key
@@ -17,8 +18,10 @@ use std::path::{Path, PathBuf};
 
 use hearth_vm::disk;
 
-/// Bumped when the meaning of a key changes, so old layers stop matching.
-pub const CACHE_FORMAT: &str = "hearth-step-cache-2";
+/// Bumped when the meaning or the encoding of a key changes, so old layers
+/// stop matching. Format 3: keys hash [`KeyInput`]'s explicit encoding
+/// (format 2 hashed the instruction's `Debug` text).
+pub const CACHE_FORMAT: &str = "hearth-step-cache-3";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
@@ -28,30 +31,95 @@ pub enum CacheError {
     Record(String, #[source] disk::DiskError),
 }
 
-/// A step-cache key.
+/// What one step adds to its parent's key, as bytes that decode one way only.
+///
+/// The encoding is a sequence of fields; a field is its length as a u64
+/// (8 bytes, little-endian), then that many bytes:
+///
+/// - a string: its UTF-8 bytes;
+/// - a flag: one byte, 0 or 1;
+/// - an optional string: a flag (present), then the string when present;
+/// - a list: its item count as a field of 8 bytes (u64, little-endian), then
+///   each item (a string, or a pair of strings: key then value).
+///
+/// The first field is the step's tag (`RUN`, `COPY`, ...), which fixes the
+/// fields that follow. A key is the first 40 hex digits of the BLAKE3 hash of
+/// `field(CACHE_FORMAT) field("base") field(identity)` for a stage's base, and
+/// of `field(CACHE_FORMAT) field("step") field(parent key)` followed by the
+/// step's fields for a step. Changing any of this changes every key: bump
+/// [`CACHE_FORMAT`] with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyInput(Vec<u8>);
+
+impl KeyInput {
+    /// A step's input, starting with its tag.
+    pub fn new(tag: &str) -> KeyInput {
+        KeyInput(Vec::new()).str(tag)
+    }
+
+    fn field(mut self, bytes: &[u8]) -> KeyInput {
+        self.0
+            .extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+        self.0.extend_from_slice(bytes);
+        self
+    }
+
+    pub fn str(self, text: &str) -> KeyInput {
+        self.field(text.as_bytes())
+    }
+
+    pub fn flag(self, value: bool) -> KeyInput {
+        self.field(&[u8::from(value)])
+    }
+
+    pub fn opt(self, text: Option<&str>) -> KeyInput {
+        match text {
+            Some(text) => self.flag(true).str(text),
+            None => self.flag(false),
+        }
+    }
+
+    fn count(self, n: usize) -> KeyInput {
+        self.field(&(n as u64).to_le_bytes())
+    }
+
+    pub fn list<S: AsRef<str>>(self, items: &[S]) -> KeyInput {
+        items.iter().fold(self.count(items.len()), |input, item| {
+            input.str(item.as_ref())
+        })
+    }
+
+    pub fn pairs<K: AsRef<str>, V: AsRef<str>>(self, pairs: &[(K, V)]) -> KeyInput {
+        pairs.iter().fold(self.count(pairs.len()), |input, (k, v)| {
+            input.str(k.as_ref()).str(v.as_ref())
+        })
+    }
+
+    /// The encoded bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// A step-cache key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Key(String);
 
 impl Key {
     /// The key of a stage's base.
     pub fn base(identity: &str) -> Key {
-        Key::from_parts(&[CACHE_FORMAT, "FROM", identity])
+        Key::hash(KeyInput::new(CACHE_FORMAT).str("base").str(identity))
     }
 
     /// This key extended by one step.
-    pub fn then(&self, parts: &[&str]) -> Key {
-        let mut all = vec![self.0.as_str()];
-        all.extend_from_slice(parts);
-        Key::from_parts(&all)
+    pub fn then(&self, step: &KeyInput) -> Key {
+        let mut input = KeyInput::new(CACHE_FORMAT).str("step").str(&self.0);
+        input.0.extend_from_slice(step.as_bytes());
+        Key::hash(input)
     }
 
-    fn from_parts(parts: &[&str]) -> Key {
-        let mut hasher = blake3::Hasher::new();
-        for part in parts {
-            hasher.update(&(part.len() as u64).to_le_bytes());
-            hasher.update(part.as_bytes());
-        }
-        Key(hasher.finalize().to_hex()[..40].to_string())
+    fn hash(input: KeyInput) -> Key {
+        Key(blake3::hash(input.as_bytes()).to_hex()[..40].to_string())
     }
 
     pub fn as_str(&self) -> &str {
@@ -129,16 +197,60 @@ impl LayerCache {
 mod tests {
     use super::*;
 
+    fn run(text: &str) -> KeyInput {
+        KeyInput::new("RUN").str(text)
+    }
+
     #[test]
     fn keys_chain_and_separate_parts() {
         let base = Key::base("debian-12@abc");
         assert_eq!(base, Key::base("debian-12@abc"));
         assert_ne!(base, Key::base("debian-12@abd"));
-        assert_ne!(base.then(&["ab", "c"]), base.then(&["a", "bc"]));
-        assert_eq!(base.then(&["RUN x"]), base.then(&["RUN x"]));
         assert_ne!(
-            base.then(&["RUN x"]).then(&["RUN y"]),
-            base.then(&["RUN y"])
+            base.then(&KeyInput::new("X").str("ab").str("c")),
+            base.then(&KeyInput::new("X").str("a").str("bc"))
+        );
+        assert_eq!(base.then(&run("x")), base.then(&run("x")));
+        assert_ne!(base.then(&run("x")).then(&run("y")), base.then(&run("y")));
+        // A step's fields cannot pass for its parent's: the key is 40 hex digits.
+        assert_eq!(base.as_str().len(), 40);
+    }
+
+    #[test]
+    fn the_encoding_is_as_documented() {
+        let input = KeyInput::new("T")
+            .flag(true)
+            .opt(None)
+            .opt(Some("o"))
+            .list(&["a"])
+            .pairs(&[("k", "v")]);
+        let field = |bytes: &[u8]| {
+            let mut out = (bytes.len() as u64).to_le_bytes().to_vec();
+            out.extend_from_slice(bytes);
+            out
+        };
+        let expected = [
+            field(b"T"),
+            field(&[1]),
+            field(&[0]),
+            field(&[1]),
+            field(b"o"),
+            field(&1u64.to_le_bytes()),
+            field(b"a"),
+            field(&1u64.to_le_bytes()),
+            field(b"k"),
+            field(b"v"),
+        ]
+        .concat();
+        assert_eq!(input.as_bytes(), expected);
+        // Lists and optional values keep their boundaries.
+        assert_ne!(
+            KeyInput::new("T").list(&["a", "b"]).str("c"),
+            KeyInput::new("T").list(&["a"]).str("b").str("c")
+        );
+        assert_ne!(
+            KeyInput::new("T").opt(None).str("x"),
+            KeyInput::new("T").opt(Some("x"))
         );
     }
 
@@ -146,7 +258,7 @@ mod tests {
     fn record_and_lookup() {
         let dir = tempfile::tempdir().expect("tempdir");
         let cache = LayerCache::open(dir.path()).expect("open");
-        let key = Key::base("x").then(&["RUN true"]);
+        let key = Key::base("x").then(&run("true"));
         assert_eq!(cache.lookup(&key), None);
         let file = cache.new_file("layer");
         assert_ne!(file, cache.new_file("layer"));

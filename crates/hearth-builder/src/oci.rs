@@ -5,14 +5,66 @@
 
 use std::path::{Path, PathBuf};
 
-use hearth_oci::{Limits, RegistryConfig};
-use hearth_vm::disk::BackingFormat;
+use hearth_api::BuildErrorCode;
+use hearth_oci::{Limits, OciError, RegistryConfig};
+use hearth_vm::disk::{BackingFormat, DiskError};
 
 use crate::config::ImageConfig;
 use crate::dockerfile::CommandForm;
-use hearth_vm::error_chain;
 
 use crate::run::{Base, BuildLog, Disk};
+
+/// Why a FROM image could not be had: from the operator's managed base
+/// images (the server's resolver) or from a registry (here).
+#[derive(Debug, thiserror::Error)]
+pub enum BaseError {
+    #[error("{image} is not a managed base image of this host (try FROM {suggestion}), and no registry is configured")]
+    NotManaged { image: String, suggestion: String },
+    #[error("{0}")]
+    Reference(String, #[source] OciError),
+    #[error("pulling {0}")]
+    Pull(String, #[source] OciError),
+    #[error("cannot create the image cache")]
+    CacheDir(#[source] DiskError),
+    #[error("cannot create a pull directory")]
+    PullDir(#[source] DiskError),
+    #[error("cannot create an unpack directory")]
+    UnpackDir(#[source] std::io::Error),
+    #[error("cannot run mkfs.ext4")]
+    RunMkfs(#[source] std::io::Error),
+    #[error("mkfs.ext4 failed: {0}")]
+    Mkfs(String),
+    #[error("cannot write debugfs commands")]
+    DebugfsCommands(#[source] std::io::Error),
+    #[error("cannot run debugfs")]
+    RunDebugfs(#[source] std::io::Error),
+    #[error("debugfs could not set owners")]
+    Debugfs,
+    #[error("cannot place the image disk")]
+    PlaceDisk(#[source] std::io::Error),
+}
+
+impl BaseError {
+    /// The build error code: the image's own failures are the build's
+    /// (CONTAINER_BUILD_FAILED), the host's are the platform's.
+    pub fn code(&self) -> BuildErrorCode {
+        match self {
+            BaseError::NotManaged { .. } | BaseError::Reference(..) | BaseError::Pull(..) => {
+                BuildErrorCode::ContainerBuildFailed
+            }
+            // mkfs fails when the image does not fit the disk it sizes.
+            BaseError::Mkfs(_) => BuildErrorCode::DiskStorageFull,
+            BaseError::CacheDir(_)
+            | BaseError::PullDir(_)
+            | BaseError::UnpackDir(_)
+            | BaseError::RunMkfs(_)
+            | BaseError::DebugfsCommands(_)
+            | BaseError::RunDebugfs(_)
+            | BaseError::Debugfs
+            | BaseError::PlaceDisk(_) => BuildErrorCode::InternalPlatformError,
+        }
+    }
+}
 
 /// Room left on a pulled image's disk for the build's own writes.
 const HEADROOM_MIB: u64 = 1024;
@@ -23,16 +75,15 @@ pub async fn registry_base(
     image: &str,
     cache_dir: &Path,
     log: &dyn BuildLog,
-) -> Result<Base, String> {
+) -> Result<Base, BaseError> {
     let reference =
-        hearth_oci::parse_reference(image).map_err(|e| format!("{image}: {}", error_chain(&e)))?;
+        hearth_oci::parse_reference(image).map_err(|e| BaseError::Reference(image.into(), e))?;
     let oci_dir = cache_dir.join("oci");
     let disks = oci_dir.join("disks");
-    hearth_vm::disk::create_private_dir_all(&disks)
-        .map_err(|_| "INTERNAL_PLATFORM_ERROR: cannot create the image cache".to_string())?;
+    hearth_vm::disk::create_private_dir_all(&disks).map_err(BaseError::CacheDir)?;
     let work = tempfile_dir(&oci_dir)?;
     let root = work.join("root");
-    std::fs::create_dir(&root).map_err(|_| "cannot create an unpack directory".to_string())?;
+    std::fs::create_dir(&root).map_err(BaseError::UnpackDir)?;
     let progress = |text: &str| log.line(&format!(" ---> {text}"));
     let pulled = hearth_oci::pull(
         registry,
@@ -44,7 +95,7 @@ pub async fn registry_base(
     )
     .await;
     let result = async {
-        let pulled = pulled.map_err(|e| format!("pulling {image}: {}", error_chain(&e)))?;
+        let pulled = pulled.map_err(|e| BaseError::Pull(image.into(), e))?;
         let hex = pulled
             .manifest_digest
             .strip_prefix("sha256:")
@@ -72,12 +123,11 @@ pub async fn registry_base(
     result
 }
 
-fn tempfile_dir(parent: &Path) -> Result<PathBuf, String> {
+fn tempfile_dir(parent: &Path) -> Result<PathBuf, BaseError> {
     let mut random = [0u8; 8];
     let _ = rustix::rand::getrandom(&mut random, rustix::rand::GetRandomFlags::empty());
     let dir = parent.join(format!(".pull-{}", hex::encode(random)));
-    hearth_vm::disk::create_private_dir_all(&dir)
-        .map_err(|_| "cannot create a pull directory".to_string())?;
+    hearth_vm::disk::create_private_dir_all(&dir).map_err(BaseError::PullDir)?;
     Ok(dir)
 }
 
@@ -87,7 +137,7 @@ async fn make_disk(
     work: &Path,
     disk: &Path,
     owners: &[hearth_oci::Ownership],
-) -> Result<(), String> {
+) -> Result<(), BaseError> {
     let size_mib = crate::context::tree_bytes(root) / (1 << 20) * 2 + HEADROOM_MIB;
     let tmp = work.join("disk.ext4");
     let output = tokio::process::Command::new("mkfs.ext4")
@@ -97,11 +147,10 @@ async fn make_disk(
         .arg(format!("{size_mib}M"))
         .output()
         .await
-        .map_err(|_| "INTERNAL_PLATFORM_ERROR: cannot run mkfs.ext4".to_string())?;
+        .map_err(BaseError::RunMkfs)?;
     if !output.status.success() {
-        return Err(format!(
-            "DISK_STORAGE_FULL: mkfs.ext4 failed: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
+        return Err(BaseError::Mkfs(
+            String::from_utf8_lossy(&output.stderr).trim().to_string(),
         ));
     }
     // Unpacking as a user cannot chown; debugfs writes the owners into the disk.
@@ -118,8 +167,7 @@ async fn make_disk(
     }
     if !script.is_empty() {
         let commands = work.join("owners.debugfs");
-        std::fs::write(&commands, script)
-            .map_err(|_| "cannot write debugfs commands".to_string())?;
+        std::fs::write(&commands, script).map_err(BaseError::DebugfsCommands)?;
         let status = tokio::process::Command::new("debugfs")
             .arg("-w")
             .arg("-f")
@@ -129,13 +177,13 @@ async fn make_disk(
             .stderr(std::process::Stdio::null())
             .status()
             .await
-            .map_err(|_| "INTERNAL_PLATFORM_ERROR: cannot run debugfs".to_string())?;
+            .map_err(BaseError::RunDebugfs)?;
         if !status.success() {
-            return Err("INTERNAL_PLATFORM_ERROR: debugfs could not set owners".into());
+            return Err(BaseError::Debugfs);
         }
     }
     let _ = std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o400));
-    std::fs::rename(&tmp, disk).map_err(|_| "cannot place the image disk".to_string())
+    std::fs::rename(&tmp, disk).map_err(BaseError::PlaceDisk)
 }
 
 /// The image's config as the Dockerfile's starting point.

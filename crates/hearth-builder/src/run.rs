@@ -18,17 +18,25 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use hearth_api::{BuildErrorCode, BuildFailure};
 use hearth_proto::{ExecRequest, WriteFileRequest};
 use hearth_vm::agent::AgentClient;
-use hearth_vm::agent::CappedBuffer;
-use hearth_vm::disk::BackingFormat;
-use hearth_vm::{error_chain, BootRequest, ColdBoot, Driver, MachineShape, QemuDriver, VmRecord};
+use hearth_vm::disk::{BackingFormat, DiskError};
+use hearth_vm::{
+    error_chain, AgentError, BootRequest, ColdBoot, Driver, MachineShape, QemuDriver, VmError,
+    VmRecord,
+};
 use tokio::io::AsyncWrite;
 
-use crate::cache::{Key, LayerCache};
+use crate::cache::{CacheError, Key, LayerCache};
 use crate::config::{resolve_path, ImageConfig};
 use crate::context::{self, ContextError};
-use crate::dockerfile::{self, CopySpec, Dockerfile, InstructionKind, Stage, Stages};
+use crate::dockerfile::{
+    self, CopySpec, Dockerfile, DockerfileError, InstructionKind, Stage, Stages,
+};
+use crate::oci::BaseError;
+use crate::plan::{self, Action, EarlierStages, PlanError, StageState, StepInputs};
+use crate::user::{resolve_user, UserError};
 
 /// Virtual size of a build VM's disk on a base image: the root filesystem
 /// grows to it (the reference's microVMs have an 8 GB root disk).
@@ -57,9 +65,8 @@ pub struct Base {
 /// Where FROM images come from (managed images, registries).
 #[allow(async_fn_in_trait)]
 pub trait BaseResolver {
-    /// The base for `image` as written in FROM; `Err` is a message for the
-    /// build's failure reason.
-    async fn resolve(&self, image: &str, log: &dyn BuildLog) -> Result<Base, String>;
+    /// The base for `image` as written in FROM.
+    async fn resolve(&self, image: &str, log: &dyn BuildLog) -> Result<Base, BaseError>;
 }
 
 /// Where a build's log lines go.
@@ -67,49 +74,191 @@ pub trait BuildLog: Send + Sync {
     fn line(&self, text: &str);
 }
 
-/// Why a build failed; [`BuildError::code`] is the reference's error code.
+/// Why a build failed. `BuildFailure::from(&error)` is what the build's
+/// `stateReason` says.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
+    /// Not a `#[source]`: the Dockerfile's error is the message itself.
     #[error("Dockerfile {0}")]
-    Dockerfile(#[from] dockerfile::DockerfileError),
-    #[error("step {step}/{total} (line {line}) {text}: {detail}")]
+    Dockerfile(DockerfileError),
+    #[error("step {step}/{total} (line {line}) {text}")]
     Step {
         step: usize,
         total: usize,
         line: usize,
         text: String,
-        detail: String,
+        #[source]
+        cause: Box<StepError>,
         /// The tail of the step's output.
         output: String,
-        disk_full: bool,
     },
     #[error("the build did not finish within {} s", .0.as_secs())]
     TimedOut(Duration),
-    #[error("{0}")]
-    Platform(String),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error("cannot create the scratch disk's directory")]
+    ScratchDir(#[source] DiskError),
+    #[error("cannot run mkfs.ext4")]
+    RunMkfs(#[source] std::io::Error),
+    #[error("mkfs.ext4 failed for the scratch disk")]
+    ScratchMkfs,
+    #[error("cannot place the scratch disk")]
+    PlaceScratch(#[source] std::io::Error),
+    #[error("no stage was built")]
+    NoStage,
+    #[error("stage without FROM")]
+    NoFrom,
+}
+
+impl From<DockerfileError> for BuildError {
+    fn from(err: DockerfileError) -> BuildError {
+        BuildError::Dockerfile(err)
+    }
+}
+
+/// Why one step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    Base(#[from] BaseError),
+    #[error(transparent)]
+    Context(#[from] ContextError),
+    #[error(transparent)]
+    User(#[from] UserError),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error("the build VM did not start")]
+    Boot(#[source] VmError),
+    #[error("the build VM's agent did not answer")]
+    Agent(#[source] VmError),
+    #[error("the build VM did not sync")]
+    Sync(#[source] AgentError),
+    #[error("cannot freeze the build disk")]
+    Freeze(#[source] VmError),
+    #[error("the build VM is gone")]
+    VmGone,
+    #[error("did not finish within {} s", .0.as_secs())]
+    TimedOut(Duration),
+    #[error("the command returned a non-zero code: {0}")]
+    ExitCode(i32),
+    #[error("the command was killed by signal {0}")]
+    Signal(i32),
+    #[error("the command failed")]
+    Failed,
+    #[error("cannot run {0}")]
+    Exec(String, #[source] AgentError),
+    #[error("--chmod={0} is not an octal mode")]
+    Chmod(String),
+    #[error("cannot read {0}")]
+    ReadFile(String, #[source] std::io::Error),
+    #[error("cannot write {0}")]
+    WriteFile(String, #[source] AgentError),
+    #[error("this step needs /bin/sh in the image")]
+    NoShell(#[source] AgentError),
+    #[error("the copy failed in the build VM")]
+    CopyFailed,
+    #[error("cannot read the archive")]
+    ReadArchive(#[source] std::io::Error),
+    #[error("cannot copy the archive")]
+    CopyArchive(#[source] AgentError),
+    #[error("the source stage was not built")]
+    SourceStageMissing,
+    #[error("globs are not supported in COPY --from")]
+    GlobFrom,
+    #[error("{0} not found in the source stage (or it has no tar)")]
+    NotInSourceStage(String),
+    #[error("cannot unpack into the image")]
+    Unpack,
+    #[error("cannot unpack")]
+    UnpackExec(#[source] AgentError),
+}
+
+/// A failed step: its error and the tail of its output (empty when no
+/// process ran).
+#[derive(Debug)]
+struct StepFailure {
+    cause: StepError,
+    output: String,
+}
+
+/// `?` on a step's errors: a failure with no output.
+macro_rules! step_failure_from {
+    ($($error:ty),+) => {$(
+        impl From<$error> for StepFailure {
+            fn from(err: $error) -> StepFailure {
+                StepFailure {
+                    cause: err.into(),
+                    output: String::new(),
+                }
+            }
+        }
+    )+};
+}
+
+step_failure_from!(
+    StepError,
+    PlanError,
+    BaseError,
+    ContextError,
+    UserError,
+    CacheError
+);
+
+impl StepError {
+    fn with_output(self, output: String) -> StepFailure {
+        StepFailure {
+            cause: self,
+            output,
+        }
+    }
 }
 
 impl BuildError {
-    pub fn code(&self) -> &'static str {
+    /// The build error code.
+    pub fn code(&self) -> BuildErrorCode {
         match self {
-            BuildError::Step {
-                disk_full: true, ..
-            } => "DISK_STORAGE_FULL",
-            BuildError::Dockerfile(_) | BuildError::Step { .. } | BuildError::TimedOut(_) => {
-                "CONTAINER_BUILD_FAILED"
+            BuildError::Step { cause, output, .. } => {
+                let base = match cause.as_ref() {
+                    StepError::Base(base) => base.code(),
+                    _ => BuildErrorCode::ContainerBuildFailed,
+                };
+                let full = "No space left on device";
+                if base == BuildErrorCode::ContainerBuildFailed
+                    && (output.contains(full) || error_chain(cause).contains(full))
+                {
+                    BuildErrorCode::DiskStorageFull
+                } else {
+                    base
+                }
             }
-            BuildError::Platform(_) => "INTERNAL_PLATFORM_ERROR",
+            BuildError::Dockerfile(_) | BuildError::TimedOut(_) => {
+                BuildErrorCode::ContainerBuildFailed
+            }
+            BuildError::Cache(_)
+            | BuildError::ScratchDir(_)
+            | BuildError::RunMkfs(_)
+            | BuildError::ScratchMkfs
+            | BuildError::PlaceScratch(_)
+            | BuildError::NoStage
+            | BuildError::NoFrom => BuildErrorCode::InternalPlatformError,
         }
     }
+}
 
-    /// The build's `stateReason`: the code, what failed and the output's tail.
-    pub fn reason(&self) -> String {
-        match self {
+/// The build's failure: the code, what failed with its causes, and the tail
+/// of a failed step's output.
+impl From<&BuildError> for BuildFailure {
+    fn from(err: &BuildError) -> BuildFailure {
+        let detail = match err {
+            BuildError::Dockerfile(e) => format!("Dockerfile {}", error_chain(e)),
             BuildError::Step { output, .. } if !output.is_empty() => {
-                format!("{}: {self}; output ends: {output}", self.code())
+                format!("{}; output ends: {output}", error_chain(err))
             }
-            _ => format!("{}: {self}", self.code()),
-        }
+            _ => error_chain(err),
+        };
+        BuildFailure::new(err.code(), detail)
     }
 }
 
@@ -160,7 +309,7 @@ struct StageResult {
 
 impl Builder {
     pub fn new(driver: QemuDriver, cache_dir: &Path) -> Result<Builder, BuildError> {
-        let cache = LayerCache::open(cache_dir).map_err(|e| BuildError::Platform(e.to_string()))?;
+        let cache = LayerCache::open(cache_dir)?;
         Ok(Builder {
             driver,
             cache,
@@ -194,6 +343,7 @@ impl Builder {
             tree: None,
             results: HashMap::new(),
             vms: Vec::new(),
+            started: Vec::new(),
             stage_vms: HashMap::new(),
             steps_run: 0,
             steps_cached: 0,
@@ -220,7 +370,7 @@ impl Builder {
         let path = self.scratch_dir.join("scratch-1g.ext4");
         if !path.exists() {
             hearth_vm::disk::create_private_dir_all(&self.scratch_dir)
-                .map_err(|e| BuildError::Platform(format!("scratch disk: {e}")))?;
+                .map_err(BuildError::ScratchDir)?;
             let tmp = self
                 .scratch_dir
                 .join(format!(".scratch-{}.ext4", std::process::id()));
@@ -230,17 +380,14 @@ impl Builder {
                 .arg("1024M")
                 .output()
                 .await
-                .map_err(|_| BuildError::Platform("cannot run mkfs.ext4".into()))?;
+                .map_err(BuildError::RunMkfs)?;
             if !output.status.success() {
                 let _ = std::fs::remove_file(&tmp);
-                return Err(BuildError::Platform(
-                    "mkfs.ext4 failed for the scratch disk".into(),
-                ));
+                return Err(BuildError::ScratchMkfs);
             }
             let _ =
                 std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o400));
-            std::fs::rename(&tmp, &path)
-                .map_err(|_| BuildError::Platform("cannot place the scratch disk".into()))?;
+            std::fs::rename(&tmp, &path).map_err(BuildError::PlaceScratch)?;
         }
         Ok(Base {
             disk: Disk {
@@ -265,6 +412,9 @@ struct BuildRun<'a> {
     /// Every VM this build started (removed at the end); VMs are named by
     /// their place here.
     vms: Vec<BuildVm>,
+    /// The name of every VM whose boot began: a boot cut short by the
+    /// build's time limit leaves a VM that never reached `vms`.
+    started: Vec<String>,
     /// The VM that holds a finished stage's filesystem, for COPY --from.
     stage_vms: HashMap<usize, usize>,
     steps_run: usize,
@@ -404,7 +554,7 @@ impl BuildRun<'_> {
             self.results.insert(stage.index, result.clone());
             last = Some(result);
         }
-        last.ok_or_else(|| BuildError::Platform("no stage was built".into()))
+        last.ok_or(BuildError::NoStage)
     }
 
     fn quote(&self, line: usize) -> String {
@@ -436,16 +586,15 @@ impl BuildRun<'_> {
             .line(&format!("[{step}/{total}] {}", self.quote(from_line)));
         let from = stage.from.expanded(global, self.dockerfile.escape)?;
         let InstructionKind::From { image, .. } = &from.kind else {
-            return Err(BuildError::Platform("stage without FROM".into()));
+            return Err(BuildError::NoFrom);
         };
-        let fail = |detail: String| BuildError::Step {
+        let fail = |cause: StepError| BuildError::Step {
             step: *step,
             total,
             line: from_line,
             text: format!("FROM {image}"),
-            detail,
+            cause: Box::new(cause),
             output: String::new(),
-            disk_full: false,
         };
         let (disk, config, mut key) = if image.eq_ignore_ascii_case("scratch") {
             let base = self.builder.scratch().await?;
@@ -460,204 +609,63 @@ impl BuildRun<'_> {
             (
                 dep.disk.clone(),
                 dep.config.clone(),
-                dep.key.then(&["FROM stage"]),
+                plan::from_stage_key(&dep.key),
             )
         } else {
-            let base = resolver.resolve(image, self.log).await.map_err(fail)?;
+            let base = resolver
+                .resolve(image, self.log)
+                .await
+                .map_err(|e| fail(e.into()))?;
             let key = Key::base(&base.identity);
             (base.disk, base.config, key)
         };
-        let mut state = StageState {
+        let mut state = StageRun {
             disk,
-            config,
-            args: HashMap::new(),
+            plan: StageState::new(config),
             vm: None,
-            cmd_set: false,
         };
+        let stage_keys: HashMap<usize, Key> = self
+            .results
+            .iter()
+            .map(|(index, result)| (*index, result.key.clone()))
+            .collect();
         for inst in &stage.instructions {
             *step += 1;
             let quoted = self.quote(inst.line);
-            let mut vars: HashMap<String, String> = state.args.clone();
-            for (k, v) in &state.config.env {
-                vars.insert(k.clone(), v.clone());
-            }
-            let expanded = inst.expanded(&vars, self.dockerfile.escape)?;
-            let step_err = |detail: String, output: String| {
-                let disk_full = output.contains("No space left on device")
-                    || detail.contains("No space left on device");
-                BuildError::Step {
-                    step: *step,
-                    total,
-                    line: inst.line,
-                    text: quoted.clone(),
-                    detail,
-                    output,
-                    disk_full,
-                }
+            let expanded = inst.expanded(&state.plan.vars(), self.dockerfile.escape)?;
+            let step_err = |failure: StepFailure| BuildError::Step {
+                step: *step,
+                total,
+                line: inst.line,
+                text: quoted.clone(),
+                cause: Box::new(failure.cause),
+                output: failure.output,
             };
-            let text = format!("{:?}", expanded.kind);
             self.log.line(&format!("[{step}/{total}] {quoted}"));
-            // A step that changes files: its cache key and what it does.
-            let change: Option<(Key, Action)> = match &expanded.kind {
-                InstructionKind::Env(pairs) => {
-                    for (k, v) in pairs {
-                        state.config.set_env(k, v);
-                    }
-                    None
-                }
-                InstructionKind::Arg(args) => {
-                    for (name, default) in args {
-                        let value = self
-                            .request
-                            .build_args
-                            .get(name)
-                            .cloned()
-                            .or_else(|| default.clone())
-                            .or_else(|| global.get(name).cloned());
-                        if let Some(value) = value {
-                            state.args.insert(name.clone(), value);
-                        }
-                    }
-                    None
-                }
-                InstructionKind::Label(pairs) => {
-                    for (k, v) in pairs {
-                        state.config.labels.insert(k.clone(), v.clone());
-                    }
-                    None
-                }
-                InstructionKind::Expose(ports) => {
-                    for p in ports {
-                        if !state.config.exposed.contains(p) {
-                            state.config.exposed.push(p.clone());
-                        }
-                    }
-                    None
-                }
-                InstructionKind::Cmd(form) => {
-                    state.config.cmd = Some(form.clone());
-                    state.cmd_set = true;
-                    None
-                }
-                InstructionKind::Entrypoint(form) => {
-                    state.config.entrypoint = Some(form.clone());
-                    // Docker: ENTRYPOINT resets a CMD inherited from the base.
-                    if !state.cmd_set {
-                        state.config.cmd = None;
-                    }
-                    None
-                }
-                InstructionKind::User(user) => {
-                    state.config.user = Some(user.clone());
-                    None
-                }
-                InstructionKind::Shell(words) => {
-                    state.config.shell = Some(words.clone());
-                    None
-                }
-                InstructionKind::StopSignal(sig) => {
-                    state.config.stop_signal = Some(sig.clone());
-                    None
-                }
-                InstructionKind::From { .. } => None,
-                InstructionKind::Workdir(dir) => {
-                    let cwd = state.config.cwd();
-                    let path = resolve_path(&cwd, dir);
-                    state.config.workdir = Some(path.clone());
-                    Some((key.then(&[&text]), Action::Mkdir(path)))
-                }
-                InstructionKind::Run(form) => {
-                    let argv = state.config.argv(form);
-                    let mut env = state.config.process_env();
-                    // ARG values reach RUN as environment, unless ENV set them.
-                    let mut args: Vec<_> = state.args.iter().collect();
-                    args.sort();
-                    for (k, v) in args {
-                        if state.config.env_value(k).is_none() {
-                            env.push((k.clone(), v.clone()));
-                        }
-                    }
-                    // The network setting is part of what a RUN saw.
-                    let env_text = format!(
-                        "{env:?}|{:?}|{:?}|net={}",
-                        state.config.user,
-                        state.config.cwd(),
-                        self.request.network
-                    );
-                    let action = Action::Run {
-                        argv,
-                        env,
-                        cwd: state.config.cwd(),
-                        user: state.config.user.clone(),
-                    };
-                    Some((key.then(&[&text, &env_text]), action))
-                }
-                InstructionKind::Copy(spec) | InstructionKind::Add(spec) => {
-                    let is_add = matches!(expanded.kind, InstructionKind::Add(_));
-                    let dest = resolve_dest(&state.config.cwd(), &spec.dest);
-                    if let Some(from) = &spec.from {
-                        let source = self
-                            .stages
-                            .find(from)
-                            .filter(|s| s.index < stage.index)
-                            .map(|s| s.index)
-                            .ok_or_else(|| {
-                                step_err(
-                                    format!("--from={from} names no earlier stage (images are not supported in COPY --from)"),
-                                    String::new(),
-                                )
-                            })?;
-                        let source_key = self
-                            .results
-                            .get(&source)
-                            .map(|r| r.key.as_str().to_string())
-                            .unwrap_or_default();
-                        let action = Action::CopyFrom {
-                            source,
-                            spec: spec.clone(),
-                            dest,
-                        };
-                        Some((key.then(&[&text, &source_key]), action))
-                    } else {
-                        if spec.sources.iter().any(|s| s.contains("://")) {
-                            return Err(step_err(
-                            "sources from URLs are not supported; fetch them with RUN (curl or wget) instead".into(),
-                            String::new(),
-                        ));
-                        }
-                        let tree = match &self.tree {
-                            Some(tree) => tree,
-                            None => {
-                                let ignore = context::dockerignore(&self.request.context);
-                                let tree = context::Tree::read(&self.request.context, &ignore)
-                                    .map_err(|e| step_err(e.to_string(), String::new()))?;
-                                self.tree.insert(tree)
-                            }
-                        };
-                        let selection = tree
-                            .select(&spec.sources, &spec.dest)
-                            .map_err(|e: ContextError| step_err(e.to_string(), String::new()))?;
-                        let step_key = key.then(&[&text, &selection.digest, &format!("{is_add}")]);
-                        let action = Action::CopyContext {
-                            selection,
-                            spec: spec.clone(),
-                            dest,
-                            is_add,
-                        };
-                        Some((step_key, action))
-                    }
-                }
+            let selection = match plan::reads_context(&expanded.kind) {
+                Some(spec) => Some(self.select(spec).map_err(|e| step_err(e.into()))?),
+                None => None,
             };
-            key = match change {
-                Some((step_key, action)) => {
-                    self.fs_step(&mut state, &step_key, action)
-                        .await
-                        .map_err(|(d, o)| step_err(d, o))?;
-                    step_key
-                }
-                // Metadata-only instructions change the key, not the disk.
-                None => key.then(&[&text]),
+            let inputs = StepInputs {
+                build_args: &self.request.build_args,
+                global_args: global,
+                network: self.request.network,
+                earlier: EarlierStages {
+                    stages: self.stages,
+                    current: stage.index,
+                    keys: &stage_keys,
+                },
+                selection,
             };
+            let planned = plan::plan(&state.plan, &expanded.kind, &key, inputs)
+                .map_err(|e| step_err(e.into()))?;
+            state.plan = planned.state;
+            if planned.action.changes_files() {
+                self.fs_step(&mut state, &planned.key, planned.action)
+                    .await
+                    .map_err(step_err)?;
+            }
+            key = planned.key;
         }
         // The stage's VM (if any) holds its final filesystem for COPY --from.
         if let Some(index) = state.vm {
@@ -665,19 +673,32 @@ impl BuildRun<'_> {
         }
         Ok(StageResult {
             disk: state.disk,
-            config: state.config,
+            config: state.plan.config,
             key,
         })
+    }
+
+    /// What a COPY or ADD selects from the build context (read at the first one).
+    fn select(&mut self, spec: &CopySpec) -> Result<context::Selection, ContextError> {
+        let tree = match &self.tree {
+            Some(tree) => tree,
+            None => {
+                let ignore = context::dockerignore(&self.request.context);
+                let tree = context::Tree::read(&self.request.context, &ignore)?;
+                self.tree.insert(tree)
+            }
+        };
+        tree.select(&spec.sources, &spec.dest)
     }
 
     /// Runs one filesystem step: from the cache when `key` is there, else in
     /// the stage's VM (booted on demand), then freezes the disk as the layer.
     async fn fs_step(
         &mut self,
-        state: &mut StageState,
+        state: &mut StageRun,
         key: &Key,
         action: Action,
-    ) -> Result<(), (String, String)> {
+    ) -> Result<(), StepFailure> {
         let index = match state.vm {
             Some(index) => index,
             None => {
@@ -690,23 +711,14 @@ impl BuildRun<'_> {
                     };
                     return Ok(());
                 }
-                let index = self
-                    .boot(&state.disk, true)
-                    .await
-                    .map_err(|e| (e, String::new()))?;
+                let index = self.boot(&state.disk, true).await?;
                 state.vm = Some(index);
                 index
             }
         };
         self.perform(index, action).await?;
-        let layer = self
-            .checkpoint(index)
-            .await
-            .map_err(|e| (e, String::new()))?;
-        self.builder
-            .cache
-            .record(key, &layer)
-            .map_err(|e| (e.to_string(), String::new()))?;
+        let layer = self.checkpoint(index).await?;
+        self.builder.cache.record(key, &layer)?;
         self.steps_run += 1;
         state.disk = Disk {
             path: layer,
@@ -718,8 +730,9 @@ impl BuildRun<'_> {
     /// Boots a build VM on `disk`; with `keep_layers`, its overlays live in
     /// the cache (the first one, holding what the boot wrote, is frozen at
     /// once and becomes part of the chain). Returns its index in `self.vms`.
-    async fn boot(&mut self, disk: &Disk, keep_layers: bool) -> Result<usize, String> {
-        let name = format!("{}-{}", self.request.vm_prefix, self.vms.len() + 1);
+    async fn boot(&mut self, disk: &Disk, keep_layers: bool) -> Result<usize, StepError> {
+        let name = format!("{}-{}", self.request.vm_prefix, self.started.len() + 1);
+        self.started.push(name.clone());
         self.log.line(" ---> starting a build VM");
         let overlay = keep_layers.then(|| self.builder.cache.new_file("boot"));
         let vm = self
@@ -742,15 +755,12 @@ impl BuildRun<'_> {
                 },
             )
             .await
-            .map_err(|e| format!("the build VM did not start: {}", error_chain(&e)))?;
+            .map_err(StepError::Boot)?;
         let agent = match self.builder.driver.agent(&vm).await {
             Ok(agent) => agent,
             Err(e) => {
                 let _ = self.builder.driver.remove(&vm).await;
-                return Err(format!(
-                    "the build VM's agent did not answer: {}",
-                    error_chain(&e)
-                ));
+                return Err(StepError::Agent(e));
             }
         };
         self.vms.push(BuildVm {
@@ -789,34 +799,40 @@ impl BuildRun<'_> {
     }
 
     /// Syncs the guest and freezes the VM's overlay; returns the frozen file.
-    async fn checkpoint(&mut self, index: usize) -> Result<PathBuf, String> {
+    async fn checkpoint(&mut self, index: usize) -> Result<PathBuf, StepError> {
         let agent = self.agent(index)?;
-        agent
-            .sync()
-            .await
-            .map_err(|e| format!("the build VM did not sync: {}", error_chain(&e)))?;
+        agent.sync().await.map_err(StepError::Sync)?;
         let next = self.builder.cache.new_file("layer");
-        let build_vm = self
-            .vms
-            .get_mut(index)
-            .ok_or_else(|| "no build VM".to_string())?;
+        let build_vm = self.vms.get_mut(index).ok_or(StepError::VmGone)?;
         self.builder
             .driver
             .checkpoint_disk(&mut build_vm.vm, &next)
             .await
-            .map_err(|e| format!("cannot freeze the build disk: {}", error_chain(&e)))
+            .map_err(StepError::Freeze)
     }
 
-    fn agent(&self, index: usize) -> Result<Arc<AgentClient>, String> {
+    fn agent(&self, index: usize) -> Result<Arc<AgentClient>, StepError> {
         self.vms
             .get(index)
             .map(|v| v.agent.clone())
-            .ok_or_else(|| "the build VM is gone".to_string())
+            .ok_or(StepError::VmGone)
     }
 
     async fn cleanup(&mut self) {
+        let mut vms = Vec::new();
         for BuildVm { vm, agent } in self.vms.drain(..) {
             drop(agent);
+            vms.push(vm);
+        }
+        // A boot the time limit interrupted: its record is on disk, its QEMU may run.
+        for name in self.started.drain(..) {
+            if !vms.iter().any(|vm| vm.name == name) {
+                if let Ok(vm) = self.builder.driver.load(&name) {
+                    vms.push(vm);
+                }
+            }
+        }
+        for vm in vms {
             if let Err(e) = self.builder.driver.remove(&vm).await {
                 tracing::warn!(vm = %vm.name, error = %error_chain(&e), "cannot remove a build VM");
             }
@@ -829,114 +845,14 @@ impl BuildRun<'_> {
 }
 
 /// A stage in progress.
-struct StageState {
+struct StageRun {
     /// The top of the stage's disk chain so far.
     disk: Disk,
-    config: ImageConfig,
-    /// ARGs declared in this stage, with their values.
-    args: HashMap<String, String>,
+    /// What planning tracks: the configuration, ARG values, CMD set.
+    plan: StageState,
     /// The stage's build VM, once one was needed.
     vm: Option<usize>,
-    /// CMD was set in this stage (not inherited).
-    cmd_set: bool,
 }
-
-/// A step that changes the filesystem.
-enum Action {
-    Mkdir(String),
-    Run {
-        argv: Vec<String>,
-        env: Vec<(String, String)>,
-        cwd: String,
-        user: Option<String>,
-    },
-    CopyContext {
-        selection: context::Selection,
-        spec: CopySpec,
-        dest: String,
-        is_add: bool,
-    },
-    CopyFrom {
-        source: usize,
-        spec: CopySpec,
-        dest: String,
-    },
-}
-
-/// A COPY destination: relative to WORKDIR; a trailing `/` is kept (it
-/// makes the destination a directory).
-fn resolve_dest(cwd: &str, dest: &str) -> String {
-    let resolved = resolve_path(cwd, dest);
-    if dest.ends_with('/') && resolved != "/" {
-        format!("{resolved}/")
-    } else {
-        resolved
-    }
-}
-
-/// `user[:group]` as numbers, looked up in the guest's /etc/passwd and
-/// /etc/group when they are names. Returns (uid, gid, home).
-pub async fn resolve_user(
-    agent: &AgentClient,
-    spec: &str,
-) -> Result<(u32, u32, Option<String>), String> {
-    let (user, group) = match spec.split_once(':') {
-        Some((u, g)) => (u, Some(g)),
-        None => (spec, None),
-    };
-    // The image's files are the tenant's: read at most MAX_ACCOUNT_FILE bytes.
-    let read = |path: &'static str| async move {
-        let mut buf = CappedBuffer::new(MAX_ACCOUNT_FILE);
-        match agent.read_file(path, &mut buf).await {
-            Ok(_) => String::from_utf8_lossy(&buf.into_bytes()).into_owned(),
-            Err(_) => String::new(),
-        }
-    };
-    let passwd = read("/etc/passwd").await;
-    let entry = passwd.lines().find_map(|line| {
-        let f: Vec<&str> = line.split(':').collect();
-        (f.len() >= 7 && (f[0] == user || f[2] == user)).then(|| {
-            (
-                f[2].parse::<u32>().ok(),
-                f[3].parse::<u32>().ok(),
-                f[5].to_string(),
-            )
-        })
-    });
-    let (uid, primary_gid, home) = match (user.parse::<u32>(), entry) {
-        (_, Some((Some(uid), gid, home))) => (uid, gid, Some(home)),
-        (Ok(uid), _) => (uid, Some(uid), None),
-        _ => {
-            return Err(format!(
-                "unable to find user {user}: no matching entries in passwd file"
-            ))
-        }
-    };
-    let gid = match group {
-        None => primary_gid.unwrap_or(uid),
-        Some(g) => match g.parse::<u32>() {
-            Ok(gid) => gid,
-            Err(_) => {
-                let groups = read("/etc/group").await;
-                groups
-                    .lines()
-                    .find_map(|line| {
-                        let f: Vec<&str> = line.split(':').collect();
-                        (f.len() >= 3 && f[0] == g)
-                            .then(|| f[2].parse::<u32>().ok())
-                            .flatten()
-                    })
-                    .ok_or_else(|| {
-                        format!("unable to find group {g}: no matching entries in group file")
-                    })?
-            }
-        },
-    };
-    Ok((uid, gid, home))
-}
-
-/// Largest /etc/passwd or /etc/group read to resolve a user.
-const MAX_ACCOUNT_FILE: usize = 4 << 20;
 
 /// The first bytes of an archive ADD extracts (tar, gzip, bzip2, xz).
 fn is_archive(path: &Path) -> bool {
@@ -952,17 +868,18 @@ fn is_archive(path: &Path) -> bool {
         || head.get(257..262) == Some(b"ustar")
 }
 
-fn octal_mode(text: &str) -> Result<u32, String> {
+fn octal_mode(text: &str) -> Result<u32, StepError> {
     u32::from_str_radix(text, 8)
         .ok()
         .filter(|m| *m <= 0o7777)
-        .ok_or_else(|| format!("--chmod={text} is not an octal mode"))
+        .ok_or_else(|| StepError::Chmod(text.to_string()))
 }
 
 impl BuildRun<'_> {
-    async fn perform(&mut self, index: usize, action: Action) -> Result<(), (String, String)> {
-        let agent = self.agent(index).map_err(|e| (e, String::new()))?;
+    async fn perform(&mut self, index: usize, action: Action) -> Result<(), StepFailure> {
+        let agent = self.agent(index)?;
         match action {
+            Action::Config => Ok(()),
             Action::Mkdir(path) => {
                 // A scratch image has no mkdir; WORKDIR is then only metadata.
                 let _ = agent
@@ -983,9 +900,7 @@ impl BuildRun<'_> {
                 let mut env = env;
                 let (uid, gid) = match &user {
                     Some(spec) => {
-                        let (uid, gid, home) = resolve_user(&agent, spec)
-                            .await
-                            .map_err(|e| (e, String::new()))?;
+                        let (uid, gid, home) = resolve_user(&agent, spec).await?;
                         if let Some(home) = home {
                             if !env.iter().any(|(k, _)| k == "HOME") {
                                 env.push(("HOME".into(), home));
@@ -1019,36 +934,19 @@ impl BuildRun<'_> {
                     )
                     .await;
                 let tail = sink.take_tail();
-                match status {
-                    Ok(status) if status.code == Some(0) => Ok(()),
-                    Ok(status) if status.timed_out => Err((
-                        format!(
-                            "did not finish within {} s",
-                            self.request.step_timeout.as_secs()
-                        ),
-                        tail,
-                    )),
-                    Ok(status) => Err((
-                        match (status.code, status.signal) {
-                            (Some(code), _) => {
-                                format!("the command returned a non-zero code: {code}")
-                            }
-                            (None, Some(signal)) => {
-                                format!("the command was killed by signal {signal}")
-                            }
-                            (None, None) => "the command failed".into(),
-                        },
-                        tail,
-                    )),
-                    Err(e) => Err((
-                        format!(
-                            "cannot run {}: {}",
-                            argv.first().map(String::as_str).unwrap_or(""),
-                            error_chain(&e)
-                        ),
-                        tail,
-                    )),
-                }
+                let cause = match status {
+                    Ok(status) if status.code == Some(0) => return Ok(()),
+                    Ok(status) if status.timed_out => {
+                        StepError::TimedOut(self.request.step_timeout)
+                    }
+                    Ok(status) => match (status.code, status.signal) {
+                        (Some(code), _) => StepError::ExitCode(code),
+                        (None, Some(signal)) => StepError::Signal(signal),
+                        (None, None) => StepError::Failed,
+                    },
+                    Err(e) => StepError::Exec(argv.first().cloned().unwrap_or_default(), e),
+                };
+                Err(cause.with_output(tail))
             }
             Action::CopyContext {
                 selection,
@@ -1065,16 +963,10 @@ impl BuildRun<'_> {
         }
     }
 
-    async fn owner(
-        &self,
-        agent: &AgentClient,
-        spec: &CopySpec,
-    ) -> Result<(u32, u32), (String, String)> {
+    async fn owner(&self, agent: &AgentClient, spec: &CopySpec) -> Result<(u32, u32), StepFailure> {
         match &spec.chown {
             Some(chown) => {
-                let (uid, gid, _) = resolve_user(agent, chown)
-                    .await
-                    .map_err(|e| (e, String::new()))?;
+                let (uid, gid, _) = resolve_user(agent, chown).await?;
                 Ok((uid, gid))
             }
             None => Ok((0, 0)),
@@ -1088,14 +980,9 @@ impl BuildRun<'_> {
         spec: &CopySpec,
         dest: &str,
         is_add: bool,
-    ) -> Result<(), (String, String)> {
+    ) -> Result<(), StepFailure> {
         let (uid, gid) = self.owner(agent, spec).await?;
-        let chmod = spec
-            .chmod
-            .as_deref()
-            .map(octal_mode)
-            .transpose()
-            .map_err(|e| (e, String::new()))?;
+        let chmod = spec.chmod.as_deref().map(octal_mode).transpose()?;
         let base = dest.trim_end_matches('/');
         let target_of = |rel: &str| {
             if rel.is_empty() {
@@ -1122,7 +1009,7 @@ impl BuildRun<'_> {
             }
             let file = tokio::fs::File::open(&entry.source)
                 .await
-                .map_err(|e| (format!("cannot read {}: {e}", entry.dest), String::new()))?;
+                .map_err(|e| StepError::ReadFile(entry.dest.clone(), e))?;
             agent
                 .write_file(
                     WriteFileRequest {
@@ -1135,12 +1022,7 @@ impl BuildRun<'_> {
                     file,
                 )
                 .await
-                .map_err(|e| {
-                    (
-                        format!("cannot write {target}: {}", error_chain(&e)),
-                        String::new(),
-                    )
-                })?;
+                .map_err(|e| StepError::WriteFile(target.clone(), e))?;
         }
         if !dirs.is_empty() {
             // Directories (empty ones included) with their modes and owner;
@@ -1162,7 +1044,7 @@ impl BuildRun<'_> {
     }
 
     /// Runs a shell script as root; its output is the error's tail.
-    async fn shell(&self, agent: &AgentClient, script: String) -> Result<(), (String, String)> {
+    async fn shell(&self, agent: &AgentClient, script: String) -> Result<(), StepFailure> {
         let output = agent
             .exec_output(ExecRequest {
                 argv: vec!["/bin/sh".into(), "-c".into(), script],
@@ -1171,12 +1053,7 @@ impl BuildRun<'_> {
                 ..Default::default()
             })
             .await
-            .map_err(|e| {
-                (
-                    format!("this step needs /bin/sh in the image: {}", error_chain(&e)),
-                    String::new(),
-                )
-            })?;
+            .map_err(StepError::NoShell)?;
         if output.status.code == Some(0) {
             Ok(())
         } else {
@@ -1191,10 +1068,7 @@ impl BuildRun<'_> {
                 .into_iter()
                 .rev()
                 .collect();
-            Err((
-                "the copy failed in the build VM".into(),
-                tail.trim().to_string(),
-            ))
+            Err(StepError::CopyFailed.with_output(tail.trim().to_string()))
         }
     }
 
@@ -1207,11 +1081,11 @@ impl BuildRun<'_> {
         dest: &str,
         uid: u32,
         gid: u32,
-    ) -> Result<(), (String, String)> {
+    ) -> Result<(), StepFailure> {
         let tmp = "/tmp/.hearth-add-archive";
         let file = tokio::fs::File::open(archive)
             .await
-            .map_err(|e| (format!("cannot read the archive: {e}"), String::new()))?;
+            .map_err(StepError::ReadArchive)?;
         agent
             .write_file(
                 WriteFileRequest {
@@ -1224,12 +1098,7 @@ impl BuildRun<'_> {
                 file,
             )
             .await
-            .map_err(|e| {
-                (
-                    format!("cannot copy the archive: {}", error_chain(&e)),
-                    String::new(),
-                )
-            })?;
+            .map_err(StepError::CopyArchive)?;
         let quoted = dest.replace('\'', "'\\''");
         let mut script =
             format!("set -e\nmkdir -p '{quoted}'\ntar -xf {tmp} -C '{quoted}'\nrm -f {tmp}\n");
@@ -1247,19 +1116,13 @@ impl BuildRun<'_> {
         source: usize,
         spec: &CopySpec,
         dest: &str,
-    ) -> Result<(), (String, String)> {
-        let source_agent = self
-            .stage_agent(source)
-            .await
-            .map_err(|e| (e, String::new()))?;
+    ) -> Result<(), StepFailure> {
+        let source_agent = self.stage_agent(source).await?;
         let (uid, gid) = self.owner(agent, spec).await?;
         let single = spec.sources.len() == 1 && !dest.ends_with('/');
         for src in &spec.sources {
             if src.contains(['*', '?', '[']) {
-                return Err((
-                    "globs are not supported in COPY --from".into(),
-                    String::new(),
-                ));
+                return Err(StepError::GlobFrom.into());
             }
             let src_path = resolve_path("/", src);
             let is_dir = source_agent
@@ -1373,17 +1236,12 @@ impl BuildRun<'_> {
             let tail = sink.take_tail();
             match packed {
                 Ok(s) if s.code == Some(0) => {}
-                _ => {
-                    return Err((
-                        format!("{src} not found in the source stage (or it has no tar)"),
-                        tail,
-                    ))
-                }
+                _ => return Err(StepError::NotInSourceStage(src.clone()).with_output(tail)),
             }
             match unpacked {
                 Ok(s) if s.code == Some(0) => {}
-                Ok(_) => return Err(("cannot unpack into the image".into(), tail)),
-                Err(e) => return Err((format!("cannot unpack: {}", error_chain(&e)), tail)),
+                Ok(_) => return Err(StepError::Unpack.with_output(tail)),
+                Err(e) => return Err(StepError::UnpackExec(e).with_output(tail)),
             }
         }
         Ok(())
@@ -1391,7 +1249,7 @@ impl BuildRun<'_> {
 
     /// The agent of a VM holding `stage`'s final filesystem, booting one from
     /// its disk when the stage came from the cache.
-    async fn stage_agent(&mut self, stage: usize) -> Result<Arc<AgentClient>, String> {
+    async fn stage_agent(&mut self, stage: usize) -> Result<Arc<AgentClient>, StepError> {
         if let Some(index) = self.stage_vms.get(&stage).copied() {
             return self.agent(index);
         }
@@ -1399,7 +1257,7 @@ impl BuildRun<'_> {
             .results
             .get(&stage)
             .map(|r| r.disk.clone())
-            .ok_or_else(|| "the source stage was not built".to_string())?;
+            .ok_or(StepError::SourceStageMissing)?;
         let index = self.boot(&disk, false).await?;
         self.stage_vms.insert(stage, index);
         self.agent(index)
@@ -1409,15 +1267,6 @@ impl BuildRun<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::AsyncWriteExt;
-
-    #[tokio::test]
-    async fn capped_buffer_refuses_past_its_limit() {
-        let mut w = CappedBuffer::new(8);
-        w.write_all(b"12345678").await.expect("fits");
-        assert!(w.write_all(b"9").await.is_err());
-        assert_eq!(w.into_bytes(), b"12345678");
-    }
 
     #[test]
     fn only_needed_stages_are_built() {
@@ -1433,36 +1282,86 @@ mod tests {
         );
     }
 
-    #[test]
-    fn destinations_resolve_against_workdir() {
-        assert_eq!(resolve_dest("/srv", "./"), "/srv/");
-        assert_eq!(resolve_dest("/srv", "app.py"), "/srv/app.py");
-        assert_eq!(resolve_dest("/srv", "/etc/"), "/etc/");
-        assert_eq!(resolve_dest("/", "/"), "/");
-    }
-
-    #[test]
-    fn error_codes() {
-        let step = |output: &str| BuildError::Step {
+    fn step(cause: StepError, output: &str) -> BuildError {
+        BuildError::Step {
             step: 2,
             total: 3,
             line: 4,
             text: "RUN make".into(),
-            detail: "the command returned a non-zero code: 2".into(),
+            cause: Box::new(cause),
             output: output.into(),
-            disk_full: output.contains("No space"),
-        };
+        }
+    }
+
+    fn reason(err: &BuildError) -> String {
+        BuildFailure::from(err).to_string()
+    }
+
+    #[test]
+    fn failures_and_their_reasons() {
         assert_eq!(
-            step("cc: error").reason(),
+            reason(&step(StepError::ExitCode(2), "cc: error")),
             "CONTAINER_BUILD_FAILED: step 2/3 (line 4) RUN make: the command returned a \
              non-zero code: 2; output ends: cc: error"
         );
-        assert!(step("No space left on device")
-            .reason()
-            .starts_with("DISK_STORAGE_FULL"));
         assert_eq!(
-            BuildError::TimedOut(Duration::from_secs(5)).reason(),
+            reason(&step(StepError::Signal(9), "")),
+            "CONTAINER_BUILD_FAILED: step 2/3 (line 4) RUN make: the command was killed by signal 9"
+        );
+        assert!(
+            reason(&step(StepError::ExitCode(1), "No space left on device"))
+                .starts_with("DISK_STORAGE_FULL: step 2/3")
+        );
+        // A cause's own source is part of the reason.
+        let unreadable = StepError::ReadFile(
+            "app.py".into(),
+            std::io::Error::from_raw_os_error(libc::ENOSPC),
+        );
+        let text = reason(&step(unreadable, ""));
+        assert!(text.starts_with("DISK_STORAGE_FULL: step 2/3 (line 4) RUN make: cannot read app.py: No space left on device"), "{text}");
+        assert_eq!(
+            reason(&BuildError::TimedOut(Duration::from_secs(5))),
             "CONTAINER_BUILD_FAILED: the build did not finish within 5 s"
+        );
+        let parse = dockerfile::parse("FROM x\nFROBNICATE\n").expect_err("unknown instruction");
+        assert_eq!(
+            reason(&BuildError::from(parse)),
+            "CONTAINER_BUILD_FAILED: Dockerfile line 2: unknown instruction \"FROBNICATE\""
+        );
+        assert_eq!(
+            reason(&BuildError::NoStage),
+            "INTERNAL_PLATFORM_ERROR: no stage was built"
+        );
+        // A base's failure keeps its own code.
+        let base = |cause: BaseError| BuildError::Step {
+            step: 1,
+            total: 2,
+            line: 1,
+            text: "FROM x".into(),
+            cause: Box::new(cause.into()),
+            output: String::new(),
+        };
+        assert_eq!(
+            reason(&base(BaseError::Mkfs("too big".into()))),
+            "DISK_STORAGE_FULL: step 1/2 (line 1) FROM x: mkfs.ext4 failed: too big"
+        );
+        assert_eq!(
+            reason(&base(BaseError::Debugfs)),
+            "INTERNAL_PLATFORM_ERROR: step 1/2 (line 1) FROM x: debugfs could not set owners"
+        );
+        assert_eq!(
+            reason(&base(BaseError::NotManaged {
+                image: "nothing".into(),
+                suggestion: "debian-12".into()
+            })),
+            "CONTAINER_BUILD_FAILED: step 1/2 (line 1) FROM x: nothing is not a managed base \
+             image of this host (try FROM debian-12), and no registry is configured"
+        );
+        // Planning refusals read as before.
+        assert_eq!(
+            reason(&step(PlanError::UrlSource.into(), "")),
+            "CONTAINER_BUILD_FAILED: step 2/3 (line 4) RUN make: sources from URLs are not \
+             supported; fetch them with RUN (curl or wget) instead"
         );
     }
 }

@@ -9,6 +9,8 @@ use std::time::Duration;
 mod common;
 
 use common::Lines;
+use hearth_api::BuildFailure;
+use hearth_builder::oci::BaseError;
 use hearth_builder::run::{Base, BaseResolver, BuildError, BuildLog, BuildRequest, Builder, Disk};
 use hearth_proto::ExecRequest;
 use hearth_vm::disk::BackingFormat;
@@ -18,8 +20,14 @@ use hearth_vm::{Assets, Driver, MachineShape};
 struct HostBases(Assets);
 
 impl BaseResolver for HostBases {
-    async fn resolve(&self, image: &str, _log: &dyn BuildLog) -> Result<Base, String> {
-        let path = self.0.base_image(image).map_err(|e| e.to_string())?;
+    async fn resolve(&self, image: &str, _log: &dyn BuildLog) -> Result<Base, BaseError> {
+        let path = self
+            .0
+            .base_image(image)
+            .map_err(|_| BaseError::NotManaged {
+                image: image.into(),
+                suggestion: "debian-12".into(),
+            })?;
         Ok(Base {
             identity: format!("{image}@{}", path.display()),
             disk: Disk {
@@ -115,7 +123,7 @@ async fn dockerfile_builds_boots_and_caches() {
     let built = builder
         .build(&request, &bases, &log)
         .await
-        .unwrap_or_else(|e| panic!("build failed: {}\n{}", e.reason(), log.text()));
+        .unwrap_or_else(|e| panic!("build failed: {}\n{}", BuildFailure::from(&e), log.text()));
     assert_eq!(built.steps_cached, 0, "{}", log.text());
     // builder: RUN; final: WORKDIR, COPY, COPY --from, ADD, RUN, RUN.
     assert_eq!(built.steps_run, 7, "{}", log.text());
@@ -201,7 +209,7 @@ async fn dockerfile_builds_boots_and_caches() {
         .build(&failing, &bases, &log4)
         .await
         .expect_err("must fail");
-    let reason = err.reason();
+    let reason = BuildFailure::from(&err).to_string();
     assert!(matches!(err, BuildError::Step { line: 3, .. }), "{reason}");
     assert!(reason.starts_with("CONTAINER_BUILD_FAILED"), "{reason}");
     assert!(reason.contains("non-zero code: 3"), "{reason}");
@@ -223,11 +231,10 @@ async fn dockerfile_builds_boots_and_caches() {
         .await
         .expect_err("must time out");
     assert!(started.elapsed() < Duration::from_secs(60));
+    let reason = BuildFailure::from(&err).to_string();
     assert!(
-        err.reason()
-            .starts_with("CONTAINER_BUILD_FAILED: the build did not finish within 8 s"),
-        "{}",
-        err.reason()
+        reason.starts_with("CONTAINER_BUILD_FAILED: the build did not finish within 8 s"),
+        "{reason}"
     );
     assert!(
         driver.list().expect("list").is_empty(),

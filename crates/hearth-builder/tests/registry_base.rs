@@ -11,6 +11,8 @@ use std::time::Duration;
 mod common;
 
 use common::Lines;
+use hearth_api::BuildFailure;
+use hearth_builder::oci::BaseError;
 use hearth_builder::run::{Base, BaseResolver, BuildLog, BuildRequest, Builder};
 use hearth_oci::RegistryConfig;
 use hearth_vm::{Driver, MachineShape};
@@ -25,7 +27,7 @@ struct RegistryBases {
 }
 
 impl BaseResolver for RegistryBases {
-    async fn resolve(&self, image: &str, log: &dyn BuildLog) -> Result<Base, String> {
+    async fn resolve(&self, image: &str, log: &dyn BuildLog) -> Result<Base, BaseError> {
         hearth_builder::oci::registry_base(&self.config, image, &self.cache, log).await
     }
 }
@@ -93,7 +95,7 @@ async fn from_a_registry_image() {
     let built = builder
         .build(&request, &bases, &log)
         .await
-        .unwrap_or_else(|e| panic!("build failed: {}\n{}", e.reason(), log.text()));
+        .unwrap_or_else(|e| panic!("build failed: {}\n{}", BuildFailure::from(&e), log.text()));
     assert_eq!(built.steps_run, 1, "{}", log.text());
     assert_eq!(built.config.env_value("FROM_IMAGE"), Some("yes"));
     assert_eq!(built.config.env_value("MORE"), Some("1"));
@@ -140,5 +142,6 @@ async fn from_a_registry_image() {
         .build(&missing, &bases, &Lines::default())
         .await
         .expect_err("must fail");
-    assert!(err.reason().contains("nothing"), "{}", err.reason());
+    let reason = BuildFailure::from(&err).to_string();
+    assert!(reason.contains("nothing"), "{reason}");
 }

@@ -27,6 +27,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tokio::io::AsyncWriteExt;
 
+use hearth_api::{BuildErrorCode, BuildFailure};
+
 use crate::store::{self, Store, StoreError};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -35,20 +37,21 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const READ_TIMEOUT: Duration = Duration::from_secs(60);
 const DEFAULT_MAX_ARTIFACT_BYTES: u64 = 5 * 1024 * 1024 * 1024;
 
-/// A failed fetch, with the build error code the reference reports for it.
+/// A failed fetch; [`FetchError::code`] is the build error code the
+/// reference reports for it.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
-    #[error("S3_ACCESS_DENIED: access to {uri} is denied")]
+    #[error("access to {uri} is denied")]
     AccessDenied { uri: String },
-    #[error("S3_NO_SUCH_BUCKET: the bucket of {uri} does not exist")]
+    #[error("the bucket of {uri} does not exist")]
     NoSuchBucket { uri: String },
-    #[error("S3_NO_SUCH_KEY: {uri} does not exist")]
+    #[error("{uri} does not exist")]
     NoSuchKey { uri: String },
-    #[error("S3_CROSS_REGION_ACCESS_DENIED: the bucket of {uri} is in another region")]
+    #[error("the bucket of {uri} is in another region")]
     CrossRegion { uri: String },
-    #[error("S3_INVALID_OBJECT: {uri}: {reason}")]
+    #[error("{uri}: {reason}")]
     InvalidObject { uri: String, reason: String },
-    #[error("INTERNAL_PLATFORM_ERROR: cannot fetch {uri}")]
+    #[error("cannot fetch {uri}")]
     Internal {
         uri: String,
         #[source]
@@ -57,22 +60,16 @@ pub enum FetchError {
 }
 
 impl FetchError {
-    /// The build error code (`stateReason` code of a failed build).
-    pub fn code(&self) -> &'static str {
+    /// The build error code (of a failed build's `stateReason`).
+    pub fn code(&self) -> BuildErrorCode {
         match self {
-            Self::AccessDenied { .. } => "S3_ACCESS_DENIED",
-            Self::NoSuchBucket { .. } => "S3_NO_SUCH_BUCKET",
-            Self::NoSuchKey { .. } => "S3_NO_SUCH_KEY",
-            Self::CrossRegion { .. } => "S3_CROSS_REGION_ACCESS_DENIED",
-            Self::InvalidObject { .. } => "S3_INVALID_OBJECT",
-            Self::Internal { .. } => "INTERNAL_PLATFORM_ERROR",
+            Self::AccessDenied { .. } => BuildErrorCode::S3AccessDenied,
+            Self::NoSuchBucket { .. } => BuildErrorCode::S3NoSuchBucket,
+            Self::NoSuchKey { .. } => BuildErrorCode::S3NoSuchKey,
+            Self::CrossRegion { .. } => BuildErrorCode::S3CrossRegionAccessDenied,
+            Self::InvalidObject { .. } => BuildErrorCode::S3InvalidObject,
+            Self::Internal { .. } => BuildErrorCode::InternalPlatformError,
         }
-    }
-
-    /// A short text for the caller, starting with the code (internal
-    /// causes are left out: they go to the log through `source()`).
-    pub fn message(&self) -> String {
-        self.to_string()
     }
 
     fn invalid(uri: &str, reason: impl Into<String>) -> Self {
@@ -87,6 +84,14 @@ impl FetchError {
             uri: uri.to_string(),
             source: source.into(),
         }
+    }
+}
+
+/// The build's failure: the code and this error's own text (an internal
+/// cause stays out of the build's reason; it goes to the log through `source()`).
+impl From<&FetchError> for BuildFailure {
+    fn from(err: &FetchError) -> BuildFailure {
+        BuildFailure::new(err.code(), err.to_string())
     }
 }
 
@@ -569,6 +574,7 @@ mod tests {
                 body,
             )
             .code()
+            .as_str()
         };
         assert_eq!(
             code(404, "<Error><Code>NoSuchBucket</Code></Error>"),

@@ -318,7 +318,7 @@ async fn signed_requests_and_external_fetch() {
             .fetch("ignored", uri, &dest, max)
             .await
             .expect_err(uri);
-        assert_eq!(err.code(), code, "{uri}: {}", err.message());
+        assert_eq!(err.code().as_str(), code, "{uri}: {err}");
         assert!(!dest.exists());
     }
     // Nothing listens here.
@@ -330,7 +330,10 @@ async fn signed_requests_and_external_fetch() {
         .fetch("ignored", "s3://artifacts/k", &out.join("closed"), 1 << 20)
         .await
         .expect_err("refused");
-    assert_eq!(err.code(), "INTERNAL_PLATFORM_ERROR");
+    assert_eq!(
+        err.code(),
+        hearth_api::BuildErrorCode::InternalPlatformError
+    );
 
     // Multipart over HTTP with small parts is refused as S3 does (EntityTooSmall).
     let created = call(addr, "POST", "/artifacts/mp?uploads", A, &[], b"").await;

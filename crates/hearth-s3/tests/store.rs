@@ -5,6 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use hearth_api::{BuildErrorCode, BuildFailure};
 use hearth_s3::store::{ListQuery, PutOptions};
 use hearth_s3::{ArtifactSource, ArtifactStore, Store, StoreConfig, StoreError};
 use s3s::crypto::{Checksum as _, Md5};
@@ -749,8 +750,9 @@ async fn fetch_maps_each_failure_to_its_code() {
             .fetch(account, uri, &dest, *max)
             .await
             .expect_err(uri);
-        assert_eq!(err.code(), *code, "{uri}: {}", err.message());
-        assert!(err.message().starts_with(code), "{}", err.message());
+        let reason = BuildFailure::from(&err).to_string();
+        assert_eq!(err.code().as_str(), *code, "{uri}: {reason}");
+        assert!(reason.starts_with(code), "{reason}");
         assert!(!dest.exists(), "{uri}: a failed fetch leaves no file");
     }
     let err = artifacts
@@ -758,18 +760,17 @@ async fn fetch_maps_each_failure_to_its_code() {
         .await
         .expect_err("disabled");
     assert!(
-        err.message().contains(
+        err.to_string().contains(
             "file:// artifacts are disabled; start the server with --allow-file-artifacts"
         ),
-        "{}",
-        err.message()
+        "{err}"
     );
     let missing = artifacts
         .fetch("A", "s3://artifacts/missing.zip", &out.join("m"), 1 << 20)
         .await
         .expect_err("missing");
     assert_eq!(
-        missing.message(),
+        BuildFailure::from(&missing).to_string(),
         "S3_NO_SUCH_KEY: s3://artifacts/missing.zip does not exist"
     );
 
@@ -779,7 +780,7 @@ async fn fetch_maps_each_failure_to_its_code() {
         .fetch("A", "s3://artifacts/app.zip", &out.join("taken"), 1 << 20)
         .await
         .expect_err("exists");
-    assert_eq!(err.code(), "INTERNAL_PLATFORM_ERROR");
+    assert_eq!(err.code(), BuildErrorCode::InternalPlatformError);
     assert_eq!(std::fs::read(out.join("taken")).expect("reads"), b"keep");
 }
 
@@ -809,6 +810,7 @@ async fn file_uris_when_enabled() {
                 .await
                 .expect_err("fails")
                 .code()
+                .as_str()
         }
     };
     assert_eq!(code(uri.clone(), 3).await, "S3_INVALID_OBJECT");

@@ -64,8 +64,8 @@ pub(crate) fn build(
     Ok((service, ArtifactSource::new(&config.artifacts, builtin)))
 }
 
-/// The builder's fetch: errors become `stateReason` texts starting with the
-/// reference's code; internal causes go to the log only.
+/// The builder's fetch: internal causes go to the log only, not to the
+/// build's failure.
 impl ArtifactFetch for ArtifactSource {
     fn fetch<'a>(
         &'a self,
@@ -73,7 +73,9 @@ impl ArtifactFetch for ArtifactSource {
         uri: &'a str,
         dest: &'a std::path::Path,
         max_bytes: u64,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<u64, String>> + Send + 'a>> {
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<u64, hearth_api::BuildFailure>> + Send + 'a>,
+    > {
         Box::pin(async move {
             ArtifactSource::fetch(self, account, uri, dest, max_bytes)
                 .await
@@ -81,7 +83,7 @@ impl ArtifactFetch for ArtifactSource {
                     if let FetchError::Internal { .. } = err {
                         warn!(error = %hearth_vm::error_chain(&err), "artifact fetch failed");
                     }
-                    err.message()
+                    hearth_api::BuildFailure::from(&err)
                 })
         })
     }

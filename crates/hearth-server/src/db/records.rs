@@ -572,7 +572,7 @@ impl Store {
         &self,
         account: &str,
         build_id: &str,
-        outcome: Result<(PathBuf, Value), String>,
+        outcome: Result<(PathBuf, Value), hearth_api::BuildFailure>,
     ) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
@@ -625,7 +625,7 @@ impl Store {
             Err(reason) => {
                 tx.execute(
                     "UPDATE builds SET state = 'FAILED', state_reason = ?2 WHERE build_id = ?1",
-                    params![build_id, reason],
+                    params![build_id, reason.to_string()],
                 )?;
                 tx.execute(
                     "UPDATE image_versions SET state = 'FAILED', updated_at = ?4

@@ -6,6 +6,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use hearth_api::{BuildErrorCode, BuildFailure, BuildHook};
 use hearth_proto::ExecRequest;
 use hearth_vm::agent::AgentClient;
 use hearth_vm::{BootRequest, ColdBoot, Driver, MachineShape, QemuDriver};
@@ -63,8 +64,8 @@ pub fn aws_env(
 }
 
 /// Boots `disk`, starts `app`, waits until it is ready and writes the
-/// snapshot to `snapshot_dir`. Returns `snapshotBuild`; the error is the
-/// build's `stateReason`. The VM is removed either way.
+/// snapshot to `snapshot_dir`. Returns `snapshotBuild`. The VM is removed
+/// either way.
 #[allow(clippy::too_many_arguments)]
 pub async fn snapshot_ready_app(
     driver: &QemuDriver,
@@ -75,10 +76,11 @@ pub async fn snapshot_ready_app(
     snapshot_dir: &Path,
     code_size: u64,
     progress: &(dyn Fn(&str) + Sync),
-) -> Result<Value, String> {
+) -> Result<Value, BuildFailure> {
+    // The cause goes to the log, not to the tenant.
     let platform = |what: &str, err: &dyn std::error::Error| {
         tracing::warn!(error = %error_chain(err), "{what}");
-        format!("INTERNAL_PLATFORM_ERROR: {what}")
+        BuildFailure::new(BuildErrorCode::InternalPlatformError, what)
     };
     progress("booting the snapshot VM");
     let vm = driver
@@ -130,12 +132,13 @@ pub async fn snapshot_ready_app(
 
 /// Starts the app detached (its own session, output to [`APP_LOG`]) and
 /// returns its pid.
-async fn start_app(agent: &AgentClient, app: &AppSpec) -> Result<u32, String> {
+async fn start_app(agent: &AgentClient, app: &AppSpec) -> Result<u32, BuildFailure> {
+    let failed = |detail: String| BuildFailure::new(BuildErrorCode::ContainerBuildFailed, detail);
     let (uid, gid) = match &app.user {
         Some(user) => {
-            let (uid, gid, _) = hearth_builder::run::resolve_user(agent, user)
+            let (uid, gid, _) = hearth_builder::user::resolve_user(agent, user)
                 .await
-                .map_err(|e| format!("CONTAINER_BUILD_FAILED: USER {user}: {e}"))?;
+                .map_err(|e| failed(format!("USER {user}: {e}")))?;
             (Some(uid), Some(gid))
         }
         None => (None, None),
@@ -179,17 +182,17 @@ async fn start_app(agent: &AgentClient, app: &AppSpec) -> Result<u32, String> {
         })
         .await
         .map_err(|e| {
-            format!(
-                "CONTAINER_BUILD_FAILED: cannot start the command (is /bin/sh in the root filesystem?): {}",
+            failed(format!(
+                "cannot start the command (is /bin/sh in the root filesystem?): {}",
                 error_chain(&e)
-            )
+            ))
         })?;
     let text = String::from_utf8_lossy(&output.stdout);
     text.trim().parse().map_err(|_| {
-        format!(
-            "CONTAINER_BUILD_FAILED: cannot start the command: {}",
+        failed(format!(
+            "cannot start the command: {}",
             tail(&output.stderr)
-        )
+        ))
     })
 }
 
@@ -237,9 +240,12 @@ async fn wait_ready(
     app: &AppSpec,
     pid: u32,
     progress: &(dyn Fn(&str) + Sync),
-) -> Result<(), String> {
+) -> Result<(), BuildFailure> {
     let exited = |log: String| {
-        format!("CONTAINER_BUILD_FAILED: the command exited before it was ready; its output ends: {log}")
+        BuildFailure::new(
+            BuildErrorCode::ContainerBuildFailed,
+            format!("the command exited before it was ready; its output ends: {log}"),
+        )
     };
     let Some(port) = app.hooks_port else {
         progress("waiting for the app to settle");
@@ -255,9 +261,9 @@ async fn wait_ready(
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(format!(
-                "Ready hook invocation timed out after PT{}S",
-                app.ready_timeout.as_secs()
+            return Err(BuildFailure::hook_timed_out(
+                BuildHook::Ready,
+                app.ready_timeout,
             ));
         }
         let answer = hooks::call(

@@ -21,7 +21,9 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use hearth_api::{BuildErrorCode, BuildFailure, BuildHook};
 use hearth_builder::archive;
+use hearth_builder::oci::BaseError;
 use hearth_builder::run::{Base, BaseResolver, BuildLog, BuildRequest, Builder, Disk};
 use hearth_vm::disk::BackingFormat;
 use hearth_vm::{error_chain, Assets, ColdBoot, Driver, MachineShape, QemuDriver};
@@ -47,15 +49,15 @@ const PARALLEL_BUILDS: usize = 2;
 /// Where code artifacts come from: the built-in S3 store or the operator's.
 pub trait ArtifactFetch: Send + Sync + fmt::Debug {
     /// Copies `uri`, as `account` may see it, into the new file `dest`, at
-    /// most `max_bytes`. The error is a build `stateReason` starting with the
-    /// reference's code (S3_NO_SUCH_KEY, S3_ACCESS_DENIED, ...).
+    /// most `max_bytes`; fails with the reference's code (S3_NO_SUCH_KEY,
+    /// S3_ACCESS_DENIED, ...).
     fn fetch<'a>(
         &'a self,
         account: &'a str,
         uri: &'a str,
         dest: &'a Path,
         max_bytes: u64,
-    ) -> Pin<Box<dyn Future<Output = Result<u64, String>> + Send + 'a>>;
+    ) -> Pin<Box<dyn Future<Output = Result<u64, BuildFailure>> + Send + 'a>>;
 }
 
 /// The extension header carrying build arguments (`ARG` values): base64 of a
@@ -274,13 +276,15 @@ impl Builds {
         )
     }
 
-    /// The build's steps; the error is the build's `stateReason`.
+    /// The build's steps.
     async fn execute(
         &self,
         job: &BuildJob,
         work: &Path,
         log: &FileLog,
-    ) -> Result<(PathBuf, Value), String> {
+    ) -> Result<(PathBuf, Value), BuildFailure> {
+        let platform =
+            |detail: &str| BuildFailure::new(BuildErrorCode::InternalPlatformError, detail);
         let uri = &job.spec.code_artifact.uri;
         log.line(&format!("fetching {uri}"));
         let artifact = work.join("artifact.zip");
@@ -292,25 +296,26 @@ impl Builds {
         let context = work.join("context");
         let _ = std::fs::remove_dir_all(&context);
         hearth_vm::disk::create_private_dir_all(&context)
-            .map_err(|_| "INTERNAL_PLATFORM_ERROR: cannot create the build context".to_string())?;
+            .map_err(|_| platform("cannot create the build context"))?;
         let limits = self.limits;
         let (zip, dest) = (artifact.clone(), context.clone());
         let extracted = tokio::task::spawn_blocking(move || {
-            let file = std::fs::File::open(&zip).map_err(|_| {
-                "INTERNAL_PLATFORM_ERROR: the fetched artifact is unreadable".to_string()
-            })?;
+            let file = std::fs::File::open(&zip)
+                .map_err(|_| platform("the fetched artifact is unreadable"))?;
             archive::extract(std::io::BufReader::new(file), &dest, &limits)
-                .map_err(|e| format!("{}: {}", e.code(), error_chain(&e)))
+                .map_err(|e| BuildFailure::from(&e))
         })
         .await
-        .map_err(|_| "INTERNAL_PLATFORM_ERROR: extraction stopped".to_string())??;
+        .map_err(|_| platform("extraction stopped"))??;
         log.line(&format!(
             "{} files, {} bytes",
             extracted.files, extracted.bytes
         ));
         let dockerfile = std::fs::read_to_string(context.join("Dockerfile")).map_err(|_| {
-            "ARCHIVE_DOCKERFILE_NOT_FOUND: the artifact has no readable Dockerfile at its root"
-                .to_string()
+            BuildFailure::new(
+                BuildErrorCode::ArchiveDockerfileNotFound,
+                "the artifact has no readable Dockerfile at its root",
+            )
         })?;
 
         let resolver = ManagedBases {
@@ -341,7 +346,7 @@ impl Builds {
             .builder
             .build(&request, &resolver, log)
             .await
-            .map_err(|e| e.reason())?;
+            .map_err(|e| BuildFailure::from(&e))?;
         log.line(&format!(
             "steps: {} run, {} from the cache, in {:.2} s",
             built.steps_run,
@@ -380,9 +385,8 @@ impl Builds {
         };
         let version_dir = self.version_dir(job);
         let _ = std::fs::remove_dir_all(&version_dir);
-        hearth_vm::disk::create_private_dir_all(&version_dir).map_err(|_| {
-            "INTERNAL_PLATFORM_ERROR: cannot create the version directory".to_string()
-        })?;
+        hearth_vm::disk::create_private_dir_all(&version_dir)
+            .map_err(|_| platform("cannot create the version directory"))?;
         let snapshot_dir = layout::snapshot_dir(&version_dir);
         let progress = |text: &str| log.line(text);
         let sizes = snapshot_ready_app(
@@ -404,7 +408,10 @@ impl Builds {
         .await?;
         if image_hook(ImageHook::Validate) {
             let port = port.ok_or_else(|| {
-                "CONTAINER_BUILD_FAILED: the validate hook needs hooks.port".to_string()
+                BuildFailure::new(
+                    BuildErrorCode::ContainerBuildFailed,
+                    "the validate hook needs hooks.port",
+                )
             })?;
             self.validate(
                 &snapshot_dir,
@@ -427,33 +434,30 @@ impl Builds {
         port: u16,
         timeout_secs: u64,
         log: &FileLog,
-    ) -> Result<(), String> {
+    ) -> Result<(), BuildFailure> {
+        let platform = |what: &str, err: &dyn std::error::Error| {
+            BuildFailure::new(
+                BuildErrorCode::InternalPlatformError,
+                format!("{what}: {}", error_chain(err)),
+            )
+        };
         log.line(&format!(
             "validating: a clone of the snapshot, /validate on port {port}"
         ));
         let driver = self.builder.driver();
-        let snapshot =
-            hearth_vm::Snapshot::open(snapshot_dir, hearth_vm::Verify::Sizes).map_err(|e| {
-                format!(
-                    "INTERNAL_PLATFORM_ERROR: the new snapshot does not open: {}",
-                    error_chain(&e)
-                )
-            })?;
+        let snapshot = hearth_vm::Snapshot::open(snapshot_dir, hearth_vm::Verify::Sizes)
+            .map_err(|e| platform("the new snapshot does not open", &e))?;
         let (vm, agent) = driver
             .launch_with_agent(&snapshot, name)
             .await
-            .map_err(|e| {
-                format!(
-                    "INTERNAL_PLATFORM_ERROR: the validation clone did not start: {}",
-                    error_chain(&e)
-                )
-            })?;
+            .map_err(|e| platform("the validation clone did not start", &e))?;
         let deadline = Instant::now() + Duration::from_secs(timeout_secs);
         let result = loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                break Err(format!(
-                    "Validate hook invocation timed out after PT{timeout_secs}S"
+                break Err(BuildFailure::hook_timed_out(
+                    BuildHook::Validate,
+                    Duration::from_secs(timeout_secs),
                 ));
             }
             match hooks::call(
@@ -468,8 +472,9 @@ impl Builds {
                 Ok(200) => break Ok(()),
                 Ok(503) | Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
                 Ok(status) => {
-                    break Err(format!(
-                        "CONTAINER_BUILD_FAILED: Validate hook returned HTTP status {status}"
+                    break Err(BuildFailure::new(
+                        BuildErrorCode::ContainerBuildFailed,
+                        format!("Validate hook returned HTTP status {status}"),
                     ))
                 }
             }
@@ -498,7 +503,7 @@ struct ManagedBases<'a> {
 }
 
 impl BaseResolver for ManagedBases<'_> {
-    async fn resolve(&self, image: &str, log: &dyn BuildLog) -> Result<Base, String> {
+    async fn resolve(&self, image: &str, log: &dyn BuildLog) -> Result<Base, BaseError> {
         let lower = image.to_ascii_lowercase();
         let managed = Arn::parse(&lower).and_then(|arn| {
             arn.image_of(self.region, crate::arn::MANAGED_ACCOUNT)
@@ -518,14 +523,14 @@ impl BaseResolver for ManagedBases<'_> {
                 return hearth_builder::oci::registry_base(registry, image, &self.cache_dir, log)
                     .await;
             }
-            return Err(format!(
-                "{image} is not a managed base image of this host (try FROM {}), and no registry is configured",
-                if self.default_base.is_empty() {
-                    "debian-12"
+            return Err(BaseError::NotManaged {
+                image: image.to_string(),
+                suggestion: if self.default_base.is_empty() {
+                    "debian-12".to_string()
                 } else {
-                    &self.default_base
-                }
-            ));
+                    self.default_base.clone()
+                },
+            });
         };
         log.line(&format!(" ---> managed base image {name}"));
         Ok(Base {

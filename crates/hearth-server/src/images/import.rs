@@ -12,6 +12,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use hearth_api::{BuildErrorCode, BuildFailure};
 use hearth_vm::disk::BackingFormat;
 use hearth_vm::error_chain;
 use hearth_vm::{ColdBoot, Driver, MachineShape, QemuDriver, VmError};
@@ -45,7 +46,7 @@ pub enum ImportError {
     Store(#[from] StoreError),
     /// The build ran and failed; the version is FAILED with this reason.
     #[error("build failed: {0}")]
-    Build(String),
+    Build(BuildFailure),
 }
 
 /// What to import.
@@ -196,7 +197,7 @@ pub async fn import_image(
     }
 }
 
-/// Runs the build steps; the error is the build's `stateReason`.
+/// Runs the build steps.
 async fn build(
     driver: &QemuDriver,
     request: &ImportRequest,
@@ -204,10 +205,10 @@ async fn build(
     version: u32,
     version_dir: &Path,
     progress: &(dyn Fn(&str) + Sync),
-) -> Result<Value, String> {
+) -> Result<Value, BuildFailure> {
     let platform = |what: &str, err: &dyn std::error::Error| {
         tracing::warn!(error = %error_chain(err), "{what}");
-        format!("INTERNAL_PLATFORM_ERROR: {what}")
+        BuildFailure::new(BuildErrorCode::InternalPlatformError, what)
     };
     hearth_vm::disk::create_private_dir_all(version_dir)
         .map_err(|e| platform("cannot create the version directory", &e))?;
@@ -256,14 +257,15 @@ fn app_env(request: &ImportRequest, version: u32) -> Vec<(String, String)> {
 }
 
 /// Makes `out` from a directory or tar archive; returns the tree's size.
-async fn make_root_disk(source: &Path, out: &Path, work: &Path) -> Result<u64, String> {
+async fn make_root_disk(source: &Path, out: &Path, work: &Path) -> Result<u64, BuildFailure> {
+    let platform = |what: &str| BuildFailure::new(BuildErrorCode::InternalPlatformError, what);
     let extracted;
     let tree = if source.is_dir() {
         source.to_path_buf()
     } else {
         extracted = layout::import_unpack_dir(work);
         hearth_vm::disk::create_private_dir_all(&extracted)
-            .map_err(|_| "INTERNAL_PLATFORM_ERROR: cannot create a work directory".to_string())?;
+            .map_err(|_| platform("cannot create a work directory"))?;
         // GNU tar refuses members with `..` and strips leading `/`, so an archive
         // cannot write outside the work directory.
         let status = Command::new("tar")
@@ -275,11 +277,11 @@ async fn make_root_disk(source: &Path, out: &Path, work: &Path) -> Result<u64, S
             .arg("--delay-directory-restore")
             .status()
             .await
-            .map_err(|_| "INTERNAL_PLATFORM_ERROR: cannot run tar".to_string())?;
+            .map_err(|_| platform("cannot run tar"))?;
         if !status.success() {
-            return Err(format!(
-                "ARCHIVE_INVALID: {} is not a readable tar archive",
-                source.display()
+            return Err(BuildFailure::new(
+                BuildErrorCode::ArchiveInvalid,
+                format!("{} is not a readable tar archive", source.display()),
             ));
         }
         extracted.clone()
@@ -294,15 +296,18 @@ async fn make_root_disk(source: &Path, out: &Path, work: &Path) -> Result<u64, S
         .arg(format!("{disk_mib}M"))
         .output()
         .await
-        .map_err(|_| "INTERNAL_PLATFORM_ERROR: cannot run mkfs.ext4".to_string())?;
+        .map_err(|_| platform("cannot run mkfs.ext4"))?;
     if tree != source {
         let _ = std::fs::remove_dir_all(&tree);
     }
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
-        return Err(format!(
-            "DISK_STORAGE_FULL: mkfs.ext4 failed: {}",
-            stderr.trim().chars().take(500).collect::<String>()
+        return Err(BuildFailure::new(
+            BuildErrorCode::DiskStorageFull,
+            format!(
+                "mkfs.ext4 failed: {}",
+                stderr.trim().chars().take(500).collect::<String>()
+            ),
         ));
     }
     let _ = std::fs::set_permissions(out, std::os::unix::fs::PermissionsExt::from_mode(0o400));
@@ -334,7 +339,10 @@ pub async fn reap_interrupted_builds(
         store.finish_build(
             &build.account_id,
             &build.build_id,
-            Err("INTERNAL_PLATFORM_ERROR: the build was interrupted".into()),
+            Err(BuildFailure::new(
+                BuildErrorCode::InternalPlatformError,
+                "the build was interrupted",
+            )),
         )?;
     }
     Ok(())
@@ -346,7 +354,10 @@ fn process_exists(pid: u32) -> bool {
 
 impl From<VmError> for ImportError {
     fn from(err: VmError) -> Self {
-        ImportError::Build(format!("INTERNAL_PLATFORM_ERROR: {}", error_chain(&err)))
+        ImportError::Build(BuildFailure::new(
+            BuildErrorCode::InternalPlatformError,
+            error_chain(&err),
+        ))
     }
 }
 
