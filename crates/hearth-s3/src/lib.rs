@@ -24,15 +24,3 @@ pub use artifact::{ArtifactSource, ArtifactStore, ArtifactsConfig, ExternalS3, F
 pub use s3s::service::S3Service;
 pub use service::{handle, is_s3_request, service, Accounts, ServiceConfig};
 pub use store::{Store, StoreConfig, StoreError};
-
-/// An error and its causes, `: `-separated, for logs.
-pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}

@@ -240,7 +240,7 @@ fn s3_err(err: StoreError) -> S3Error {
             Err(source) => S3Error::with_source(S3ErrorCode::IncompleteBody, source),
         },
         err @ (E::Corrupt { .. } | E::Io { .. } | E::Join(_)) => {
-            tracing::warn!(error = %crate::error_chain(&err), "S3 store error");
+            tracing::warn!(error = %error_chain(&err), "S3 store error");
             S3Error::internal_error(err)
         }
     }
@@ -1041,6 +1041,18 @@ impl S3 for Backend {
             .map_err(s3_err)?;
         Ok(S3Response::new(AbortMultipartUploadOutput::default()))
     }
+}
+
+/// An error and its causes, `: `-separated, for logs.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 #[cfg(test)]
