@@ -15,7 +15,8 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::UnixListener;
 
-use crate::session::{run_session, Agent, SessionEnd};
+use crate::session::{run_session, SessionEnd};
+use crate::stream::Agent;
 use crate::{log, sys};
 
 const PORTS_DIR: &str = "/sys/class/virtio-ports";

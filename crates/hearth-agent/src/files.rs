@@ -10,7 +10,7 @@ use hearth_proto::{ErrorKind, Frame, FrameKind, ReadFileRequest, Reply, WriteFil
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
-use crate::session::{FrameSink, StreamFailure};
+use crate::stream::{FrameSink, StreamFailure};
 
 /// Bytes per `Data` frame when reading a file.
 const READ_CHUNK: usize = 128 * 1024;

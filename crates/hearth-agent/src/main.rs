@@ -11,8 +11,10 @@ mod exec;
 mod files;
 mod init;
 mod log;
+mod process;
 mod pty;
 mod session;
+mod stream;
 mod sys;
 mod system;
 mod tcp;
@@ -22,7 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use children::Children;
-use session::Agent;
+use stream::Agent;
 
 const USAGE: &str = "usage: hearth-agent [--unix-listen PATH | --port PATH]";
 

@@ -26,8 +26,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::exec::{self, ExecError};
-use crate::session::{Agent, FrameSink, StreamControl};
+use crate::process::{build_command, spawn, ExecError};
+use crate::stream::{Agent, FrameSink, StreamControl};
 use crate::{log, sys};
 
 /// Largest output chunk per `Data` frame.
@@ -61,7 +61,7 @@ pub async fn run(
             rows: pty.rows,
         });
     }
-    let mut command = exec::build_command(&request, true)?;
+    let mut command = build_command(&request, true)?;
     let (master, slave) = sys::open_pty().map_err(pty_error)?;
     sys::set_window_size(&master, pty.cols, pty.rows).map_err(pty_error)?;
     if let Some(uid) = request.uid {
@@ -80,7 +80,7 @@ pub async fn run(
     let program = request.argv.first().cloned().unwrap_or_default();
     // The command, and with it the agent's copies of the slave, is dropped once
     // the child has it: the master then reads EIO when the child's side closes.
-    let (spawned, mut guard) = exec::spawn(command, program, agent, control).await?;
+    let (spawned, mut guard) = spawn(command, program, agent, control).await?;
     let pid = spawned.pid;
 
     // Aborted when this function returns or is dropped.

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use hearth_proto::{ErrorKind, Reply, RestoredRequest};
 
-use crate::session::{Agent, FrameSink, SessionError, StreamFailure};
+use crate::stream::{Agent, FrameSink, SessionError, StreamFailure};
 use crate::{log, sys};
 
 /// Most entropy accepted in one `Restored` request.

@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use crate::log;
-use crate::session::{FrameSink, StreamFailure};
+use crate::stream::{FrameSink, StreamFailure};
 
 const READ_CHUNK: usize = 64 * 1024;
 

@@ -31,6 +31,7 @@ pub use config::{
     config_path, write_config_file, ClientConfig, ConfigError, ConfigFile, ConfigFlags, Resolved,
     DEFAULT_ENDPOINT, DEFAULT_REGION,
 };
+pub use request::InputError;
 
 /// Responses larger than this are refused rather than buffered.
 pub const MAX_RESPONSE_BYTES: usize = 8 * 1024 * 1024;
@@ -50,12 +51,10 @@ pub enum ClientError {
         code: String,
         message: String,
     },
-    #[error("unknown operation {0}")]
-    UnknownOperation(String),
     #[error("{0} does not paginate")]
     NotPaginated(String),
-    #[error("invalid input for {operation}: {reason}")]
-    Input { operation: String, reason: String },
+    #[error(transparent)]
+    Input(#[from] InputError),
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error("cannot sign the request")]
@@ -191,10 +190,10 @@ impl Client {
             Value::Object(map) => map,
             Value::Null => Map::new(),
             _ => {
-                return Err(ClientError::Input {
+                return Err(ClientError::Input(InputError::Invalid {
                     operation: operation.to_string(),
                     reason: "the input must be a JSON object".into(),
-                })
+                }))
             }
         };
         let mut items = Vec::new();

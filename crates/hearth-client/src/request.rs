@@ -7,8 +7,6 @@ use hearth_api::{Location, Member};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde_json::{Map, Value};
 
-use crate::ClientError;
-
 /// RFC 3986 unreserved characters stay; everything else is percent-encoded,
 /// as botocore does for query keys and values (so `+` and space are never
 /// ambiguous to the server or to the SigV4 canonical query).
@@ -18,6 +16,15 @@ const QUERY_SET: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'_')
     .remove(b'.')
     .remove(b'~');
+
+/// Why an operation and its input make no request.
+#[derive(Debug, thiserror::Error)]
+pub enum InputError {
+    #[error("unknown operation {0}")]
+    UnknownOperation(String),
+    #[error("invalid input for {operation}: {reason}")]
+    Invalid { operation: String, reason: String },
+}
 
 /// A request before signing.
 #[derive(Debug)]
@@ -30,12 +37,12 @@ pub(crate) struct Prepared {
     pub body: Option<Vec<u8>>,
 }
 
-pub(crate) fn prepare(operation: &str, input: Value) -> Result<Prepared, ClientError> {
+pub(crate) fn prepare(operation: &str, input: Value) -> Result<Prepared, InputError> {
     let model = hearth_api::model();
     let op = model
         .operation(operation)
-        .ok_or_else(|| ClientError::UnknownOperation(operation.to_string()))?;
-    let bad = |reason: String| ClientError::Input {
+        .ok_or_else(|| InputError::UnknownOperation(operation.to_string()))?;
+    let bad = |reason: String| InputError::Invalid {
         operation: op.name.clone(),
         reason,
     };

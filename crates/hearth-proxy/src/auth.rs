@@ -3,7 +3,11 @@
 use http::HeaderMap;
 
 use crate::websocket::Offered;
-use crate::{AUTH_HEADER, PORT_HEADER};
+
+/// The request header carrying the endpoint token.
+pub const AUTH_HEADER: &str = "x-aws-proxy-auth";
+/// The request header choosing the guest port.
+pub const PORT_HEADER: &str = "x-aws-proxy-port";
 
 /// Tokens are under 1 KiB; the reference caps header values at 8000 characters.
 /// Anything longer is refused without asking the backend.

@@ -4,7 +4,7 @@
 //! whose response body ended), reused by its next request to the same microVM
 //! and port; everything else gets a fresh stream.
 //!
-//! [`Backend`]: crate::Backend
+//! [`Backend`]: crate::backend::Backend
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,9 +21,12 @@ use tokio::time::timeout;
 
 use crate::body::{empty, error_response, head_len, Meter, Metered, ProxyBody};
 use crate::limits::Permit;
-use crate::server::Shared;
+use crate::shared::Shared;
 use crate::websocket::{self, Offered, BASE_PROTOCOL};
-use crate::{ConnectError, REQUEST_ID_HEADER};
+
+/// The request id header added to the request the app sees and to the response.
+pub const REQUEST_ID_HEADER: &str = "x-amzn-requestid";
+use crate::backend::ConnectError;
 
 /// What goes to the guest: the client's body, counted.
 pub(crate) type UpstreamBody = Metered<Incoming>;

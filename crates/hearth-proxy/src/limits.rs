@@ -9,7 +9,24 @@ use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use crate::VmLimits;
+/// Per-microVM limits; 0 means unlimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmLimits {
+    /// Requests in flight plus open WebSocket streams to one microVM.
+    pub max_connections: usize,
+    /// Sustained requests per second to one microVM (a token bucket holding one
+    /// second's worth).
+    pub requests_per_second: u32,
+}
+
+impl Default for VmLimits {
+    fn default() -> Self {
+        VmLimits {
+            max_connections: 64,
+            requests_per_second: 160,
+        }
+    }
+}
 
 /// Entries kept before idle ones are pruned.
 const PRUNE_AT: usize = 4096;

@@ -19,27 +19,30 @@ use tokio::time::timeout;
 use tokio_rustls::TlsAcceptor;
 
 use crate::auth::{self, Token};
+use crate::backend::{Access, Backend, Denied};
 use crate::body::{error_response, ProxyBody};
+use crate::config::ProxyConfig;
+use crate::extension::{ExtensionRequest, ExtensionRoute, RESERVED_PREFIX, SHELL_PATH};
+use crate::forward::REQUEST_ID_HEADER;
 use crate::forward::{self, IdleSlot, Target};
+use crate::host;
 use crate::limits::{Exceeded, Limiter};
+use crate::shared::Shared;
 use crate::websocket::{self, Offered};
-use crate::{
-    host, Access, Backend, Denied, ExtensionRequest, ExtensionRoute, ProxyConfig, ProxyError,
-    REQUEST_ID_HEADER, RESERVED_PREFIX, SHELL_PATH,
-};
+
+/// Why [`serve`] or [`serve_tls`] stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("invalid proxy configuration: {0}")]
+    Config(&'static str),
+    #[error("cannot accept connections")]
+    Accept(#[source] std::io::Error),
+}
 
 /// hyper refuses buffer limits below this.
 const MIN_BUFFER: usize = 8192;
 /// HTTP/2 streams per client connection.
 const MAX_H2_STREAMS: u32 = 128;
-
-/// What every request handler shares.
-pub(crate) struct Shared {
-    pub(crate) backend: Arc<dyn Backend>,
-    pub(crate) config: ProxyConfig,
-    pub(crate) limiter: Arc<Limiter>,
-    pub(crate) client: http1::Builder,
-}
 
 /// Serves plain-TCP clients (HTTP/1.1, and HTTP/2 with prior knowledge) on
 /// `listener` until the listener fails for good; drop the future to stop.

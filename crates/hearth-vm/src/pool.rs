@@ -22,10 +22,11 @@ use tokio::sync::Notify;
 use tracing::warn;
 
 use crate::agent::AgentClient;
-use crate::qemu::{new_instance_id, QemuDriver, VmError};
+use crate::driver::{Driver, VmError};
+use crate::qemu::{new_instance_id, QemuDriver};
 use crate::qmp::Qmp;
+use crate::record::{validate_name, VmRecord};
 use crate::snapshot::Snapshot;
-use crate::{validate_name, Driver, VmRecord};
 
 /// How far pool slots are prepared; see the module documentation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

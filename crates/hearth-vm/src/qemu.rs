@@ -12,17 +12,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::process::Command;
 use tracing::{debug, info};
 
-use crate::accel::{self, AccelError};
+use crate::accel::{self, Accel};
 use crate::agent::{AgentClient, AgentError};
-use crate::assets::{AssetError, Assets};
-use crate::disk::{self, BackingFormat, DiskError};
-use crate::pins::{HostPins, UntestedHost};
+use crate::assets::Assets;
+use crate::disk::{self, BackingFormat};
+use crate::driver::{BootRequest, ColdBoot, Driver, VmError};
+use crate::pins::HostPins;
 use crate::qmp::{Qmp, QmpError};
+use crate::record::{validate_name, MachineShape, Memory, Origin, VmRecord, VmState};
 use crate::snapshot::{self, Manifest, Snapshot, SnapshotError};
-use crate::{
-    validate_name, Accel, BootRequest, ColdBoot, Driver, MachineShape, Memory, Origin, VmRecord,
-    VmState,
-};
 
 /// How long a cold boot may take to reach the agent (TCG boots take seconds).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
@@ -38,58 +36,6 @@ const MIGRATION_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long a guest may take to power off after the agent's shutdown.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 const RECORD_FILE: &str = "vm.json";
-
-#[derive(Debug, thiserror::Error)]
-pub enum VmError {
-    #[error("VM name {0:?} is invalid: use 1-40 of A-Z a-z 0-9 _ -")]
-    BadName(String),
-    #[error("a VM named {0:?} already exists")]
-    Exists(String),
-    #[error("no VM named {0:?}")]
-    NotFound(String),
-    #[error("VM {name} is {state:?}; cannot {action}")]
-    BadState {
-        name: String,
-        state: VmState,
-        action: &'static str,
-    },
-    #[error("VM {0} was restored from a snapshot and has not been suspended since; snapshot it after a suspend/resume, or snapshot its origin")]
-    NotSnapshottable(String),
-    #[error("QEMU could not be started")]
-    Spawn(#[source] std::io::Error),
-    #[error("QEMU exited: {log}")]
-    QemuDied { log: String },
-    #[error(
-        "the guest did not come up: {reason}; console ends: {console}; QEMU log ends: {qemu_log}"
-    )]
-    BootFailed {
-        reason: String,
-        console: String,
-        qemu_log: String,
-    },
-    #[error("QEMU control failed")]
-    Qmp(#[from] QmpError),
-    #[error("guest agent failed")]
-    Agent(#[from] AgentError),
-    #[error(transparent)]
-    Asset(#[from] AssetError),
-    #[error(transparent)]
-    Snapshot(#[from] SnapshotError),
-    #[error(transparent)]
-    Disk(#[from] DiskError),
-    #[error(transparent)]
-    Accel(#[from] AccelError),
-    #[error(transparent)]
-    UntestedHost(#[from] UntestedHost),
-    #[error("snapshot was made with {made_with:?}, this host runs {runs:?}; rebuild the image, or set HEARTH_ALLOW_UNTESTED_HOST=1 to try anyway")]
-    SnapshotQemu { made_with: String, runs: String },
-    #[error("snapshot was made for {0:?}, this host runs {1:?}")]
-    AccelMismatch(Accel, Accel),
-    #[error("VM record {0} is unreadable")]
-    BadRecord(PathBuf, #[source] serde_json::Error),
-    #[error("I/O on {0}")]
-    Io(PathBuf, #[source] std::io::Error),
-}
 
 /// How a QEMU process gets its initial state.
 #[derive(Debug, Clone, Copy)]

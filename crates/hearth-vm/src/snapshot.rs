@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Accel, MachineShape};
+use crate::accel::Accel;
+use crate::record::MachineShape;
 
 pub const FORMAT_VERSION: u32 = 1;
 pub const MEMORY_FILE: &str = "mem";

@@ -13,7 +13,7 @@ use hearth_vm::{AgentClient, BootRequest, Driver, MachineShape, QemuDriver, Snap
 use serde::Serialize;
 
 use crate::measure::{ms, Stats};
-use crate::progress;
+use crate::progress::progress;
 
 #[derive(Debug, Args)]
 pub struct LaunchArgs {
@@ -87,8 +87,7 @@ impl Cleanup<'_> {
     }
 }
 
-pub async fn launch(args: LaunchArgs) -> Result<ExitCode> {
-    let driver = crate::driver()?;
+pub async fn launch(args: LaunchArgs, driver: QemuDriver) -> Result<ExitCode> {
     let prefix = format!("bench{}", std::process::id());
     let work = tempfile::Builder::new()
         .prefix("hearth-bench-")

@@ -18,7 +18,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::measure::{ms, unpack_base, Stats};
-use crate::progress;
+use crate::progress::progress;
 
 #[derive(Debug, Args)]
 pub struct ApiArgs {

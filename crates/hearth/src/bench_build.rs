@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 
 use crate::bench_endpoint::{endpoint_of, microvm_id, poll_until_200, terminate};
 use crate::measure::{ms, BenchServer, Stats};
-use crate::progress;
+use crate::progress::progress;
 
 const REGION: &str = "us-east-1";
 

@@ -27,7 +27,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::measure::{ms, unpack_base, BenchServer, Stats};
-use crate::progress;
+use crate::progress::progress;
 
 /// The in-guest app: `/` answers a small body, `/big?bytes=N` streams N
 /// bytes in 1 MiB chunks; POSTs (the ready hook) answer 200.

@@ -8,38 +8,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use hearth_client::{Client, ClientConfig, ConfigError, ConfigFile, ConfigFlags};
+use hearth_client::{Client, ClientConfig, ConfigError, ConfigFile};
 use serde_json::{json, Map, Value};
 
+use crate::connect::ConnectArgs;
+use crate::image_build::{self, BuildArgs, LogsArgs};
+use crate::progress::progress;
+use crate::shell;
+
 const POLL_INTERVAL: Duration = Duration::from_millis(500);
-
-/// Where to connect and how to print; on every client command.
-#[derive(Debug, Args)]
-pub struct ConnectArgs {
-    /// API endpoint [default: $HEARTH_ENDPOINT_URL, the config file, http://127.0.0.1:9070].
-    #[arg(long, value_name = "URL")]
-    endpoint_url: Option<String>,
-    /// Region to sign for [default: $HEARTH_REGION, $AWS_REGION, the config file, us-east-1].
-    #[arg(long)]
-    region: Option<String>,
-    /// Print the response JSON instead of a table.
-    #[arg(long)]
-    json: bool,
-}
-
-impl ConnectArgs {
-    pub(crate) fn client(&self) -> Result<Client> {
-        let resolved = ClientConfig::resolve(&ConfigFlags {
-            endpoint_url: self.endpoint_url.clone(),
-            region: self.region.clone(),
-            ..Default::default()
-        })?;
-        for warning in &resolved.warnings {
-            eprintln!("warning: {warning}");
-        }
-        Ok(Client::new(resolved.config))
-    }
-}
 
 #[derive(Debug, Args)]
 pub struct WaitArgs {
@@ -68,9 +45,9 @@ pub enum ImageCommand {
     },
     /// Build an image from a Dockerfile: zip and upload the context, create
     /// or update the image, follow the build's log until it ends.
-    Build(crate::image_build::BuildArgs),
+    Build(BuildArgs),
     /// Print the log of an image version's build.
-    Logs(crate::image_build::LogsArgs),
+    Logs(LogsArgs),
     /// Delete an image, or one version of it.
     Rm {
         /// Image name or ARN.
@@ -225,8 +202,8 @@ pub async fn image(command: ImageCommand) -> ExitCode {
             version,
             connect,
         } => image_rm(image, version, connect).await,
-        ImageCommand::Build(args) => crate::image_build::build(args).await,
-        ImageCommand::Logs(args) => crate::image_build::logs(args).await,
+        ImageCommand::Build(args) => image_build::build(args).await,
+        ImageCommand::Logs(args) => image_build::logs(args).await,
     })
 }
 
@@ -339,8 +316,7 @@ async fn run(args: RunArgs) -> Result<()> {
             }),
         );
     }
-    let ingress =
-        crate::shell::ingress_connectors(&args.ingress, args.shell, client.config().region());
+    let ingress = shell::ingress_connectors(&args.ingress, args.shell, client.config().region());
     if !ingress.is_empty() {
         input.insert("ingressNetworkConnectors".into(), json!(ingress));
     }
@@ -464,7 +440,7 @@ async fn wait_for(client: &Client, id: &str, target: &str, wait: &WaitArgs) -> R
             );
         }
         if state != shown {
-            crate::progress(&format!("waiting for {id} to be {target} (state {state})"));
+            progress(&format!("waiting for {id} to be {target} (state {state})"));
             shown = state.to_string();
         }
         tokio::time::sleep(POLL_INTERVAL).await;

@@ -11,7 +11,7 @@ use clap::Args;
 use hearth_client::{Client, ClientError};
 use serde_json::{json, Value};
 
-use crate::client_cli::ConnectArgs;
+use crate::connect::ConnectArgs;
 
 const POLL: Duration = Duration::from_millis(500);
 /// Largest context `image build` zips (the server's artifact limit is 1 GiB).

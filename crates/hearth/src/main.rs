@@ -14,9 +14,11 @@ mod bench_api;
 mod bench_build;
 mod bench_endpoint;
 mod client_cli;
+mod connect;
 mod image_build;
 mod measure;
 mod operator;
+mod progress;
 mod shell;
 mod terminal;
 
@@ -298,7 +300,7 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Vm(command) => vm(command).await,
-        Command::Bench(BenchCommand::Launch(args)) => bench::launch(args).await,
+        Command::Bench(BenchCommand::Launch(args)) => bench::launch(args, driver()?).await,
         Command::Bench(BenchCommand::Api(args)) => bench_api::api(args).await,
         Command::Bench(BenchCommand::Endpoint(args)) => bench_endpoint::endpoint(args).await,
         Command::Bench(BenchCommand::Build(args)) => bench_build::build(args).await,
@@ -641,9 +643,4 @@ async fn copy(driver: &QemuDriver, src: &str, dst: &str, mode: Option<&str>) -> 
         _ => bail!("exactly one of SRC and DST must be NAME:/absolute/path"),
     }
     Ok(())
-}
-
-/// Used by the benchmark for waits that print what they wait for.
-pub(crate) fn progress(message: &str) {
-    eprintln!("hearth: {message}");
 }

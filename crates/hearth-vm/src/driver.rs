@@ -1,0 +1,111 @@
+//! The interface a VMM implements ([`Driver`]), what it is asked to boot, and
+//! how it fails ([`VmError`]).
+
+use std::path::{Path, PathBuf};
+
+use crate::accel::{Accel, AccelError};
+use crate::agent::AgentError;
+use crate::assets::AssetError;
+use crate::disk::{self, DiskError};
+use crate::pins::UntestedHost;
+use crate::qmp::QmpError;
+use crate::record::{MachineShape, VmRecord, VmState};
+use crate::snapshot::{Snapshot, SnapshotError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("VM name {0:?} is invalid: use 1-40 of A-Z a-z 0-9 _ -")]
+    BadName(String),
+    #[error("a VM named {0:?} already exists")]
+    Exists(String),
+    #[error("no VM named {0:?}")]
+    NotFound(String),
+    #[error("VM {name} is {state:?}; cannot {action}")]
+    BadState {
+        name: String,
+        state: VmState,
+        action: &'static str,
+    },
+    #[error("VM {0} was restored from a snapshot and has not been suspended since; snapshot it after a suspend/resume, or snapshot its origin")]
+    NotSnapshottable(String),
+    #[error("QEMU could not be started")]
+    Spawn(#[source] std::io::Error),
+    #[error("QEMU exited: {log}")]
+    QemuDied { log: String },
+    #[error(
+        "the guest did not come up: {reason}; console ends: {console}; QEMU log ends: {qemu_log}"
+    )]
+    BootFailed {
+        reason: String,
+        console: String,
+        qemu_log: String,
+    },
+    #[error("QEMU control failed")]
+    Qmp(#[from] QmpError),
+    #[error("guest agent failed")]
+    Agent(#[from] AgentError),
+    #[error(transparent)]
+    Asset(#[from] AssetError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    #[error(transparent)]
+    Accel(#[from] AccelError),
+    #[error(transparent)]
+    UntestedHost(#[from] UntestedHost),
+    #[error("snapshot was made with {made_with:?}, this host runs {runs:?}; rebuild the image, or set HEARTH_ALLOW_UNTESTED_HOST=1 to try anyway")]
+    SnapshotQemu { made_with: String, runs: String },
+    #[error("snapshot was made for {0:?}, this host runs {1:?}")]
+    AccelMismatch(Accel, Accel),
+    #[error("VM record {0} is unreadable")]
+    BadRecord(PathBuf, #[source] serde_json::Error),
+    #[error("I/O on {0}")]
+    Io(PathBuf, #[source] std::io::Error),
+}
+
+/// Options for a cold boot.
+#[derive(Debug, Clone)]
+pub struct BootRequest {
+    pub name: String,
+    /// A base image name (e.g. `debian-12`).
+    pub image: String,
+    pub shape: MachineShape,
+}
+
+/// A cold boot from an explicit root disk.
+#[derive(Debug, Clone)]
+pub struct ColdBoot {
+    /// The disk the VM's overlay reads unwritten blocks from.
+    pub base: PathBuf,
+    pub base_format: disk::BackingFormat,
+    /// Where to create the VM's overlay; `None`: inside the VM's directory
+    /// (removed with the VM). A caller that keeps the overlay (the image
+    /// builder's layer cache) names a path outside it.
+    pub overlay: Option<PathBuf>,
+    /// Give the guest outbound network through QEMU's user-mode NAT.
+    pub user_network: bool,
+    /// Virtual size of the overlay in bytes when larger than the base's
+    /// (room to grow the filesystem in the guest); `None`: the base's size.
+    pub disk_size: Option<u64>,
+}
+
+/// A VMM that can run hearth guests. Implementations persist each VM's
+/// [`VmRecord`] before acting, so another process can pick the VM up.
+#[allow(async_fn_in_trait)]
+pub trait Driver {
+    /// Boots a VM from a base image and waits until its agent answers.
+    async fn boot(&self, request: &BootRequest) -> Result<VmRecord, VmError>;
+    /// Pauses the VM, writes a snapshot into `out`, and lets the VM run on.
+    async fn snapshot(&self, vm: &VmRecord, out: &Path) -> Result<Snapshot, VmError>;
+    /// Starts a new VM from a snapshot and waits until its agent answers.
+    async fn launch(&self, snapshot: &Snapshot, name: &str) -> Result<VmRecord, VmError>;
+    /// Writes the VM's memory and state to its directory and ends its process.
+    async fn suspend(&self, vm: &mut VmRecord) -> Result<(), VmError>;
+    /// Restores a suspended VM and waits until its agent answers.
+    async fn resume(&self, vm: &mut VmRecord) -> Result<(), VmError>;
+    /// Asks the guest to sync and power off, and waits for the VM to end.
+    async fn shutdown(&self, vm: &mut VmRecord) -> Result<(), VmError>;
+    /// Stops the VM and removes everything it left on disk.
+    async fn remove(&self, vm: &VmRecord) -> Result<(), VmError>;
+}

@@ -1,0 +1,162 @@
+//! A VM's persisted description ([`VmRecord`], `vm.json` in its directory) and
+//! the values in it: shape, state, memory and origin.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::accel::Accel;
+
+/// Size of a VM: snapshots restore only into the same shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct MachineShape {
+    pub memory_mib: u32,
+    pub vcpus: u8,
+}
+
+impl Default for MachineShape {
+    fn default() -> Self {
+        Self {
+            memory_mib: 256,
+            vcpus: 1,
+        }
+    }
+}
+
+/// Lifecycle of a VM. Transitions are checked by [`VmState::can_become`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    /// QEMU runs the guest.
+    Running,
+    /// Memory, CPU and device state are on disk; no QEMU process.
+    Suspended,
+    /// The guest powered off cleanly; only its disk remains.
+    Stopped,
+}
+
+impl VmState {
+    pub fn can_become(self, next: VmState) -> bool {
+        matches!(
+            (self, next),
+            (VmState::Running, VmState::Suspended)
+                | (VmState::Suspended, VmState::Running)
+                | (VmState::Running, VmState::Stopped)
+        )
+    }
+}
+
+/// Where a running VM's RAM lives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Memory {
+    /// A file mapped shared: the VM's own RAM file, which a snapshot copies
+    /// without putting RAM through the migration stream.
+    SharedFile { path: PathBuf },
+    /// A snapshot's memory file mapped private (copy-on-write): pages a clone has
+    /// not written stay shared with every other clone in the page cache.
+    PrivateFile { path: PathBuf },
+    /// Ordinary private RAM, filled from a full migration stream: the naive
+    /// restore the benchmark compares against.
+    Anonymous,
+}
+
+impl Memory {
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            Memory::SharedFile { path } | Memory::PrivateFile { path } => Some(path),
+            Memory::Anonymous => None,
+        }
+    }
+}
+
+/// How the VM came to be.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Origin {
+    Boot { image: String },
+    Snapshot { dir: PathBuf },
+}
+
+/// Everything needed to find, drive and re-create a VM's QEMU process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRecord {
+    pub name: String,
+    /// Names the current QEMU process (`-name hearth-ID`), so a recycled pid is
+    /// never mistaken for it.
+    pub instance: String,
+    pub dir: PathBuf,
+    pub state: VmState,
+    /// QEMU's process id while running.
+    pub pid: Option<u32>,
+    pub shape: MachineShape,
+    pub accel: Accel,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub cmdline: String,
+    /// The VM's copy-on-write disk overlay (qcow2).
+    pub disk: PathBuf,
+    pub memory: Memory,
+    pub origin: Origin,
+    pub created_unix: u64,
+    /// A virtio-net device on QEMU's user-mode network (outbound only, NAT).
+    /// Only cold-booted VMs have one; snapshots of them are not made.
+    #[serde(default)]
+    pub user_network: bool,
+}
+
+impl VmRecord {
+    pub fn qmp_socket(&self) -> PathBuf {
+        self.dir.join("qmp.sock")
+    }
+    pub fn agent_socket(&self) -> PathBuf {
+        self.dir.join("agent.sock")
+    }
+    pub fn console_log(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+    pub fn qemu_log(&self) -> PathBuf {
+        self.dir.join("qemu.log")
+    }
+    pub fn suspend_state(&self) -> PathBuf {
+        self.dir.join("suspend.state")
+    }
+}
+
+/// Checks a VM name: 1-40 characters of `[A-Za-z0-9_-]`, not starting with `-`.
+/// Names become directory names and socket paths, so nothing else is allowed.
+pub fn validate_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 40
+        && !name.starts_with('-')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(validate_name("a"));
+        assert!(validate_name("web-1_x"));
+        assert!(!validate_name(""));
+        assert!(!validate_name("-x"));
+        assert!(!validate_name("../x"));
+        assert!(!validate_name("a/b"));
+        assert!(!validate_name(&"a".repeat(41)));
+    }
+
+    #[test]
+    fn state_transitions() {
+        assert!(VmState::Running.can_become(VmState::Suspended));
+        assert!(VmState::Suspended.can_become(VmState::Running));
+        assert!(!VmState::Running.can_become(VmState::Running));
+        assert!(!VmState::Suspended.can_become(VmState::Suspended));
+        assert!(VmState::Running.can_become(VmState::Stopped));
+        assert!(!VmState::Stopped.can_become(VmState::Running));
+        assert!(!VmState::Suspended.can_become(VmState::Stopped));
+    }
+}
