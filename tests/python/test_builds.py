@@ -16,7 +16,7 @@ import boto3
 import botocore.config
 import pytest
 
-from conftest import REGION, create_account, error_of, short_data_dir
+from conftest import REGION, client_for, create_account, error_of, run_in, short_data_dir, wait_for_state
 from endpoint_support import (
     HTTP_INGRESS,
     Hearth,
@@ -317,6 +317,62 @@ def test_unchanged_rebuild_comes_from_the_cache(hearth, s3, built):
     assert match and match.group(1) == "0" and int(match.group(2)) >= 5, log
     assert "starting a build VM" not in log
     print(f"first build {first_seconds:.1f} s, cached rebuild {seconds:.1f} s")
+
+
+def test_the_step_cache_is_never_shared_between_accounts(hearth, s3):
+    """Two accounts build the same Dockerfile, whose RUN writes a random secret:
+    each account's microVM reads the secret of its own build, and the second
+    build runs its RUN step instead of taking the first account's layer."""
+    dockerfile = ("FROM debian-12\n"
+                  "RUN head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n' > /secret\n"
+                  'CMD ["sleep", "infinity"]\n')
+    artifact = zip_bytes({"Dockerfile": dockerfile})
+    other = create_account(hearth.info, "cache-tenant-b")
+    tenants = [(hearth.account, hearth.client, s3),
+               (other, client_for(hearth.info, other), s3_client(hearth, other))]
+    secrets = []
+    for account, client, store in tenants:
+        store.create_bucket(Bucket=f"secret-{account['accountId']}")
+        store.put_object(Bucket=f"secret-{account['accountId']}", Key="app.zip", Body=artifact)
+        create(client, "secret", f"s3://secret-{account['accountId']}/app.zip")
+        image = wait_image(client, "secret", ("CREATED", "CREATE_FAILED"))
+        assert image["state"] == "CREATED", build_of(client, "secret", "1.0")
+        build = build_of(client, "secret", "1.0")
+        log = client_log(hearth, account, build)
+        assert re.search(r"steps: 1 run, 0 from the cache", log), log
+        assert " ---> cached" not in log, log
+        vm = client.run_microvm(imageIdentifier="secret")
+        try:
+            wait_for_state(client, vm["microvmId"], "RUNNING", timeout=120)
+            secret = run_in(hearth.info, account, vm["microvmId"], "cat /secret").strip()
+            assert re.fullmatch(r"[0-9a-f]{32}", secret), secret
+            secrets.append(secret)
+        finally:
+            terminate_quietly_as(client, vm["microvmId"])
+    assert secrets[0] != secrets[1], "account B got account A's RUN layer"
+
+
+def client_log(hearth, account, build):
+    """A build's whole log through the extension route, as `account`."""
+    import subprocess
+
+    from conftest import HEARTH
+
+    out = subprocess.run(
+        [str(HEARTH), "image", "logs", "--endpoint-url", hearth.api_url, "--region", REGION, "secret"],
+        capture_output=True, text=True, timeout=60,
+        env={"PATH": "/usr/bin:/bin", "AWS_ACCESS_KEY_ID": account["accessKeyId"],
+             "AWS_SECRET_ACCESS_KEY": account["secretAccessKey"]},
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def terminate_quietly_as(client, microvm_id):
+    try:
+        client.terminate_microvm(microvmIdentifier=microvm_id)
+    except Exception:  # noqa: BLE001 - cleanup only
+        pass
 
 
 # ---------------------------------------------------------------- failures

@@ -19,9 +19,10 @@ use std::path::{Path, PathBuf};
 use hearth_vm::disk;
 
 /// Bumped when the meaning or the encoding of a key changes, so old layers
-/// stop matching. Format 3: keys hash [`KeyInput`]'s explicit encoding
-/// (format 2 hashed the instruction's `Debug` text).
-pub const CACHE_FORMAT: &str = "hearth-step-cache-3";
+/// stop matching. Format 4: a stage's base key holds the account (format 3
+/// shared layers across accounts); format 3: keys hash [`KeyInput`]'s
+/// explicit encoding (format 2 hashed the instruction's `Debug` text).
+pub const CACHE_FORMAT: &str = "hearth-step-cache-4";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
@@ -44,7 +45,9 @@ pub enum CacheError {
 ///
 /// The first field is the step's tag (`RUN`, `COPY`, ...), which fixes the
 /// fields that follow. A key is the first 40 hex digits of the BLAKE3 hash of
-/// `field(CACHE_FORMAT) field("base") field(identity)` for a stage's base, and
+/// `field(CACHE_FORMAT) field("base") field(scope) field(identity)` for a
+/// stage's base (the scope is the account a build runs for, so no layer is
+/// ever shared between accounts), and
 /// of `field(CACHE_FORMAT) field("step") field(parent key)` followed by the
 /// step's fields for a step. Changing any of this changes every key: bump
 /// [`CACHE_FORMAT`] with it.
@@ -106,9 +109,20 @@ impl KeyInput {
 pub struct Key(String);
 
 impl Key {
-    /// The key of a stage's base.
-    pub fn base(identity: &str) -> Key {
-        Key::hash(KeyInput::new(CACHE_FORMAT).str("base").str(identity))
+    /// The key of a stage's base, for builds of `scope` (the account).
+    ///
+    /// Every later key chains from this one, so a RUN's result — which may hold
+    /// secrets the step generated — and every layer derived from it are found
+    /// only by builds of the same account; another account with the same
+    /// Dockerfile builds its own. Base images themselves (content-addressed,
+    /// never written) stay shared.
+    pub fn base(scope: &str, identity: &str) -> Key {
+        Key::hash(
+            KeyInput::new(CACHE_FORMAT)
+                .str("base")
+                .str(scope)
+                .str(identity),
+        )
     }
 
     /// This key extended by one step.
@@ -203,9 +217,11 @@ mod tests {
 
     #[test]
     fn keys_chain_and_separate_parts() {
-        let base = Key::base("debian-12@abc");
-        assert_eq!(base, Key::base("debian-12@abc"));
-        assert_ne!(base, Key::base("debian-12@abd"));
+        let base = Key::base("111122223333", "debian-12@abc");
+        assert_eq!(base, Key::base("111122223333", "debian-12@abc"));
+        assert_ne!(base, Key::base("111122223333", "debian-12@abd"));
+        // Another account never shares a layer, even on the same base.
+        assert_ne!(base, Key::base("444455556666", "debian-12@abc"));
         assert_ne!(
             base.then(&KeyInput::new("X").str("ab").str("c")),
             base.then(&KeyInput::new("X").str("a").str("bc"))
@@ -258,7 +274,7 @@ mod tests {
     fn record_and_lookup() {
         let dir = tempfile::tempdir().expect("tempdir");
         let cache = LayerCache::open(dir.path()).expect("open");
-        let key = Key::base("x").then(&run("true"));
+        let key = Key::base("t", "x").then(&run("true"));
         assert_eq!(cache.lookup(&key), None);
         let file = cache.new_file("layer");
         assert_ne!(file, cache.new_file("layer"));
@@ -390,7 +406,9 @@ mod sweep_tests {
         overlay(&boot, &base, Raw).await;
         let recorded = cache.new_file("layer");
         overlay(&recorded, &boot, Qcow2).await;
-        cache.record(&Key::base("a"), &recorded).expect("record");
+        cache
+            .record(&Key::base("t", "a"), &recorded)
+            .expect("record");
         let boot2 = cache.new_file("boot");
         overlay(&boot2, &base, Raw).await;
         let used = cache.new_file("layer");
@@ -402,7 +420,7 @@ mod sweep_tests {
         std::fs::write(
             cache
                 .dir()
-                .join(format!("{}.done", Key::base("gone").as_str())),
+                .join(format!("{}.done", Key::base("t", "gone").as_str())),
             "layer-gone.qcow2",
         )
         .expect("marker");
@@ -416,13 +434,13 @@ mod sweep_tests {
             assert!(kept.exists(), "{} was removed", kept.display());
         }
         assert!(!orphan.exists());
-        assert_eq!(cache.lookup(&Key::base("a")), Some(recorded.clone()));
+        assert_eq!(cache.lookup(&Key::base("t", "a")), Some(recorded.clone()));
 
         // An entry unused for longer than the limit goes, with the layers only
         // it kept (the image's chain stays).
         let marker = cache
             .dir()
-            .join(format!("{}.done", Key::base("a").as_str()));
+            .join(format!("{}.done", Key::base("t", "a").as_str()));
         let old = std::time::SystemTime::now() - 2 * day;
         std::fs::File::options()
             .append(true)

@@ -34,7 +34,7 @@ impl Fixture {
     fn new() -> Fixture {
         Fixture {
             stages: stages(),
-            keys: HashMap::from([(0, Key::base("tools-final"))]),
+            keys: HashMap::from([(0, Key::base("t", "tools-final"))]),
             build_args: HashMap::from([("FROM_CLI".to_string(), "cli".to_string())]),
             global_args: HashMap::from([("GLOBAL".to_string(), "global".to_string())]),
         }
@@ -79,7 +79,7 @@ fn instruction(line: &str) -> InstructionKind {
 }
 
 fn parent() -> Key {
-    Key::base("debian-12@test")
+    Key::base("t", "debian-12@test")
 }
 
 fn strings(words: &[&str]) -> Vec<String> {
@@ -128,21 +128,21 @@ fn golden_keys() {
     }
     assert_eq!(
         parent().as_str(),
-        "20914641cbcb2c67b7045237751c7dd30efb656d"
+        "5b0795da87e9b2bcbda61b66efb7b88427583806"
     );
     assert_eq!(
         keys,
         [
-            "a0bebb96b00ee15acb0d67898a952d20712f769b",
-            "d787ed0a962ad1e77de3e5da36bdb752f9fdeee6",
-            "a082744119a547047ec6821272e5312fab9ca871",
-            "a7bf9db38ef407e036a575f3022d89bd16a76d3d",
-            "b482e5607a7421cd6bc4be049ef4d7422f375b2c",
-            "ebcc935644a2461a6133c1ce137f8aa4361f47ae",
-            "2a4703ae508183c7c82b072d0dc594383059fc16",
-            "ec5f578f91c0046e3b4f5c3e3b064463d729caec",
-            "fb4f8f52a560064f84e4b60f8d17fe0c360478a3",
-            "cd508960e998236779e8868fe428729a5a23bdbf",
+            "14f977744b5c1fcd2dc170e31461f66503b16228",
+            "953690378c7985f267b28beb2d1d83edbda2cf7a",
+            "afc229bac9109993f3dbd8c851e6f0c2322c29c4",
+            "88d450750902f68f575353261408098a08d56dc5",
+            "458dacd723d0fe5e372ebc5a10f6cdf4453aba36",
+            "399d71740f450d5c9f74ae8ca6ecbd90f6799295",
+            "afdf3b1bc7fbd62beaaecab94c890a57d0c03807",
+            "065cbba8dd12793d032e7ebd5ef5bfa7f009cbdd",
+            "c2c117db2a9c4b0317637e44f26abea0c2df9e0a",
+            "f04b4638d137ea0cdd05678ae4108a4624879f7d",
         ]
     );
 }
@@ -188,7 +188,7 @@ fn distinct_instructions_have_distinct_keys() {
         assert!(seen.insert(key.clone()), "{line} shares its key {key:?}");
     }
     // The same instruction on another parent is another step.
-    let other = Key::base("debian-12@other");
+    let other = Key::base("t", "debian-12@other");
     assert_ne!(
         fixture.plan_line(&state, "RUN a b", &other).key,
         fixture.plan_line(&state, "RUN a b", &parent()).key
@@ -248,7 +248,7 @@ fn what_a_run_sees_is_in_its_key() {
     assert_ne!(copy(&base, "one"), copy(&workdir, "one"), "destination");
     // COPY --from follows the source stage's key.
     let mut changed = Fixture::new();
-    changed.keys.insert(0, Key::base("tools-changed"));
+    changed.keys.insert(0, Key::base("t", "tools-changed"));
     let from = "COPY --from=tools /out /out";
     assert_ne!(
         fixture.plan_line(&base, from, &parent()).key,
@@ -424,10 +424,13 @@ fn only_context_copies_read_the_context() {
 
 #[test]
 fn from_a_stage_is_its_own_step() {
-    let tools = Key::base("tools");
+    let tools = Key::base("t", "tools");
     assert_eq!(from_stage_key(&tools), from_stage_key(&tools));
     assert_ne!(from_stage_key(&tools), tools);
-    assert_ne!(from_stage_key(&tools), from_stage_key(&Key::base("other")));
+    assert_ne!(
+        from_stage_key(&tools),
+        from_stage_key(&Key::base("t", "other"))
+    );
 }
 
 #[test]

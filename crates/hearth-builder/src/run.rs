@@ -274,6 +274,9 @@ pub struct BuildRequest {
     pub shape: MachineShape,
     /// Outbound network during RUN (INTERNET_EGRESS).
     pub network: bool,
+    /// Whose step cache this build reads and writes: the account id. Layers
+    /// are never shared across scopes (see `cache::Key::base`).
+    pub cache_scope: String,
     /// Longest a single RUN may take.
     pub step_timeout: Duration,
     /// Longest the whole build may take (a Dockerfile of many slow steps
@@ -598,7 +601,7 @@ impl BuildRun<'_> {
         };
         let (disk, config, mut key) = if image.eq_ignore_ascii_case("scratch") {
             let base = self.builder.scratch().await?;
-            let key = Key::base(&base.identity);
+            let key = Key::base(&self.request.cache_scope, &base.identity);
             (base.disk, base.config, key)
         } else if let Some(dep) = self
             .stages
@@ -616,7 +619,7 @@ impl BuildRun<'_> {
                 .resolve(image, self.log)
                 .await
                 .map_err(|e| fail(e.into()))?;
-            let key = Key::base(&base.identity);
+            let key = Key::base(&self.request.cache_scope, &base.identity);
             (base.disk, base.config, key)
         };
         let mut state = StageRun {

@@ -115,6 +115,7 @@ async fn dockerfile_builds_boots_and_caches() {
         vm_prefix: "bt".into(),
         shape: MachineShape::default(),
         network: false,
+        cache_scope: "111122223333".into(),
         step_timeout: Duration::from_secs(600),
         build_timeout: Duration::from_secs(1200),
     };

@@ -88,6 +88,7 @@ async fn from_a_registry_image() {
         vm_prefix: "bo".into(),
         shape: MachineShape::default(),
         network: false,
+        cache_scope: "111122223333".into(),
         step_timeout: Duration::from_secs(300),
         build_timeout: Duration::from_secs(600),
     };

@@ -140,14 +140,18 @@ async fn shutdown_signal() {
 /// Opens the store, reconciles microVMs with their processes and starts the
 /// lifetime watcher: everything `serve` does before it listens.
 pub async fn start(config: ServerConfig) -> Result<Arc<AppState>, ServerError> {
-    hearth_vm::disk::create_private_dir_all(&config.data_dir)
+    // Private, checked at every start: an existing 0755 directory is narrowed,
+    // one owned by another user refused.
+    hearth_vm::disk::ensure_private_dir(&config.data_dir)
         .map_err(|e| ServerError::DataDir(config.data_dir.clone(), std::io::Error::other(e)))?;
     let store = Store::open(&config.data_dir)?;
     let limits = api::limits::RateLimits::new(&config.rate_limits)?;
     let assets = engine_assets(&config.data_dir);
     check_socket_room(&assets)?;
-    hearth_vm::disk::create_private_dir_all(&assets.vms_dir())
-        .map_err(|e| ServerError::DataDir(assets.vms_dir(), std::io::Error::other(e)))?;
+    for dir in [assets.vms_dir(), assets.ram_dir.clone()] {
+        hearth_vm::disk::ensure_private_dir(&dir)
+            .map_err(|e| ServerError::DataDir(dir.clone(), std::io::Error::other(e)))?;
+    }
     let driver = hearth_vm::QemuDriver::new(assets.clone()).map_err(ServerError::Vm)?;
     images::import::reap_interrupted_builds(&store, &driver, &config.data_dir).await?;
     let (s3, artifacts) = api::s3::build(&config, &store).map_err(ServerError::Artifacts)?;

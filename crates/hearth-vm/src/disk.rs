@@ -15,6 +15,10 @@ pub enum DiskError {
     QemuImg { path: PathBuf, stderr: String },
     #[error("I/O on {0}")]
     Io(PathBuf, #[source] std::io::Error),
+    #[error("{path} belongs to uid {owner}, not to this user (uid {me}); refusing to keep private data there")]
+    NotOwned { path: PathBuf, owner: u32, me: u32 },
+    #[error("{0} is not a directory")]
+    NotADirectory(PathBuf),
 }
 
 /// Backing file formats an overlay can sit on.
@@ -123,6 +127,45 @@ pub fn create_private_dir_all(path: &Path) -> Result<(), DiskError> {
         .map_err(|e| DiskError::Io(path.to_path_buf(), e))
 }
 
+/// Creates `path` (mode 0700) if missing, then makes sure it is private: a
+/// real directory (not a symlink) owned by this user, with no access for group
+/// or others (an existing 0755 directory is narrowed to 0700). A directory that
+/// another user made — e.g. a RAM directory planted in a shared tmpfs — is
+/// refused, since its owner could read or replace what hearth puts there.
+pub fn ensure_private_dir(path: &Path) -> Result<(), DiskError> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    create_private_dir_all(path)?;
+    let io = |e| DiskError::Io(path.to_path_buf(), e);
+    let meta = std::fs::symlink_metadata(path).map_err(io)?;
+    if !meta.is_dir() {
+        return Err(DiskError::NotADirectory(path.to_path_buf()));
+    }
+    let me = rustix::process::geteuid().as_raw();
+    if meta.uid() != me {
+        return Err(DiskError::NotOwned {
+            path: path.to_path_buf(),
+            owner: meta.uid(),
+            me,
+        });
+    }
+    if meta.mode() & 0o077 != 0 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
+    }
+    Ok(())
+}
+
+/// Creates an empty file readable and writable by this user only (0600),
+/// replacing nothing: fails if it exists.
+pub fn create_private_file(path: &Path) -> Result<File, DiskError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| DiskError::Io(path.to_path_buf(), e))
+}
+
 /// Creates one directory with mode 0700; fails if it exists.
 pub fn create_private_dir(path: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
@@ -188,5 +231,58 @@ mod tests {
         write_atomic(&path, b"two").expect("write");
         assert_eq!(std::fs::read(&path).expect("read"), b"two");
         assert!(!path.with_extension("tmp").exists());
+    }
+}
+
+#[cfg(test)]
+mod private_tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn private_dirs_are_narrowed_and_symlinks_refused() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let open = root.path().join("open");
+        std::fs::create_dir(&open).expect("mkdir");
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        ensure_private_dir(&open).expect("own dir");
+        let mode = std::fs::metadata(&open).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        let new = root.path().join("a/b");
+        ensure_private_dir(&new).expect("created");
+        assert_eq!(
+            std::fs::metadata(&new).expect("meta").permissions().mode() & 0o777,
+            0o700
+        );
+        let link = root.path().join("link");
+        std::os::unix::fs::symlink(&open, &link).expect("symlink");
+        assert!(matches!(
+            ensure_private_dir(&link),
+            Err(DiskError::NotADirectory(_))
+        ));
+        let file = root.path().join("f");
+        let f = create_private_file(&file).expect("file");
+        drop(f);
+        assert_eq!(
+            std::fs::metadata(&file).expect("meta").permissions().mode() & 0o777,
+            0o600
+        );
+        assert!(create_private_file(&file).is_err(), "never replaces");
+    }
+
+    #[test]
+    fn a_directory_of_another_user_is_refused() {
+        // Only root can make one here; elsewhere the check is covered above.
+        if rustix::process::geteuid().as_raw() != 0 {
+            return;
+        }
+        let root = tempfile::tempdir().expect("tempdir");
+        let planted = root.path().join("planted");
+        std::fs::create_dir(&planted).expect("mkdir");
+        std::os::unix::fs::chown(&planted, Some(65534), Some(65534)).expect("chown");
+        match ensure_private_dir(&planted) {
+            Err(DiskError::NotOwned { owner, .. }) => assert_eq!(owner, 65534),
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -230,8 +230,14 @@ impl QemuDriver {
     /// outlive the process that started them, so after a crash this is how
     /// strays are found.
     pub fn processes(&self) -> Vec<QemuProcess> {
-        let vms = self.assets.vms_dir();
-        let marker = format!("{}/", vms.display());
+        // Only what hearth itself started counts: a process of this user whose
+        // command line names `-name hearth-<instance>` and a VM directory whose
+        // record holds that same instance. Anything else that merely looks like
+        // QEMU (any local user can name a process so) is ignored: reconcile kills
+        // what this returns and deletes its RAM file.
+        let vms = canonical_or_self(&self.assets.vms_dir());
+        let ram_dir = canonical_or_self(&self.assets.ram_dir);
+        let own_uid = rustix::process::getuid().as_raw();
         let Ok(entries) = std::fs::read_dir("/proc") else {
             return Vec::new();
         };
@@ -244,6 +250,10 @@ impl QemuDriver {
             else {
                 continue;
             };
+            use std::os::unix::fs::MetadataExt;
+            if !entry.metadata().is_ok_and(|m| m.uid() == own_uid) {
+                continue;
+            }
             let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
                 continue;
             };
@@ -251,23 +261,20 @@ impl QemuDriver {
                 .split(|b| *b == 0)
                 .map(|a| String::from_utf8_lossy(a).into_owned())
                 .collect();
-            if !args.first().is_some_and(|a| a.contains("qemu-system")) {
+            let Some(claim) = QemuClaim::parse(&args, &vms, &ram_dir) else {
+                continue;
+            };
+            let record = std::fs::read(vms.join(&claim.vm).join(RECORD_FILE))
+                .ok()
+                .and_then(|bytes| serde_json::from_slice::<VmRecord>(&bytes).ok());
+            if record.is_none_or(|r| r.instance != claim.instance) {
                 continue;
             }
-            let dir = args.iter().find_map(|a| {
-                let rest = &a[a.find(&marker)? + marker.len()..];
-                rest.split('/').next().map(str::to_string)
+            found.push(QemuProcess {
+                pid,
+                vm: claim.vm,
+                ram: claim.ram,
             });
-            // A shared RAM file (`mem-path=...` of the memory backend) in our RAM
-            // directory dies with the process.
-            let ram = args.iter().find_map(|a| {
-                let start = a.find("mem-path=")? + "mem-path=".len();
-                let path = PathBuf::from(a[start..].split(',').next()?);
-                path.starts_with(&self.assets.ram_dir).then_some(path)
-            });
-            if let Some(vm) = dir.filter(|d| !d.is_empty()) {
-                found.push(QemuProcess { pid, vm, ram });
-            }
         }
         found
     }
@@ -281,8 +288,15 @@ impl QemuDriver {
                 libc::kill(pid, libc::SIGKILL);
             }
         }
+        // `processes` only reports a RAM file named for the instance directly in
+        // the RAM directory; a symlink there is never followed.
         if let Some(ram) = &process.ram {
-            let _ = std::fs::remove_file(ram);
+            if ram
+                .symlink_metadata()
+                .is_ok_and(|m| m.file_type().is_file())
+            {
+                let _ = std::fs::remove_file(ram);
+            }
         }
     }
 
@@ -561,10 +575,15 @@ impl QemuDriver {
 
     /// Where a VM's shared RAM file lives: in the RAM directory (tmpfs by default,
     /// see [`Assets::ram_dir`]), named by the QEMU instance.
+    ///
+    /// The file is created here, empty and 0600, for QEMU to size and map: left
+    /// to QEMU it would be 0644 (guest memory readable by every local user).
     fn ram_file(&self, instance: &str) -> Result<PathBuf, VmError> {
         let dir = &self.assets.ram_dir;
-        disk::create_private_dir_all(dir)?;
-        Ok(dir.join(format!("{instance}.ram")))
+        disk::ensure_private_dir(dir)?;
+        let path = dir.join(format!("{instance}.ram"));
+        disk::create_private_file(&path)?;
+        Ok(path)
     }
 
     /// A stand-in kernel image for VMs that restore instead of booting: the real
@@ -1029,11 +1048,16 @@ impl Driver for QemuDriver {
         // The resumed VM gets its own shared RAM file, so it can be snapshotted.
         let mut running = vm.clone();
         running.instance = new_instance_id();
-        running.memory = Memory::SharedFile {
-            path: self.ram_file(&running.instance)?,
-        };
+        let ram = self.ram_file(&running.instance)?;
+        running.memory = Memory::SharedFile { path: ram.clone() };
         let start = Instant::now();
-        let (pid, mut qmp) = self.spawn(&running, Incoming::Defer).await?;
+        let (pid, mut qmp) = match self.spawn(&running, Incoming::Defer).await {
+            Ok(spawned) => spawned,
+            Err(err) => {
+                let _ = std::fs::remove_file(&ram);
+                return Err(err);
+            }
+        };
         let spawned_at = start.elapsed();
         running.pid = Some(pid);
         running.state = VmState::Running;
@@ -1048,6 +1072,7 @@ impl Driver for QemuDriver {
         if let Err(err) = loaded {
             let err = self.qemu_failure(&running, err);
             self.stop_process(&running).await;
+            let _ = std::fs::remove_file(&ram);
             return Err(err);
         }
         self.save(&running)?;
@@ -1233,6 +1258,58 @@ async fn await_agent(
             log => log,
         },
     })
+}
+
+/// What a process's command line says about it, if it is shaped like a QEMU
+/// that hearth started: its instance (`-name hearth-<instance>`), the VM
+/// directory it runs from (directly under `vms`), and its RAM file when that is
+/// `<instance>.ram` directly in `ram_dir` (paths compared after resolving `..`
+/// and symlinks of their directories).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct QemuClaim {
+    instance: String,
+    vm: String,
+    ram: Option<PathBuf>,
+}
+
+impl QemuClaim {
+    fn parse(args: &[String], vms: &Path, ram_dir: &Path) -> Option<Self> {
+        let program = Path::new(args.first()?).file_name()?.to_str()?;
+        if !program.starts_with("qemu-system-") {
+            return None;
+        }
+        let name_at = args.iter().position(|a| a == "-name")?;
+        let instance = args.get(name_at + 1)?.strip_prefix("hearth-")?.to_string();
+        if instance.is_empty() || !instance.chars().all(|c| c.is_ascii_alphanumeric()) {
+            return None;
+        }
+        // The VM directory: the directory of the serial log (`file:<dir>/console.log`).
+        let console = args.iter().find_map(|a| {
+            a.strip_prefix("file:")
+                .filter(|p| p.ends_with("/console.log"))
+        })?;
+        let vm_dir = canonical_or_self(Path::new(console).parent()?);
+        if vm_dir.parent() != Some(vms) {
+            return None;
+        }
+        let vm = vm_dir.file_name()?.to_str()?.to_string();
+        if !(validate_name(&vm) || vm.starts_with(".pool-")) {
+            return None;
+        }
+        let ram = args.iter().find_map(|a| {
+            let start = a.find("mem-path=")? + "mem-path=".len();
+            let path = Path::new(a[start..].split(',').next()?);
+            let dir = canonical_or_self(path.parent()?);
+            let expected = format!("{instance}.ram");
+            (dir == ram_dir && path.file_name()?.to_str()? == expected).then(|| dir.join(expected))
+        });
+        Some(Self { instance, vm, ram })
+    }
+}
+
+/// `path` with `..` and symlinks resolved, or as given when it does not exist.
+fn canonical_or_self(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
 /// Ends a booting VM's QEMU and removes its files unless disarmed: on an error,
@@ -1443,5 +1520,178 @@ mod boot_failure_tests {
             tail.starts_with("line 28") && tail.ends_with("line 39"),
             "{tail}"
         );
+    }
+}
+
+#[cfg(test)]
+mod recognition_tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<String> {
+        list.iter().map(|a| a.to_string()).collect()
+    }
+
+    #[test]
+    fn only_hearths_own_command_lines_are_claimed() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let vms = root.path().join("vms");
+        let ram_dir = root.path().join("ram");
+        std::fs::create_dir_all(vms.join("web")).expect("vm dir");
+        std::fs::create_dir_all(&ram_dir).expect("ram dir");
+        let console = format!("file:{}/web/console.log", vms.display());
+        let good_ram = format!(
+            "memory-backend-file,id=mem,size=256M,mem-path={}/abc123.ram,share=on",
+            ram_dir.display()
+        );
+        let good = args(&[
+            "qemu-system-x86_64",
+            "-name",
+            "hearth-abc123",
+            "-object",
+            &good_ram,
+            "-serial",
+            &console,
+        ]);
+        assert_eq!(
+            QemuClaim::parse(&good, &vms, &ram_dir),
+            Some(QemuClaim {
+                instance: "abc123".into(),
+                vm: "web".into(),
+                ram: Some(ram_dir.join("abc123.ram")),
+            })
+        );
+        // A RAM path that escapes the RAM directory, or names another file, is
+        // not this VM's RAM file: never reported, so never deleted.
+        for hostile in [
+            format!("mem-path={}/../../etc/shadow,share=on", ram_dir.display()),
+            "mem-path=/etc/shadow,share=on".to_string(),
+            format!("mem-path={}/other.ram,share=on", ram_dir.display()),
+        ] {
+            let crafted = args(&[
+                "qemu-system-x86_64",
+                "-name",
+                "hearth-abc123",
+                "-object",
+                &hostile,
+                "-serial",
+                &console,
+            ]);
+            let claim = QemuClaim::parse(&crafted, &vms, &ram_dir).expect("claimed");
+            assert_eq!(claim.ram, None, "{hostile}");
+        }
+        // Not QEMU, no hearth name, or a directory outside `vms`: not claimed.
+        let elsewhere = format!("file:{}/console.log", root.path().display());
+        let traversal = format!("file:{}/web/../../x/console.log", vms.display());
+        for bad in [
+            args(&["python3", "-name", "hearth-abc123", "-serial", &console]),
+            args(&[
+                "qemu-system-x86_64",
+                "-name",
+                "vm-abc123",
+                "-serial",
+                &console,
+            ]),
+            args(&[
+                "qemu-system-x86_64",
+                "-name",
+                "hearth-../x",
+                "-serial",
+                &console,
+            ]),
+            args(&[
+                "qemu-system-x86_64",
+                "-name",
+                "hearth-abc123",
+                "-serial",
+                &elsewhere,
+            ]),
+            args(&[
+                "qemu-system-x86_64",
+                "-name",
+                "hearth-abc123",
+                "-serial",
+                &traversal,
+            ]),
+        ] {
+            assert_eq!(QemuClaim::parse(&bad, &vms, &ram_dir), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_process_dressed_as_qemu_is_ignored_and_its_target_survives() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let assets = Assets {
+            cache_dir: root.path().join("cache"),
+            state_dir: root.path().join("state"),
+            ram_dir: root.path().join("ram"),
+        };
+        let vms = assets.vms_dir();
+        std::fs::create_dir_all(vms.join("victim")).expect("vm dir");
+        std::fs::create_dir_all(&assets.ram_dir).expect("ram dir");
+        let target = root.path().join("precious.txt");
+        std::fs::write(&target, b"keep me").expect("target");
+        let driver = QemuDriver::with_accel(assets.clone(), Accel::Tcg);
+        let console = format!("file:{}/victim/console.log", vms.display());
+        let mem = format!(
+            "memory-backend-file,mem-path={}/../precious.txt,share=on",
+            assets.ram_dir.display()
+        );
+        // argv[0] "qemu-system-x86_64", then arguments that name a VM directory.
+        let mut fake = std::process::Command::new("bash")
+            .args([
+                "-c",
+                r#"exec -a qemu-system-x86_64 sh -c 'sleep 30; true' "$@""#,
+                "x",
+            ])
+            .args([
+                "-name",
+                "hearth-feedbeef",
+                "-object",
+                &mem,
+                "-serial",
+                &console,
+            ])
+            .spawn()
+            .expect("spawn");
+        std::thread::sleep(Duration::from_millis(300));
+        // No record names that instance: not ours.
+        assert!(driver.processes().iter().all(|p| p.pid != fake.id()));
+        // Even with a record naming it (say, a guessed instance), the RAM file
+        // it names is not reported, so killing it deletes nothing.
+        let dir = vms.join("victim");
+        let record = VmRecord {
+            name: "victim".into(),
+            instance: "feedbeef".into(),
+            dir: dir.clone(),
+            state: VmState::Running,
+            pid: Some(fake.id()),
+            shape: MachineShape::default(),
+            accel: Accel::Tcg,
+            kernel: dir.join("k"),
+            initrd: dir.join("i"),
+            cmdline: String::new(),
+            disk: dir.join("d"),
+            memory: Memory::Anonymous,
+            origin: Origin::Boot {
+                image: "debian-12".into(),
+            },
+            created_unix: 0,
+            user_network: false,
+        };
+        let record = serde_json::to_string(&record).expect("json");
+        std::fs::write(vms.join("victim").join(RECORD_FILE), record).expect("record");
+        let found: Vec<_> = driver
+            .processes()
+            .into_iter()
+            .filter(|p| p.pid == fake.id())
+            .collect();
+        assert_eq!(found.len(), 1, "claimed once its record names it");
+        for process in &found {
+            assert_eq!(process.ram, None);
+            QemuDriver::kill_process(process);
+        }
+        assert_eq!(std::fs::read(&target).expect("target kept"), b"keep me");
+        let _ = fake.kill();
+        let _ = fake.wait();
     }
 }

@@ -551,10 +551,11 @@ impl Store {
     pub fn build_started(&self, account: &str, build_id: &str) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
+        let owner = ProcessIdentity::current();
         tx.execute(
-            "UPDATE builds SET state = 'IN_PROGRESS', owner_pid = ?3
+            "UPDATE builds SET state = 'IN_PROGRESS', owner_pid = ?3, owner_start = ?4
              WHERE build_id = ?1 AND account_id = ?2 AND state = 'PENDING'",
-            params![build_id, account, std::process::id()],
+            params![build_id, account, owner.pid, owner.start_ticks],
         )?;
         tx.execute(
             "UPDATE image_versions SET state = 'IN_PROGRESS', updated_at = ?3
@@ -655,16 +656,21 @@ impl Store {
     }
 
     /// The process that runs a build.
-    pub fn build_owner(&self, build_id: &str) -> Result<Option<u32>, StoreError> {
-        Ok(self
+    pub fn build_owner(&self, build_id: &str) -> Result<Option<ProcessIdentity>, StoreError> {
+        let row: Option<(Option<u32>, Option<i64>)> = self
             .conn()
             .query_row(
-                "SELECT owner_pid FROM builds WHERE build_id = ?1",
+                "SELECT owner_pid, owner_start FROM builds WHERE build_id = ?1",
                 params![build_id],
-                |row| row.get(0),
+                |row| Ok((row.get(0)?, row.get(1)?)),
             )
-            .optional()?
-            .flatten())
+            .optional()?;
+        Ok(row.and_then(|(pid, start)| {
+            Some(ProcessIdentity {
+                pid: pid?,
+                start_ticks: start.and_then(|s| u64::try_from(s).ok()),
+            })
+        }))
     }
 
     /// Builds that are PENDING or IN_PROGRESS.
@@ -1204,6 +1210,44 @@ mod tests {
     }
 
     #[test]
+    fn a_build_owner_is_its_process_not_just_its_pid() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let account = store.create_account("a").expect("account").account_id;
+        let spec: ImageSpec = serde_json::from_str(LEGACY_VERSION_SPEC).expect("parse");
+        let started = version(&store, &account, spec);
+        store
+            .build_started(&account, &started.build_id)
+            .expect("started");
+        let owner = store
+            .build_owner(&started.build_id)
+            .expect("query")
+            .expect("owner");
+        assert_eq!(owner, ProcessIdentity::current());
+        assert!(owner.is_alive());
+        // The same pid with another start time: a later process that reused
+        // the pid (a restarted server), not the owner.
+        store
+            .conn()
+            .execute(
+                "UPDATE builds SET owner_start = owner_start + 1 WHERE build_id = ?1",
+                params![started.build_id],
+            )
+            .expect("update");
+        let stale = store
+            .build_owner(&started.build_id)
+            .expect("query")
+            .expect("owner");
+        assert_eq!(stale.pid, std::process::id());
+        assert!(!stale.is_alive());
+        assert!(!ProcessIdentity {
+            pid: u32::MAX - 1,
+            start_ticks: None
+        }
+        .is_alive());
+    }
+
+    #[test]
     fn rows_keep_typed_specs_and_read_legacy_ones() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("open");
@@ -1287,4 +1331,43 @@ mod tests {
             .expect("update");
         assert!(store.microvm(&account, "microvm-1").is_err());
     }
+}
+
+/// A process as the owner of a build: its pid and its start time in clock
+/// ticks since boot (`/proc/PID/stat` field 22). The pair names one process:
+/// a later process that gets the same pid (a restarted server in a container
+/// often does) has another start time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcessIdentity {
+    pub pid: u32,
+    /// None for builds recorded before start times were (their pid alone).
+    pub start_ticks: Option<u64>,
+}
+
+impl ProcessIdentity {
+    pub fn current() -> Self {
+        let pid = std::process::id();
+        Self {
+            pid,
+            start_ticks: process_start_ticks(pid),
+        }
+    }
+
+    /// True while this very process runs.
+    pub fn is_alive(&self) -> bool {
+        match (self.start_ticks, process_start_ticks(self.pid)) {
+            (_, None) => false,
+            (Some(recorded), Some(now)) => recorded == now,
+            (None, Some(_)) => true,
+        }
+    }
+}
+
+/// Field 22 of `/proc/PID/stat`, read after the parenthesised command name
+/// (which may itself hold spaces and parentheses).
+fn process_start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(") ")?;
+    // `rest` starts at field 3 (state); field 22 is the 20th of these.
+    rest.split_whitespace().nth(19)?.parse().ok()
 }

@@ -64,6 +64,12 @@ impl SecretBox {
                     Ok(mut file) => {
                         file.write_all(&key).map_err(io)?;
                         file.sync_all().map_err(io)?;
+                        // Make the new file's name durable before anything is
+                        // sealed with the key: after a power cut, a database row
+                        // sealed under a key whose file vanished is lost for good.
+                        std::fs::File::open(dir)
+                            .and_then(|d| d.sync_all())
+                            .map_err(io)?;
                         key
                     }
                     // Another process created it first: use theirs.

@@ -2,7 +2,7 @@
 //! directory, with numbered migrations. Several processes may open it at once
 //! (`hearth account create` while `hearth serve` runs).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -107,12 +107,17 @@ const MIGRATIONS: &[&str] = &[
     // 3: idle-policy timers, persisted so they survive a restart.
     "ALTER TABLE microvms ADD COLUMN last_activity_at INTEGER;
     ALTER TABLE microvms ADD COLUMN suspended_at INTEGER;",
+    // 4: a build's owner is its pid and that process's start time, so a new
+    // process that happens to get the same pid is not taken for the owner.
+    "ALTER TABLE builds ADD COLUMN owner_start INTEGER;",
 ];
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("cannot open the database in {0}")]
     Open(String, #[source] rusqlite::Error),
+    #[error("cannot make the database {0} private")]
+    Private(String, #[source] std::io::Error),
     #[error("database migration {0} failed")]
     Migration(usize, #[source] rusqlite::Error),
     #[error("database schema version {0} is newer than this hearth")]
@@ -155,12 +160,45 @@ pub struct Store {
     secrets: Arc<SecretBox>,
 }
 
+/// Creates the database file 0600 (and makes the name durable) or narrows an
+/// existing one to 0600, before SQLite opens it.
+fn private_database_file(data_dir: &Path, path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(file) => {
+            file.sync_all()?;
+            std::fs::File::open(data_dir)?.sync_all()
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            for suffix in ["", "-wal", "-shm"] {
+                let file = PathBuf::from(format!("{}{suffix}", path.display()));
+                match std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
+            }
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
 impl Store {
     /// Opens (creating if needed) the database and master key in `data_dir`.
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
         let secrets = SecretBox::open_or_create(data_dir)?;
         let path = layout::database(data_dir);
         let display = path.display().to_string();
+        // The database (and the -wal and -shm files SQLite gives the same mode)
+        // holds sealed secrets and every tenant's resources: 0600, whatever the
+        // umask, for a new database and an old one alike.
+        private_database_file(data_dir, &path)
+            .map_err(|e| StoreError::Private(display.clone(), e))?;
         let conn = Connection::open(&path).map_err(|e| StoreError::Open(display.clone(), e))?;
         conn.busy_timeout(Duration::from_secs(5))
             .map_err(|e| StoreError::Open(display.clone(), e))?;
@@ -327,6 +365,27 @@ pub(crate) fn unix_now() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_database_and_master_key_are_private_whatever_the_umask() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).expect("meta").permissions().mode() & 0o777;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        store.create_account("team-a").expect("create");
+        let db = layout::database(dir.path());
+        assert_eq!(mode(&db), 0o600);
+        assert_eq!(mode(&layout::master_key(dir.path())), 0o600);
+        let wal = PathBuf::from(format!("{}-wal", db.display()));
+        if wal.exists() {
+            assert_eq!(mode(&wal), 0o600);
+        }
+        drop(store);
+        // A database left 0644 by an older hearth is narrowed at the next open.
+        std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        Store::open(dir.path()).expect("reopen");
+        assert_eq!(mode(&db), 0o600);
+    }
 
     #[test]
     fn accounts_and_keys() {

@@ -166,7 +166,11 @@ impl TokenKeys {
                 .open(&tmp)?;
             file.write_all(text.as_bytes())?;
             file.sync_all()?;
-            std::fs::rename(&tmp, &path)
+            std::fs::rename(&tmp, &path)?;
+            // The rename is durable only once the directory is synced: a power
+            // cut before that could bring back no key file (or an older one)
+            // while tokens signed with the new key are out.
+            std::fs::File::open(dir)?.sync_all()
         })();
         written.map_err(|e| TokenError::KeyFile(path, e))
     }

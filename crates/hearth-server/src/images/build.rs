@@ -338,6 +338,7 @@ impl Builds {
             vm_prefix: prefix.clone(),
             shape,
             network: egress,
+            cache_scope: job.account_id.clone(),
             step_timeout: STEP_TIMEOUT,
             build_timeout: BUILD_TIMEOUT,
         };

@@ -323,7 +323,7 @@ pub async fn reap_interrupted_builds(
     for build in store.unfinished_builds()? {
         let owner_alive = store
             .build_owner(&build.build_id)?
-            .is_some_and(process_exists);
+            .is_some_and(|owner| owner.is_alive());
         if owner_alive {
             continue;
         }
@@ -346,10 +346,6 @@ pub async fn reap_interrupted_builds(
         )?;
     }
     Ok(())
-}
-
-fn process_exists(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
 }
 
 impl From<VmError> for ImportError {
