@@ -5,10 +5,12 @@
 //! microVMs ([`run`]).
 
 pub mod archive;
+pub mod base;
 pub mod cache;
 pub mod config;
 pub mod context;
 pub mod dockerfile;
+pub mod log;
 pub mod oci;
 pub mod plan;
 pub mod run;

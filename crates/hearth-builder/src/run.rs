@@ -28,13 +28,16 @@ use hearth_vm::{
 };
 use tokio::io::AsyncWrite;
 
+pub use crate::base::{Base, BaseResolver, Disk};
+pub use crate::log::BuildLog;
+
+use crate::base::BaseError;
 use crate::cache::{CacheError, Key, LayerCache};
 use crate::config::{resolve_path, ImageConfig};
 use crate::context::{self, ContextError};
 use crate::dockerfile::{
     self, CopySpec, Dockerfile, DockerfileError, InstructionKind, Stage, Stages,
 };
-use crate::oci::BaseError;
 use crate::plan::{self, Action, EarlierStages, PlanError, StageState, StepInputs};
 use crate::user::{resolve_user, UserError};
 
@@ -45,34 +48,6 @@ pub const BUILD_DISK_BYTES: u64 = 8 << 30;
 const OUTPUT_TAIL: usize = 2000;
 /// Longest Dockerfile line quoted in the log.
 const QUOTE: usize = 160;
-
-/// A disk a stage starts from or ends at.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Disk {
-    pub path: PathBuf,
-    pub format: BackingFormat,
-}
-
-/// A resolved FROM image.
-#[derive(Debug, Clone)]
-pub struct Base {
-    pub disk: Disk,
-    /// Names the base's content for the step cache (e.g. `debian-12@<sha256>`).
-    pub identity: String,
-    pub config: ImageConfig,
-}
-
-/// Where FROM images come from (managed images, registries).
-#[allow(async_fn_in_trait)]
-pub trait BaseResolver {
-    /// The base for `image` as written in FROM.
-    async fn resolve(&self, image: &str, log: &dyn BuildLog) -> Result<Base, BaseError>;
-}
-
-/// Where a build's log lines go.
-pub trait BuildLog: Send + Sync {
-    fn line(&self, text: &str);
-}
 
 /// Why a build failed. `BuildFailure::from(&error)` is what the build's
 /// `stateReason` says.

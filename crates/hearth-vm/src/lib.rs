@@ -13,6 +13,7 @@ pub mod agent;
 pub mod assets;
 pub mod disk;
 pub mod driver;
+pub mod errors;
 pub mod initramfs;
 pub mod pins;
 pub mod pool;
@@ -25,18 +26,7 @@ pub use accel::Accel;
 pub use agent::{AgentClient, AgentError, ExecOutput};
 pub use assets::{AssetError, Assets};
 pub use driver::{BootRequest, ColdBoot, Driver, VmError};
+pub use errors::error_chain;
 pub use qemu::QemuDriver;
 pub use record::{validate_name, MachineShape, Memory, Origin, VmRecord, VmState};
 pub use snapshot::{Snapshot, SnapshotError, Verify};
-
-/// An error and its sources on one line (`a: b: c`), for logs and reasons.
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}

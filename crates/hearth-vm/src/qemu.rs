@@ -17,6 +17,7 @@ use crate::agent::{AgentClient, AgentError};
 use crate::assets::Assets;
 use crate::disk::{self, BackingFormat};
 use crate::driver::{BootRequest, ColdBoot, Driver, VmError};
+use crate::errors::error_chain;
 use crate::pins::HostPins;
 use crate::qmp::{Qmp, QmpError};
 use crate::record::{validate_name, MachineShape, Memory, Origin, VmRecord, VmState};
@@ -1243,7 +1244,7 @@ async fn await_agent(
         agent = AgentClient::connect(&socket, timeout) => match agent {
             Ok(agent) => return Ok(agent),
             Err(AgentError::Timeout(t)) => format!("the agent did not answer within {}s", t.as_secs()),
-            Err(err) if QemuDriver::is_alive(vm) => crate::error_chain(&err),
+            Err(err) if QemuDriver::is_alive(vm) => error_chain(&err),
             Err(_) => "QEMU exited".to_string(),
         },
         reason = watch => reason,
