@@ -122,8 +122,10 @@ pub fn tls_config(
         .with_safe_default_protocol_versions()
     {
         Ok(builder) => builder.with_root_certificates(roots).with_no_client_auth(),
-        // The ring provider supports the default versions; this is unreachable
-        // in practice, and the plain builder is the same configuration.
+        // The ring provider supports the default versions, so this is not
+        // reached; ring is rustls's only provider in the build, which the
+        // plain builder then uses (verifying against no roots: https fails
+        // closed).
         Err(_) => rustls::ClientConfig::builder()
             .with_root_certificates(rustls::RootCertStore::empty())
             .with_no_client_auth(),

@@ -45,8 +45,8 @@ pub struct ExecArgs {
     /// Forward standard input to the command (its end closes the command's stdin).
     #[arg(long, short = 'i')]
     interactive: bool,
-    /// Run the command on a terminal: the local one goes to raw mode and its
-    /// size follows; output arrives on stdout only.
+    /// Run the command on a terminal (implies -i): the local one goes to raw
+    /// mode and its size follows; output arrives on stdout only.
     #[arg(long, short = 't')]
     tty: bool,
     #[command(flatten)]
