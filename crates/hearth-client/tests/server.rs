@@ -130,5 +130,80 @@ async fn calls_a_real_server() {
         .expect_err("refused");
     assert!(matches!(err, ClientError::Transport { .. }), "{err:?}");
 
+    https_through_a_private_ca(addr, &key, tmp.path()).await;
     server.abort();
+}
+
+/// A TLS front (a self-signed certificate for localhost) before the server:
+/// the client verifies it with the certificate as its CA bundle, and refuses
+/// it without.
+async fn https_through_a_private_ca(
+    api: SocketAddr,
+    key: &hearth_server::db::store::NewAccessKey,
+    dir: &std::path::Path,
+) {
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("certificate");
+    let bundle = dir.join("ca.pem");
+    std::fs::write(&bundle, certified.cert.pem()).expect("write bundle");
+    let tls = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![certified.cert.der().clone()],
+        rustls_pki_types::PrivateKeyDer::Pkcs8(certified.signing_key.serialize_der().into()),
+    )
+    .expect("server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let front = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                if let Ok(mut upstream) = tokio::net::TcpStream::connect(api).await {
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut upstream).await;
+                }
+            });
+        }
+    });
+    let endpoint = format!("https://localhost:{port}");
+    let trusting = ClientConfig::new(
+        &endpoint,
+        "us-east-1",
+        &key.access_key_id,
+        &key.secret_access_key,
+    )
+    .expect("config")
+    .with_ca_bundle(&bundle)
+    .expect("bundle");
+    let page = Client::new(trusting)
+        .call("ListManagedMicrovmImages", json!({}))
+        .await
+        .expect("https with the CA bundle");
+    assert!(page["items"].is_array(), "{page}");
+    let untrusting = ClientConfig::new(
+        &endpoint,
+        "us-east-1",
+        &key.access_key_id,
+        &key.secret_access_key,
+    )
+    .expect("config");
+    let err = Client::new(untrusting)
+        .call("ListManagedMicrovmImages", json!({}))
+        .await
+        .expect_err("an unknown CA is refused");
+    assert!(matches!(err, ClientError::Transport { .. }), "{err:?}");
+    front.abort();
 }

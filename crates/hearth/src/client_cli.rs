@@ -11,7 +11,7 @@ use clap::{Args, Subcommand};
 use hearth_client::{Client, ClientConfig, ConfigError, ConfigFile};
 use serde_json::{json, Map, Value};
 
-use crate::connect::ConnectArgs;
+use crate::connect::{report, ConnectArgs};
 use crate::image_build::{self, BuildArgs, LogsArgs};
 use crate::progress::progress;
 use crate::shell;
@@ -179,42 +179,67 @@ impl std::fmt::Debug for ConfigureArgs {
     }
 }
 
-/// Runs a client command; errors go to stderr as `error: ...`, exit code 1.
+/// Runs a client command; errors go to stderr (see [`connect::report`]), exit code 1.
 pub async fn main(command: ClientCommand) -> ExitCode {
-    report(match command {
-        ClientCommand::Run(args) => run(args).await,
-        ClientCommand::Ls(args) => ls(args).await,
-        ClientCommand::Get(args) => get(args).await,
-        ClientCommand::Suspend(args) => change(args, "SuspendMicrovm", "SUSPENDED").await,
-        ClientCommand::Resume(args) => change(args, "ResumeMicrovm", "RUNNING").await,
-        ClientCommand::Terminate(args) => change(args, "TerminateMicrovm", "TERMINATED").await,
-        ClientCommand::Configure(args) => configure(args),
-    })
+    let json = command.json();
+    report(
+        match command {
+            ClientCommand::Run(args) => run(args).await,
+            ClientCommand::Ls(args) => ls(args).await,
+            ClientCommand::Get(args) => get(args).await,
+            ClientCommand::Suspend(args) => change(args, "SuspendMicrovm", "SUSPENDED").await,
+            ClientCommand::Resume(args) => change(args, "ResumeMicrovm", "RUNNING").await,
+            ClientCommand::Terminate(args) => change(args, "TerminateMicrovm", "TERMINATED").await,
+            ClientCommand::Configure(args) => configure(args),
+        },
+        json,
+    )
+}
+
+impl ClientCommand {
+    /// Whether `--json` was given (errors are then printed as JSON too).
+    fn json(&self) -> bool {
+        match self {
+            ClientCommand::Run(args) => args.connect.json,
+            ClientCommand::Ls(args) => args.connect.json,
+            ClientCommand::Get(args) => args.connect.json,
+            ClientCommand::Suspend(args)
+            | ClientCommand::Resume(args)
+            | ClientCommand::Terminate(args) => args.connect.json,
+            ClientCommand::Configure(_) => false,
+        }
+    }
+}
+
+impl ImageCommand {
+    fn json(&self) -> bool {
+        match self {
+            ImageCommand::Ls { connect }
+            | ImageCommand::Get { connect, .. }
+            | ImageCommand::Rm { connect, .. } => connect.json,
+            ImageCommand::Build(args) => args.connect.json,
+            ImageCommand::Logs(args) => args.connect.json,
+        }
+    }
 }
 
 /// Runs an image command (see [`main`] for errors).
 pub async fn image(command: ImageCommand) -> ExitCode {
-    report(match command {
-        ImageCommand::Ls { connect } => image_ls(connect).await,
-        ImageCommand::Get { image, connect } => image_get(image, connect).await,
-        ImageCommand::Rm {
-            image,
-            version,
-            connect,
-        } => image_rm(image, version, connect).await,
-        ImageCommand::Build(args) => image_build::build(args).await,
-        ImageCommand::Logs(args) => image_build::logs(args).await,
-    })
-}
-
-fn report(result: Result<()>) -> ExitCode {
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("error: {err:#}");
-            ExitCode::from(1)
-        }
-    }
+    let json = command.json();
+    report(
+        match command {
+            ImageCommand::Ls { connect } => image_ls(connect).await,
+            ImageCommand::Get { image, connect } => image_get(image, connect).await,
+            ImageCommand::Rm {
+                image,
+                version,
+                connect,
+            } => image_rm(image, version, connect).await,
+            ImageCommand::Build(args) => image_build::build(args).await,
+            ImageCommand::Logs(args) => image_build::logs(args).await,
+        },
+        json,
+    )
 }
 
 async fn image_ls(connect: ConnectArgs) -> Result<()> {

@@ -65,7 +65,7 @@ pub struct BuildArgs {
     #[arg(long)]
     no_follow: bool,
     #[command(flatten)]
-    connect: ConnectArgs,
+    pub(crate) connect: ConnectArgs,
 }
 
 #[derive(Debug, Args)]
@@ -79,7 +79,7 @@ pub struct LogsArgs {
     #[arg(long)]
     follow: bool,
     #[command(flatten)]
-    connect: ConnectArgs,
+    pub(crate) connect: ConnectArgs,
 }
 
 /// Zips `context` (minus what .dockerignore excludes) with `dockerfile` as

@@ -15,9 +15,13 @@ mod bench_build;
 mod bench_endpoint;
 mod client_cli;
 mod connect;
+mod cp_cli;
+mod exec_cli;
+mod guest_cli;
 mod image_build;
 mod measure;
 mod operator;
+mod port_forward;
 mod progress;
 mod shell;
 mod terminal;
@@ -53,6 +57,9 @@ enum Command {
     /// run, ls, get, suspend, resume, terminate, configure: through the API.
     #[command(flatten)]
     Client(client_cli::ClientCommand),
+    /// exec, cp, port-forward: into a running microVM through its endpoint.
+    #[command(flatten)]
+    Guest(guest_cli::GuestCommand),
 }
 
 #[derive(Debug, Args)]
@@ -276,7 +283,10 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => return usage_error(err),
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -295,6 +305,34 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// A command line that does not parse: clap's message and status 2, or with
+/// `--json` anywhere on it `{"error": {"code": "UsageError", ...}}` on stderr.
+fn usage_error(err: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    let informational = matches!(
+        err.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    );
+    if informational || !std::env::args().any(|a| a == "--json") {
+        err.exit();
+    }
+    // clap's text up to its usage line, on one line.
+    let text = err.to_string();
+    let message = text
+        .lines()
+        .take_while(|line| !line.starts_with("Usage:"))
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let message = message.trim_start_matches("error: ").to_string();
+    let error = serde_json::json!({ "error": { "code": "UsageError", "message": message } });
+    eprintln!("{error}");
+    ExitCode::from(connect::EXIT_USAGE)
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
@@ -365,6 +403,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(client_cli::image(command).await)
         }
         Command::Client(command) => Ok(client_cli::main(command).await),
+        Command::Guest(command) => Ok(guest_cli::main(command).await),
     }
 }
 

@@ -19,7 +19,6 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use futures::{SinkExt, StreamExt};
-use hearth_client::{Client, ClientConfig, ConfigFlags};
 use serde_json::{json, Value};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -29,6 +28,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::WebSocketStream;
 
+use crate::connect::ServerArgs;
 use crate::terminal::{self, RawMode, WindowSize};
 
 /// The managed ingress connectors are `<ARN prefix><NAME>`.
@@ -50,12 +50,8 @@ const EOT_QUIET: Duration = Duration::from_millis(500);
 pub struct ShellArgs {
     /// MicroVM ID (run with SHELL_INGRESS, e.g. `hearth run IMAGE --shell`).
     id: String,
-    /// API endpoint [default: $HEARTH_ENDPOINT_URL, the config file, http://127.0.0.1:9070].
-    #[arg(long, value_name = "URL")]
-    endpoint_url: Option<String>,
-    /// Region to sign for [default: $HEARTH_REGION, $AWS_REGION, the config file, us-east-1].
-    #[arg(long)]
-    region: Option<String>,
+    #[command(flatten)]
+    server: ServerArgs,
 }
 
 /// Runs a shell session; 0 when the shell exited (close 1000), else
@@ -72,15 +68,7 @@ pub async fn main(args: ShellArgs) -> ExitCode {
 }
 
 async fn shell(args: ShellArgs) -> Result<()> {
-    let resolved = ClientConfig::resolve(&ConfigFlags {
-        endpoint_url: args.endpoint_url.clone(),
-        region: args.region.clone(),
-        ..Default::default()
-    })?;
-    for warning in &resolved.warnings {
-        eprintln!("warning: {warning}");
-    }
-    let client = Client::new(resolved.config);
+    let client = args.server.client()?;
     let minted = client
         .call(
             "CreateMicrovmShellAuthToken",
@@ -122,7 +110,7 @@ async fn shell(args: ShellArgs) -> Result<()> {
 }
 
 /// `host[:port]` of an endpoint (an `http://`-like scheme is ignored).
-fn authority(endpoint: &str) -> Result<http::uri::Authority> {
+pub(crate) fn authority(endpoint: &str) -> Result<http::uri::Authority> {
     let bare = endpoint
         .split_once("://")
         .map_or(endpoint, |(_, rest)| rest)
@@ -133,7 +121,7 @@ fn authority(endpoint: &str) -> Result<http::uri::Authority> {
 
 /// Where to open the TCP connection: `<id>.localhost` names are served on
 /// the loopback address (not every resolver knows them).
-fn dial_address(authority: &http::uri::Authority) -> (String, u16) {
+pub(crate) fn dial_address(authority: &http::uri::Authority) -> (String, u16) {
     let host = authority.host();
     let port = authority.port_u16().unwrap_or(80);
     if host == "localhost" || host.ends_with(".localhost") {
@@ -196,7 +184,7 @@ fn request(
 }
 
 /// A refused upgrade shows its status and the proxy's message.
-fn handshake_error(err: tungstenite::Error) -> anyhow::Error {
+pub(crate) fn handshake_error(err: tungstenite::Error) -> anyhow::Error {
     match err {
         tungstenite::Error::Http(response) => {
             let message = response
@@ -216,7 +204,7 @@ fn handshake_error(err: tungstenite::Error) -> anyhow::Error {
     }
 }
 
-fn closed(frame: Option<CloseFrame>) -> String {
+pub(crate) fn closed(frame: Option<CloseFrame>) -> String {
     match frame {
         Some(frame) if frame.reason.is_empty() => format!("closed with {}", u16::from(frame.code)),
         Some(frame) => format!("closed with {} ({})", u16::from(frame.code), frame.reason),
@@ -233,7 +221,7 @@ enum Control {
 }
 
 /// The size of the terminal on stdin, stdout or stderr (the first that has one).
-fn current_size() -> Option<WindowSize> {
+pub(crate) fn current_size() -> Option<WindowSize> {
     terminal::window_size(std::io::stdin().as_fd())
         .or_else(|| terminal::window_size(std::io::stdout().as_fd()))
         .or_else(|| terminal::window_size(std::io::stderr().as_fd()))
@@ -277,7 +265,7 @@ fn watch_signals(tty: bool) -> Result<mpsc::Receiver<Control>> {
 
 /// Reads stdin on its own thread (a blocking read cannot be cancelled, and
 /// must not hold up the runtime's shutdown); the channel closes at end of input.
-fn spawn_stdin_reader() -> Result<mpsc::Receiver<Vec<u8>>> {
+pub(crate) fn spawn_stdin_reader() -> Result<mpsc::Receiver<Vec<u8>>> {
     let (tx, rx) = mpsc::channel(16);
     std::thread::Builder::new()
         .name("shell-stdin".into())

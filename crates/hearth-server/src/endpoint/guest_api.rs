@@ -14,6 +14,15 @@
 //!   `GET /.hearth/v1/files?path=/abs` (streamed content),
 //!   `GET /.hearth/v1/ls?path=/dir` (`{"entries": [{"name","type","size","mode","modifiedAt"}]}`,
 //!   listed with the image's `find`).
+//! - `GET /.hearth/v1/exec` upgraded to a WebSocket: an interactive exec (the
+//!   CLI's `hearth exec`). The client's first text frame is
+//!   `{"argv","env"?,"cwd"?,"timeoutInSeconds"?,"tty"?: {"cols","rows","term"?}}`;
+//!   then binary frames are stdin (typed into the terminal with `tty`), and
+//!   text frames `{"type":"eof"}`, `{"type":"resize","cols","rows"}`,
+//!   `{"type":"signal","signal":N}`. The server sends binary frames whose
+//!   first byte is 1 (stdout) or 2 (stderr) followed by the bytes, then a text
+//!   `{"type":"exit","exitCode"?,"signal"?,"timedOut"}` and close 1000; a
+//!   command that cannot start gets `{"type":"error","message"}` and close 1011.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -131,13 +140,7 @@ impl GuestApi {
         else {
             return text(StatusCode::BAD_REQUEST, "Not a WebSocket request");
         };
-        let offered_ours = request
-            .headers()
-            .get_all("sec-websocket-protocol")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|p| p.trim() == "lambda-microvms");
+        let offered_ours = offers_our_protocol(request.headers());
         let agent = match self.agent(&microvm_id).await {
             Ok(agent) => agent,
             Err(response) => return response,
@@ -158,32 +161,44 @@ impl GuestApi {
                 Err(err) => warn!(error = %err, "shell upgrade failed"),
             }
         });
-        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(&key);
-        let mut response = Response::new(
-            http_body_util::Empty::new()
-                .map_err(|never| match never {})
-                .boxed_unsync(),
-        );
-        *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-        let headers = response.headers_mut();
-        headers.insert(
-            http::header::CONNECTION,
-            http::HeaderValue::from_static("upgrade"),
-        );
-        headers.insert(
-            http::header::UPGRADE,
-            http::HeaderValue::from_static("websocket"),
-        );
-        if let Ok(value) = http::HeaderValue::from_str(&accept) {
-            headers.insert("sec-websocket-accept", value);
-        }
-        if offered_ours {
-            headers.insert(
-                "sec-websocket-protocol",
-                http::HeaderValue::from_static("lambda-microvms"),
+        switching_protocols(&key, offered_ours)
+    }
+
+    /// `GET /.hearth/v1/exec` as a WebSocket: an interactive exec.
+    fn exec_socket(
+        &self,
+        microvm_id: String,
+        agent: Arc<hearth_vm::AgentClient>,
+        mut request: http::Request<hyper::body::Incoming>,
+    ) -> Response<ProxyBody> {
+        let Some(key) = request
+            .headers()
+            .get("sec-websocket-key")
+            .map(|k| k.as_bytes().to_vec())
+        else {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "GET /.hearth/v1/exec is a WebSocket; POST runs a command without one",
             );
-        }
-        response
+        };
+        let offered_ours = offers_our_protocol(request.headers());
+        let upgrade = hyper::upgrade::on(&mut request);
+        let engine = self.engine.clone();
+        tokio::spawn(async move {
+            match upgrade.await {
+                Ok(upgraded) => {
+                    let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+                        TokioIo::new(upgraded),
+                        Role::Server,
+                        None,
+                    )
+                    .await;
+                    run_exec_socket(engine, agent, &microvm_id, ws).await;
+                }
+                Err(err) => warn!(error = %err, "exec upgrade failed"),
+            }
+        });
+        switching_protocols(&key, offered_ours)
     }
 
     async fn agent_api(&self, request: ExtensionRequest) -> Response<ProxyBody> {
@@ -201,6 +216,7 @@ impl GuestApi {
         };
         self.engine.note_traffic(&microvm_id);
         match (method, path.as_str()) {
+            (http::Method::GET, "/.hearth/v1/exec") => self.exec_socket(microvm_id, agent, request),
             (http::Method::POST, "/.hearth/v1/exec") => exec(agent, request).await,
             (http::Method::PUT, "/.hearth/v1/files") => put_file(agent, &query, request).await,
             (http::Method::GET, "/.hearth/v1/files") => get_file(agent, &query).await,
@@ -291,6 +307,217 @@ async fn run_shell<S>(
             }
         }
     }
+    let _ = ws.close(None).await;
+}
+
+/// The 101 answer to a WebSocket upgrade; names the `lambda-microvms`
+/// subprotocol when the client offered it.
+fn switching_protocols(key: &[u8], offered_ours: bool) -> Response<ProxyBody> {
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key);
+    let mut response = Response::new(
+        http_body_util::Empty::new()
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("upgrade"),
+    );
+    headers.insert(
+        http::header::UPGRADE,
+        http::HeaderValue::from_static("websocket"),
+    );
+    if let Ok(value) = http::HeaderValue::from_str(&accept) {
+        headers.insert("sec-websocket-accept", value);
+    }
+    if offered_ours {
+        headers.insert(
+            "sec-websocket-protocol",
+            http::HeaderValue::from_static("lambda-microvms"),
+        );
+    }
+    response
+}
+
+/// Whether the request offers the `lambda-microvms` WebSocket subprotocol.
+fn offers_our_protocol(headers: &http::HeaderMap) -> bool {
+    headers
+        .get_all("sec-websocket-protocol")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim() == "lambda-microvms")
+}
+
+/// The first message of an interactive exec (see the module doc).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct InteractiveExec {
+    argv: Vec<String>,
+    #[serde(default)]
+    env: std::collections::BTreeMap<String, String>,
+    cwd: Option<String>,
+    timeout_in_seconds: Option<u64>,
+    tty: Option<TtyRequest>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TtyRequest {
+    cols: u16,
+    rows: u16,
+    term: Option<String>,
+}
+
+/// What an interactive exec's client sends in text frames.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+enum ExecControl {
+    Eof,
+    Resize { cols: u16, rows: u16 },
+    Signal { signal: i32 },
+}
+
+/// First byte of the server's binary frames in an interactive exec.
+const STDOUT_TAG: u8 = 1;
+const STDERR_TAG: u8 = 2;
+/// How long the client has to send the request after the upgrade.
+const EXEC_REQUEST_WAIT: Duration = Duration::from_secs(30);
+
+async fn close_with_error<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>, message: &str)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let error = json!({"type": "error", "message": message}).to_string();
+    let _ = ws.send(Message::text(error)).await;
+    let _ = ws
+        .send(Message::Close(Some(CloseFrame {
+            code: CloseCode::Error,
+            reason: "exec failed".into(),
+        })))
+        .await;
+}
+
+/// An interactive exec over a WebSocket (see the module doc).
+async fn run_exec_socket<S>(
+    engine: Arc<Engine>,
+    agent: Arc<hearth_vm::AgentClient>,
+    microvm_id: &str,
+    mut ws: tokio_tungstenite::WebSocketStream<S>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let first = tokio::time::timeout(EXEC_REQUEST_WAIT, ws.next()).await;
+    let parsed: InteractiveExec = match first {
+        Ok(Some(Ok(Message::Text(text)))) => match serde_json::from_str(text.as_str()) {
+            Ok(parsed) => parsed,
+            Err(err) => {
+                return close_with_error(&mut ws, &format!("Invalid exec request: {err}")).await
+            }
+        },
+        _ => return close_with_error(&mut ws, "Expected the exec request as a text frame").await,
+    };
+    if parsed.argv.is_empty() {
+        return close_with_error(&mut ws, "argv must not be empty").await;
+    }
+    let request = ExecRequest {
+        argv: parsed.argv,
+        env: parsed.env.into_iter().collect(),
+        cwd: parsed.cwd,
+        stdin: true,
+        timeout_ms: parsed
+            .timeout_in_seconds
+            .map(|secs| secs.clamp(1, 86_400) * 1000),
+        ..Default::default()
+    };
+    let opened = match parsed.tty {
+        Some(tty) => {
+            let mut request = request;
+            request.pty = Some(hearth_proto::PtyRequest {
+                cols: tty.cols,
+                rows: tty.rows,
+                term: tty.term,
+            });
+            agent.exec_pty(request, tty.cols, tty.rows).await
+        }
+        None => agent.open(&hearth_proto::Request::Exec(request)).await,
+    };
+    let mut stream = match opened {
+        Ok(stream) => stream,
+        Err(err) => return close_with_error(&mut ws, &format!("exec failed: {err}")).await,
+    };
+    let sender = stream.sender();
+    loop {
+        tokio::select! {
+            incoming = ws.next() => {
+                engine.note_traffic(microvm_id);
+                let sent = match incoming {
+                    Some(Ok(Message::Binary(bytes))) => sender.send_data(bytes).await,
+                    Some(Ok(Message::Text(text))) => match serde_json::from_str(text.as_str()) {
+                        Ok(ExecControl::Eof) => sender.send_eof().await,
+                        Ok(ExecControl::Resize { cols, rows }) => sender.resize(cols, rows).await,
+                        Ok(ExecControl::Signal { signal }) => sender.signal(signal).await,
+                        // An unknown control message is ignored, not fatal.
+                        Err(_) => Ok(()),
+                    },
+                    Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+                    Some(Ok(_)) => Ok(()),
+                };
+                if let Err(err) = sent {
+                    // A refused resize or a late eof does not end the command.
+                    tracing::debug!(microvm = microvm_id, error = %err, "exec input refused");
+                }
+            }
+            frame = stream.recv() => {
+                engine.note_traffic(microvm_id);
+                match frame {
+                    Ok(frame) if frame.kind == FrameKind::Data => {
+                        let tag = if frame.flags == hearth_proto::FLAG_STDERR {
+                            STDERR_TAG
+                        } else {
+                            STDOUT_TAG
+                        };
+                        let mut bytes = Vec::with_capacity(frame.payload.len() + 1);
+                        bytes.push(tag);
+                        bytes.extend_from_slice(&frame.payload);
+                        if ws.send(Message::binary(bytes)).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(frame) if frame.kind == FrameKind::Exit => {
+                        let Ok(status) = frame.parse::<hearth_proto::ExitStatus>() else {
+                            return close_with_error(&mut ws, "the agent sent a bad exit status").await;
+                        };
+                        let mut end = json!({"type": "exit", "timedOut": status.timed_out});
+                        if let Some(code) = status.code {
+                            end["exitCode"] = json!(code);
+                        }
+                        if let Some(signal) = status.signal {
+                            end["signal"] = json!(signal);
+                        }
+                        let _ = ws.send(Message::text(end.to_string())).await;
+                        let _ = ws
+                            .send(Message::Close(Some(CloseFrame {
+                                code: CloseCode::Normal,
+                                reason: "exited".into(),
+                            })))
+                            .await;
+                        // Let the close handshake finish.
+                        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                            while let Some(Ok(_)) = ws.next().await {}
+                        })
+                        .await;
+                        return;
+                    }
+                    Ok(_) => {}
+                    Err(err) => return close_with_error(&mut ws, &format!("exec failed: {err}")).await,
+                }
+            }
+        }
+    }
+    // The client went away: dropping the stream kills the command.
     let _ = ws.close(None).await;
 }
 
