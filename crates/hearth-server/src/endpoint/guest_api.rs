@@ -361,7 +361,15 @@ async fn exec(
     tokio::spawn(async move {
         let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
         loop {
-            let line = match stream.recv().await {
+            // A client that goes away (a closed connection drops the response
+            // body, so `rx`) ends the exec: dropping `stream` closes the agent
+            // stream, whose guard kills the process group. Waiting on output
+            // alone would leave a silent process running until its timeout.
+            let received = tokio::select! {
+                received = stream.recv() => received,
+                () = tx.closed() => break,
+            };
+            let line = match received {
                 Ok(frame) if frame.kind == FrameKind::Data => {
                     let key = if frame.flags == hearth_proto::FLAG_STDERR {
                         "stderr"
