@@ -10,7 +10,8 @@
 //!   `POST /.hearth/v1/exec` (JSON `{"argv","env"?,"cwd"?,"stdin"?: base64,
 //!   "timeoutInSeconds"?}`, answered as a stream of JSON lines
 //!   `{"stdout": base64}`, `{"stderr": base64}`, then `{"exitCode"?, "signal"?,
-//!   "timedOut"}`), `PUT /.hearth/v1/files?path=/abs&mode=644` (streamed body),
+//!   "timedOut"}`; a client that closes the request kills the process),
+//!   `PUT /.hearth/v1/files?path=/abs&mode=644` (streamed body),
 //!   `GET /.hearth/v1/files?path=/abs` (streamed content),
 //!   `GET /.hearth/v1/ls?path=/dir` (`{"entries": [{"name","type","size","mode","modifiedAt"}]}`,
 //!   listed with the image's `find`).
