@@ -227,3 +227,22 @@ def test_endpoint_session_adds_token_and_port_for_its_host_only():
     finally:
         server.close()
     assert seen == [1]
+
+
+def test_endpoint_and_region_resolution(monkeypatch):
+    for key in ("HEARTH_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_LAMBDA_MICROVMS", "AWS_REGION",
+                "AWS_DEFAULT_REGION", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    session = lambda: boto3.session.Session(aws_access_key_id=KEY_ID, aws_secret_access_key=SECRET)  # noqa: E731
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+    assert hearth.Connection(session=session()).endpoint_url == "http://127.0.0.1:1"
+    monkeypatch.setenv("AWS_ENDPOINT_URL_LAMBDA_MICROVMS", "http://127.0.0.1:2")
+    assert hearth.Connection(session=session()).endpoint_url == "http://127.0.0.1:2"
+    monkeypatch.setenv("HEARTH_ENDPOINT_URL", "http://127.0.0.1:3")
+    connection = hearth.Connection(session=session())
+    assert (connection.endpoint_url, connection.region) == ("http://127.0.0.1:3", "us-east-1")
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    connection = hearth.Connection("http://127.0.0.1:4", session=session())
+    assert (connection.endpoint_url, connection.region) == ("http://127.0.0.1:4", "eu-west-1")
+    assert hearth.Connection(region="ap-south-1", session=session()).region == "ap-south-1"
