@@ -462,6 +462,7 @@ async fn endpoint_tokens_idle_and_auto_resume() {
     assert_eq!(String::from_utf8_lossy(&stdout), "600\n");
     assert_eq!(String::from_utf8_lossy(&stderr), "err\n");
     assert_eq!(end["exitCode"], 3, "{body}");
+    exec_ends_with_its_client(proxy, &shell_host, &shell_token).await;
     call(
         &state,
         &caller,
@@ -470,6 +471,70 @@ async fn endpoint_tokens_idle_and_auto_resume() {
     )
     .await;
     let _ = Arc::strong_count(&state);
+}
+
+/// A client that closes an exec's connection ends its process, even one that
+/// prints nothing (the SDK's `kill()` of a background command is this).
+async fn exec_ends_with_its_client(proxy: std::net::SocketAddr, host: &str, token: &str) {
+    let body =
+        json!({"argv": ["sh", "-c", "echo $$ > /tmp/silent.pid; exec sleep 1000"]}).to_string();
+    let mut stream = tokio::net::TcpStream::connect(proxy)
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST /.hearth/v1/exec HTTP/1.1\r\nHost: {host}\r\nX-aws-proxy-auth: {token}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.expect("write");
+    stream.write_all(body.as_bytes()).await.expect("write body");
+    let mut first = [0u8; 12];
+    tokio::time::timeout(Duration::from_secs(60), stream.read_exact(&mut first))
+        .await
+        .expect("response in time")
+        .expect("read");
+    assert!(first.starts_with(b"HTTP/1.1 200"), "{first:?}");
+    let probe = json!({"argv": ["sh", "-c", "if ! [ -s /tmp/silent.pid ]; then echo waiting; \
+        elif kill -0 $(cat /tmp/silent.pid) 2>/dev/null; then echo alive; else echo gone; fi"]})
+    .to_string();
+    // The probe's answer: "waiting", "alive" or "gone".
+    let state = || async {
+        let (status, answer) = send(
+            proxy,
+            host,
+            "POST",
+            "/.hearth/v1/exec",
+            token,
+            probe.as_bytes(),
+        )
+        .await;
+        assert_eq!(status, 200, "{answer}");
+        // Base64 of "alive\n" and "gone\n" in the JSON lines.
+        if answer.contains("YWxpdmUK") {
+            "alive"
+        } else if answer.contains("Z29uZQo=") {
+            "gone"
+        } else {
+            "waiting"
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while state().await == "waiting" {
+        assert!(
+            Instant::now() < deadline,
+            "the silent command did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(state().await, "alive");
+    drop(stream);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while state().await != "gone" {
+        assert!(
+            Instant::now() < deadline,
+            "the process outlived its closed exec request"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// A request with a body through the proxy (chunked responses are returned raw).

@@ -10,7 +10,8 @@
 //!   `POST /.hearth/v1/exec` (JSON `{"argv","env"?,"cwd"?,"stdin"?: base64,
 //!   "timeoutInSeconds"?}`, answered as a stream of JSON lines
 //!   `{"stdout": base64}`, `{"stderr": base64}`, then `{"exitCode"?, "signal"?,
-//!   "timedOut"}`), `PUT /.hearth/v1/files?path=/abs&mode=644` (streamed body),
+//!   "timedOut"}`; a client that closes the request kills the process),
+//!   `PUT /.hearth/v1/files?path=/abs&mode=644` (streamed body),
 //!   `GET /.hearth/v1/files?path=/abs` (streamed content),
 //!   `GET /.hearth/v1/ls?path=/dir` (`{"entries": [{"name","type","size","mode","modifiedAt"}]}`,
 //!   listed with the image's `find`).
@@ -588,7 +589,15 @@ async fn exec(
     tokio::spawn(async move {
         let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
         loop {
-            let line = match stream.recv().await {
+            // A client that goes away (a closed connection drops the response
+            // body, so `rx`) ends the exec: dropping `stream` closes the agent
+            // stream, whose guard kills the process group. Waiting on output
+            // alone would leave a silent process running until its timeout.
+            let received = tokio::select! {
+                received = stream.recv() => received,
+                () = tx.closed() => break,
+            };
+            let line = match received {
                 Ok(frame) if frame.kind == FrameKind::Data => {
                     let key = if frame.flags == hearth_proto::FLAG_STDERR {
                         "stderr"
