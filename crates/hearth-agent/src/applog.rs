@@ -364,7 +364,10 @@ mod tests {
         assert_eq!(second[0].seq, next);
         // A record larger than the batch size still goes, alone.
         let (one, next) = ring.batch(0, 10);
-        assert_eq!(hearth_proto::decode_app_log_batch(&one).expect("one").len(), 1);
+        assert_eq!(
+            hearth_proto::decode_app_log_batch(&one).expect("one").len(),
+            1
+        );
         assert_eq!(next, 1);
     }
 

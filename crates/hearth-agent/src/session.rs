@@ -387,12 +387,10 @@ async fn run_stream(
                 .err()
                 .map(|err| Box::new(err) as _)
         }
-        Request::DiscardAppLog(request) => {
-            applog::discard(stream, request, &sink, &agent.app_log)
-                .await
-                .err()
-                .map(|err| Box::new(err) as _)
-        }
+        Request::DiscardAppLog(request) => applog::discard(stream, request, &sink, &agent.app_log)
+            .await
+            .err()
+            .map(|err| Box::new(err) as _),
     };
     if let Some(failure) = failure {
         let _ = sink

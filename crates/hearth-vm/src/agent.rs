@@ -14,10 +14,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::{Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
 use hearth_proto::{
-    window_size_is_valid, AppLogRecord, AppLogsRequest, ConnectRequest, DiscardAppLogRequest, ErrorKind, ErrorReply, ExecRequest, ExitStatus, Frame,
-    FrameCodec, FrameKind, Hello, Incoming, PtyRequest, ReadFileRequest, Reply, Request,
-    ResizeRequest, RestoredRequest, SignalRequest, WriteFileRequest, CONTROL_STREAM, FLAG_STDERR,
-    FLAG_STDOUT, HEADER_LEN, MAX_WINDOW_DIMENSION, PROTOCOL_VERSION,
+    window_size_is_valid, AppLogRecord, AppLogsRequest, ConnectRequest, DiscardAppLogRequest,
+    ErrorKind, ErrorReply, ExecRequest, ExitStatus, Frame, FrameCodec, FrameKind, Hello, Incoming,
+    PtyRequest, ReadFileRequest, Reply, Request, ResizeRequest, RestoredRequest, SignalRequest,
+    WriteFileRequest, CONTROL_STREAM, FLAG_STDERR, FLAG_STDOUT, HEADER_LEN, MAX_WINDOW_DIMENSION,
+    PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::UnixStream;

@@ -86,7 +86,7 @@ impl LogCollector {
         loop {
             ticker.tick().await;
             self.start_missing();
-            if ticks % SWEEP_TICKS == 0 {
+            if ticks.is_multiple_of(SWEEP_TICKS) {
                 self.sweep().await;
             }
             ticks = ticks.wrapping_add(1);

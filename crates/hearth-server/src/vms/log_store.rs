@@ -382,7 +382,7 @@ mod tests {
         AppLogRecord {
             seq,
             timestamp_ms: 1_000 + seq,
-            stream: if seq % 2 == 0 {
+            stream: if seq.is_multiple_of(2) {
                 AppStream::Stdout
             } else {
                 AppStream::Stderr
