@@ -75,6 +75,8 @@ pub enum ClientCommand {
     Resume(ChangeArgs),
     /// Terminate a microVM.
     Terminate(ChangeArgs),
+    /// Print a microVM's app output (stdout and stderr).
+    Logs(crate::app_logs_cli::AppLogsArgs),
     /// Save the endpoint and keys the client commands use.
     ///
     /// Writes $XDG_CONFIG_HOME/hearth/config.json (or ~/.config/hearth/config.json,
@@ -189,6 +191,7 @@ pub async fn main(command: ClientCommand) -> ExitCode {
         ClientCommand::Resume(args) => change(args, "ResumeMicrovm", "RUNNING").await,
         ClientCommand::Terminate(args) => change(args, "TerminateMicrovm", "TERMINATED").await,
         ClientCommand::Configure(args) => configure(args),
+        ClientCommand::Logs(args) => crate::app_logs_cli::logs(args).await,
     })
 }
 
