@@ -30,9 +30,9 @@ pub struct LogCollector {
     logs: LogStore,
     /// MicroVMs with a collecting task.
     active: Mutex<HashSet<String>>,
-    /// MicroVMs whose agent does not speak `AppLogs` (images snapshotted by an
-    /// older agent): not asked again.
-    unsupported: Mutex<HashSet<String>>,
+    /// MicroVMs not collected: their `logging` is disabled, or their agent
+    /// does not speak `AppLogs` (an image snapshotted with an older agent).
+    not_collected: Mutex<HashSet<String>>,
 }
 
 /// The log group and stream a microVM's output is filed under: the request's
@@ -74,7 +74,7 @@ impl LogCollector {
             engine,
             logs,
             active: Mutex::default(),
-            unsupported: Mutex::default(),
+            not_collected: Mutex::default(),
         })
     }
 
@@ -103,7 +103,7 @@ impl LogCollector {
         };
         for row in rows {
             if row.state != MicrovmState::Running
-                || lock(&self.unsupported).contains(&row.microvm_id)
+                || lock(&self.not_collected).contains(&row.microvm_id)
                 || !lock(&self.active).insert(row.microvm_id.clone())
             {
                 continue;
@@ -123,7 +123,7 @@ impl LogCollector {
             warn!(microvm = %row.microvm_id, error = %error_chain(&err), "cannot record the log's names");
         }
         if meta.disabled {
-            lock(&self.unsupported).insert(row.microvm_id.clone());
+            lock(&self.not_collected).insert(row.microvm_id.clone());
             return;
         }
         let mut writer = match self.logs.writer(&row.microvm_id) {
@@ -156,7 +156,7 @@ impl LogCollector {
                 Err(err) => {
                     if err.remote_kind() == Some(hearth_proto::ErrorKind::Protocol) {
                         // An agent from before app logs refuses the request.
-                        lock(&self.unsupported).insert(row.microvm_id.clone());
+                        lock(&self.not_collected).insert(row.microvm_id.clone());
                     }
                     debug!(microvm = %row.microvm_id, error = %error_chain(&err), "app log stream ended");
                     return;
@@ -180,7 +180,7 @@ impl LogCollector {
         if swept.is_err() {
             warn!("the log sweep failed");
         }
-        lock(&self.unsupported).retain(|id| {
+        lock(&self.not_collected).retain(|id| {
             self.engine
                 .store
                 .microvm_by_id(id)

@@ -161,6 +161,10 @@ impl LogStore {
                 .rposition(|b| *b == b'\n')
                 .map_or(&text[..0], |end| &text[..end]);
             for line in whole.split(|b| *b == b'\n') {
+                // Lines before the cursor are skipped without parsing them whole.
+                if leading_seq(line).is_some_and(|seq| seq < page.next) {
+                    continue;
+                }
                 let Ok(event) = serde_json::from_slice::<LogEvent>(line) else {
                     continue;
                 };
@@ -231,6 +235,14 @@ impl LogStore {
             }
         }
     }
+}
+
+/// The sequence number a stored line starts with (`{"seq":N,`, as
+/// [`LogEvent`] serialises), if it does.
+fn leading_seq(line: &[u8]) -> Option<u64> {
+    let rest = line.strip_prefix(b"{\"seq\":")?;
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()
 }
 
 /// Segment files of `dir` by first sequence number, oldest first.
@@ -545,6 +557,19 @@ mod tests {
             })
             .unwrap();
         assert_eq!(store.meta("microvm-m"), Some(meta));
+    }
+
+    #[test]
+    fn stored_lines_lead_with_their_number() {
+        let event = LogEvent {
+            seq: 1234,
+            timestamp: 5,
+            stream: AppStream::Stdout,
+            message: "m".into(),
+        };
+        let line = serde_json::to_vec(&event).unwrap();
+        assert_eq!(leading_seq(&line), Some(1234));
+        assert_eq!(leading_seq(b"{\"timestamp\":1}"), None);
     }
 
     #[test]
