@@ -5,6 +5,7 @@
 //! virtio-serial port. Started by hand it serves the same protocol on a Unix
 //! socket (`--unix-listen PATH`) or a given device (`--port PATH`), for tests.
 
+mod applog;
 mod channel;
 mod children;
 mod exec;
@@ -67,6 +68,7 @@ fn main() {
         children: Arc::new(Children::default()),
         is_init,
         started: Instant::now(),
+        app_log: Arc::default(),
     });
     loop {
         let outcome = std::panic::catch_unwind(|| serve(&listen, &agent));
@@ -93,6 +95,9 @@ fn serve(listen: &Listen, agent: &Arc<Agent>) -> Result<(), Box<dyn std::error::
         tokio::spawn(children::run_reaper(agent.children.clone()));
         if agent.is_init {
             tokio::spawn(children::forward_signals(agent.children.clone()));
+        }
+        if let Some((stdout, stderr)) = applog::pipe_paths(agent.is_init) {
+            tokio::spawn(applog::capture(agent.app_log.clone(), stdout, stderr));
         }
         match listen {
             Listen::Unix(path) => {

@@ -35,6 +35,8 @@ pub struct Agent {
     /// power off, ...).
     pub is_init: bool,
     pub started: Instant,
+    /// The app's captured output.
+    pub app_log: Arc<crate::applog::AppLog>,
 }
 
 /// An error that ends a stream with an `Error` frame.

@@ -30,6 +30,16 @@ fn c_path(path: &Path) -> io::Result<CString> {
     c_string(path.as_os_str().as_bytes())
 }
 
+/// `mkfifo(3)`; an existing FIFO at `path` is fine.
+pub fn mkfifo(path: &Path, mode: libc::mode_t) -> io::Result<()> {
+    let path = c_path(path)?;
+    // SAFETY: `path` is a valid NUL-terminated string that outlives the call.
+    match check(unsafe { libc::mkfifo(path.as_ptr(), mode) }) {
+        Err(err) if err.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        other => other.map(drop),
+    }
+}
+
 /// `mount(2)`.
 pub fn mount(
     source: &str,

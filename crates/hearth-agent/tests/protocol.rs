@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use hearth_proto::{
-    raw_header, ConnectRequest, ErrorKind, ErrorReply, ExecRequest, ExitStatus, Frame, FrameCodec,
+    decode_app_log_batch, raw_header, AppLogRecord, AppLogsRequest, AppStream, ConnectRequest,
+    DiscardAppLogRequest, ErrorKind, ErrorReply, ExecRequest, ExitStatus, Frame, FrameCodec,
     FrameKind, Hello, Incoming, PtyRequest, ReadFileRequest, Reply, Request, SignalRequest,
     WriteFileRequest, FLAG_STDERR, FLAG_STDOUT, MAX_PAYLOAD, PROTOCOL_VERSION,
 };
@@ -66,6 +67,7 @@ impl Client {
         let child = Command::new(agent_binary())
             .arg("--unix-listen")
             .arg(&socket)
+            .env("HEARTH_AGENT_APP_PIPE_DIR", dir.join("pipes"))
             .stdin(Stdio::null())
             .spawn()
             .expect("start agent");
@@ -660,4 +662,157 @@ async fn as_pid1_in_namespaces() {
     };
     assert_eq!(status.code, Some(0));
     assert_eq!(String::from_utf8_lossy(&output), "/dev/pts/0\r\n21 70\r\n");
+}
+
+impl Client {
+    /// Records of an `AppLogs` stream until its `Eof`.
+    async fn app_logs(&mut self, stream: u32, from: u64) -> Vec<AppLogRecord> {
+        self.open(
+            stream,
+            &Request::AppLogs(AppLogsRequest {
+                from,
+                follow: false,
+            }),
+        )
+        .await;
+        let mut records = Vec::new();
+        loop {
+            let frame = self.next().await;
+            assert_eq!(frame.stream, stream, "{frame:?}");
+            match frame.kind {
+                FrameKind::Data => {
+                    records.extend(decode_app_log_batch(&frame.payload).expect("valid batch"))
+                }
+                FrameKind::Eof => return records,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn app_output_is_captured_numbered_followed_and_discarded() {
+    let mut client = Client::start("applog").await;
+    let pipes = client.agent.dir.join("pipes");
+    let started = Instant::now();
+    while !(pipes.join("app.stdout").exists() && pipes.join("app.stderr").exists()) {
+        assert!(started.elapsed() < FRAME_TIMEOUT, "the agent made no pipes");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let script = format!(
+        "cd {} && echo one > app.stdout && echo two > app.stderr && \
+         head -c 40000 /dev/zero | tr '\\0' a > app.stdout && echo >> app.stdout",
+        pipes.display()
+    );
+    let (_, stderr, status) = client.exec(1, argv(&["sh", "-c", &script]), None).await;
+    assert_eq!(status.code, Some(0), "{}", String::from_utf8_lossy(&stderr));
+
+    // Lines arrive as the agent reads them; wait for all five.
+    let mut records = Vec::new();
+    let mut stream = 2;
+    while records.len() < 5 {
+        assert!(started.elapsed() < FRAME_TIMEOUT, "captured: {records:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        records = client.app_logs(stream, 0).await;
+        stream += 1;
+    }
+    let seqs: Vec<u64> = records.iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, vec![0, 1, 2, 3, 4]);
+    let text = |stream: AppStream| -> Vec<(usize, bool)> {
+        records
+            .iter()
+            .filter(|r| r.stream == stream)
+            .map(|r| (r.line.len(), r.line.bytes().all(|b| b == b'a')))
+            .collect()
+    };
+    // The 40000-byte line is cut into pieces of at most 16 KiB.
+    let stdout: Vec<&str> = records
+        .iter()
+        .filter(|r| r.stream == AppStream::Stdout)
+        .map(|r| r.line.as_str())
+        .collect();
+    assert_eq!(stdout[0], "one");
+    assert_eq!(
+        text(AppStream::Stdout)[1..],
+        [(16384, true), (16384, true), (7232, true)]
+    );
+    assert_eq!(
+        records
+            .iter()
+            .filter(|r| r.stream == AppStream::Stderr)
+            .map(|r| r.line.as_str())
+            .collect::<Vec<_>>(),
+        vec!["two"]
+    );
+    // From a later number: only the newer lines.
+    assert_eq!(client.app_logs(stream, 3).await.len(), 2);
+    stream += 1;
+
+    // A following stream gets a line written after it opened.
+    let follow = stream;
+    client
+        .open(
+            follow,
+            &Request::AppLogs(AppLogsRequest {
+                from: 5,
+                follow: true,
+            }),
+        )
+        .await;
+    let write_three = format!("echo three > {}/app.stderr", pipes.display());
+    client
+        .open(
+            follow + 1,
+            &Request::Exec(argv(&["sh", "-c", &write_three])),
+        )
+        .await;
+    // The exec's frames and the follow's data interleave.
+    let (mut exited, mut batch) = (false, Vec::new());
+    while !exited || batch.is_empty() {
+        let frame = client.next().await;
+        match (frame.stream, frame.kind) {
+            (s, FrameKind::Data) if s == follow => {
+                batch.extend(decode_app_log_batch(&frame.payload).expect("valid batch"))
+            }
+            (s, FrameKind::Exit) if s == follow + 1 => {
+                let status: ExitStatus = frame.parse().expect("exit json");
+                assert_eq!(status.code, Some(0));
+                exited = true;
+            }
+            (s, FrameKind::Eof) if s == follow + 1 => {}
+            _ => panic!("unexpected {frame:?}"),
+        }
+    }
+    assert_eq!(
+        batch
+            .iter()
+            .map(|r| (r.seq, r.stream, r.line.as_str()))
+            .collect::<Vec<_>>(),
+        vec![(5, AppStream::Stderr, "three")]
+    );
+    client
+        .send(Frame::new(follow, FrameKind::Close, Bytes::new()))
+        .await;
+
+    // Discarding keeps the numbering and drops only the older lines.
+    let discard = follow + 2;
+    client
+        .open(
+            discard,
+            &Request::DiscardAppLog(DiscardAppLogRequest { before: 4 }),
+        )
+        .await;
+    let frame = client.next().await;
+    assert_eq!((frame.stream, frame.kind), (discard, FrameKind::Reply));
+    assert_eq!(
+        frame.parse::<Reply>().expect("reply"),
+        Reply::AppLogDiscarded { next_seq: 6 }
+    );
+    let left: Vec<u64> = client
+        .app_logs(discard + 1, 0)
+        .await
+        .iter()
+        .map(|r| r.seq)
+        .collect();
+    assert_eq!(left, vec![4, 5]);
 }

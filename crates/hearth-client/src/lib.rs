@@ -100,6 +100,27 @@ impl ClientError {
 /// HTTP or HTTPS, by the URL's scheme.
 pub type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 
+/// The body of a streaming answer ([`Client::get_extension_stream`]).
+#[derive(Debug)]
+pub struct BodyStream {
+    body: hyper::body::Incoming,
+}
+
+impl BodyStream {
+    /// The next piece of the body as it arrives; `None` at its end.
+    pub async fn chunk(&mut self) -> Result<Option<Bytes>, ClientError> {
+        loop {
+            let Some(frame) = self.body.frame().await else {
+                return Ok(None);
+            };
+            let frame = frame.map_err(|e| ClientError::ReadBody(e.into()))?;
+            if let Ok(data) = frame.into_data() {
+                return Ok(Some(data));
+            }
+        }
+    }
+}
+
 /// A connection to one endpoint with one set of keys; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -191,6 +212,42 @@ impl Client {
             body: Some(body.to_string().into_bytes()),
         };
         self.send(prepared).await
+    }
+
+    /// Sends a signed GET to an extension route whose answer streams as it
+    /// is produced (e.g. `.../logs?follow=true`), without the request
+    /// timeout; an error answer is read whole and returned as
+    /// [`ClientError::Api`].
+    pub async fn get_extension_stream(&self, path: &str) -> Result<BodyStream, ClientError> {
+        let request = self.sign(request::Prepared {
+            method: http::Method::GET,
+            target: path.to_string(),
+            headers: Vec::new(),
+            body: None,
+        })?;
+        let response = tokio::time::timeout(REQUEST_TIMEOUT, self.http.request(request))
+            .await
+            .map_err(|_| ClientError::Timeout {
+                endpoint: self.config.endpoint_url().to_string(),
+            })?
+            .map_err(|source| ClientError::Transport {
+                endpoint: self.config.endpoint_url().to_string(),
+                source,
+            })?;
+        let (parts, body) = response.into_parts();
+        if !parts.status.is_success() {
+            let body = Limited::new(body, MAX_RESPONSE_BYTES)
+                .collect()
+                .await
+                .map_err(ClientError::ReadBody)?
+                .to_bytes();
+            let code = parts
+                .headers
+                .get("x-amzn-errortype")
+                .and_then(|v| v.to_str().ok());
+            return Err(api_error(parts.status.as_u16(), code, &body));
+        }
+        Ok(BodyStream { body })
     }
 
     async fn send(&self, prepared: request::Prepared) -> Result<Value, ClientError> {

@@ -38,6 +38,14 @@ pub enum Request {
     /// host can freeze the disk image in a consistent state. Answered by
     /// [`Reply::Synced`].
     Sync,
+    /// Read the app's captured output (see [`AppLogRecord`]) from sequence
+    /// number `from`: `Data` frames of newline-separated JSON records, then
+    /// `Eof` when not following; a following stream waits for new records
+    /// until the host closes it.
+    AppLogs(AppLogsRequest),
+    /// Forget the captured records numbered below `before` (the build's own
+    /// output, before the image snapshot). Answered by [`Reply::AppLogDiscarded`].
+    DiscardAppLog(DiscardAppLogRequest),
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -134,6 +142,98 @@ pub struct RestoredRequest {
     pub entropy_hex: String,
 }
 
+/// Where the image's app writes its standard output and error inside the
+/// guest: FIFOs the agent creates and reads forever (opened read-write, so a
+/// writer that goes away never ends the capture and a writer never blocks
+/// while the agent runs).
+pub const APP_STDOUT_PIPE: &str = "/run/hearth/app.stdout";
+pub const APP_STDERR_PIPE: &str = "/run/hearth/app.stderr";
+/// Longest line the agent keeps in one record; longer lines are split.
+pub const MAX_APP_LOG_LINE: usize = 16 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppLogsRequest {
+    /// First sequence number wanted; older records no longer held are skipped.
+    pub from: u64,
+    #[serde(default)]
+    pub follow: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiscardAppLogRequest {
+    pub before: u64,
+}
+
+/// Which of the app's outputs a line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AppStream {
+    Stdout,
+    Stderr,
+}
+
+impl AppStream {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stdout => "stdout",
+            Self::Stderr => "stderr",
+        }
+    }
+}
+
+/// One line of the app's output, numbered in the order the agent read it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppLogRecord {
+    pub seq: u64,
+    /// Guest wall-clock time the line was read, milliseconds since the epoch.
+    pub timestamp_ms: u64,
+    pub stream: AppStream,
+    /// The line without its newline (invalid UTF-8 replaced), at most
+    /// [`MAX_APP_LOG_LINE`] bytes.
+    pub line: String,
+}
+
+/// Why a batch of app log records from the guest was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AppLogError {
+    #[error("malformed app log record")]
+    Malformed,
+    #[error("app log line of {0} bytes exceeds the limit")]
+    LineTooLong(usize),
+    #[error("app log sequence numbers go backwards")]
+    OutOfOrder,
+}
+
+/// Encodes records as one `Data` payload (newline-terminated JSON records).
+pub fn encode_app_log_batch(records: &[AppLogRecord]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for record in records {
+        // Our own plain struct: serialising it cannot fail.
+        out.extend(serde_json::to_vec(record).unwrap_or_default());
+        out.push(b'\n');
+    }
+    out
+}
+
+/// Decodes one `Data` payload of app log records, as the guest (untrusted)
+/// sent it: every record well-formed, lines within the limit, sequence
+/// numbers strictly increasing.
+pub fn decode_app_log_batch(payload: &[u8]) -> Result<Vec<AppLogRecord>, AppLogError> {
+    let mut records: Vec<AppLogRecord> = Vec::new();
+    for line in payload.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+        let record: AppLogRecord =
+            serde_json::from_slice(line).map_err(|_| AppLogError::Malformed)?;
+        if record.line.len() > MAX_APP_LOG_LINE {
+            return Err(AppLogError::LineTooLong(record.line.len()));
+        }
+        if records.last().is_some_and(|last| last.seq >= record.seq) {
+            return Err(AppLogError::OutOfOrder);
+        }
+        records.push(record);
+    }
+    Ok(records)
+}
+
 /// Host asks for a signal to be delivered to an exec'd process.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SignalRequest {
@@ -173,6 +273,10 @@ pub enum Reply {
     },
     ShuttingDown,
     Synced,
+    AppLogDiscarded {
+        /// The sequence number the next captured line will get.
+        next_seq: u64,
+    },
 }
 
 /// Payload of `Error` frames.
@@ -245,6 +349,54 @@ mod tests {
                 cols: 80,
                 rows: 24,
                 term: None
+            })
+        );
+    }
+
+    #[test]
+    fn app_log_batches_round_trip_and_refuse_hostile_input() {
+        let records = vec![
+            AppLogRecord {
+                seq: 4,
+                timestamp_ms: 1_700_000_000_000,
+                stream: AppStream::Stdout,
+                line: "hello \"world\"".into(),
+            },
+            AppLogRecord {
+                seq: 9,
+                timestamp_ms: 1_700_000_000_001,
+                stream: AppStream::Stderr,
+                line: String::new(),
+            },
+        ];
+        let payload = encode_app_log_batch(&records);
+        assert_eq!(decode_app_log_batch(&payload), Ok(records.clone()));
+        assert_eq!(decode_app_log_batch(b""), Ok(Vec::new()));
+        assert_eq!(
+            decode_app_log_batch(b"{\"seq\":1}\n"),
+            Err(AppLogError::Malformed)
+        );
+        let mut backwards = records.clone();
+        backwards.reverse();
+        assert_eq!(
+            decode_app_log_batch(&encode_app_log_batch(&backwards)),
+            Err(AppLogError::OutOfOrder)
+        );
+        let long = AppLogRecord {
+            line: "x".repeat(MAX_APP_LOG_LINE + 1),
+            ..records[0].clone()
+        };
+        assert_eq!(
+            decode_app_log_batch(&encode_app_log_batch(&[long])),
+            Err(AppLogError::LineTooLong(MAX_APP_LOG_LINE + 1))
+        );
+        let request: Request =
+            serde_json::from_str(r#"{"op":"app_logs","from":3}"#).expect("request");
+        assert_eq!(
+            request,
+            Request::AppLogs(AppLogsRequest {
+                from: 3,
+                follow: false
             })
         );
     }

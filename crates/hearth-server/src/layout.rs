@@ -8,6 +8,7 @@
 //! DATA/builds/<build id>/   a build's work files and log
 //! DATA/images/<account>/<image>/<version>/{rootfs.ext4,snapshot/}
 //! DATA/engine/vms/<vm name>/  the VM layer's state (hearth-vm)
+//! DATA/logs/<microvm id>/   a microVM's app output (segments, metadata)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -65,6 +66,11 @@ pub fn build_dir(data_dir: &Path, build_id: &str) -> PathBuf {
 
 pub fn build_log(data_dir: &Path, build_id: &str) -> PathBuf {
     build_dir(data_dir, build_id).join("build.log")
+}
+
+/// Every microVM's stored app output.
+pub fn app_logs_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("logs")
 }
 
 /// Where a version's files live (builds and imports alike).

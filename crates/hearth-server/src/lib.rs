@@ -176,6 +176,8 @@ pub async fn start(config: ServerConfig) -> Result<Arc<AppState>, ServerError> {
     // No build runs yet: what interrupted builds left in the step cache can go.
     builds.sweep_cache();
     tokio::spawn(engine.clone().watch());
+    let app_logs = vms::log_store::LogStore::new(&config.data_dir);
+    tokio::spawn(vms::log_collector::LogCollector::new(engine.clone(), app_logs).run());
     let tokens = endpoint::tokens::TokenKeys::open_or_create(&config.data_dir)?;
     Ok(Arc::new(AppState::new(
         config, store, assets, engine, tokens, limits, builds, artifacts, s3,

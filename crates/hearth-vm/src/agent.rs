@@ -14,10 +14,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::{Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
 use hearth_proto::{
-    window_size_is_valid, ConnectRequest, ErrorKind, ErrorReply, ExecRequest, ExitStatus, Frame,
-    FrameCodec, FrameKind, Hello, Incoming, PtyRequest, ReadFileRequest, Reply, Request,
-    ResizeRequest, RestoredRequest, SignalRequest, WriteFileRequest, CONTROL_STREAM, FLAG_STDERR,
-    FLAG_STDOUT, HEADER_LEN, MAX_WINDOW_DIMENSION, PROTOCOL_VERSION,
+    window_size_is_valid, AppLogRecord, AppLogsRequest, ConnectRequest, DiscardAppLogRequest,
+    ErrorKind, ErrorReply, ExecRequest, ExitStatus, Frame, FrameCodec, FrameKind, Hello, Incoming,
+    PtyRequest, ReadFileRequest, Reply, Request, ResizeRequest, RestoredRequest, SignalRequest,
+    WriteFileRequest, CONTROL_STREAM, FLAG_STDERR, FLAG_STDOUT, HEADER_LEN, MAX_WINDOW_DIMENSION,
+    PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::UnixStream;
@@ -403,6 +404,25 @@ impl AgentClient {
         }
     }
 
+    /// Opens a stream of the app's output records from sequence number
+    /// `from`; read it with [`AgentStream::next_app_logs`].
+    pub async fn app_logs(&self, from: u64, follow: bool) -> Result<AgentStream, AgentError> {
+        self.open(&Request::AppLogs(AppLogsRequest { from, follow }))
+            .await
+    }
+
+    /// Makes the guest forget the app's output numbered below `before`;
+    /// returns the number the next line will get.
+    pub async fn discard_app_log(&self, before: u64) -> Result<u64, AgentError> {
+        let mut stream = self
+            .open(&Request::DiscardAppLog(DiscardAppLogRequest { before }))
+            .await?;
+        match stream.reply().await? {
+            Reply::AppLogDiscarded { next_seq } => Ok(next_seq),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     /// Asks the guest to sync and power off.
     pub async fn shutdown(&self) -> Result<(), AgentError> {
         let mut stream = self.open(&Request::Shutdown).await?;
@@ -623,6 +643,23 @@ impl AgentStream {
                 }
                 _ => return Err(self.unexpected_frame(&frame)),
             }
+        }
+    }
+
+    /// Next batch of a stream opened with [`AgentClient::app_logs`], checked
+    /// as untrusted input (see [`hearth_proto::decode_app_log_batch`]); `None`
+    /// at its end.
+    pub async fn next_app_logs(&mut self) -> Result<Option<Vec<AppLogRecord>>, AgentError> {
+        let frame = self.recv().await?;
+        match frame.kind {
+            FrameKind::Data => hearth_proto::decode_app_log_batch(&frame.payload)
+                .map(Some)
+                .map_err(|err| AgentError::Protocol(err.to_string())),
+            FrameKind::Eof => {
+                self.finished = true;
+                Ok(None)
+            }
+            _ => Err(self.unexpected_frame(&frame)),
         }
     }
 

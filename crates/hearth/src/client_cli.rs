@@ -75,6 +75,8 @@ pub enum ClientCommand {
     Resume(ChangeArgs),
     /// Terminate a microVM.
     Terminate(ChangeArgs),
+    /// Print a microVM's app output (stdout and stderr).
+    Logs(crate::app_logs_cli::AppLogsArgs),
     /// Save the endpoint and keys the client commands use.
     ///
     /// Writes $XDG_CONFIG_HOME/hearth/config.json (or ~/.config/hearth/config.json,
@@ -191,6 +193,7 @@ pub async fn main(command: ClientCommand) -> ExitCode {
             ClientCommand::Resume(args) => change(args, "ResumeMicrovm", "RUNNING").await,
             ClientCommand::Terminate(args) => change(args, "TerminateMicrovm", "TERMINATED").await,
             ClientCommand::Configure(args) => configure(args),
+            ClientCommand::Logs(args) => crate::app_logs_cli::logs(args).await,
         },
         json,
     )
@@ -207,6 +210,7 @@ impl ClientCommand {
             | ClientCommand::Resume(args)
             | ClientCommand::Terminate(args) => args.connect.json,
             ClientCommand::Configure(_) => false,
+            ClientCommand::Logs(args) => args.connect.json,
         }
     }
 }

@@ -9,6 +9,7 @@ use hearth_proto::{ExecRequest, WriteFileRequest};
 use hearth_vm::snapshot::Verify;
 use hearth_vm::{Assets, BootRequest, Driver, MachineShape, QemuDriver, Snapshot, VmState};
 
+mod app_logs_cli;
 mod bench;
 mod bench_api;
 mod bench_build;

@@ -10,6 +10,8 @@
 //!   from byte `offset` (at most 256 KiB per call). Answer: `{"buildState",
 //!   "stateReason"?, "log", "nextOffset", "complete"}`; `complete` is true
 //!   once the build has ended and the whole log was read.
+//! - `GET /hearth/2025-09-09/microvms/{id}/logs?since=MS&offset=CURSOR&follow=BOOL`:
+//!   the app's stdout and stderr (see [`super::app_logs`]).
 
 use std::time::Duration;
 
@@ -37,8 +39,18 @@ const MAX_ARGS: usize = 4096;
 /// An extension request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
-    Exec { microvm_id: String },
-    BuildLogs { build_id: String, offset: u64 },
+    Exec {
+        microvm_id: String,
+    },
+    BuildLogs {
+        build_id: String,
+        offset: u64,
+    },
+    /// The query is checked by the handler (a bad one is a 400).
+    MicrovmLogs {
+        microvm_id: String,
+        query: String,
+    },
 }
 
 impl Route {
@@ -47,6 +59,7 @@ impl Route {
         match self {
             Route::Exec { .. } => "HearthExec",
             Route::BuildLogs { .. } => "HearthBuildLogs",
+            Route::MicrovmLogs { .. } => "HearthMicrovmLogs",
         }
     }
 }
@@ -72,6 +85,10 @@ pub fn route(method: &Method, path: &str, query: Option<&str>) -> Option<Route> 
         (&Method::POST, "exec") if !id.is_empty() => Some(Route::Exec {
             microvm_id: id.to_string(),
         }),
+        (&Method::GET, "logs") if !id.is_empty() => Some(Route::MicrovmLogs {
+            microvm_id: id.to_string(),
+            query: query.unwrap_or("").to_string(),
+        }),
         _ => None,
     }
 }
@@ -85,6 +102,9 @@ pub async fn handle(
     match route {
         Route::Exec { microvm_id } => exec(state, caller, &microvm_id, body).await,
         Route::BuildLogs { build_id, offset } => build_logs(state, caller, &build_id, offset),
+        Route::MicrovmLogs { microvm_id, query } => {
+            super::app_logs::handle(state, caller, &microvm_id, &query).await
+        }
     }
 }
 
@@ -281,6 +301,21 @@ mod tests {
             None
         );
         assert_eq!(route(&Method::POST, "/2025-09-09/microvms/m", None), None);
+        assert_eq!(
+            route(
+                &Method::GET,
+                "/hearth/2025-09-09/microvms/microvm-1/logs",
+                Some("follow=true")
+            ),
+            Some(Route::MicrovmLogs {
+                microvm_id: "microvm-1".into(),
+                query: "follow=true".into()
+            })
+        );
+        assert_eq!(
+            route(&Method::POST, "/hearth/2025-09-09/microvms/m/logs", None),
+            None
+        );
         assert_eq!(
             route(
                 &Method::GET,

@@ -7,6 +7,7 @@
 //! operation's handler in [`ops`], which answers with JSON shaped by the
 //! model's output.
 
+pub mod app_logs;
 pub mod extensions;
 pub mod limits;
 pub mod ops;

@@ -17,8 +17,10 @@ use hearth_vm::error_chain;
 use crate::arn::Arn;
 use crate::vms::hooks;
 
-/// Where the app's output goes inside the guest.
-const APP_LOG: &str = "/var/log/hearth-app.log";
+use hearth_proto::{APP_STDERR_PIPE, APP_STDOUT_PIPE};
+
+/// Most lines of the app's build-time output copied into the build's log.
+const BUILD_LOG_APP_LINES: usize = 200;
 /// How long a process must stay up before a hook-less build snapshots it.
 const SETTLE: Duration = Duration::from_millis(1500);
 
@@ -104,6 +106,9 @@ pub async fn snapshot_ready_app(
             let pid = start_app(&agent, app).await?;
             wait_ready(&agent, app, pid, progress).await?;
         }
+        if !app.argv.is_empty() {
+            hand_build_output_to_build(&agent, progress).await;
+        }
         drop(agent);
         progress("snapshotting memory and disk");
         let snapshot = driver
@@ -130,8 +135,45 @@ pub async fn snapshot_ready_app(
     result
 }
 
-/// Starts the app detached (its own session, output to [`APP_LOG`]) and
-/// returns its pid.
+/// Reads what the app printed while the image was built, copies its last
+/// lines into the build's log and has the guest forget it: a microVM
+/// launched from the snapshot then ships only its own output.
+async fn hand_build_output_to_build(agent: &AgentClient, progress: &(dyn Fn(&str) + Sync)) {
+    let (lines, next) = match app_output(agent).await {
+        Ok(read) => read,
+        Err(err) => {
+            tracing::debug!(error = %error_chain(&err), "cannot read the app's output");
+            return;
+        }
+    };
+    let skip = lines.len().saturating_sub(BUILD_LOG_APP_LINES);
+    for line in &lines[skip..] {
+        progress(&format!("app {}: {}", line.stream.as_str(), line.line));
+    }
+    if let Err(err) = agent.discard_app_log(next).await {
+        tracing::debug!(error = %error_chain(&err), "cannot discard the app's build-time output");
+    }
+}
+
+/// Every line of the app's output the guest holds, and the sequence number
+/// after the last.
+async fn app_output(
+    agent: &AgentClient,
+) -> Result<(Vec<hearth_proto::AppLogRecord>, u64), hearth_vm::AgentError> {
+    let mut stream = agent.app_logs(0, false).await?;
+    let mut lines: Vec<hearth_proto::AppLogRecord> = Vec::new();
+    while let Some(batch) = stream.next_app_logs().await? {
+        lines.extend(batch);
+        // The guest holds at most 1 MiB; keep the host's copy as bounded.
+        let excess = lines.len().saturating_sub(4 * BUILD_LOG_APP_LINES);
+        lines.drain(..excess);
+    }
+    let next = lines.last().map_or(0, |l| l.seq.saturating_add(1));
+    Ok((lines, next))
+}
+
+/// Starts the app detached (its own session, stdout and stderr into the
+/// agent's capture pipes) and returns its pid.
 async fn start_app(agent: &AgentClient, app: &AppSpec) -> Result<u32, BuildFailure> {
     let failed = |detail: String| BuildFailure::new(BuildErrorCode::ContainerBuildFailed, detail);
     let (uid, gid) = match &app.user {
@@ -143,14 +185,14 @@ async fn start_app(agent: &AgentClient, app: &AppSpec) -> Result<u32, BuildFailu
         }
         None => (None, None),
     };
-    // The log file is made by root before the shell drops to the app's user.
+    // The agent's pipes belong to root; the app's user must open them.
     let prepare = agent
         .exec_output(ExecRequest {
             argv: vec![
                 "/bin/sh".into(),
                 "-c".into(),
                 format!(
-                    "touch {APP_LOG} && chown {}:{} {APP_LOG}",
+                    "chown {}:{} {APP_STDOUT_PIPE} {APP_STDERR_PIPE}",
                     uid.unwrap_or(0),
                     gid.unwrap_or(0)
                 ),
@@ -160,12 +202,12 @@ async fn start_app(agent: &AgentClient, app: &AppSpec) -> Result<u32, BuildFailu
         })
         .await;
     if !prepare.is_ok_and(|o| o.status.code == Some(0)) {
-        tracing::debug!("cannot prepare the app log");
+        tracing::debug!("cannot hand the output pipes to the app's user");
     }
     let mut argv = vec![
         "/bin/sh".to_string(),
         "-c".to_string(),
-        format!("setsid \"$@\" </dev/null >>{APP_LOG} 2>&1 & echo $!"),
+        format!("setsid \"$@\" </dev/null >{APP_STDOUT_PIPE} 2>{APP_STDERR_PIPE} & echo $!"),
         "sh".to_string(),
     ];
     argv.extend(app.argv.iter().cloned());
@@ -207,16 +249,17 @@ async fn app_alive(agent: &AgentClient, pid: u32) -> bool {
         .is_ok_and(|o| o.status.code == Some(0))
 }
 
+/// The end of what the app printed (both streams, in order).
 async fn app_log(agent: &AgentClient) -> String {
-    match agent
-        .exec_output(ExecRequest {
-            argv: vec!["tail".into(), "-c".into(), "2000".into(), APP_LOG.into()],
-            timeout_ms: Some(10_000),
-            ..Default::default()
-        })
-        .await
-    {
-        Ok(output) => tail(&output.stdout),
+    match app_output(agent).await {
+        Ok((lines, _)) => {
+            let mut text = Vec::new();
+            for line in lines.iter().rev().take(100).rev() {
+                text.extend_from_slice(line.line.as_bytes());
+                text.push(b'\n');
+            }
+            tail(&text)
+        }
         Err(_) => String::new(),
     }
 }

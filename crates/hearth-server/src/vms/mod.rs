@@ -1,5 +1,8 @@
-//! The VMs behind microVM records: launch, suspend, resume, terminate, reconcile, lifecycle hooks.
+//! The VMs behind microVM records: launch, suspend, resume, terminate, reconcile, lifecycle hooks,
+//! the app's output (collected per microVM, stored in segments).
 
 pub mod engine;
 pub mod hooks;
+pub mod log_collector;
+pub mod log_store;
 pub mod reconcile;
