@@ -199,7 +199,12 @@ def test_managed_images(cli):
     names = [item["imageArn"] for item in managed]
     assert BASE_ARN in names, managed
     versions = cli.call("ListManagedMicrovmImageVersions", "--image-identifier", BASE_ARN)["items"]
-    assert versions and all(v["status"] in ("AVAILABLE", "DEPRECATED", "RECALLED") for v in versions), versions
+    # awscli 1.46.3 carries its own older copy of the model, whose
+    # ManagedMicrovmImageVersion has no `status` or `supportedCpuConfigurations`
+    # (and whose Architecture enum is ARM_64 alone): the CLI drops members its
+    # model lacks, so only the others show (test_api.py checks them with boto3).
+    assert versions[0]["imageArn"] == BASE_ARN and versions[0]["imageVersion"] == "1.0", versions
+    assert isinstance(versions[0]["createdAt"], (int, float)), versions
 
 
 def test_image_built_from_an_s3_cp_artifact(cli, image):
@@ -208,9 +213,9 @@ def test_image_built_from_an_s3_cp_artifact(cli, image):
     listed = cli.call("ListMicrovmImages")["items"]
     assert [i["name"] for i in listed] == [IMAGE], listed
     versions = cli.call("ListMicrovmImageVersions", "--image-identifier", IMAGE)["items"]
-    assert [(v["imageVersion"], v["state"]) for v in versions] == [("1.0", "CREATED")], versions
+    assert [(v["imageVersion"], v["state"]) for v in versions] == [("1.0", "SUCCESSFUL")], versions
     version = cli.call("GetMicrovmImageVersion", "--image-identifier", IMAGE, "--image-version", "1.0")
-    assert version["status"] == "ACTIVE" and version["state"] == "CREATED", version
+    assert version["status"] == "ACTIVE" and version["state"] == "SUCCESSFUL", version
     builds = cli.call("ListMicrovmImageBuilds", "--image-identifier", IMAGE, "--image-version", "1.0")["items"]
     assert len(builds) == 1, builds
     build = cli.call("GetMicrovmImageBuild", "--image-identifier", IMAGE, "--image-version", "1.0",
@@ -274,8 +279,9 @@ def test_update_deactivate_and_delete(cli, image, tmp_path):
     inactive = cli.call("UpdateMicrovmImageVersion", "--image-identifier", IMAGE, "--image-version", "1.0",
                         "--status", "INACTIVE")
     assert inactive["imageVersion"] == "1.0" and inactive["status"] == "INACTIVE", inactive
+    # awscli 1.x exits 255 on a service error (2.x says 254).
     refused = cli.call("RunMicrovm", "--image-identifier", IMAGE, "--image-version", "1.0", check=False)
-    assert refused.returncode == 254 and "ResourceNotFoundException" in refused.stderr, refused.stderr
+    assert refused.returncode == 255 and "ResourceNotFoundException" in refused.stderr, refused.stderr
 
     deleted = cli.call("DeleteMicrovmImageVersion", "--image-identifier", IMAGE, "--image-version", "1.0")
     assert deleted["imageVersion"] == "1.0", deleted
@@ -285,7 +291,7 @@ def test_update_deactivate_and_delete(cli, image, tmp_path):
     gone = cli.call("DeleteMicrovmImage", "--image-identifier", IMAGE)
     assert gone["imageIdentifier"] in (IMAGE, image["imageArn"]), gone
     missing = cli.call("GetMicrovmImage", "--image-identifier", IMAGE, check=False)
-    assert missing.returncode == 254 and "ResourceNotFoundException" in missing.stderr, missing.stderr
+    assert missing.returncode == 255 and "ResourceNotFoundException" in missing.stderr, missing.stderr
 
 
 def test_every_operation_was_called():

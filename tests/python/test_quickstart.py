@@ -39,7 +39,8 @@ def test_quickstart_runs_the_main_job_and_stops_cleanly():
            for n in (1, 2)]
     assert ids[0] != ids[1]
     for n, microvm_id in enumerate(ids, 1):
-        step(rf"microVM {n} answered through its endpoint: microvmId={microvm_id} payload=visitor-{n} hits=1$")
+        step(rf"microVM {n} answered through its endpoint \(hearth \w+ \+ curl\): "
+             rf"microvmId={microvm_id} payload=visitor-{n} hits=1$")
     step(r"microVM 1 suspended ")
     step(rf"microVM 1 woke for a request in \d+ ms and answered: microvmId={ids[0]} payload=visitor-1 hits=2 ")
     step(r"summary: ")
