@@ -13,7 +13,7 @@ use serde_json::{json, Map, Value};
 
 use crate::connect::{report, ConnectArgs};
 use crate::image_build::{self, BuildArgs, LogsArgs};
-use crate::progress::progress;
+use crate::progress::Spinner;
 use crate::shell;
 
 const POLL_INTERVAL: Duration = Duration::from_millis(500);
@@ -435,7 +435,7 @@ async fn change(args: ChangeArgs, operation: &str, target: &str) -> Result<()> {
 /// up terminated instead, and after `--wait-timeout`.
 async fn wait_for(client: &Client, id: &str, target: &str, wait: &WaitArgs) -> Result<Value> {
     let deadline = Instant::now() + Duration::from_secs(wait.wait_timeout);
-    let mut shown = String::new();
+    let spinner = Spinner::start(format!("waiting for {id} to be {target}"));
     loop {
         let vm = match client
             .call("GetMicrovm", json!({ "microvmIdentifier": id }))
@@ -468,10 +468,7 @@ async fn wait_for(client: &Client, id: &str, target: &str, wait: &WaitArgs) -> R
                 wait.wait_timeout
             );
         }
-        if state != shown {
-            progress(&format!("waiting for {id} to be {target} (state {state})"));
-            shown = state.to_string();
-        }
+        spinner.set_message(format!("waiting for {id} to be {target} (state {state})"));
         tokio::time::sleep(POLL_INTERVAL).await;
     }
 }

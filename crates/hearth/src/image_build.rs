@@ -12,6 +12,7 @@ use hearth_client::{Client, ClientError};
 use serde_json::{json, Value};
 
 use crate::connect::ConnectArgs;
+use crate::progress::Spinner;
 
 const POLL: Duration = Duration::from_millis(500);
 /// Largest context `image build` zips (the server's artifact limit is 1 GiB).
@@ -45,6 +46,9 @@ pub struct BuildArgs {
     /// Runtime hooks to enable, comma-separated: run, resume, suspend, terminate.
     #[arg(long, value_delimiter = ',')]
     microvm_hooks: Vec<String>,
+    /// Timeout of each runtime hook, seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=60))]
+    hook_timeout: u32,
     /// The app's environment, KEY=VALUE (repeatable).
     #[arg(long = "env", value_name = "KEY=VALUE")]
     env: Vec<String>,
@@ -156,8 +160,10 @@ pub async fn build(args: BuildArgs) -> Result<()> {
         "uploading the context ({} bytes) to s3://{bucket}/{key}",
         zipped.len()
     );
+    let spinner = Spinner::start(format!("uploading {} bytes", zipped.len()));
     client.s3_create_bucket(&bucket).await?;
     client.s3_put_object(&bucket, &key, zipped).await?;
+    drop(spinner);
 
     let region = client.config().region().to_string();
     let mut input = json!({
@@ -179,7 +185,7 @@ pub async fn build(args: BuildArgs) -> Result<()> {
             let mut runtime = json!({});
             for name in &args.microvm_hooks {
                 runtime[name.as_str()] = json!("ENABLED");
-                runtime[format!("{name}TimeoutInSeconds")] = json!(5);
+                runtime[format!("{name}TimeoutInSeconds")] = json!(args.hook_timeout);
             }
             hooks["microvmHooks"] = runtime;
         }

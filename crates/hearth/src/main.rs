@@ -17,6 +17,7 @@ mod bench_endpoint;
 mod client_cli;
 mod connect;
 mod cp_cli;
+mod endpoint_cli;
 mod exec_cli;
 mod guest_cli;
 mod image_build;
@@ -55,6 +56,10 @@ enum Command {
     Image(operator::ImageCommand),
     /// An interactive root shell in a microVM through its endpoint (needs SHELL_INGRESS).
     Shell(shell::ShellArgs),
+    /// Mint an endpoint token for one port of a microVM (CreateMicrovmAuthToken).
+    Token(endpoint_cli::TokenArgs),
+    /// Print a URL for a microVM's endpoint and how to send its token.
+    Open(endpoint_cli::OpenArgs),
     /// run, ls, get, suspend, resume, terminate, configure: through the API.
     #[command(flatten)]
     Client(client_cli::ClientCommand),
@@ -344,6 +349,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Bench(BenchCommand::Endpoint(args)) => bench_endpoint::endpoint(args).await,
         Command::Bench(BenchCommand::Build(args)) => bench_build::build(args).await,
         Command::Shell(args) => Ok(shell::main(args).await),
+        Command::Token(args) => Ok(endpoint_cli::token(args).await),
+        Command::Open(args) => Ok(endpoint_cli::open(args).await),
         Command::Serve(args) => {
             let mut config =
                 hearth_server::ServerConfig::new(data_dir(args.data_dir), args.listen, args.region);

@@ -195,6 +195,43 @@ fn missing_credentials_are_explained() {
 }
 
 #[test]
+fn token_and_open_need_a_microvm_of_the_caller_and_a_valid_lifetime() {
+    let sandbox = Sandbox::new();
+    let server = sandbox.serve();
+    let (key_id, secret) = sandbox.account();
+    let run = |args: &[&str]| {
+        sandbox
+            .hearth(args)
+            .env("HEARTH_ENDPOINT_URL", &server.endpoint)
+            .env("AWS_ACCESS_KEY_ID", &key_id)
+            .env("AWS_SECRET_ACCESS_KEY", &secret)
+            .output()
+            .expect("run")
+    };
+    for args in [
+        &["token", "microvm-nope", "--port", "8080"][..],
+        &["token", "microvm-nope", "--port", "8080", "--json"][..],
+        &["open", "microvm-nope"][..],
+    ] {
+        let out = run(args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.starts_with("error: "), "{stderr}");
+        assert!(stderr.contains("ResourceNotFoundException"), "{stderr}");
+        assert!(out.stdout.is_empty(), "{args:?}: {out:?}");
+    }
+    // Over the reference's 60 minutes, port 0 or no port: refused before any request.
+    for args in [
+        &["token", "microvm-nope", "--port", "8080", "--expires", "61"][..],
+        &["token", "microvm-nope", "--port", "0"][..],
+        &["token", "microvm-nope"][..],
+    ] {
+        let out = run(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+    }
+}
+
+#[test]
 fn api_errors_exit_1_with_an_error_line() {
     let sandbox = Sandbox::new();
     let server = sandbox.serve();
