@@ -1391,14 +1391,20 @@ mod boot_failure_tests {
     /// A stand-in for a booting QEMU: a process whose command line carries the
     /// instance id, as `process_alive` looks for.
     fn fake_qemu(instance: &str, seconds: &str) -> std::process::Child {
-        std::process::Command::new("sh")
+        let child = std::process::Command::new("sh")
             .args([
                 "-c",
-                &format!("sleep {seconds}"),
+                &format!("sleep {seconds}; true"),
                 &format!("hearth-{instance}"),
             ])
             .spawn()
-            .expect("spawn sh")
+            .expect("spawn sh");
+        // Until the child has exec'd sh, its command line is still this test's.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !process_alive(child.id(), instance) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        child
     }
 
     fn record(dir: &Path, instance: &str, pid: u32) -> VmRecord {
