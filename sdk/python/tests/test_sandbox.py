@@ -19,6 +19,7 @@ print("app started", flush=True)
 class App(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         COUNT[0] += 1
+        print(f"GET {self.path}", flush=True)
         body = json.dumps({"greeting": os.environ.get("GREETING"), "pid": os.getpid(), "count": COUNT[0],
                            "path": self.path}).encode()
         self.send_response(200)
@@ -193,6 +194,23 @@ def test_http_reaches_the_app(sandbox):
     host = sandbox.endpoint
     refused = requests.get(f"http://127.0.0.1:{host.rsplit(':', 1)[1]}/", headers={"Host": host}, timeout=30)
     assert refused.status_code == 403
+
+
+def test_logs_hold_what_the_app_printed_after_the_launch(sandbox):
+    """sandbox.logs() through the real logs route: the app's line for a
+    request made now, on stdout; its start-up line (printed before the image's
+    snapshot, so the build's) is not this sandbox's."""
+    assert sandbox.http().get("/logged-by-the-app").status_code == 200
+    deadline = time.monotonic() + 30
+    events = []
+    while time.monotonic() < deadline:
+        events = sandbox.logs()
+        if any(e.message == "GET /logged-by-the-app" for e in events):
+            break
+        time.sleep(0.5)
+    lines = [(e.stream, e.message) for e in events]
+    assert ("stdout", "GET /logged-by-the-app") in lines, lines
+    assert ("stdout", "app started") not in lines, lines
 
 
 def test_suspend_resume_keeps_state_and_connect(sandbox):

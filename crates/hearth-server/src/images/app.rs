@@ -23,6 +23,12 @@ use hearth_proto::{APP_STDERR_PIPE, APP_STDOUT_PIPE};
 const BUILD_LOG_APP_LINES: usize = 200;
 /// How long a process must stay up before a hook-less build snapshots it.
 const SETTLE: Duration = Duration::from_millis(1500);
+/// After SETTLE, a hook-less app is snapshotted once it used at most
+/// IDLE_TICKS clock ticks (1/100 s) of CPU in an IDLE_WINDOW, or at
+/// SETTLE_LIMIT whatever it does (a busy app is snapshotted busy).
+const IDLE_WINDOW: Duration = Duration::from_millis(1000);
+const IDLE_TICKS: u64 = 2;
+const SETTLE_LIMIT: Duration = Duration::from_secs(60);
 
 /// How to start an image's app.
 #[derive(Debug, Clone)]
@@ -249,6 +255,31 @@ async fn app_alive(agent: &AgentClient, pid: u32) -> bool {
         .is_ok_and(|o| o.status.code == Some(0))
 }
 
+/// The CPU time (user + system, in clock ticks) the app's process has used,
+/// or None when it is gone.
+async fn app_cpu_ticks(agent: &AgentClient, pid: u32) -> Option<u64> {
+    let out = agent
+        .exec_output(ExecRequest {
+            argv: vec!["/bin/cat".into(), format!("/proc/{pid}/stat")],
+            timeout_ms: Some(10_000),
+            ..Default::default()
+        })
+        .await
+        .ok()
+        .filter(|o| o.status.code == Some(0))?;
+    stat_cpu_ticks(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// utime + stime (fields 14 and 15 of `/proc/PID/stat`), read after the
+/// parenthesised command name, which may hold spaces.
+fn stat_cpu_ticks(stat: &str) -> Option<u64> {
+    let (_, rest) = stat.rsplit_once(") ")?;
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
 /// The end of what the app printed (both streams, in order).
 async fn app_log(agent: &AgentClient) -> String {
     match app_output(agent).await {
@@ -293,10 +324,25 @@ async fn wait_ready(
     let Some(port) = app.hooks_port else {
         progress("waiting for the app to settle");
         tokio::time::sleep(SETTLE).await;
-        if !app_alive(agent, pid).await {
-            return Err(exited(app_log(agent).await));
+        // Up for SETTLE, then idle: an app still importing or warming up
+        // (Python takes seconds under TCG) keeps using CPU; one that has
+        // finished waits in poll/accept. Snapshotting earlier would launch
+        // every microVM with an app that is not listening yet.
+        let deadline = Instant::now() + SETTLE_LIMIT;
+        let mut before = app_cpu_ticks(agent, pid).await;
+        loop {
+            let Some(ticks) = before else {
+                return Err(exited(app_log(agent).await));
+            };
+            tokio::time::sleep(IDLE_WINDOW).await;
+            let after = app_cpu_ticks(agent, pid).await;
+            if after.is_some_and(|now| now.saturating_sub(ticks) <= IDLE_TICKS)
+                || (after.is_some() && Instant::now() >= deadline)
+            {
+                return Ok(());
+            }
+            before = after;
         }
-        return Ok(());
     };
     progress(&format!("waiting for the ready hook on port {port}"));
     let deadline = Instant::now() + app.ready_timeout;
@@ -328,5 +374,19 @@ async fn wait_ready(
             }
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_ticks_come_from_fields_14_and_15() {
+        let stat =
+            "87 (python3 a) b) S 1 87 87 0 -1 4194560 2979 0 0 0 143 21 0 0 20 0 1 0 520 0 0";
+        assert_eq!(stat_cpu_ticks(stat), Some(164));
+        assert_eq!(stat_cpu_ticks("garbage"), None);
+        assert_eq!(stat_cpu_ticks("1 (x) S 1"), None);
     }
 }
