@@ -148,8 +148,9 @@ pub async fn start(config: ServerConfig) -> Result<Arc<AppState>, ServerError> {
     check_socket_room(&assets)?;
     hearth_vm::disk::create_private_dir_all(&assets.vms_dir())
         .map_err(|e| ServerError::DataDir(assets.vms_dir(), std::io::Error::other(e)))?;
-    let driver = hearth_vm::QemuDriver::new(assets.clone()).map_err(ServerError::Vm)?;
-    images::import::reap_interrupted_builds(&store, &driver, &config.data_dir).await?;
+    let driver: Arc<dyn hearth_vm::Driver> =
+        Arc::new(hearth_vm::QemuDriver::new(assets.clone()).map_err(ServerError::Vm)?);
+    images::import::reap_interrupted_builds(&store, driver.as_ref(), &config.data_dir).await?;
     let (s3, artifacts) = api::s3::build(&config, &store).map_err(ServerError::Artifacts)?;
     let builds = Arc::new(
         images::build::Builds::new(

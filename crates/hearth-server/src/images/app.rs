@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use hearth_api::{BuildErrorCode, BuildFailure, BuildHook};
 use hearth_proto::ExecRequest;
 use hearth_vm::agent::AgentClient;
-use hearth_vm::{BootRequest, ColdBoot, Driver, MachineShape, QemuDriver};
+use hearth_vm::{BootRequest, ColdBoot, Driver, MachineShape};
 use serde_json::{json, Value};
 
 use hearth_vm::error_chain;
@@ -68,7 +68,7 @@ pub fn aws_env(
 /// either way.
 #[allow(clippy::too_many_arguments)]
 pub async fn snapshot_ready_app(
-    driver: &QemuDriver,
+    driver: &dyn Driver,
     vm_name: &str,
     shape: MachineShape,
     disk: &ColdBoot,

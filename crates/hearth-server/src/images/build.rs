@@ -26,7 +26,7 @@ use hearth_builder::archive;
 use hearth_builder::oci::BaseError;
 use hearth_builder::run::{Base, BaseResolver, BuildLog, BuildRequest, Builder, Disk};
 use hearth_vm::disk::BackingFormat;
-use hearth_vm::{error_chain, Assets, ColdBoot, Driver, MachineShape, QemuDriver};
+use hearth_vm::{error_chain, Assets, ColdBoot, Driver, MachineShape};
 use serde_json::Value;
 use tokio::sync::Semaphore;
 
@@ -160,7 +160,7 @@ pub enum BuildsError {
 impl Builds {
     pub fn new(
         store: Store,
-        driver: QemuDriver,
+        driver: Arc<dyn Driver>,
         assets: Assets,
         data_dir: &Path,
         artifacts: Arc<dyn ArtifactFetch>,

@@ -15,7 +15,7 @@ use std::time::Duration;
 use hearth_api::{BuildErrorCode, BuildFailure};
 use hearth_vm::disk::BackingFormat;
 use hearth_vm::error_chain;
-use hearth_vm::{ColdBoot, Driver, MachineShape, QemuDriver, VmError};
+use hearth_vm::{ColdBoot, Driver, MachineShape, VmError};
 use serde_json::Value;
 use tokio::process::Command;
 
@@ -93,7 +93,7 @@ fn valid_image_name(name: &str) -> bool {
 pub async fn import_image(
     data_dir: &Path,
     store: &Store,
-    driver: &QemuDriver,
+    driver: &dyn Driver,
     quotas: &Quotas,
     request: &ImportRequest,
     progress: &(dyn Fn(&str) + Sync),
@@ -199,7 +199,7 @@ pub async fn import_image(
 
 /// Runs the build steps.
 async fn build(
-    driver: &QemuDriver,
+    driver: &dyn Driver,
     request: &ImportRequest,
     build_id: &str,
     version: u32,
@@ -317,7 +317,7 @@ async fn make_root_disk(source: &Path, out: &Path, work: &Path) -> Result<u64, B
 /// Marks builds whose process died as FAILED and removes their build VMs.
 pub async fn reap_interrupted_builds(
     store: &Store,
-    driver: &QemuDriver,
+    driver: &dyn Driver,
     data_dir: &Path,
 ) -> Result<(), StoreError> {
     for build in store.unfinished_builds()? {

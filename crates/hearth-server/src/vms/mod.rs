@@ -3,3 +3,6 @@
 pub mod engine;
 pub mod hooks;
 pub mod reconcile;
+
+#[cfg(test)]
+mod tests;
