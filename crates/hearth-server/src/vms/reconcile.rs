@@ -147,7 +147,8 @@ mod tests {
     use super::*;
     use MicrovmState::*;
 
-    /// Every (recorded state, process alive, suspend state saved) case.
+    /// Every (recorded state, process alive, suspend state saved) case, the
+    /// table checked to name each combination exactly once.
     #[test]
     fn reconcile_decisions() {
         let table = [
@@ -174,7 +175,24 @@ mod tests {
             (Terminating, true, true, None),
             (Terminating, false, true, None),
             (Terminating, false, false, None),
+            // Not a live record (reconcile never reads one): never revived.
+            (Terminated, true, false, None),
+            (Terminated, true, true, None),
+            (Terminated, false, true, None),
+            (Terminated, false, false, None),
         ];
+        let mut cases: Vec<(MicrovmState, bool, bool)> = table
+            .iter()
+            .map(|&(state, r, s, _)| (state, r, s))
+            .collect();
+        cases.sort_by_key(|&(state, r, s)| (state.as_str(), r, s));
+        cases.dedup();
+        assert_eq!(cases.len(), table.len(), "a case is listed twice");
+        assert_eq!(
+            cases.len(),
+            MicrovmState::ALL.len() * 4,
+            "every state with every (running, suspended)"
+        );
         for (recorded, running, suspended, target) in table {
             assert_eq!(
                 target_state(recorded, running, suspended),
