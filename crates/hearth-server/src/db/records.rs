@@ -1362,7 +1362,7 @@ mod tests {
             .into_iter()
             .enumerate()
             .map(|(n, store)| {
-                let (account, quotas) = (account.clone(), quotas.clone());
+                let account = account.clone();
                 std::thread::spawn(move || {
                     let row = numbered(&account, n as u32, 512);
                     matches!(store.insert_microvm(&row, None, "", &quotas), Ok(Ok(None)))

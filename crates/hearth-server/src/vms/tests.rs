@@ -21,6 +21,9 @@ use crate::db::spec::{HookState, Hooks, IdlePolicy, MicrovmHooks, MicrovmSpec};
 use crate::db::store::{test_clock, unix_now_ms, Store};
 use crate::vms::engine::{ConnectError, Engine};
 
+/// Each VM action and the row's state when it started.
+type ActionLog = Arc<Mutex<Vec<(Op, Option<MicrovmState>)>>>;
+
 struct Fixture {
     dir: tempfile::TempDir,
     store: Store,
@@ -96,7 +99,7 @@ impl Fixture {
     }
 
     /// The row's state as each VM action started (what was persisted first).
-    fn watch_order(&self) -> Arc<Mutex<Vec<(Op, Option<MicrovmState>)>>> {
+    fn watch_order(&self) -> ActionLog {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let (store, log) = (self.store.clone(), seen.clone());
         self.fake.observe(Arc::new(move |call| {
