@@ -1268,16 +1268,19 @@ mod boot_failure_tests {
     use super::*;
 
     /// A stand-in for a booting QEMU: a process whose command line carries the
-    /// instance id, as `process_alive` looks for.
+    /// instance id, as `process_alive` looks for, returned once it does (a
+    /// process caught mid-exec shows no command line yet, and the guard
+    /// leaves alone what it cannot identify).
     fn fake_qemu(instance: &str, seconds: &str) -> std::process::Child {
-        std::process::Command::new("sh")
-            .args([
-                "-c",
-                &format!("sleep {seconds}"),
-                &format!("hearth-{instance}"),
-            ])
+        let child = std::process::Command::new("bash")
+            .args(["-c", &format!("exec -a hearth-{instance} sleep {seconds}")])
             .spawn()
-            .expect("spawn sh")
+            .expect("spawn bash");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !process_alive(child.id(), instance) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        child
     }
 
     fn record(dir: &Path, instance: &str, pid: u32) -> VmRecord {
