@@ -91,7 +91,7 @@ async fn import_run_suspend_resume_terminate() {
     .await
     .expect("import");
     assert_eq!(imported.version, 1);
-    assert!(imported.snapshot_build["memorySnapshotSizeInBytes"].as_u64() > Some(0));
+    assert!(imported.snapshot_build.memory_snapshot_size_in_bytes > 0);
 
     let image = call(
         &state,

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use rusqlite::{params, OptionalExtension, Row, Transaction};
 use serde::de::DeserializeOwned;
-use serde_json::Value;
+use serde::{Deserialize, Serialize};
 
 use crate::config::Quotas;
 use crate::db::resources::{BuildState, ImageState, MicrovmState, VersionState, VersionStatus};
@@ -53,8 +53,18 @@ pub struct BuildRow {
     pub chipset: String,
     pub chipset_generation: String,
     pub state_reason: Option<String>,
-    pub snapshot_build: Option<Value>,
+    pub snapshot_build: Option<SnapshotSizes>,
     pub created_at: i64,
+}
+
+/// What a successful build's snapshot takes on disk: `snapshotBuild` on the
+/// wire, stored as that JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotSizes {
+    pub memory_snapshot_size_in_bytes: u64,
+    pub disk_snapshot_size_in_bytes: u64,
+    pub code_install_size_in_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -572,7 +582,7 @@ impl Store {
         &self,
         account: &str,
         build_id: &str,
-        outcome: Result<(PathBuf, Value), hearth_api::BuildFailure>,
+        outcome: Result<(PathBuf, SnapshotSizes), hearth_api::BuildFailure>,
     ) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
@@ -592,7 +602,7 @@ impl Store {
             Ok((snapshot_dir, sizes)) => {
                 tx.execute(
                     "UPDATE builds SET state = 'SUCCESSFUL', snapshot_build = ?2 WHERE build_id = ?1",
-                    params![build_id, sizes.to_string()],
+                    params![build_id, spec_text(&sizes)?],
                 )?;
                 tx.execute(
                     "UPDATE image_versions SET state = 'SUCCESSFUL', snapshot_dir = ?4, updated_at = ?5
@@ -1613,5 +1623,18 @@ mod tests {
                 .collect::<Vec<_>>(),
             vec!["microvm-004", "microvm-006"]
         );
+    }
+
+    #[test]
+    fn snapshot_sizes_are_stored_as_the_wire_writes_them() {
+        const STORED: &str = r#"{"memorySnapshotSizeInBytes":1,"diskSnapshotSizeInBytes":2,"codeInstallSizeInBytes":3}"#;
+        let sizes = SnapshotSizes {
+            memory_snapshot_size_in_bytes: 1,
+            disk_snapshot_size_in_bytes: 2,
+            code_install_size_in_bytes: 3,
+        };
+        assert_eq!(spec_text(&sizes).expect("encode"), STORED);
+        let read: SnapshotSizes = serde_json::from_str(STORED).expect("decode");
+        assert_eq!(read, sizes);
     }
 }
