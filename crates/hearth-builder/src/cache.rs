@@ -5,7 +5,7 @@
 //! those inputs (the digest of the files a COPY selects, the environment a RUN
 //! sees); [`crate::plan`] says which, in the encoding of [`KeyInput`]. A
 //! step that changes the filesystem ends with the build VM's disk overlay
-//! frozen (see `hearth_vm::QemuDriver::checkpoint_disk`): that qcow2 file is
+//! frozen (see `hearth_vm::Driver::checkpoint_disk`): that qcow2 file is
 //! the step's layer, and `<key>.done` names it. A later build whose key
 //! matches boots from the layer instead of running the steps again.
 //!

@@ -23,8 +23,7 @@ use hearth_proto::{ExecRequest, WriteFileRequest};
 use hearth_vm::agent::AgentClient;
 use hearth_vm::disk::{BackingFormat, DiskError};
 use hearth_vm::{
-    error_chain, AgentError, BootRequest, ColdBoot, Driver, MachineShape, QemuDriver, VmError,
-    VmRecord,
+    error_chain, AgentError, BootRequest, ColdBoot, Driver, MachineShape, VmError, VmRecord,
 };
 use tokio::io::AsyncWrite;
 
@@ -272,7 +271,7 @@ pub struct Built {
 /// Runs builds with one VM driver and one step cache.
 #[derive(Debug, Clone)]
 pub struct Builder {
-    driver: QemuDriver,
+    driver: Arc<dyn Driver>,
     cache: LayerCache,
     scratch_dir: PathBuf,
 }
@@ -286,7 +285,7 @@ struct StageResult {
 }
 
 impl Builder {
-    pub fn new(driver: QemuDriver, cache_dir: &Path) -> Result<Builder, BuildError> {
+    pub fn new(driver: Arc<dyn Driver>, cache_dir: &Path) -> Result<Builder, BuildError> {
         let cache = LayerCache::open(cache_dir)?;
         Ok(Builder {
             driver,
@@ -295,8 +294,8 @@ impl Builder {
         })
     }
 
-    pub fn driver(&self) -> &QemuDriver {
-        &self.driver
+    pub fn driver(&self) -> &dyn Driver {
+        self.driver.as_ref()
     }
 
     pub fn cache(&self) -> &LayerCache {

@@ -105,7 +105,11 @@ async fn sh(agent: &hearth_vm::AgentClient, script: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dockerfile_builds_boots_and_caches() {
     let (state, assets, driver) = common::driver("hbl");
-    let builder = Builder::new(driver.clone(), &state.path().join("cache")).expect("builder");
+    let builder = Builder::new(
+        std::sync::Arc::new(driver.clone()),
+        &state.path().join("cache"),
+    )
+    .expect("builder");
     let ctx = state.path().join("ctx");
     context(&ctx);
     let request = BuildRequest {

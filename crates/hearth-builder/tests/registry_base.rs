@@ -63,7 +63,11 @@ async fn from_a_registry_image() {
     );
 
     let (state, _assets, driver) = common::driver("hbo");
-    let builder = Builder::new(driver.clone(), &state.path().join("cache")).expect("builder");
+    let builder = Builder::new(
+        std::sync::Arc::new(driver.clone()),
+        &state.path().join("cache"),
+    )
+    .expect("builder");
     let ctx = state.path().join("ctx");
     std::fs::create_dir_all(&ctx).expect("mkdir");
     let dockerfile = format!(

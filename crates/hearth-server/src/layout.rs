@@ -73,6 +73,16 @@ pub fn app_logs_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("logs")
 }
 
+/// A build's fetched code artifact (removed when the build ends).
+pub fn build_artifact(data_dir: &Path, build_id: &str) -> PathBuf {
+    build_dir(data_dir, build_id).join("artifact.zip")
+}
+
+/// A build's extracted build context (removed when the build ends).
+pub fn build_context(data_dir: &Path, build_id: &str) -> PathBuf {
+    build_dir(data_dir, build_id).join("context")
+}
+
 /// Where a version's files live (builds and imports alike).
 pub fn version_dir(data_dir: &Path, account: &str, image: &str, version: u32) -> PathBuf {
     data_dir

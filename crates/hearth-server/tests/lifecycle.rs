@@ -80,11 +80,10 @@ async fn import_run_suspend_resume_terminate() {
         environment: vec![("GREETING".into(), "hello".into())],
         description: Some("test app".into()),
     };
-    let driver = state.engine.driver().clone();
     let imported = hearth_server::images::import::import_image(
         &data,
         &state.store,
-        &driver,
+        state.engine.driver(),
         &state.config.quotas,
         &request,
         &|step: &str| eprintln!("import: {step}"),
@@ -92,7 +91,7 @@ async fn import_run_suspend_resume_terminate() {
     .await
     .expect("import");
     assert_eq!(imported.version, 1);
-    assert!(imported.snapshot_build["memorySnapshotSizeInBytes"].as_u64() > Some(0));
+    assert!(imported.snapshot_build.memory_snapshot_size_in_bytes > 0);
 
     let image = call(
         &state,

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::accel::{Accel, AccelError};
-use crate::agent::AgentError;
+use crate::agent::{AgentClient, AgentError};
 use crate::assets::AssetError;
 use crate::disk::{self, DiskError};
 use crate::pins::UntestedHost;
@@ -90,16 +90,76 @@ pub struct ColdBoot {
     pub disk_size: Option<u64>,
 }
 
-/// A VMM that can run hearth guests. Implementations persist each VM's
-/// [`VmRecord`] before acting, so another process can pick the VM up.
-#[allow(async_fn_in_trait)]
-pub trait Driver {
+/// A VMM process found on the host (see [`Driver::processes`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmProcess {
+    pub pid: u32,
+    /// The name of the VM directory it runs from.
+    pub vm: String,
+    /// Its shared RAM file, when it has one in the driver's RAM directory.
+    pub ram: Option<PathBuf>,
+}
+
+/// A VMM that can run hearth guests: everything the server's engine, the app
+/// snapshot, imports and the image builder ask of VMs. Implementations persist
+/// each VM's [`VmRecord`] before acting, so another process can pick the VM up.
+///
+/// Object-safe (`Arc<dyn Driver>`): the server holds one driver for its whole
+/// life and tests swap in `testing::FakeDriver`.
+#[async_trait::async_trait]
+pub trait Driver: Send + Sync + std::fmt::Debug {
+    /// The accelerator its guests run under.
+    fn accel(&self) -> Accel;
+    /// Loads a VM's record by name.
+    fn load(&self, name: &str) -> Result<VmRecord, VmError>;
+    /// All VMs with a readable record, sorted by name.
+    fn list(&self) -> Result<Vec<VmRecord>, VmError>;
+    /// The name of every VM directory, readable record or not.
+    fn vm_names(&self) -> Vec<String>;
+    /// True when the VM's process is alive.
+    fn is_alive(&self, vm: &VmRecord) -> bool;
+    /// Every live VMM process that runs a VM of this driver's, found on the
+    /// host: processes outlive the process that started them, so after a
+    /// crash this is how strays are found.
+    fn processes(&self) -> Vec<VmProcess>;
+    /// Kills a process found by [`Self::processes`] and frees its memory.
+    fn kill_process(&self, process: &VmProcess);
+    /// Removes what is left of a VM whose record cannot be read.
+    fn discard(&self, name: &str) -> Result<(), VmError>;
+
     /// Boots a VM from a base image and waits until its agent answers.
     async fn boot(&self, request: &BootRequest) -> Result<VmRecord, VmError>;
+    /// Boots a VM as `boot` says (root disk, overlay, network) and waits until
+    /// its agent answers.
+    async fn boot_with(&self, request: &BootRequest, boot: &ColdBoot) -> Result<VmRecord, VmError>;
+    /// Connects to a running VM's agent.
+    async fn agent(&self, vm: &VmRecord) -> Result<AgentClient, VmError>;
+    /// Brings back a running VM whose controller died in the middle of an
+    /// operation (a paused guest, a half-written suspend state); the caller
+    /// then checks the agent.
+    async fn recover(&self, vm: &VmRecord) -> Result<(), VmError>;
     /// Pauses the VM, writes a snapshot into `out`, and lets the VM run on.
     async fn snapshot(&self, vm: &VmRecord, out: &Path) -> Result<Snapshot, VmError>;
+    /// Freezes the VM's disk overlay: later writes go to `new_overlay`, so the
+    /// old overlay keeps the disk as it is now (the guest synced first).
+    /// Returns the frozen file.
+    async fn checkpoint_disk(
+        &self,
+        vm: &mut VmRecord,
+        new_overlay: &Path,
+    ) -> Result<PathBuf, VmError>;
+    /// Starts a new VM from a snapshot and returns it with its agent connected.
+    async fn launch_with_agent(
+        &self,
+        snapshot: &Snapshot,
+        name: &str,
+    ) -> Result<(VmRecord, AgentClient), VmError>;
     /// Starts a new VM from a snapshot and waits until its agent answers.
-    async fn launch(&self, snapshot: &Snapshot, name: &str) -> Result<VmRecord, VmError>;
+    async fn launch(&self, snapshot: &Snapshot, name: &str) -> Result<VmRecord, VmError> {
+        self.launch_with_agent(snapshot, name)
+            .await
+            .map(|(vm, _agent)| vm)
+    }
     /// Writes the VM's memory and state to its directory and ends its process.
     async fn suspend(&self, vm: &mut VmRecord) -> Result<(), VmError>;
     /// Restores a suspended VM and waits until its agent answers.

@@ -21,11 +21,13 @@ pub mod qemu;
 pub mod qmp;
 pub mod record;
 pub mod snapshot;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use accel::Accel;
 pub use agent::{AgentClient, AgentError, ExecOutput};
 pub use assets::{AssetError, Assets};
-pub use driver::{BootRequest, ColdBoot, Driver, VmError};
+pub use driver::{BootRequest, ColdBoot, Driver, VmError, VmProcess};
 pub use errors::error_chain;
 pub use qemu::QemuDriver;
 pub use record::{validate_name, MachineShape, Memory, Origin, VmRecord, VmState};

@@ -16,12 +16,15 @@ use crate::accel::{self, Accel};
 use crate::agent::{AgentClient, AgentError};
 use crate::assets::Assets;
 use crate::disk::{self, BackingFormat};
-use crate::driver::{BootRequest, ColdBoot, Driver, VmError};
+use crate::driver::{BootRequest, ColdBoot, Driver, VmError, VmProcess};
 use crate::errors::error_chain;
 use crate::pins::HostPins;
 use crate::qmp::{Qmp, QmpError};
 use crate::record::{validate_name, MachineShape, Memory, Origin, VmRecord, VmState};
 use crate::snapshot::{self, Manifest, Snapshot, SnapshotError};
+
+#[cfg(feature = "bench")]
+pub mod bench;
 
 /// How long a cold boot may take to reach the agent (TCG boots take seconds).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
@@ -45,7 +48,8 @@ enum Incoming<'a> {
     None,
     /// Wait for `migrate-incoming` over QMP.
     Defer,
-    /// Load from this migration URI at start.
+    /// Load from this migration URI at start (the naive restore in `bench`).
+    #[cfg_attr(not(feature = "bench"), allow(dead_code))]
     Uri(&'a str),
 }
 
@@ -76,16 +80,6 @@ fn boot_cmdline(accel: Accel, user_network: bool) -> String {
         }
     }
     cmdline
-}
-
-/// A QEMU process found on the host (see [`QemuDriver::processes`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct QemuProcess {
-    pub pid: u32,
-    /// The name of the VM directory it runs from.
-    pub vm: String,
-    /// Its shared RAM file, when it has one in the driver's RAM directory.
-    pub ram: Option<PathBuf>,
 }
 
 /// The QEMU implementation of [`Driver`].
@@ -131,49 +125,8 @@ impl QemuDriver {
         &self.assets
     }
 
-    pub fn accel(&self) -> Accel {
-        self.accel
-    }
-
     fn vm_dir(&self, name: &str) -> PathBuf {
         self.assets.vms_dir().join(name)
-    }
-
-    /// Loads a VM's record by name.
-    pub fn load(&self, name: &str) -> Result<VmRecord, VmError> {
-        if !validate_name(name) {
-            return Err(VmError::BadName(name.into()));
-        }
-        let path = self.vm_dir(name).join(RECORD_FILE);
-        let bytes = match std::fs::read(&path) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(VmError::NotFound(name.into()))
-            }
-            Err(e) => return Err(VmError::Io(path, e)),
-        };
-        serde_json::from_slice(&bytes).map_err(|e| VmError::BadRecord(path, e))
-    }
-
-    /// All VMs with a record, sorted by name.
-    pub fn list(&self) -> Result<Vec<VmRecord>, VmError> {
-        let dir = self.assets.vms_dir();
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(VmError::Io(dir, e)),
-        };
-        let mut vms = Vec::new();
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().to_string();
-            if validate_name(&name) {
-                if let Ok(vm) = self.load(&name) {
-                    vms.push(vm);
-                }
-            }
-        }
-        vms.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(vms)
     }
 
     /// Persists a record atomically.
@@ -182,128 +135,6 @@ impl QemuDriver {
             serde_json::to_vec_pretty(vm).map_err(|e| VmError::BadRecord(vm.dir.clone(), e))?;
         disk::write_atomic(&vm.dir.join(RECORD_FILE), &bytes)?;
         Ok(())
-    }
-
-    /// Connects to a running VM's agent.
-    pub async fn agent(&self, vm: &VmRecord) -> Result<AgentClient, VmError> {
-        if vm.state != VmState::Running {
-            return Err(VmError::BadState {
-                name: vm.name.clone(),
-                state: vm.state,
-                action: "reach its agent",
-            });
-        }
-        Ok(AgentClient::connect(&vm.agent_socket(), Duration::from_secs(10)).await?)
-    }
-
-    /// Brings back a running VM whose controller died in the middle of an
-    /// operation (e.g. a suspend: the guest paused, its state half written):
-    /// cancels a migration in flight, lets the guest run again and drops the
-    /// partial suspend state. The caller then checks the agent.
-    pub async fn recover(&self, vm: &VmRecord) -> Result<(), VmError> {
-        let mut qmp = Qmp::connect_with_retry(&vm.qmp_socket(), Duration::from_secs(5)).await?;
-        let _ = qmp
-            .execute::<serde_json::Value>("migrate_cancel", None)
-            .await;
-        // A cancelled migration takes a moment to leave the `cancelling` state.
-        for _ in 0..50 {
-            let status = qmp
-                .execute::<serde_json::Value>("query-migrate", None)
-                .await?;
-            let state = status["status"].as_str().unwrap_or("none");
-            if !matches!(
-                state,
-                "active" | "cancelling" | "setup" | "device" | "pre-switchover"
-            ) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        if !qmp.query_status().await?.running {
-            qmp.cont().await?;
-        }
-        let _ = std::fs::remove_file(vm.suspend_state());
-        Ok(())
-    }
-
-    /// Every live QEMU process that runs a VM of this driver's state directory,
-    /// as (pid, VM directory name), found by its command line: QEMU processes
-    /// outlive the process that started them, so after a crash this is how
-    /// strays are found.
-    pub fn processes(&self) -> Vec<QemuProcess> {
-        // Only what hearth itself started counts: a process of this user whose
-        // command line names `-name hearth-<instance>` and a VM directory whose
-        // record holds that same instance. Anything else that merely looks like
-        // QEMU (any local user can name a process so) is ignored: reconcile kills
-        // what this returns and deletes its RAM file.
-        let vms = canonical_or_self(&self.assets.vms_dir());
-        let ram_dir = canonical_or_self(&self.assets.ram_dir);
-        let own_uid = rustix::process::getuid().as_raw();
-        let Ok(entries) = std::fs::read_dir("/proc") else {
-            return Vec::new();
-        };
-        let mut found = Vec::new();
-        for entry in entries.flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            use std::os::unix::fs::MetadataExt;
-            if !entry.metadata().is_ok_and(|m| m.uid() == own_uid) {
-                continue;
-            }
-            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-                continue;
-            };
-            let args: Vec<String> = cmdline
-                .split(|b| *b == 0)
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-                .collect();
-            let Some(claim) = QemuClaim::parse(&args, &vms, &ram_dir) else {
-                continue;
-            };
-            let record = std::fs::read(vms.join(&claim.vm).join(RECORD_FILE))
-                .ok()
-                .and_then(|bytes| serde_json::from_slice::<VmRecord>(&bytes).ok());
-            if record.is_none_or(|r| r.instance != claim.instance) {
-                continue;
-            }
-            found.push(QemuProcess {
-                pid,
-                vm: claim.vm,
-                ram: claim.ram,
-            });
-        }
-        found
-    }
-
-    /// Kills a process found by [`Self::processes`] and removes its RAM file.
-    pub fn kill_process(process: &QemuProcess) {
-        if let Ok(pid) = i32::try_from(process.pid) {
-            // SAFETY: kill(2) has no memory effects; a stale pid at worst
-            // fails with ESRCH.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-            }
-        }
-        // `processes` only reports a RAM file named for the instance directly in
-        // the RAM directory; a symlink there is never followed.
-        if let Some(ram) = &process.ram {
-            if ram
-                .symlink_metadata()
-                .is_ok_and(|m| m.file_type().is_file())
-            {
-                let _ = std::fs::remove_file(ram);
-            }
-        }
-    }
-
-    /// True when the VM's QEMU process is alive.
-    pub fn is_alive(vm: &VmRecord) -> bool {
-        vm.pid.is_some_and(|pid| process_alive(pid, &vm.instance))
     }
 
     /// Creates a fresh VM directory, refusing an existing name.
@@ -629,7 +460,7 @@ impl QemuDriver {
     /// Turns a QMP failure into `QemuDied` with QEMU's log when the process is gone.
     fn qemu_failure(&self, vm: &VmRecord, err: QmpError) -> VmError {
         std::thread::sleep(Duration::from_millis(20));
-        if !Self::is_alive(vm) {
+        if !vm_alive(vm) {
             VmError::QemuDied {
                 log: read_tail(&vm.qemu_log()),
             }
@@ -655,12 +486,183 @@ impl QemuDriver {
         self.boot_with(request, &boot).await
     }
 
+    /// Ends the VM's QEMU process: `quit` over QMP, SIGKILL if that fails.
+    pub(crate) async fn stop_process(&self, vm: &VmRecord) {
+        let Some(pid) = vm.pid else { return };
+        if !process_alive(pid, &vm.instance) {
+            return;
+        }
+        let quit = async {
+            let mut qmp = Qmp::connect(&vm.qmp_socket()).await?;
+            qmp.quit().await
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(3), quit).await;
+        if !wait_gone(pid, &vm.instance, Duration::from_secs(3)).await {
+            if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::Kill);
+            }
+            wait_gone(pid, &vm.instance, Duration::from_secs(5)).await;
+        }
+    }
+
+    fn qemu_version(&self) -> String {
+        self.qemu_version.clone()
+    }
+}
+
+#[async_trait::async_trait]
+impl Driver for QemuDriver {
+    fn accel(&self) -> Accel {
+        self.accel
+    }
+
+    /// Loads a VM's record by name.
+    fn load(&self, name: &str) -> Result<VmRecord, VmError> {
+        if !validate_name(name) {
+            return Err(VmError::BadName(name.into()));
+        }
+        let path = self.vm_dir(name).join(RECORD_FILE);
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(VmError::NotFound(name.into()))
+            }
+            Err(e) => return Err(VmError::Io(path, e)),
+        };
+        serde_json::from_slice(&bytes).map_err(|e| VmError::BadRecord(path, e))
+    }
+
+    /// All VMs with a record, sorted by name.
+    fn list(&self) -> Result<Vec<VmRecord>, VmError> {
+        let dir = self.assets.vms_dir();
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(VmError::Io(dir, e)),
+        };
+        let mut vms = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().to_string();
+            if validate_name(&name) {
+                if let Ok(vm) = self.load(&name) {
+                    vms.push(vm);
+                }
+            }
+        }
+        vms.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(vms)
+    }
+
+    fn vm_names(&self) -> Vec<String> {
+        let entries = std::fs::read_dir(self.assets.vms_dir())
+            .into_iter()
+            .flatten();
+        let mut names: Vec<String> = entries
+            .flatten()
+            .map(|entry| entry.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn discard(&self, name: &str) -> Result<(), VmError> {
+        if !validate_name(name) {
+            return Err(VmError::BadName(name.into()));
+        }
+        let dir = self.vm_dir(name);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(VmError::Io(dir, e)),
+        }
+    }
+
+    fn is_alive(&self, vm: &VmRecord) -> bool {
+        vm_alive(vm)
+    }
+
+    /// Every live QEMU process that runs a VM of this driver's state directory,
+    /// as (pid, VM directory name), found by its command line: QEMU processes
+    /// outlive the process that started them, so after a crash this is how
+    /// strays are found.
+    fn processes(&self) -> Vec<VmProcess> {
+        // Only what hearth itself started counts: a process of this user whose
+        // command line names `-name hearth-<instance>` and a VM directory whose
+        // record holds that same instance. Anything else that merely looks like
+        // QEMU (any local user can name a process so) is ignored: reconcile kills
+        // what this returns and deletes its RAM file.
+        let vms = canonical_or_self(&self.assets.vms_dir());
+        let ram_dir = canonical_or_self(&self.assets.ram_dir);
+        let own_uid = rustix::process::getuid().as_raw();
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        let mut found = Vec::new();
+        for entry in entries.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            use std::os::unix::fs::MetadataExt;
+            if !entry.metadata().is_ok_and(|m| m.uid() == own_uid) {
+                continue;
+            }
+            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
+            let args: Vec<String> = cmdline
+                .split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            let Some(claim) = QemuClaim::parse(&args, &vms, &ram_dir) else {
+                continue;
+            };
+            let record = std::fs::read(vms.join(&claim.vm).join(RECORD_FILE))
+                .ok()
+                .and_then(|bytes| serde_json::from_slice::<VmRecord>(&bytes).ok());
+            if record.is_none_or(|r| r.instance != claim.instance) {
+                continue;
+            }
+            found.push(VmProcess {
+                pid,
+                vm: claim.vm,
+                ram: claim.ram,
+            });
+        }
+        found
+    }
+
+    /// Kills a process found by [`Self::processes`] and removes its RAM file.
+    fn kill_process(&self, process: &VmProcess) {
+        if let Ok(pid) = i32::try_from(process.pid) {
+            // SAFETY: kill(2) has no memory effects; a stale pid at worst
+            // fails with ESRCH.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+        // `processes` only reports a RAM file named for the instance directly in
+        // the RAM directory; a symlink there is never followed.
+        if let Some(ram) = &process.ram {
+            if ram
+                .symlink_metadata()
+                .is_ok_and(|m| m.file_type().is_file())
+            {
+                let _ = std::fs::remove_file(ram);
+            }
+        }
+    }
+
+    async fn boot(&self, request: &BootRequest) -> Result<VmRecord, VmError> {
+        let base = self.assets.base_image(&request.image)?;
+        self.boot_from_disk(request, &base).await
+    }
+
     /// Boots a VM as `boot` says and waits until its agent answers.
-    pub async fn boot_with(
-        &self,
-        request: &BootRequest,
-        boot: &ColdBoot,
-    ) -> Result<VmRecord, VmError> {
+    async fn boot_with(&self, request: &BootRequest, boot: &ColdBoot) -> Result<VmRecord, VmError> {
         let kernel = self.assets.guest_kernel()?;
         let dir = self.create_dir(&request.name)?;
         let instance = new_instance_id();
@@ -732,11 +734,53 @@ impl QemuDriver {
         result
     }
 
+    /// Connects to a running VM's agent.
+    async fn agent(&self, vm: &VmRecord) -> Result<AgentClient, VmError> {
+        if vm.state != VmState::Running {
+            return Err(VmError::BadState {
+                name: vm.name.clone(),
+                state: vm.state,
+                action: "reach its agent",
+            });
+        }
+        Ok(AgentClient::connect(&vm.agent_socket(), Duration::from_secs(10)).await?)
+    }
+
+    /// Brings back a running VM whose controller died in the middle of an
+    /// operation (e.g. a suspend: the guest paused, its state half written):
+    /// cancels a migration in flight, lets the guest run again and drops the
+    /// partial suspend state. The caller then checks the agent.
+    async fn recover(&self, vm: &VmRecord) -> Result<(), VmError> {
+        let mut qmp = Qmp::connect_with_retry(&vm.qmp_socket(), Duration::from_secs(5)).await?;
+        let _ = qmp
+            .execute::<serde_json::Value>("migrate_cancel", None)
+            .await;
+        // A cancelled migration takes a moment to leave the `cancelling` state.
+        for _ in 0..50 {
+            let status = qmp
+                .execute::<serde_json::Value>("query-migrate", None)
+                .await?;
+            let state = status["status"].as_str().unwrap_or("none");
+            if !matches!(
+                state,
+                "active" | "cancelling" | "setup" | "device" | "pre-switchover"
+            ) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if !qmp.query_status().await?.running {
+            qmp.cont().await?;
+        }
+        let _ = std::fs::remove_file(vm.suspend_state());
+        Ok(())
+    }
+
     /// Freezes the VM's current disk overlay: QEMU creates `new_overlay` on top
     /// of it and sends all later writes there (QMP `blockdev-snapshot-sync`),
     /// so the old overlay keeps the disk exactly as it is now. The guest
     /// should have synced first ([`AgentClient::sync`]). Returns the frozen file.
-    pub async fn checkpoint_disk(
+    async fn checkpoint_disk(
         &self,
         vm: &mut VmRecord,
         new_overlay: &Path,
@@ -759,7 +803,7 @@ impl QemuDriver {
     }
 
     /// Launches from a snapshot and returns the record with a connected agent.
-    pub async fn launch_with_agent(
+    async fn launch_with_agent(
         &self,
         snapshot: &Snapshot,
         name: &str,
@@ -783,94 +827,8 @@ impl QemuDriver {
         }
     }
 
-    /// Benchmark support: writes a running VM's full state (RAM included) and its
-    /// disk overlay into `out` (files `stream` and `disk.qcow2`), as the naive
-    /// snapshot format would; the VM runs on.
-    pub async fn save_full_stream(&self, vm: &VmRecord, out: &Path) -> Result<(), VmError> {
-        disk::create_private_dir_all(out)?;
-        let mut qmp = Qmp::connect(&vm.qmp_socket()).await?;
-        qmp.stop().await?;
-        let saved = async {
-            qmp.set_ignore_shared(false).await?;
-            let uri = format!("file:{}", out.join("stream").display());
-            qmp.migrate_and_wait(&uri, MIGRATION_TIMEOUT).await?;
-            disk::sparse_copy(&vm.disk, &out.join("disk.qcow2"))?;
-            Ok::<(), VmError>(())
-        }
-        .await;
-        qmp.cont().await?;
-        saved
-    }
-
-    /// Benchmark support: the naive restore of a [`Self::save_full_stream`]
-    /// directory, a fresh QEMU reading the whole stream through `-incoming exec:cat`.
-    pub async fn launch_naive(
-        &self,
-        snapshot: &Snapshot,
-        saved: &Path,
-        name: &str,
-    ) -> Result<(VmRecord, AgentClient), VmError> {
-        let manifest = &snapshot.manifest;
-        let dir = self.create_dir(name)?;
-        let mut vm = restored_record(manifest, name, &dir, Memory::Anonymous, saved);
-        let launched = async {
-            disk::create_overlay(&vm.disk, &saved.join("disk.qcow2"), BackingFormat::Qcow2).await?;
-            let uri = format!("exec:cat {}", saved.join("stream").display());
-            let (pid, mut qmp) = self.spawn(&vm, Incoming::Uri(&uri)).await?;
-            vm.pid = Some(pid);
-            self.save(&vm)?;
-            let deadline = Instant::now() + MIGRATION_TIMEOUT;
-            while qmp.query_status().await?.status == "inmigrate" {
-                if Instant::now() > deadline {
-                    return Err(QmpError::Timeout("incoming migration").into());
-                }
-                tokio::time::sleep(Duration::from_micros(300)).await;
-            }
-            qmp.cont().await?;
-            let agent = AgentClient::connect(&vm.agent_socket(), RESTORE_TIMEOUT).await?;
-            agent.restored().await?;
-            Ok(agent)
-        }
-        .await
-        .map(|agent| (vm.clone(), agent));
-        if launched.is_err() {
-            let _ = self.remove(&vm).await;
-        }
-        launched
-    }
-
-    /// Ends the VM's QEMU process: `quit` over QMP, SIGKILL if that fails.
-    pub(crate) async fn stop_process(&self, vm: &VmRecord) {
-        let Some(pid) = vm.pid else { return };
-        if !process_alive(pid, &vm.instance) {
-            return;
-        }
-        let quit = async {
-            let mut qmp = Qmp::connect(&vm.qmp_socket()).await?;
-            qmp.quit().await
-        };
-        let _ = tokio::time::timeout(Duration::from_secs(3), quit).await;
-        if !wait_gone(pid, &vm.instance, Duration::from_secs(3)).await {
-            if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
-                let _ = rustix::process::kill_process(pid, rustix::process::Signal::Kill);
-            }
-            wait_gone(pid, &vm.instance, Duration::from_secs(5)).await;
-        }
-    }
-
-    fn qemu_version(&self) -> String {
-        self.qemu_version.clone()
-    }
-}
-
-impl Driver for QemuDriver {
-    async fn boot(&self, request: &BootRequest) -> Result<VmRecord, VmError> {
-        let base = self.assets.base_image(&request.image)?;
-        self.boot_from_disk(request, &base).await
-    }
-
     async fn snapshot(&self, vm: &VmRecord, out: &Path) -> Result<Snapshot, VmError> {
-        if vm.state != VmState::Running || !Self::is_alive(vm) {
+        if vm.state != VmState::Running || !vm_alive(vm) {
             return Err(VmError::BadState {
                 name: vm.name.clone(),
                 state: vm.state,
@@ -982,14 +940,8 @@ impl Driver for QemuDriver {
         Ok(Snapshot::open(out, snapshot::Verify::Sizes)?)
     }
 
-    async fn launch(&self, snapshot: &Snapshot, name: &str) -> Result<VmRecord, VmError> {
-        self.launch_with_agent(snapshot, name)
-            .await
-            .map(|(vm, _)| vm)
-    }
-
     async fn suspend(&self, vm: &mut VmRecord) -> Result<(), VmError> {
-        if !vm.state.can_become(VmState::Suspended) || !Self::is_alive(vm) {
+        if !vm.state.can_become(VmState::Suspended) || !vm_alive(vm) {
             return Err(VmError::BadState {
                 name: vm.name.clone(),
                 state: vm.state,
@@ -1095,7 +1047,7 @@ impl Driver for QemuDriver {
     }
 
     async fn shutdown(&self, vm: &mut VmRecord) -> Result<(), VmError> {
-        if !vm.state.can_become(VmState::Stopped) || !Self::is_alive(vm) {
+        if !vm.state.can_become(VmState::Stopped) || !vm_alive(vm) {
             return Err(VmError::BadState {
                 name: vm.name.clone(),
                 state: vm.state,
@@ -1182,6 +1134,11 @@ pub(crate) fn new_instance_id() -> String {
     hex::encode(rand::random::<[u8; 8]>())
 }
 
+/// True when the VM's QEMU process is alive.
+fn vm_alive(vm: &VmRecord) -> bool {
+    vm.pid.is_some_and(|pid| process_alive(pid, &vm.instance))
+}
+
 /// True when `pid` is a live (not zombie) QEMU process started for `instance`.
 /// Checking the command line guards against a recycled pid.
 fn process_alive(pid: u32, instance: &str) -> bool {
@@ -1227,7 +1184,7 @@ async fn await_agent(
     let watch = async {
         loop {
             tokio::time::sleep(Duration::from_millis(200)).await;
-            if !QemuDriver::is_alive(vm) {
+            if !vm_alive(vm) {
                 return "QEMU exited".to_string();
             }
             let silent = std::fs::metadata(vm.console_log()).map_or(true, |m| m.len() == 0);
@@ -1244,7 +1201,7 @@ async fn await_agent(
         agent = AgentClient::connect(&socket, timeout) => match agent {
             Ok(agent) => return Ok(agent),
             Err(AgentError::Timeout(t)) => format!("the agent did not answer within {}s", t.as_secs()),
-            Err(err) if QemuDriver::is_alive(vm) => error_chain(&err),
+            Err(err) if vm_alive(vm) => error_chain(&err),
             Err(_) => "QEMU exited".to_string(),
         },
         reason = watch => reason,
@@ -1389,20 +1346,17 @@ mod boot_failure_tests {
     use super::*;
 
     /// A stand-in for a booting QEMU: a process whose command line carries the
-    /// instance id, as `process_alive` looks for.
+    /// instance id, as `process_alive` looks for, returned once it does (a
+    /// process caught mid-exec shows no command line yet, and the guard
+    /// leaves alone what it cannot identify).
     fn fake_qemu(instance: &str, seconds: &str) -> std::process::Child {
-        let child = std::process::Command::new("sh")
-            .args([
-                "-c",
-                &format!("sleep {seconds}; true"),
-                &format!("hearth-{instance}"),
-            ])
+        let child = std::process::Command::new("bash")
+            .args(["-c", &format!("exec -a hearth-{instance} sleep {seconds}")])
             .spawn()
-            .expect("spawn sh");
-        // Until the child has exec'd sh, its command line is still this test's.
-        let deadline = Instant::now() + Duration::from_secs(10);
+            .expect("spawn bash");
+        let deadline = Instant::now() + Duration::from_secs(5);
         while !process_alive(child.id(), instance) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
+            std::thread::sleep(Duration::from_millis(2));
         }
         child
     }
@@ -1695,7 +1649,7 @@ mod recognition_tests {
         assert_eq!(found.len(), 1, "claimed once its record names it");
         for process in &found {
             assert_eq!(process.ram, None);
-            QemuDriver::kill_process(process);
+            driver.kill_process(process);
         }
         assert_eq!(std::fs::read(&target).expect("target kept"), b"keep me");
         let _ = fake.kill();

@@ -178,7 +178,7 @@ async fn pool_launches_and_failures() {
         .status()
         .expect("kill");
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(!QemuDriver::is_alive(&victim));
+    assert!(!driver.is_alive(&victim));
     let mut victim = driver.load("victim").expect("load victim");
     let err = driver
         .suspend(&mut victim)

@@ -528,7 +528,7 @@ async fn vm(command: VmCommand) -> Result<ExitCode> {
                     .map(|vm| {
                         serde_json::json!({
                             "name": vm.name,
-                            "state": status(vm),
+                            "state": status(&driver, vm),
                             "pid": vm.pid,
                             "memoryMiB": vm.shape.memory_mib,
                             "vcpus": vm.shape.vcpus,
@@ -553,7 +553,7 @@ async fn vm(command: VmCommand) -> Result<ExitCode> {
                     println!(
                         "{:<24} {:<10} {:>8} {:>6}M  {}",
                         vm.name,
-                        status(vm),
+                        status(&driver, vm),
                         vm.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
                         vm.shape.memory_mib,
                         origin
@@ -580,11 +580,11 @@ async fn vm(command: VmCommand) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn status(vm: &hearth_vm::VmRecord) -> &'static str {
+fn status(driver: &QemuDriver, vm: &hearth_vm::VmRecord) -> &'static str {
     match vm.state {
         VmState::Suspended => "suspended",
         VmState::Stopped => "stopped",
-        VmState::Running if QemuDriver::is_alive(vm) => "running",
+        VmState::Running if driver.is_alive(vm) => "running",
         VmState::Running => "dead",
     }
 }

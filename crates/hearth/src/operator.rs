@@ -132,8 +132,8 @@ pub async fn import(args: ImportArgs, data_dir: PathBuf) -> Result<ExitCode> {
             imported.image_arn,
             imported.version,
             imported.build_id,
-            imported.snapshot_build["memorySnapshotSizeInBytes"],
-            imported.snapshot_build["diskSnapshotSizeInBytes"],
+            imported.snapshot_build.memory_snapshot_size_in_bytes,
+            imported.snapshot_build.disk_snapshot_size_in_bytes,
         );
     }
     Ok(ExitCode::SUCCESS)

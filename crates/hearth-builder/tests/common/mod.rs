@@ -6,7 +6,9 @@
 use std::sync::Mutex;
 
 use hearth_builder::run::{BuildLog, Disk};
-use hearth_vm::{AgentClient, Assets, BootRequest, ColdBoot, MachineShape, QemuDriver, VmRecord};
+use hearth_vm::{
+    AgentClient, Assets, BootRequest, ColdBoot, Driver, MachineShape, QemuDriver, VmRecord,
+};
 
 /// Keeps every line, for assertions and failure messages.
 #[derive(Default)]

@@ -97,7 +97,10 @@ impl AppState {
             "us-east-1".into(),
         );
         let (s3, artifacts) = crate::api::s3::build(&config, &store).expect("artifact store");
-        let driver = hearth_vm::QemuDriver::with_accel(assets.clone(), hearth_vm::Accel::Tcg);
+        let driver: Arc<dyn hearth_vm::Driver> = Arc::new(hearth_vm::QemuDriver::with_accel(
+            assets.clone(),
+            hearth_vm::Accel::Tcg,
+        ));
         let builds = Arc::new(
             Builds::new(
                 store.clone(),

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use rusqlite::{params, OptionalExtension, Row, Transaction};
 use serde::de::DeserializeOwned;
-use serde_json::Value;
+use serde::{Deserialize, Serialize};
 
 use crate::config::Quotas;
 use crate::db::resources::{BuildState, ImageState, MicrovmState, VersionState, VersionStatus};
@@ -53,8 +53,18 @@ pub struct BuildRow {
     pub chipset: String,
     pub chipset_generation: String,
     pub state_reason: Option<String>,
-    pub snapshot_build: Option<Value>,
+    pub snapshot_build: Option<SnapshotSizes>,
     pub created_at: i64,
+}
+
+/// What a successful build's snapshot takes on disk: `snapshotBuild` on the
+/// wire, stored as that JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotSizes {
+    pub memory_snapshot_size_in_bytes: u64,
+    pub disk_snapshot_size_in_bytes: u64,
+    pub code_install_size_in_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -573,7 +583,7 @@ impl Store {
         &self,
         account: &str,
         build_id: &str,
-        outcome: Result<(PathBuf, Value), hearth_api::BuildFailure>,
+        outcome: Result<(PathBuf, SnapshotSizes), hearth_api::BuildFailure>,
     ) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
@@ -593,7 +603,7 @@ impl Store {
             Ok((snapshot_dir, sizes)) => {
                 tx.execute(
                     "UPDATE builds SET state = 'SUCCESSFUL', snapshot_build = ?2 WHERE build_id = ?1",
-                    params![build_id, sizes.to_string()],
+                    params![build_id, spec_text(&sizes)?],
                 )?;
                 tx.execute(
                     "UPDATE image_versions SET state = 'SUCCESSFUL', snapshot_dir = ?4, updated_at = ?5
@@ -1330,6 +1340,346 @@ mod tests {
             )
             .expect("update");
         assert!(store.microvm(&account, "microvm-1").is_err());
+    }
+
+    fn store() -> (tempfile::TempDir, Store, String) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let account = store.create_account("a").expect("account").account_id;
+        (dir, store, account)
+    }
+
+    fn numbered(account: &str, n: u32, memory_mib: u32) -> MicrovmRow {
+        MicrovmRow {
+            microvm_id: format!("microvm-{n:03}"),
+            vm_name: format!("mv-{n}"),
+            memory_mib,
+            ..microvm(account, MicrovmSpec::default())
+        }
+    }
+
+    fn quota(memory_mib: u64) -> Quotas {
+        Quotas {
+            memory_mib,
+            ..Quotas::default()
+        }
+    }
+
+    #[test]
+    fn the_memory_quota_counts_live_microvms_only() {
+        let (_dir, store, account) = store();
+        let quotas = quota(1024);
+        for n in 0..2 {
+            store
+                .insert_microvm(&numbered(&account, n, 512), None, "", &quotas)
+                .expect("store")
+                .expect("within the quota");
+        }
+        let refused = store
+            .insert_microvm(&numbered(&account, 2, 512), None, "", &quotas)
+            .expect("store");
+        assert!(matches!(refused, Err(Refusal::Quota(_))), "{refused:?}");
+        assert!(store
+            .microvm(&account, "microvm-002")
+            .expect("query")
+            .is_none());
+        // A terminated microVM's memory is free again.
+        store
+            .force_microvm_state("microvm-000", MicrovmState::Terminating)
+            .expect("force");
+        store
+            .transition_microvm(
+                "microvm-000",
+                &[MicrovmState::Terminating],
+                MicrovmState::Terminated,
+                None,
+            )
+            .expect("cas");
+        store
+            .insert_microvm(&numbered(&account, 2, 512), None, "", &quotas)
+            .expect("store")
+            .expect("room again");
+        // Another account has its own quota.
+        let other = store.create_account("b").expect("account").account_id;
+        store
+            .insert_microvm(&numbered(&other, 3, 1024), None, "", &quotas)
+            .expect("store")
+            .expect("own quota");
+    }
+
+    #[test]
+    fn racing_inserts_on_two_connections_never_exceed_the_quota() {
+        let (dir, store, account) = store();
+        let second = Store::open(dir.path()).expect("second connection");
+        let quotas = quota(512);
+        let handles: Vec<_> = [store.clone(), second]
+            .into_iter()
+            .enumerate()
+            .map(|(n, store)| {
+                let account = account.clone();
+                std::thread::spawn(move || {
+                    let row = numbered(&account, n as u32, 512);
+                    matches!(store.insert_microvm(&row, None, "", &quotas), Ok(Ok(None)))
+                })
+            })
+            .collect();
+        let inserted = handles
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .filter(|ok| *ok)
+            .count();
+        assert_eq!(inserted, 1, "one fits, the other is refused or fails");
+        assert_eq!(
+            store
+                .microvms(&account, None, None, 10)
+                .expect("list")
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn a_client_token_replays_the_same_request_and_refuses_another() {
+        let (_dir, store, account) = store();
+        let quotas = Quotas::default();
+        let first = numbered(&account, 1, 256);
+        assert_eq!(
+            store
+                .insert_microvm(&first, Some("t"), "fp-1", &quotas)
+                .expect("store"),
+            Ok(None)
+        );
+        // Same token, same parameters: the microVM the token made.
+        let again = numbered(&account, 2, 256);
+        assert_eq!(
+            store
+                .insert_microvm(&again, Some("t"), "fp-1", &quotas)
+                .expect("store"),
+            Ok(Some("microvm-001".to_string()))
+        );
+        assert!(store
+            .microvm(&account, "microvm-002")
+            .expect("query")
+            .is_none());
+        // Same token, other parameters: a conflict.
+        let refused = store
+            .insert_microvm(&again, Some("t"), "fp-2", &quotas)
+            .expect("store");
+        assert!(matches!(refused, Err(Refusal::Conflict(_))), "{refused:?}");
+        // Tokens are per account.
+        let other = store.create_account("b").expect("account").account_id;
+        assert_eq!(
+            store
+                .insert_microvm(&numbered(&other, 3, 256), Some("t"), "fp-2", &quotas)
+                .expect("store"),
+            Ok(None)
+        );
+    }
+
+    #[test]
+    fn a_state_change_happens_only_from_an_expected_state() {
+        let (_dir, store, account) = store();
+        store
+            .insert_microvm(&numbered(&account, 1, 256), None, "", &Quotas::default())
+            .expect("store")
+            .expect("inserted");
+        let id = "microvm-001";
+        let cas = |from: &[MicrovmState], to| store.transition_microvm(id, from, to, None);
+        // Not from an expected state: nothing changes.
+        assert_eq!(
+            cas(&[MicrovmState::Running], MicrovmState::Suspending).expect("cas"),
+            None
+        );
+        // An expected state but not a valid transition (PENDING -> SUSPENDED).
+        assert_eq!(
+            cas(&[MicrovmState::Pending], MicrovmState::Suspended).expect("cas"),
+            None
+        );
+        assert_eq!(
+            cas(&[MicrovmState::Pending], MicrovmState::Running).expect("cas"),
+            Some(MicrovmState::Pending)
+        );
+        assert_eq!(
+            cas(&[MicrovmState::Running], MicrovmState::Suspending).expect("cas"),
+            Some(MicrovmState::Running)
+        );
+        assert_eq!(
+            cas(&[MicrovmState::Suspending], MicrovmState::Suspended).expect("cas"),
+            Some(MicrovmState::Suspending)
+        );
+        let row = store.microvm(&account, id).expect("query").expect("row");
+        assert_eq!(row.state, MicrovmState::Suspended);
+        assert!(row.suspended_at.is_some() && row.last_activity_at.is_some());
+        assert!(row.terminated_at.is_none());
+        assert_eq!(
+            store
+                .transition_microvm(
+                    "microvm-404",
+                    &[MicrovmState::Pending],
+                    MicrovmState::Running,
+                    None
+                )
+                .expect("cas"),
+            None
+        );
+    }
+
+    #[test]
+    fn of_racing_state_changes_exactly_one_wins() {
+        let (dir, store, account) = store();
+        store
+            .insert_microvm(&numbered(&account, 1, 256), None, "", &Quotas::default())
+            .expect("store")
+            .expect("inserted");
+        store
+            .force_microvm_state("microvm-001", MicrovmState::Running)
+            .expect("force");
+        // Suspends and terminates at once, over two connections.
+        let second = Store::open(dir.path()).expect("second connection");
+        let handles: Vec<_> = (0..8)
+            .map(|n| {
+                let store = if n % 2 == 0 {
+                    store.clone()
+                } else {
+                    second.clone()
+                };
+                let to = if n % 3 == 0 {
+                    MicrovmState::Terminating
+                } else {
+                    MicrovmState::Suspending
+                };
+                std::thread::spawn(move || {
+                    store
+                        .transition_microvm("microvm-001", &[MicrovmState::Running], to, None)
+                        .expect("cas")
+                        .map(|_| to)
+                })
+            })
+            .collect();
+        let winners: Vec<MicrovmState> = handles
+            .into_iter()
+            .filter_map(|h| h.join().expect("thread"))
+            .collect();
+        assert_eq!(winners.len(), 1, "{winners:?}");
+        let row = store
+            .microvm(&account, "microvm-001")
+            .expect("query")
+            .expect("row");
+        assert_eq!(row.state, winners[0]);
+    }
+
+    #[test]
+    fn a_terminated_microvm_keeps_its_reason_and_is_never_revived() {
+        let (_dir, store, account) = store();
+        store
+            .insert_microvm(&numbered(&account, 1, 256), None, "", &Quotas::default())
+            .expect("store")
+            .expect("inserted");
+        let id = "microvm-001";
+        store
+            .transition_microvm(
+                id,
+                &[MicrovmState::Pending],
+                MicrovmState::Terminating,
+                Some("why"),
+            )
+            .expect("cas");
+        store
+            .transition_microvm(
+                id,
+                &[MicrovmState::Terminating],
+                MicrovmState::Terminated,
+                None,
+            )
+            .expect("cas");
+        store
+            .force_microvm_state(id, MicrovmState::Running)
+            .expect("force");
+        let row = store.microvm(&account, id).expect("query").expect("row");
+        assert_eq!(row.state, MicrovmState::Terminated);
+        assert_eq!(row.state_reason.as_deref(), Some("why"));
+        assert!(row.terminated_at.is_some());
+        assert!(store.live_microvms().expect("live").is_empty());
+    }
+
+    #[test]
+    fn activity_only_moves_forward() {
+        let (_dir, store, account) = store();
+        store
+            .insert_microvm(&numbered(&account, 1, 256), None, "", &Quotas::default())
+            .expect("store")
+            .expect("inserted");
+        store.note_activity("microvm-001", 500).expect("note");
+        store.note_activity("microvm-001", 300).expect("note");
+        let row = store
+            .microvm(&account, "microvm-001")
+            .expect("query")
+            .expect("row");
+        assert_eq!(row.last_activity_at, Some(500));
+    }
+
+    #[test]
+    fn microvms_page_in_id_order_within_the_account_and_image() {
+        let (_dir, store, account) = store();
+        let other = store.create_account("b").expect("account").account_id;
+        for n in 0..7 {
+            let mut row = numbered(&account, n, 64);
+            if n % 2 == 1 {
+                row.image_name = "api".into();
+                row.image_version = 2;
+            }
+            store
+                .insert_microvm(&row, None, "", &Quotas::default())
+                .expect("store")
+                .expect("inserted");
+        }
+        store
+            .insert_microvm(&numbered(&other, 9, 64), None, "", &Quotas::default())
+            .expect("store")
+            .expect("inserted");
+        let mut seen = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = store
+                .microvms(&account, None, after.as_deref(), 3)
+                .expect("page");
+            assert!(page.len() <= 3);
+            let Some(last) = page.last() else { break };
+            after = Some(last.microvm_id.clone());
+            seen.extend(page.into_iter().map(|row| row.microvm_id));
+        }
+        let expected: Vec<String> = (0..7).map(|n| format!("microvm-{n:03}")).collect();
+        assert_eq!(seen, expected, "every row once, in order, none of b's");
+        let api = store
+            .microvms(&account, Some(("api", None)), None, 10)
+            .expect("filter");
+        assert_eq!(api.len(), 3);
+        assert!(store
+            .microvms(&account, Some(("api", Some(1))), None, 10)
+            .expect("filter")
+            .is_empty());
+        assert_eq!(
+            store
+                .microvms(&account, Some(("web", Some(1))), Some("microvm-002"), 10)
+                .expect("filter")
+                .iter()
+                .map(|row| row.microvm_id.as_str())
+                .collect::<Vec<_>>(),
+            vec!["microvm-004", "microvm-006"]
+        );
+    }
+
+    #[test]
+    fn snapshot_sizes_are_stored_as_the_wire_writes_them() {
+        const STORED: &str = r#"{"memorySnapshotSizeInBytes":1,"diskSnapshotSizeInBytes":2,"codeInstallSizeInBytes":3}"#;
+        let sizes = SnapshotSizes {
+            memory_snapshot_size_in_bytes: 1,
+            disk_snapshot_size_in_bytes: 2,
+            code_install_size_in_bytes: 3,
+        };
+        assert_eq!(spec_text(&sizes).expect("encode"), STORED);
+        let read: SnapshotSizes = serde_json::from_str(STORED).expect("decode");
+        assert_eq!(read, sizes);
     }
 }
 

@@ -348,7 +348,13 @@ fn new_access_key(account_id: &str) -> NewAccessKey {
     }
 }
 
+/// Milliseconds since the Unix epoch: every timestamp the store writes and
+/// the engine's lifetimes and idle timers.
 pub(crate) fn unix_now_ms() -> i64 {
+    #[cfg(test)]
+    if let Some(now) = test_clock::now_ms() {
+        return now;
+    }
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -360,6 +366,32 @@ pub(crate) fn unix_now() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
+}
+
+/// Unit tests on tokio's paused clock (`start_paused`): after
+/// [`test_clock::follow_tokio`], "now" on the calling thread is the system's
+/// time at that call plus the time tokio's clock has moved since, so the
+/// store's timestamps and the engine's timers move together with it.
+#[cfg(test)]
+pub(crate) mod test_clock {
+    use std::cell::Cell;
+
+    thread_local! {
+        static START: Cell<Option<(i64, tokio::time::Instant)>> = const { Cell::new(None) };
+    }
+
+    pub(crate) fn follow_tokio() {
+        let system = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        START.with(|start| start.set(Some((system, tokio::time::Instant::now()))));
+    }
+
+    pub(super) fn now_ms() -> Option<i64> {
+        let (system, at) = START.with(Cell::get)?;
+        Some(system + at.elapsed().as_millis() as i64)
+    }
 }
 
 #[cfg(test)]

@@ -9,12 +9,12 @@ use std::time::{Duration, Instant};
 use hearth_api::{BuildErrorCode, BuildFailure, BuildHook};
 use hearth_proto::ExecRequest;
 use hearth_vm::agent::AgentClient;
-use hearth_vm::{BootRequest, ColdBoot, Driver, MachineShape, QemuDriver};
-use serde_json::{json, Value};
+use hearth_vm::{BootRequest, ColdBoot, Driver, MachineShape};
 
 use hearth_vm::error_chain;
 
 use crate::arn::Arn;
+use crate::db::records::SnapshotSizes;
 use crate::vms::hooks;
 
 use hearth_proto::{APP_STDERR_PIPE, APP_STDOUT_PIPE};
@@ -76,7 +76,7 @@ pub fn aws_env(
 /// either way.
 #[allow(clippy::too_many_arguments)]
 pub async fn snapshot_ready_app(
-    driver: &QemuDriver,
+    driver: &dyn Driver,
     vm_name: &str,
     shape: MachineShape,
     disk: &ColdBoot,
@@ -84,7 +84,7 @@ pub async fn snapshot_ready_app(
     snapshot_dir: &Path,
     code_size: u64,
     progress: &(dyn Fn(&str) + Sync),
-) -> Result<Value, BuildFailure> {
+) -> Result<SnapshotSizes, BuildFailure> {
     // The cause goes to the log, not to the tenant.
     let platform = |what: &str, err: &dyn std::error::Error| {
         tracing::warn!(error = %error_chain(err), "{what}");
@@ -128,11 +128,11 @@ pub async fn snapshot_ready_app(
                 .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
                 .unwrap_or(0)
         };
-        Ok(json!({
-            "memorySnapshotSizeInBytes": stored(snapshot.memory()),
-            "diskSnapshotSizeInBytes": stored(snapshot.disk()),
-            "codeInstallSizeInBytes": code_size,
-        }))
+        Ok(SnapshotSizes {
+            memory_snapshot_size_in_bytes: stored(snapshot.memory()),
+            disk_snapshot_size_in_bytes: stored(snapshot.disk()),
+            code_install_size_in_bytes: code_size,
+        })
     }
     .await;
     if let Err(err) = driver.remove(&vm).await {

@@ -26,11 +26,12 @@ use hearth_builder::archive;
 use hearth_builder::oci::BaseError;
 use hearth_builder::run::{Base, BaseResolver, BuildLog, BuildRequest, Builder, Disk};
 use hearth_vm::disk::BackingFormat;
-use hearth_vm::{error_chain, Assets, ColdBoot, Driver, MachineShape, QemuDriver};
+use hearth_vm::{error_chain, Assets, ColdBoot, Driver, MachineShape};
 use serde_json::Value;
 use tokio::sync::Semaphore;
 
 use crate::arn::Arn;
+use crate::db::records::SnapshotSizes;
 use crate::db::spec::{ImageHook, ImageSpec};
 use crate::db::store::{Store, StoreError};
 use crate::images::app::{aws_env, snapshot_ready_app, AppSpec};
@@ -160,7 +161,7 @@ pub enum BuildsError {
 impl Builds {
     pub fn new(
         store: Store,
-        driver: QemuDriver,
+        driver: Arc<dyn Driver>,
         assets: Assets,
         data_dir: &Path,
         artifacts: Arc<dyn ArtifactFetch>,
@@ -250,9 +251,9 @@ impl Builds {
         };
         self.store.build_started(&job.account_id, &job.build_id)?;
         let started = Instant::now();
-        let outcome = self.execute(job, &work, &log).await;
-        let _ = std::fs::remove_dir_all(work.join("context"));
-        let _ = std::fs::remove_file(work.join("artifact.zip"));
+        let outcome = self.execute(job, &log).await;
+        let _ = std::fs::remove_dir_all(layout::build_context(&self.data_dir, &job.build_id));
+        let _ = std::fs::remove_file(layout::build_artifact(&self.data_dir, &job.build_id));
         match &outcome {
             Ok(_) => log.line(&format!(
                 "build SUCCESSFUL in {:.1} s",
@@ -280,20 +281,19 @@ impl Builds {
     async fn execute(
         &self,
         job: &BuildJob,
-        work: &Path,
         log: &FileLog,
-    ) -> Result<(PathBuf, Value), BuildFailure> {
+    ) -> Result<(PathBuf, SnapshotSizes), BuildFailure> {
         let platform =
             |detail: &str| BuildFailure::new(BuildErrorCode::InternalPlatformError, detail);
         let uri = &job.spec.code_artifact.uri;
         log.line(&format!("fetching {uri}"));
-        let artifact = work.join("artifact.zip");
+        let artifact = layout::build_artifact(&self.data_dir, &job.build_id);
         let _ = std::fs::remove_file(&artifact);
         self.artifacts
             .fetch(&job.account_id, uri, &artifact, self.max_artifact_bytes)
             .await?;
         log.line("extracting the code artifact");
-        let context = work.join("context");
+        let context = layout::build_context(&self.data_dir, &job.build_id);
         let _ = std::fs::remove_dir_all(&context);
         hearth_vm::disk::create_private_dir_all(&context)
             .map_err(|_| platform("cannot create the build context"))?;

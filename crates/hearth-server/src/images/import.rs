@@ -15,13 +15,12 @@ use std::time::Duration;
 use hearth_api::{BuildErrorCode, BuildFailure};
 use hearth_vm::disk::BackingFormat;
 use hearth_vm::error_chain;
-use hearth_vm::{ColdBoot, Driver, MachineShape, QemuDriver, VmError};
-use serde_json::Value;
+use hearth_vm::{ColdBoot, Driver, MachineShape, VmError};
 use tokio::process::Command;
 
 use crate::arn::Arn;
 use crate::config::Quotas;
-use crate::db::records::{NewVersion, Refusal};
+use crate::db::records::{NewVersion, Refusal, SnapshotSizes};
 use crate::db::spec::{
     CodeArtifact, CpuConfiguration, HookState, Hooks, ImageSpec, MicrovmHooks, MicrovmImageHooks,
     Resources, RuntimeHook,
@@ -78,7 +77,7 @@ pub struct Imported {
     pub image_arn: String,
     pub version: u32,
     pub build_id: String,
-    pub snapshot_build: Value,
+    pub snapshot_build: SnapshotSizes,
 }
 
 fn valid_image_name(name: &str) -> bool {
@@ -93,7 +92,7 @@ fn valid_image_name(name: &str) -> bool {
 pub async fn import_image(
     data_dir: &Path,
     store: &Store,
-    driver: &QemuDriver,
+    driver: &dyn Driver,
     quotas: &Quotas,
     request: &ImportRequest,
     progress: &(dyn Fn(&str) + Sync),
@@ -179,7 +178,7 @@ pub async fn import_image(
             store.finish_build(
                 &request.account_id,
                 &started.build_id,
-                Ok((layout::snapshot_dir(&version_dir), sizes.clone())),
+                Ok((layout::snapshot_dir(&version_dir), sizes)),
             )?;
             Ok(Imported {
                 image_arn: Arn::image(&request.region, &request.account_id, &request.image_name)
@@ -199,13 +198,13 @@ pub async fn import_image(
 
 /// Runs the build steps.
 async fn build(
-    driver: &QemuDriver,
+    driver: &dyn Driver,
     request: &ImportRequest,
     build_id: &str,
     version: u32,
     version_dir: &Path,
     progress: &(dyn Fn(&str) + Sync),
-) -> Result<Value, BuildFailure> {
+) -> Result<SnapshotSizes, BuildFailure> {
     let platform = |what: &str, err: &dyn std::error::Error| {
         tracing::warn!(error = %error_chain(err), "{what}");
         BuildFailure::new(BuildErrorCode::InternalPlatformError, what)
@@ -317,7 +316,7 @@ async fn make_root_disk(source: &Path, out: &Path, work: &Path) -> Result<u64, B
 /// Marks builds whose process died as FAILED and removes their build VMs.
 pub async fn reap_interrupted_builds(
     store: &Store,
-    driver: &QemuDriver,
+    driver: &dyn Driver,
     data_dir: &Path,
 ) -> Result<(), StoreError> {
     for build in store.unfinished_builds()? {

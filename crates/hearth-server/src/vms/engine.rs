@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use hearth_vm::agent::AgentClient;
 use hearth_vm::error_chain;
-use hearth_vm::{Driver, QemuDriver, Snapshot, Verify, VmError, VmState};
+use hearth_vm::{Driver, Snapshot, Verify, VmError, VmState};
 use serde_json::json;
 use tokio::sync::Mutex as AsyncMutex;
 use tracing::{info, warn};
@@ -46,7 +46,7 @@ pub enum EngineError {
 
 #[derive(Debug)]
 pub struct Engine {
-    pub(super) driver: QemuDriver,
+    pub(super) driver: Arc<dyn Driver>,
     pub(super) store: Store,
     /// One agent connection per running VM (QEMU's chardev serves one at a time).
     pub(super) agents: Mutex<HashMap<String, Arc<AgentClient>>>,
@@ -59,7 +59,7 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn new(driver: QemuDriver, store: Store) -> Arc<Self> {
+    pub fn new(driver: Arc<dyn Driver>, store: Store) -> Arc<Self> {
         Arc::new(Self {
             driver,
             store,
@@ -70,8 +70,8 @@ impl Engine {
         })
     }
 
-    pub fn driver(&self) -> &QemuDriver {
-        &self.driver
+    pub fn driver(&self) -> &dyn Driver {
+        self.driver.as_ref()
     }
 
     fn lock_for(&self, id: &str) -> Arc<AsyncMutex<()>> {
@@ -214,7 +214,7 @@ impl Engine {
         tokio::spawn(async move { engine.launch(row, snapshot_dir).await });
     }
 
-    async fn launch(&self, row: MicrovmRow, snapshot_dir: PathBuf) {
+    pub(super) async fn launch(&self, row: MicrovmRow, snapshot_dir: PathBuf) {
         let guard = self.lock_for(&row.microvm_id);
         let _held = guard.lock().await;
         let launched = async {
@@ -274,7 +274,7 @@ impl Engine {
         tokio::spawn(async move { engine.suspend(row).await });
     }
 
-    async fn suspend(&self, row: MicrovmRow) {
+    pub(super) async fn suspend(&self, row: MicrovmRow) {
         let guard = self.lock_for(&row.microvm_id);
         let _held = guard.lock().await;
         if let Some(hook) = row.spec.hook(RuntimeHook::Suspend) {
@@ -311,7 +311,7 @@ impl Engine {
                 let alive = self
                     .driver
                     .load(&row.vm_name)
-                    .is_ok_and(|vm| vm.state == VmState::Running && QemuDriver::is_alive(&vm));
+                    .is_ok_and(|vm| vm.state == VmState::Running && self.driver.is_alive(&vm));
                 if alive {
                     let _ = self.store.transition_microvm(
                         &row.microvm_id,
@@ -333,7 +333,7 @@ impl Engine {
         tokio::spawn(async move { engine.resume(row).await });
     }
 
-    async fn resume(&self, row: MicrovmRow) {
+    pub(super) async fn resume(&self, row: MicrovmRow) {
         let guard = self.lock_for(&row.microvm_id);
         let _held = guard.lock().await;
         let resumed = async {
@@ -412,8 +412,7 @@ impl Engine {
             Err(VmError::NotFound(_)) => {}
             Err(err) => {
                 warn!(microvm = %row.microvm_id, error = %error_chain(&err), "unreadable VM record; removing its directory");
-                let dir = self.driver.assets().vms_dir().join(&row.vm_name);
-                let _ = std::fs::remove_dir_all(dir);
+                let _ = self.driver.discard(&row.vm_name);
             }
         }
     }
@@ -530,7 +529,7 @@ impl Engine {
                 let alive = self
                     .driver
                     .load(&row.vm_name)
-                    .is_ok_and(|vm| QemuDriver::is_alive(&vm));
+                    .is_ok_and(|vm| self.driver.is_alive(&vm));
                 let still_running = self
                     .store
                     .microvm_by_id(&row.microvm_id)?

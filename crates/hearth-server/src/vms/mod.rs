@@ -6,3 +6,6 @@ pub mod hooks;
 pub mod log_collector;
 pub mod log_store;
 pub mod reconcile;
+
+#[cfg(test)]
+mod tests;

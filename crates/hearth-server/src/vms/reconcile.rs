@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use hearth_vm::agent::AgentClient;
-use hearth_vm::{error_chain, Driver, QemuDriver, VmState};
+use hearth_vm::{error_chain, VmState};
 use tracing::{info, warn};
 
 use crate::db::resources::MicrovmState;
@@ -45,7 +45,7 @@ impl Engine {
             let vm = self.driver.load(&row.vm_name).ok();
             let mut running = vm
                 .as_ref()
-                .is_some_and(|vm| vm.state == VmState::Running && QemuDriver::is_alive(vm));
+                .is_some_and(|vm| vm.state == VmState::Running && self.driver.is_alive(vm));
             // A process may be alive but not a usable guest (e.g. killed while its
             // snapshot was loading): adopt it only if its agent answers.
             let mut agent = None;
@@ -103,14 +103,12 @@ impl Engine {
             }
             if keep.get(&process.vm) != Some(&Some(process.pid)) {
                 warn!(vm = %process.vm, pid = process.pid, "killing a QEMU process no microVM owns");
-                QemuDriver::kill_process(&process);
+                self.driver.kill_process(&process);
             }
         }
         // VM directories no live record owns: left by a crash between creating
         // the VM and recording it, or by a terminate that did not finish.
-        let vms_dir = self.driver.assets().vms_dir();
-        for entry in std::fs::read_dir(&vms_dir).into_iter().flatten().flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
+        for name in self.driver.vm_names() {
             if keep.contains_key(&name) || layout::is_import_vm(&name) {
                 continue;
             }
@@ -120,7 +118,7 @@ impl Engine {
                     let _ = self.driver.remove(&vm).await;
                 }
                 Err(_) => {
-                    let _ = std::fs::remove_dir_all(entry.path());
+                    let _ = self.driver.discard(&name);
                 }
             }
         }
@@ -130,8 +128,9 @@ impl Engine {
     /// Connects to a VM's agent and pings it, within a few seconds.
     async fn probe_agent(&self, vm: &hearth_vm::VmRecord) -> Option<AgentClient> {
         let probe = async {
-            let agent = AgentClient::connect(&vm.agent_socket(), ADOPT_TIMEOUT)
+            let agent = tokio::time::timeout(ADOPT_TIMEOUT, self.driver.agent(vm))
                 .await
+                .ok()?
                 .ok()?;
             agent.ping().await.ok()?;
             Some(agent)
@@ -148,7 +147,8 @@ mod tests {
     use super::*;
     use MicrovmState::*;
 
-    /// Every (recorded state, process alive, suspend state saved) case.
+    /// Every (recorded state, process alive, suspend state saved) case, the
+    /// table checked to name each combination exactly once.
     #[test]
     fn reconcile_decisions() {
         let table = [
@@ -175,7 +175,24 @@ mod tests {
             (Terminating, true, true, None),
             (Terminating, false, true, None),
             (Terminating, false, false, None),
+            // Not a live record (reconcile never reads one): never revived.
+            (Terminated, true, false, None),
+            (Terminated, true, true, None),
+            (Terminated, false, true, None),
+            (Terminated, false, false, None),
         ];
+        let mut cases: Vec<(MicrovmState, bool, bool)> = table
+            .iter()
+            .map(|&(state, r, s, _)| (state, r, s))
+            .collect();
+        cases.sort_by_key(|&(state, r, s)| (state.as_str(), r, s));
+        cases.dedup();
+        assert_eq!(cases.len(), table.len(), "a case is listed twice");
+        assert_eq!(
+            cases.len(),
+            MicrovmState::ALL.len() * 4,
+            "every state with every (running, suspended)"
+        );
         for (recorded, running, suspended, target) in table {
             assert_eq!(
                 target_state(recorded, running, suspended),

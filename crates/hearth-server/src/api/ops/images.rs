@@ -430,7 +430,7 @@ pub(super) fn get_build(
         .ok_or_else(|| ApiError::not_found(format!("Build {build_id} not found")))?;
     let mut out = build_output(caller, &build);
     if let Some(sizes) = &build.snapshot_build {
-        out["snapshotBuild"] = sizes.clone();
+        out["snapshotBuild"] = json!(sizes);
     }
     Ok(out)
 }

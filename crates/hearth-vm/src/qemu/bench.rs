@@ -1,0 +1,73 @@
+//! Benchmark-only VMM paths (`hearth bench launch`), behind the `bench`
+//! feature so the product's API does not offer them: the naive snapshot
+//! format, a full migration stream (RAM included) restored by a fresh QEMU
+//! reading all of it, to compare with hearth's shared-memory launches.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use super::{restored_record, Incoming, QemuDriver, MIGRATION_TIMEOUT, RESTORE_TIMEOUT};
+use crate::agent::AgentClient;
+use crate::disk::{self, BackingFormat};
+use crate::driver::{Driver, VmError};
+use crate::qmp::{Qmp, QmpError};
+use crate::record::{Memory, VmRecord};
+use crate::snapshot::Snapshot;
+
+impl QemuDriver {
+    /// Writes a running VM's full state (RAM included) and its
+    /// disk overlay into `out` (files `stream` and `disk.qcow2`), as the naive
+    /// snapshot format would; the VM runs on.
+    pub async fn save_full_stream(&self, vm: &VmRecord, out: &Path) -> Result<(), VmError> {
+        disk::create_private_dir_all(out)?;
+        let mut qmp = Qmp::connect(&vm.qmp_socket()).await?;
+        qmp.stop().await?;
+        let saved = async {
+            qmp.set_ignore_shared(false).await?;
+            let uri = format!("file:{}", out.join("stream").display());
+            qmp.migrate_and_wait(&uri, MIGRATION_TIMEOUT).await?;
+            disk::sparse_copy(&vm.disk, &out.join("disk.qcow2"))?;
+            Ok::<(), VmError>(())
+        }
+        .await;
+        qmp.cont().await?;
+        saved
+    }
+
+    /// The naive restore of a [`Self::save_full_stream`]
+    /// directory, a fresh QEMU reading the whole stream through `-incoming exec:cat`.
+    pub async fn launch_naive(
+        &self,
+        snapshot: &Snapshot,
+        saved: &Path,
+        name: &str,
+    ) -> Result<(VmRecord, AgentClient), VmError> {
+        let manifest = &snapshot.manifest;
+        let dir = self.create_dir(name)?;
+        let mut vm = restored_record(manifest, name, &dir, Memory::Anonymous, saved);
+        let launched = async {
+            disk::create_overlay(&vm.disk, &saved.join("disk.qcow2"), BackingFormat::Qcow2).await?;
+            let uri = format!("exec:cat {}", saved.join("stream").display());
+            let (pid, mut qmp) = self.spawn(&vm, Incoming::Uri(&uri)).await?;
+            vm.pid = Some(pid);
+            self.save(&vm)?;
+            let deadline = Instant::now() + MIGRATION_TIMEOUT;
+            while qmp.query_status().await?.status == "inmigrate" {
+                if Instant::now() > deadline {
+                    return Err(QmpError::Timeout("incoming migration").into());
+                }
+                tokio::time::sleep(Duration::from_micros(300)).await;
+            }
+            qmp.cont().await?;
+            let agent = AgentClient::connect(&vm.agent_socket(), RESTORE_TIMEOUT).await?;
+            agent.restored().await?;
+            Ok(agent)
+        }
+        .await
+        .map(|agent| (vm.clone(), agent));
+        if launched.is_err() {
+            let _ = self.remove(&vm).await;
+        }
+        launched
+    }
+}
