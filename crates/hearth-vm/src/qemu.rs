@@ -586,11 +586,14 @@ impl Driver for QemuDriver {
     /// outlive the process that started them, so after a crash this is how
     /// strays are found.
     fn processes(&self) -> Vec<VmProcess> {
-        // Only what hearth itself started counts: a process of this user whose
-        // command line names `-name hearth-<instance>` and a VM directory whose
-        // record holds that same instance. Anything else that merely looks like
-        // QEMU (any local user can name a process so) is ignored: reconcile kills
-        // what this returns and deletes its RAM file.
+        // Only what hearth itself started counts: a process of this user (any
+        // local user can name a process like QEMU; another user's is ignored)
+        // whose command line names `-name hearth-<instance>` and runs from a
+        // directory directly under `vms`. Its RAM file is reported only when it
+        // is `<instance>.ram` in the RAM directory, resolved: reconcile kills
+        // what this returns and deletes that file, nothing else. The record is
+        // not required to name the instance: a crash between QEMU's start and
+        // the record's update (a resume) must not leave a QEMU no one ends.
         let vms = canonical_or_self(&self.assets.vms_dir());
         let ram_dir = canonical_or_self(&self.assets.ram_dir);
         let own_uid = rustix::process::getuid().as_raw();
@@ -620,12 +623,6 @@ impl Driver for QemuDriver {
             let Some(claim) = QemuClaim::parse(&args, &vms, &ram_dir) else {
                 continue;
             };
-            let record = std::fs::read(vms.join(&claim.vm).join(RECORD_FILE))
-                .ok()
-                .and_then(|bytes| serde_json::from_slice::<VmRecord>(&bytes).ok());
-            if record.is_none_or(|r| r.instance != claim.instance) {
-                continue;
-            }
             found.push(VmProcess {
                 pid,
                 vm: claim.vm,
@@ -1597,62 +1594,53 @@ mod recognition_tests {
             "memory-backend-file,mem-path={}/../precious.txt,share=on",
             assets.ram_dir.display()
         );
-        // argv[0] "qemu-system-x86_64", then arguments that name a VM directory.
-        let mut fake = std::process::Command::new("bash")
-            .args([
-                "-c",
-                r#"exec -a qemu-system-x86_64 sh -c 'sleep 30; true' "$@""#,
-                "x",
-            ])
-            .args([
-                "-name",
-                "hearth-feedbeef",
-                "-object",
-                &mem,
-                "-serial",
-                &console,
-            ])
-            .spawn()
-            .expect("spawn");
-        std::thread::sleep(Duration::from_millis(300));
-        // No record names that instance: not ours.
-        assert!(driver.processes().iter().all(|p| p.pid != fake.id()));
-        // Even with a record naming it (say, a guessed instance), the RAM file
-        // it names is not reported, so killing it deletes nothing.
-        let dir = vms.join("victim");
-        let record = VmRecord {
-            name: "victim".into(),
-            instance: "feedbeef".into(),
-            dir: dir.clone(),
-            state: VmState::Running,
-            pid: Some(fake.id()),
-            shape: MachineShape::default(),
-            accel: Accel::Tcg,
-            kernel: dir.join("k"),
-            initrd: dir.join("i"),
-            cmdline: String::new(),
-            disk: dir.join("d"),
-            memory: Memory::Anonymous,
-            origin: Origin::Boot {
-                image: "debian-12".into(),
-            },
-            created_unix: 0,
-            user_network: false,
+        let fake = |uid: Option<u32>| {
+            use std::os::unix::process::CommandExt;
+            let mut command = std::process::Command::new("bash");
+            // argv[0] "qemu-system-x86_64", then arguments that name a VM directory.
+            command
+                .args([
+                    "-c",
+                    r#"exec -a qemu-system-x86_64 sh -c 'sleep 30; true' "$@""#,
+                    "x",
+                ])
+                .args([
+                    "-name",
+                    "hearth-feedbeef",
+                    "-object",
+                    &mem,
+                    "-serial",
+                    &console,
+                ]);
+            if let Some(uid) = uid {
+                command.uid(uid).gid(uid);
+            }
+            command.spawn().expect("spawn")
         };
-        let record = serde_json::to_string(&record).expect("json");
-        std::fs::write(vms.join("victim").join(RECORD_FILE), record).expect("record");
+        // Another user's process dressed as one of ours: not ours at all.
+        if rustix::process::geteuid().as_raw() == 0 {
+            let mut other = fake(Some(65534));
+            std::thread::sleep(Duration::from_millis(300));
+            assert!(driver.processes().iter().all(|p| p.pid != other.id()));
+            let _ = other.kill();
+            let _ = other.wait();
+        }
+        // This user's: claimed (it runs from our VM directory), but the RAM
+        // file it names is not its own, so killing it deletes nothing.
+        let mut mine = fake(None);
+        std::thread::sleep(Duration::from_millis(300));
         let found: Vec<_> = driver
             .processes()
             .into_iter()
-            .filter(|p| p.pid == fake.id())
+            .filter(|p| p.pid == mine.id())
             .collect();
-        assert_eq!(found.len(), 1, "claimed once its record names it");
+        assert_eq!(found.len(), 1, "claimed");
         for process in &found {
             assert_eq!(process.ram, None);
             driver.kill_process(process);
         }
         assert_eq!(std::fs::read(&target).expect("target kept"), b"keep me");
-        let _ = fake.kill();
-        let _ = fake.wait();
+        let _ = mine.kill();
+        let _ = mine.wait();
     }
 }
