@@ -13,37 +13,18 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
-use hearth_proto::{
-    AppLogRecord, AppLogsRequest, AppStream, DiscardAppLogRequest, ErrorKind, Frame, FrameKind,
-    Reply, MAX_APP_LOG_LINE,
-};
+use hearth_proto::{AppLogRecord, AppStream, MAX_APP_LOG_LINE};
 use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 
-use crate::stream::{FrameSink, SessionError, StreamFailure};
 use crate::{log, sys};
 
 /// Most bytes of lines the ring holds.
 pub const RING_BYTES: usize = 1024 * 1024;
 /// What a record costs in the ring beyond its line (its numbers, its slot).
 const RECORD_OVERHEAD: usize = 48;
-/// Most bytes of encoded records in one `Data` frame (well under the frame
-/// limit even for a record whose line is all escapes).
-const MAX_BATCH: usize = 128 * 1024;
 /// A partial line (no newline yet) is shipped after this long.
 const PARTIAL_LINE_DELAY: Duration = Duration::from_secs(1);
-
-#[derive(Debug, thiserror::Error)]
-pub enum AppLogError {
-    #[error("{0}")]
-    Session(#[from] SessionError),
-}
-
-impl StreamFailure for AppLogError {
-    fn kind(&self) -> ErrorKind {
-        ErrorKind::Internal
-    }
-}
 
 /// The numbered lines still held, oldest first; sequence numbers are
 /// consecutive from the front.
@@ -135,6 +116,24 @@ impl AppLog {
 
     fn ring(&self) -> std::sync::MutexGuard<'_, Ring> {
         self.ring.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Tells when lines are added (the value is the next sequence number).
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
+        self.grown.subscribe()
+    }
+
+    /// Encoded records from sequence number `from`, at most `max_bytes`, and
+    /// the number to continue from.
+    pub(crate) fn batch(&self, from: u64, max_bytes: usize) -> (Vec<u8>, u64) {
+        self.ring().batch(from, max_bytes)
+    }
+
+    /// Drops the lines before `before`; returns the next sequence number.
+    pub(crate) fn discard_before(&self, before: u64) -> u64 {
+        let mut ring = self.ring();
+        ring.discard_before(before);
+        ring.next_seq
     }
 
     pub fn push(&self, stream: AppStream, line: &[u8]) {
@@ -270,53 +269,6 @@ async fn read_pipe(log: &AppLog, path: &Path, stream: AppStream) -> io::Result<(
         }
         splitter.feed(&buf, |line| log.push(stream, line));
     }
-}
-
-/// Serves `AppLogs`: batches of records from `request.from`, then `Eof`, or
-/// when following, new records as they come until the stream is dropped.
-pub async fn serve(
-    stream: u32,
-    request: AppLogsRequest,
-    sink: &FrameSink,
-    log: &AppLog,
-) -> Result<(), AppLogError> {
-    let mut grown = log.grown.subscribe();
-    let mut cursor = request.from;
-    loop {
-        grown.borrow_and_update();
-        let (payload, next) = log.ring().batch(cursor, MAX_BATCH);
-        if !payload.is_empty() {
-            cursor = next;
-            sink.send(Frame::new(stream, FrameKind::Data, payload))
-                .await?;
-            continue;
-        }
-        if !request.follow {
-            sink.send(Frame::new(stream, FrameKind::Eof, bytes::Bytes::new()))
-                .await?;
-            return Ok(());
-        }
-        if grown.changed().await.is_err() {
-            return Ok(());
-        }
-    }
-}
-
-/// Serves `DiscardAppLog`.
-pub async fn discard(
-    stream: u32,
-    request: DiscardAppLogRequest,
-    sink: &FrameSink,
-    log: &AppLog,
-) -> Result<(), AppLogError> {
-    let next_seq = {
-        let mut ring = log.ring();
-        ring.discard_before(request.before);
-        ring.next_seq
-    };
-    sink.reply(stream, &Reply::AppLogDiscarded { next_seq })
-        .await?;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 //! socket (`--unix-listen PATH`) or a given device (`--port PATH`), for tests.
 
 mod applog;
+mod applog_stream;
 mod channel;
 mod children;
 mod exec;

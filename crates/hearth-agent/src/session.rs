@@ -20,7 +20,7 @@ use tokio_util::codec::{Decoder, FramedRead, FramedWrite};
 use crate::stream::{
     error_frame, Agent, FrameSink, Outgoing, SessionError, StreamControl, StreamFailure,
 };
-use crate::{applog, exec, files, log, system, tcp};
+use crate::{applog_stream, exec, files, log, system, tcp};
 
 /// Frames queued for the writer (across all streams) before senders wait.
 const OUTGOING_QUEUE: usize = 64;
@@ -382,15 +382,17 @@ async fn run_stream(
             .map(|err| Box::new(err) as _),
         Request::AppLogs(request) => {
             drop(inbox);
-            applog::serve(stream, request, &sink, &agent.app_log)
+            applog_stream::serve(stream, request, &sink, &agent.app_log)
                 .await
                 .err()
                 .map(|err| Box::new(err) as _)
         }
-        Request::DiscardAppLog(request) => applog::discard(stream, request, &sink, &agent.app_log)
-            .await
-            .err()
-            .map(|err| Box::new(err) as _),
+        Request::DiscardAppLog(request) => {
+            applog_stream::discard(stream, request, &sink, &agent.app_log)
+                .await
+                .err()
+                .map(|err| Box::new(err) as _)
+        }
     };
     if let Some(failure) = failure {
         let _ = sink

@@ -15,7 +15,7 @@ use serde_json::json;
 use tokio::io::AsyncWriteExt;
 
 use crate::connect::ConnectArgs;
-use crate::guest_cli::{agent_access, error_message, Endpoint};
+use crate::guest_endpoint::{agent_access, error_message, Endpoint};
 
 #[derive(Debug, Args)]
 pub struct CpArgs {

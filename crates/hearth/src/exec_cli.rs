@@ -19,7 +19,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::connect::ConnectArgs;
-use crate::guest_cli::{agent_access, Endpoint};
+use crate::guest_endpoint::{agent_access, Endpoint};
 use crate::shell;
 use crate::terminal::{RawMode, WindowSize};
 

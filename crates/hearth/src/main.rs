@@ -20,12 +20,14 @@ mod cp_cli;
 mod endpoint_cli;
 mod exec_cli;
 mod guest_cli;
+mod guest_endpoint;
 mod image_build;
 mod measure;
 mod operator;
 mod port_forward;
 mod progress;
 mod shell;
+mod signals;
 mod terminal;
 
 #[derive(Debug, Parser)]
@@ -453,21 +455,6 @@ fn account(command: AccountCommand) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn interrupted() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut int), Ok(mut term)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = int.recv() => {}
-        _ = term.recv() => {}
-    }
-}
-
 fn driver() -> Result<QemuDriver> {
     Ok(QemuDriver::new(Assets::from_env())?)
 }
@@ -489,7 +476,7 @@ async fn vm(command: VmCommand) -> Result<ExitCode> {
             // removes the VM's files: nothing is left behind half-booted.
             let vm = tokio::select! {
                 vm = driver.boot(&request) => vm?,
-                _ = interrupted() => {
+                _ = signals::interrupted() => {
                     eprintln!("hearth: interrupted; {} removed", request.name);
                     return Ok(ExitCode::from(130));
                 }

@@ -22,7 +22,7 @@ use serde_json::json;
 use tokio::sync::Mutex;
 
 use crate::connect::ConnectArgs;
-use crate::guest_cli::Endpoint;
+use crate::guest_endpoint::Endpoint;
 
 /// Lifetime of each minted token; a new one is minted this long before the
 /// old one expires.
@@ -242,7 +242,7 @@ pub(crate) async fn run(args: PortForwardArgs) -> Result<()> {
                 let _ = tcp.set_nodelay(true);
                 tokio::spawn(forwarder.clone().serve(tcp));
             }
-            () = crate::interrupted() => return Ok(()),
+            () = crate::signals::interrupted() => return Ok(()),
         }
     }
 }
