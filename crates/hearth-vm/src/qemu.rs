@@ -58,8 +58,10 @@ fn boot_cmdline(accel: Accel, user_network: bool) -> String {
     // Every microVM of an image has the hostname `localhost`, as the reference.
     let mut cmdline =
         String::from("console=ttyS0 quiet panic=-1 hearth.root=/dev/vda hearth.hostname=localhost");
-    // `edd=off`: work around a QEMU `microvm` + SeaBIOS fault that hangs the boot
-    // at some memory sizes, 2048 MiB among them (docs/qemu-microvm-edd.md).
+    // `edd=off`: a second guard (the first is `boot_kernel`, which keeps the
+    // initrd off the firmware's memory) against a QEMU `microvm` + SeaBIOS fault
+    // that hangs the boot at some memory sizes, 2048 MiB among them
+    // (docs/qemu-microvm-edd.md).
     // QEMU loads the initrd just below `top of RAM - 160 KiB` (its ACPI
     // reservation), but SeaBIOS keeps 256 KiB there, including the virtqueue of
     // its virtio-blk driver, so the initrd overwrites that queue. The kernel's
@@ -426,6 +428,60 @@ impl QemuDriver {
     /// `-kernel` to lay out the same devices as at boot (without one the restored
     /// guest hangs). QEMU keeps that image in private memory for the life of the
     /// process, 14 MiB for Debian's kernel: in every clone. The stub costs 24 KiB.
+    /// The kernel image a cold boot of `memory_mib` uses: `kernel` itself, or a
+    /// copy whose boot-protocol `initrd_addr_max` (offset 0x22c of the setup
+    /// header) keeps the initrd at least 2 MiB below the top of RAM.
+    ///
+    /// Why: QEMU loads the initrd as high as that field allows, up to
+    /// `top of RAM - 160 KiB`, but `microvm`'s firmware (SeaBIOS) keeps 256 KiB
+    /// there: its virtio-blk queue and, depending on the sizes, the ACPI tables.
+    /// An initrd over them hangs the boot in the BIOS or leaves the kernel
+    /// without ACPI tables, hence without devices (docs/qemu-microvm-edd.md).
+    /// Above 2 GiB the kernel's own limit (2 GiB) already keeps it low. The
+    /// guest's memory is unchanged; only where the initrd is loaded moves.
+    fn boot_kernel(&self, kernel: &Path, memory_mib: u32) -> Result<PathBuf, VmError> {
+        use std::io::Read;
+        const INITRD_ADDR_MAX: usize = 0x22c;
+        const FIRMWARE_MARGIN: u64 = 2 * 1024 * 1024;
+        let io = |e| VmError::Io(kernel.to_path_buf(), e);
+        let mut head = Vec::with_capacity(4096);
+        std::fs::File::open(kernel)
+            .map_err(io)?
+            .take(4096)
+            .read_to_end(&mut head)
+            .map_err(io)?;
+        let protocol = head
+            .get(0x206..0x208)
+            .map_or(0, |b| u16::from_le_bytes([b[0], b[1]]));
+        let current = head
+            .get(INITRD_ADDR_MAX..INITRD_ADDR_MAX + 4)
+            .map(|b| u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]])));
+        let (Some(current), true) = (current, head.get(0x202..0x206) == Some(b"HdrS")) else {
+            return Ok(kernel.to_path_buf());
+        };
+        let limit = (u64::from(memory_mib) * 1024 * 1024)
+            .saturating_sub(FIRMWARE_MARGIN)
+            .saturating_sub(1);
+        if protocol < 0x203 || current <= limit {
+            return Ok(kernel.to_path_buf());
+        }
+        let Ok(limit) = u32::try_from(limit) else {
+            return Ok(kernel.to_path_buf());
+        };
+        let mut image = std::fs::read(kernel).map_err(io)?;
+        image[INITRD_ADDR_MAX..INITRD_ADDR_MAX + 4].copy_from_slice(&limit.to_le_bytes());
+        let dir = self.assets.cache_dir.join("kernel-boot");
+        let path = dir.join(format!(
+            "{}-initrd-below-{limit:08x}.bzImage",
+            &blake3::hash(&image).to_hex()[..16]
+        ));
+        if !path.exists() {
+            std::fs::create_dir_all(&dir).map_err(|e| VmError::Io(dir.clone(), e))?;
+            disk::write_atomic(&path, &image)?;
+        }
+        Ok(path)
+    }
+
     fn kernel_stub(&self, kernel: &Path) -> Result<PathBuf, VmError> {
         use std::io::Read;
         let io = |e| VmError::Io(kernel.to_path_buf(), e);
@@ -682,7 +738,7 @@ impl Driver for QemuDriver {
                 pid: None,
                 shape: request.shape,
                 accel: self.accel,
-                kernel: kernel.vmlinuz.clone(),
+                kernel: self.boot_kernel(&kernel.vmlinuz, request.shape.memory_mib)?,
                 initrd: kernel.initrd.clone(),
                 cmdline: boot_cmdline(self.accel, boot.user_network),
                 disk: boot
