@@ -2,11 +2,13 @@
 //! `Driver` API and the warm pool. Needs `scripts/setup-host` and
 //! the agent built into hearth-vm (as `scripts/test` does).
 
+mod common;
+
 use std::time::Duration;
 
-use hearth_proto::ExecRequest;
+use common::sh;
 use hearth_vm::pool::{LaunchPath, PoolMode, WarmPool};
-use hearth_vm::{AgentClient, Assets, BootRequest, Driver, MachineShape, QemuDriver, VmError};
+use hearth_vm::{Assets, BootRequest, Driver, MachineShape, QemuDriver, VmError};
 
 fn driver(state: &std::path::Path) -> QemuDriver {
     let assets = Assets {
@@ -14,23 +16,6 @@ fn driver(state: &std::path::Path) -> QemuDriver {
         ..Assets::from_env()
     };
     QemuDriver::new(assets).expect("driver")
-}
-
-async fn sh(agent: &AgentClient, script: &str) -> String {
-    let out = agent
-        .exec_output(ExecRequest {
-            argv: vec!["sh".into(), "-c".into(), script.into()],
-            ..Default::default()
-        })
-        .await
-        .expect("exec");
-    assert_eq!(
-        out.status.code,
-        Some(0),
-        "{script}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,25 +5,10 @@
 //! exercised here, not only the small one most tests use.
 //! Needs `scripts/setup-host` (as `scripts/test` runs).
 
-use hearth_proto::ExecRequest;
-use hearth_vm::{AgentClient, Assets, BootRequest, Driver, MachineShape, QemuDriver};
+mod common;
 
-async fn sh(agent: &AgentClient, script: &str) -> String {
-    let out = agent
-        .exec_output(ExecRequest {
-            argv: vec!["sh".into(), "-c".into(), script.into()],
-            ..Default::default()
-        })
-        .await
-        .expect("exec");
-    assert_eq!(
-        out.status.code,
-        Some(0),
-        "{script}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
+use common::sh;
+use hearth_vm::{AgentClient, Assets, BootRequest, Driver, MachineShape, QemuDriver};
 
 /// MemTotal in KiB.
 async fn mem_total_kib(agent: &AgentClient) -> u64 {
