@@ -38,6 +38,9 @@ pub struct ServerConfig {
     pub registry: Option<hearth_oci::RegistryConfig>,
     /// Step-cache entries unused for this many days are dropped at start.
     pub build_cache_days: u64,
+    /// How QEMU processes are jailed (default: a uid range when root, the
+    /// unprivileged jail otherwise).
+    pub jail: hearth_vm::JailConfig,
 }
 
 impl ServerConfig {
@@ -58,6 +61,7 @@ impl ServerConfig {
             artifacts: hearth_s3::ArtifactsConfig::default(),
             registry: None,
             build_cache_days: 14,
+            jail: hearth_vm::JailConfig::for_current_user(),
         }
     }
 }

@@ -75,7 +75,15 @@ pub async fn create_overlay_sized(
 pub fn sparse_copy(from: &Path, to: &Path) -> Result<u64, DiskError> {
     let io_from = |e| DiskError::Io(from.to_path_buf(), e);
     let io_to = |e| DiskError::Io(to.to_path_buf(), e);
-    let mut src = File::open(from).map_err(io_from)?;
+    // Not through a symlink: the source may sit in a jailed QEMU's directory.
+    let mut src = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(from)
+            .map_err(io_from)?
+    };
     let len = src.metadata().map_err(io_from)?.len();
     let mut dst = File::create(to).map_err(io_to)?;
     dst.set_len(len).map_err(io_to)?;
@@ -166,6 +174,86 @@ pub fn create_private_file(path: &Path) -> Result<File, DiskError> {
         .map_err(|e| DiskError::Io(path.to_path_buf(), e))
 }
 
+/// Creates `path` empty and 0600 after removing whatever was there (a file or
+/// a symlink, never followed): for files in directories a jailed QEMU can
+/// write to.
+pub fn create_fresh(path: &Path) -> Result<File, DiskError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(DiskError::Io(path.to_path_buf(), e)),
+    }
+    create_private_file(path)
+}
+
+/// The files an image reads through: its qcow2 backing file, that file's, and
+/// so on (not `image` itself), read from the qcow2 headers. A relative
+/// backing name is relative to the directory of the image that names it.
+pub fn backing_chain(image: &Path) -> Result<Vec<PathBuf>, DiskError> {
+    let mut chain = Vec::new();
+    let mut current = image.to_path_buf();
+    while let Some(backing) = qcow2_backing(&current)? {
+        let backing = if backing.is_absolute() {
+            backing
+        } else {
+            current.parent().unwrap_or(Path::new("/")).join(backing)
+        };
+        if chain.contains(&backing) || chain.len() >= 256 {
+            return Err(DiskError::Io(
+                backing,
+                std::io::Error::new(std::io::ErrorKind::InvalidData, "backing chain loops"),
+            ));
+        }
+        chain.push(backing.clone());
+        current = backing;
+    }
+    Ok(chain)
+}
+
+/// The header fields of a qcow2 file; `None` for anything else (a raw image).
+fn qcow2_header(path: &Path) -> Result<Option<[u8; 32]>, DiskError> {
+    let io = |e| DiskError::Io(path.to_path_buf(), e);
+    let mut head = [0u8; 32];
+    let mut file = File::open(path).map_err(io)?;
+    match file.read_exact(&mut head) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(io(e)),
+    }
+    Ok((head[..4] == *b"QFI\xfb").then_some(head))
+}
+
+fn qcow2_backing(path: &Path) -> Result<Option<PathBuf>, DiskError> {
+    let Some(head) = qcow2_header(path)? else {
+        return Ok(None);
+    };
+    let be64 = |at: usize| u64::from_be_bytes(head[at..at + 8].try_into().unwrap_or([0; 8]));
+    let offset = be64(8);
+    let len = u32::from_be_bytes(head[16..20].try_into().unwrap_or([0; 4])) as usize;
+    if offset == 0 || len == 0 {
+        return Ok(None);
+    }
+    if len > 1023 {
+        return Err(DiskError::Io(
+            path.to_path_buf(),
+            std::io::Error::new(std::io::ErrorKind::InvalidData, "backing file name too long"),
+        ));
+    }
+    let io = |e| DiskError::Io(path.to_path_buf(), e);
+    let mut file = File::open(path).map_err(io)?;
+    file.seek(SeekFrom::Start(offset)).map_err(io)?;
+    let mut name = vec![0u8; len];
+    file.read_exact(&mut name).map_err(io)?;
+    use std::os::unix::ffi::OsStringExt;
+    Ok(Some(PathBuf::from(std::ffi::OsString::from_vec(name))))
+}
+
+/// The virtual size of a qcow2 image in bytes; `None` for anything else.
+pub fn virtual_size(path: &Path) -> Option<u64> {
+    let head = qcow2_header(path).ok()??;
+    Some(u64::from_be_bytes(head[24..32].try_into().ok()?))
+}
+
 /// Creates one directory with mode 0700; fails if it exists.
 pub fn create_private_dir(path: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
@@ -180,10 +268,12 @@ pub fn sync_dir(dir: &Path) -> Result<(), DiskError> {
 }
 
 /// Writes `bytes` to `path` atomically: temporary file, fsync, rename, fsync dir.
+/// The temporary file is made new (never opened through a link someone left
+/// at its name: a VM directory is writable by its jailed QEMU).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), DiskError> {
     let tmp = path.with_extension("tmp");
     let io = |e| DiskError::Io(path.to_path_buf(), e);
-    let mut file = File::create(&tmp).map_err(io)?;
+    let mut file = create_fresh(&tmp)?;
     file.write_all(bytes).map_err(io)?;
     file.sync_all().map_err(io)?;
     std::fs::rename(&tmp, path).map_err(io)?;

@@ -54,6 +54,8 @@ pub enum VmError {
     Accel(#[from] AccelError),
     #[error(transparent)]
     UntestedHost(#[from] UntestedHost),
+    #[error(transparent)]
+    Jail(#[from] crate::jail::JailError),
     #[error("snapshot was made with {made_with:?}, this host runs {runs:?}; rebuild the image, or set HEARTH_ALLOW_UNTESTED_HOST=1 to try anyway")]
     SnapshotQemu { made_with: String, runs: String },
     #[error("snapshot was made for {0:?}, this host runs {1:?}")]

@@ -18,6 +18,7 @@ use crate::assets::Assets;
 use crate::disk::{self, BackingFormat};
 use crate::driver::{BootRequest, ColdBoot, Driver, VmError, VmProcess};
 use crate::errors::error_chain;
+use crate::jail::{self, JailConfig, JailError, JailMode, JailSpec, Limits, Network, Plan, UidClaims};
 use crate::pins::HostPins;
 use crate::qmp::{Qmp, QmpError};
 use crate::record::{validate_name, MachineShape, Memory, Origin, VmRecord, VmState};
@@ -93,16 +94,27 @@ pub struct QemuDriver {
     /// The first line of `qemu --version` (empty when QEMU is missing), read
     /// once: snapshots record it and launches compare it.
     qemu_version: String,
+    /// How its QEMU processes are confined (see [`crate::jail`]).
+    jail: JailConfig,
+    uid_claims: UidClaims,
 }
 
 impl QemuDriver {
     /// A driver with the accelerator chosen by [`accel::select_cached`].
     pub fn new(assets: Assets) -> Result<Self, VmError> {
+        Self::with_jail(assets, JailConfig::for_current_user())
+    }
+
+    /// A driver whose QEMU processes run in `jail`; refuses a jail this
+    /// process must not or cannot use (an unjailed root server).
+    pub fn with_jail(assets: Assets, jail: JailConfig) -> Result<Self, VmError> {
+        jail.check()?;
         std::fs::create_dir_all(&assets.cache_dir)
             .map_err(|e| VmError::Io(assets.cache_dir.clone(), e))?;
         let (accel, reason) = accel::select_cached(&assets.cache_dir.join("accel.json"))?;
         info!(accel = ?accel, "{reason}");
-        let driver = Self::with_accel(assets, accel);
+        let mut driver = Self::with_accel(assets, accel);
+        driver.jail = jail;
         // A host without QEMU fails at the first start with its own message; a
         // QEMU other than the tested one is refused here, before any guest runs.
         if !driver.qemu_version.is_empty() {
@@ -115,11 +127,48 @@ impl QemuDriver {
     pub fn with_accel(assets: Assets, accel: Accel) -> Self {
         let qemu = PathBuf::from("qemu-system-x86_64");
         let qemu_version = read_qemu_version(&qemu);
+        let jail = JailConfig::for_current_user();
+        if jail.enabled() {
+            jail::become_subreaper();
+        }
+        crate::console::watch(&assets.vms_dir());
         Self {
+            uid_claims: UidClaims::new(assets.state_dir.join("jail").join("uids")),
             assets,
             accel,
             qemu,
             qemu_version,
+            jail,
+        }
+    }
+
+    /// The same driver with QEMU left unjailed, for the benchmark's
+    /// with/without comparison only (never a server path).
+    #[cfg(feature = "bench")]
+    pub fn unjailed_for_benchmark(&self) -> Self {
+        Self {
+            jail: JailConfig {
+                mode: JailMode::Disabled,
+            },
+            ..self.clone()
+        }
+    }
+
+    pub fn jail(&self) -> &JailConfig {
+        &self.jail
+    }
+
+    /// A uid for the VM in `dir` (root jail), kept in its record.
+    fn claim_uid(&self, dir: &Path) -> Result<Option<u32>, VmError> {
+        match self.jail.mode {
+            JailMode::Root { .. } => Ok(Some(self.uid_claims.claim(&self.jail, dir)?)),
+            JailMode::Unprivileged | JailMode::Disabled => Ok(None),
+        }
+    }
+
+    fn release_uid(&self, vm: &VmRecord) {
+        if let Some(uid) = vm.jail_uid {
+            self.uid_claims.release(uid, &vm.dir);
         }
     }
 
@@ -210,8 +259,20 @@ impl QemuDriver {
         }
         push("-append");
         push(&vm.cmdline);
+        // Appending, so the console cap (`crate::console`) can truncate it.
+        push("-chardev");
+        push(&format!(
+            "file,id=console,path={},append=on",
+            vm.console_log().display()
+        ));
         push("-serial");
-        push(&format!("file:{}", vm.console_log().display()));
+        push("chardev:console");
+        if self.jail.enabled() {
+            // QEMU's own seccomp filter: no exec, no privilege changes, no
+            // obsolete system calls, no scheduler or affinity changes.
+            push("-sandbox");
+            push("on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny");
+        }
         push("-drive");
         push(&format!(
             "id=root,file={},format=qcow2,if=none,cache=writeback,discard=unmap",
@@ -256,11 +317,13 @@ impl QemuDriver {
         args
     }
 
-    /// Starts QEMU for `vm` and returns its pid and a QMP session once QEMU
-    /// accepts commands. QEMU runs in its own process group, outliving the caller.
+    /// Starts QEMU for `vm` in its jail and returns its pid and a QMP session
+    /// once QEMU accepts commands. QEMU runs in its own process group,
+    /// outliving the caller.
     async fn spawn(&self, vm: &VmRecord, incoming: Incoming<'_>) -> Result<(u32, Qmp), VmError> {
         let log_path = vm.qemu_log();
-        let log = std::fs::File::create(&log_path).map_err(|e| VmError::Io(log_path.clone(), e))?;
+        // Never through a link a jailed QEMU could have left in its directory.
+        let log = disk::create_fresh(&log_path)?;
         let log_err = log
             .try_clone()
             .map_err(|e| VmError::Io(log_path.clone(), e))?;
@@ -270,14 +333,30 @@ impl QemuDriver {
         };
         let mut command = Command::new(&self.qemu);
         command.args(self.command_line(vm, incoming, &kernel));
-        // SAFETY: the closure runs in the forked child before exec and only calls
-        // prctl(2), which is async-signal-safe and touches no shared state.
+        let plan = if self.jail.enabled() {
+            let spec = self.jail_spec(vm, &kernel, incoming)?;
+            let root = self.assets.state_dir.join("jail").join("root");
+            disk::create_private_dir_all(&root)?;
+            Some(Plan::new(&self.jail, &spec, &root)?)
+        } else {
+            None
+        };
+        let (plan, pid_pipe) = match plan {
+            Some((plan, pipe)) => (Some(plan), Some(pipe)),
+            None => (None, None),
+        };
+        // SAFETY: the closure runs in the forked child before exec. It makes
+        // only system calls (prctl; the jail's, see `Plan::enter`) on data
+        // prepared before the fork, and touches no shared state.
         unsafe {
-            command.pre_exec(|| {
+            command.pre_exec(move || {
                 // Transparent huge pages would round QEMU's translation cache up to
                 // 2 MiB pages in every clone; guest RAM is file-backed and unaffected.
                 libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
-                Ok(())
+                match &plan {
+                    Some(plan) => plan.enter(),
+                    None => Ok(()),
+                }
             });
         }
         let mut child = command
@@ -288,12 +367,25 @@ impl QemuDriver {
             .kill_on_drop(false)
             .spawn()
             .map_err(VmError::Spawn)?;
-        let pid = child.id().ok_or_else(|| VmError::QemuDied {
-            log: read_tail(&log_path),
-        })?;
+        // Drop the command (and the plan in its closure) now: its pid pipe
+        // end must close before the read below.
+        drop(command);
+        let pid = match pid_pipe {
+            // The jail's intermediate process reported QEMU's pid and exited.
+            Some(pipe) => {
+                let pid = pipe.read_pid();
+                let _ = child.wait().await;
+                let pid = pid?;
+                jail::reap(pid);
+                pid
+            }
+            None => child.id().ok_or_else(|| VmError::QemuDied {
+                log: read_tail(&log_path),
+            })?,
+        };
         let deadline = Instant::now() + QMP_START_TIMEOUT;
         let qmp = loop {
-            if let Ok(Some(_)) = child.try_wait() {
+            if !process_alive(pid, &vm.instance) {
                 return Err(VmError::QemuDied {
                     log: read_tail(&log_path),
                 });
@@ -304,17 +396,119 @@ impl QemuDriver {
                     tokio::time::sleep(Duration::from_millis(2)).await;
                 }
                 Err(err) => {
-                    let _ = child.start_kill();
+                    kill_pid(pid);
                     return Err(err.into());
                 }
             }
         };
+        if self.jail.enabled() {
+            return Ok((pid, qmp));
+        }
         // Reap QEMU when it exits while this process lives; if this process exits
         // first, init adopts and reaps it.
         tokio::spawn(async move {
             let _ = child.wait().await;
         });
         Ok((pid, qmp))
+    }
+
+    /// What `vm`'s jail holds, with its files handed to its uid (root jail).
+    fn jail_spec(
+        &self,
+        vm: &VmRecord,
+        kernel: &Path,
+        incoming: Incoming<'_>,
+    ) -> Result<JailSpec, VmError> {
+        let (uid, gid) = match (self.jail.mode, vm.jail_uid) {
+            (JailMode::Root { .. }, Some(uid)) => (uid, uid),
+            (JailMode::Root { .. }, None) => return Err(JailError::NoFreeUid.into()),
+            _ => {
+                let uid = rustix::process::getuid().as_raw();
+                (uid, rustix::process::getgid().as_raw())
+            }
+        };
+        let mut read_only = vec![kernel.to_path_buf()];
+        if matches!(incoming, Incoming::None) {
+            read_only.push(vm.initrd.clone());
+        }
+        // Every file under the overlay: QEMU opens the whole chain.
+        read_only.extend(disk::backing_chain(&vm.disk)?);
+        if let Incoming::Uri(uri) = incoming {
+            if let Some(path) = uri.strip_prefix("file:") {
+                read_only.push(PathBuf::from(path));
+            }
+        }
+        if let Origin::Snapshot { dir } = &vm.origin {
+            for name in [snapshot::MEMORY_FILE, snapshot::STATE_FILE] {
+                let path = dir.join(name);
+                if path.exists() {
+                    read_only.push(path);
+                }
+            }
+        }
+        let mut read_write = vec![vm.dir.clone()];
+        if !vm.disk.starts_with(&vm.dir) {
+            read_write.push(vm.disk.clone());
+        }
+        match &vm.memory {
+            Memory::SharedFile { path } => read_write.push(path.clone()),
+            Memory::PrivateFile { path } => read_only.push(path.clone()),
+            Memory::Anonymous => {}
+        }
+        read_only.sort();
+        read_only.dedup();
+        if let Some(shared) = self.jail.shared_gid() {
+            for path in &read_only {
+                jail::share_read_only(path, shared)?;
+            }
+            // The VM directory stays root's (its record is the server's to
+            // write): QEMU's group may add files, the sticky bit keeps it
+            // from removing or replacing what it does not own.
+            std::os::unix::fs::chown(&vm.dir, Some(0), Some(gid))
+                .map_err(|e| VmError::Io(vm.dir.clone(), e))?;
+            std::fs::set_permissions(
+                &vm.dir,
+                std::os::unix::fs::PermissionsExt::from_mode(0o1770),
+            )
+            .map_err(|e| VmError::Io(vm.dir.clone(), e))?;
+            let console = vm.console_log();
+            if !console.exists() {
+                disk::create_private_file(&console)?;
+            }
+            jail::give(&console, uid, gid)?;
+            jail::give(&vm.disk, uid, gid)?;
+            if let Memory::SharedFile { path } = &vm.memory {
+                jail::give(path, uid, gid)?;
+            }
+        }
+        let mut devices: Vec<PathBuf> = jail::BASE_DEVICES.iter().map(PathBuf::from).collect();
+        if vm.accel == Accel::Kvm {
+            devices.push(PathBuf::from("/dev/kvm"));
+        }
+        let memory = u64::from(vm.shape.memory_mib) << 20;
+        let disk_size = disk::virtual_size(&vm.disk).unwrap_or(64 << 30);
+        Ok(JailSpec {
+            uid,
+            gid,
+            read_only,
+            read_write,
+            devices,
+            cgroup_procs: Vec::new(),
+            network: if vm.user_network {
+                Network::Host
+            } else {
+                Network::Isolated
+            },
+            keep_fds: Vec::new(),
+            limits: Limits {
+                nofile: 4096,
+                // vCPU threads, QEMU's I/O worker pool (64) and its own threads.
+                nproc: 128 + u64::from(vm.shape.vcpus),
+                // The overlay may grow to the disk's size; a suspend writes
+                // all of RAM; the console is capped far below either.
+                fsize: disk_size + 2 * memory + (256 << 20),
+            },
+        })
     }
 
     /// Prepares a VM to receive `snapshot`'s state: its directory, disk overlay,
@@ -355,6 +549,7 @@ impl QemuDriver {
                     path: snapshot.memory(),
                 },
                 &snapshot.dir,
+                self.claim_uid(&dir)?,
             );
             disk::create_overlay(&vm.disk, &snapshot.disk(), BackingFormat::Qcow2).await?;
             self.save(&vm)?;
@@ -626,6 +821,9 @@ impl Driver for QemuDriver {
             return Err(VmError::BadName(name.into()));
         }
         let dir = self.vm_dir(name);
+        if let Ok(vm) = self.load(name) {
+            self.release_uid(&vm);
+        }
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -652,7 +850,6 @@ impl Driver for QemuDriver {
         // the record's update (a resume) must not leave a QEMU no one ends.
         let vms = canonical_or_self(&self.assets.vms_dir());
         let ram_dir = canonical_or_self(&self.assets.ram_dir);
-        let own_uid = rustix::process::getuid().as_raw();
         let Ok(entries) = std::fs::read_dir("/proc") else {
             return Vec::new();
         };
@@ -665,8 +862,8 @@ impl Driver for QemuDriver {
             else {
                 continue;
             };
-            use std::os::unix::fs::MetadataExt;
-            if !entry.metadata().is_ok_and(|m| m.uid() == own_uid) {
+            // Jailed: a uid of the jail's range (root), or this user's.
+            if !process_uids(&entry.path()).is_some_and(|uids| uids.iter().all(|u| self.jail.owns_uid(*u))) {
                 continue;
             }
             let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
@@ -753,6 +950,7 @@ impl Driver for QemuDriver {
                 },
                 created_unix: unix_now(),
                 user_network: boot.user_network,
+                jail_uid: self.claim_uid(&dir)?,
             };
             disk::create_overlay_sized(&vm.disk, &boot.base, boot.base_format, boot.disk_size)
                 .await?;
@@ -839,19 +1037,41 @@ impl Driver for QemuDriver {
         new_overlay: &Path,
     ) -> Result<PathBuf, VmError> {
         let mut qmp = Qmp::connect(&vm.qmp_socket()).await?;
-        qmp.execute::<serde_json::Value>(
-            "blockdev-snapshot-sync",
-            Some(serde_json::json!({
+        let arguments = match (self.jail.enabled(), vm.jail_uid) {
+            (false, _) => serde_json::json!({
                 "device": "root",
                 "snapshot-file": new_overlay.display().to_string(),
                 "format": "qcow2",
                 "mode": "absolute-paths",
-            })),
-        )
-        .await
-        .map_err(|err| self.qemu_failure(vm, err))?;
+            }),
+            (true, uid) => {
+                // A jailed QEMU cannot see `new_overlay`'s directory: the
+                // server makes the overlay (backed by the current one, by its
+                // real path), hands it to the VM's uid, and links it into the
+                // VM directory, where QEMU opens it as an existing image.
+                disk::create_overlay(new_overlay, &vm.disk, BackingFormat::Qcow2).await?;
+                if let Some(uid) = uid {
+                    jail::give(new_overlay, uid, uid)?;
+                }
+                let link = vm.dir.join(format!("layer-{}.qcow2", new_instance_id()));
+                std::fs::hard_link(new_overlay, &link).map_err(|e| VmError::Io(link.clone(), e))?;
+                serde_json::json!({
+                    "device": "root",
+                    "snapshot-file": link.display().to_string(),
+                    "format": "qcow2",
+                    "mode": "existing",
+                })
+            }
+        };
+        qmp.execute::<serde_json::Value>("blockdev-snapshot-sync", Some(arguments))
+            .await
+            .map_err(|err| self.qemu_failure(vm, err))?;
         let frozen = std::mem::replace(&mut vm.disk, new_overlay.to_path_buf());
         self.save(vm)?;
+        if let Some(shared) = self.jail.shared_gid() {
+            // Frozen: a read-only layer from now on, for any later VM's chain.
+            jail::share_read_only(&frozen, shared)?;
+        }
         Ok(frozen)
     }
 
@@ -910,13 +1130,18 @@ impl Driver for QemuDriver {
         let tmp = parent.join(format!(".{file_name}.tmp-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
         disk::create_private_dir(&tmp).map_err(|e| VmError::Io(tmp.clone(), e))?;
+        let staged_state = vm.dir.join(".snapshot.state");
+        let _ = std::fs::remove_file(&staged_state);
 
         let mut qmp = Qmp::connect(&vm.qmp_socket()).await?;
         qmp.stop().await?;
         let captured = async {
             qmp.set_ignore_shared(true).await?;
-            let uri = format!("file:{}", tmp.join(snapshot::STATE_FILE).display());
+            // A jailed QEMU sees only its own directory: it writes the state
+            // there, and it is moved into the snapshot.
+            let uri = format!("file:{}", staged_state.display());
             qmp.migrate_and_wait(&uri, MIGRATION_TIMEOUT).await?;
+            move_file(&staged_state, &tmp.join(snapshot::STATE_FILE))?;
             disk::sparse_copy(ram, &tmp.join(snapshot::MEMORY_FILE))?;
             disk::sparse_copy(&vm.disk, &tmp.join(snapshot::DISK_FILE))?;
             Ok::<(), VmError>(())
@@ -929,6 +1154,7 @@ impl Driver for QemuDriver {
         }
         .await;
         if let Err(err) = captured {
+            let _ = std::fs::remove_file(&staged_state);
             let _ = std::fs::remove_dir_all(&tmp);
             return Err(err);
         }
@@ -1002,6 +1228,8 @@ impl Driver for QemuDriver {
             });
         }
         let state_file = vm.suspend_state();
+        // QEMU creates it (in its own directory, as its own uid).
+        let _ = std::fs::remove_file(&state_file);
         let mut qmp = Qmp::connect(&vm.qmp_socket()).await?;
         qmp.stop().await?;
         let saved = async {
@@ -1054,6 +1282,9 @@ impl Driver for QemuDriver {
         // The resumed VM gets its own shared RAM file, so it can be snapshotted.
         let mut running = vm.clone();
         running.instance = new_instance_id();
+        if running.jail_uid.is_none() {
+            running.jail_uid = self.claim_uid(&running.dir)?;
+        }
         let ram = self.ram_file(&running.instance)?;
         running.memory = Memory::SharedFile { path: ram.clone() };
         let start = Instant::now();
@@ -1137,11 +1368,13 @@ impl Driver for QemuDriver {
         {
             std::fs::remove_file(&link).map_err(|e| VmError::Io(link.clone(), e))?;
         }
-        match std::fs::remove_dir_all(&vm.dir) {
+        let removed = match std::fs::remove_dir_all(&vm.dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(VmError::Io(vm.dir.clone(), e)),
-        }
+        };
+        self.release_uid(vm);
+        removed
     }
 }
 
@@ -1153,6 +1386,7 @@ fn restored_record(
     dir: &Path,
     memory: Memory,
     origin: &Path,
+    jail_uid: Option<u32>,
 ) -> VmRecord {
     VmRecord {
         name: name.to_string(),
@@ -1172,7 +1406,35 @@ fn restored_record(
         },
         created_unix: unix_now(),
         user_network: false,
+        jail_uid,
     }
+}
+
+/// Moves a file QEMU wrote (in its VM directory) to `to`: a rename on the same
+/// filesystem, else a copy; fsynced and owned by this user either way. Never
+/// through a symlink (the directory is writable by the jailed QEMU).
+fn move_file(from: &Path, to: &Path) -> Result<(), VmError> {
+    let meta = std::fs::symlink_metadata(from).map_err(|e| VmError::Io(from.to_path_buf(), e))?;
+    if !meta.is_file() {
+        return Err(VmError::Io(
+            from.to_path_buf(),
+            std::io::Error::new(std::io::ErrorKind::InvalidData, "not a regular file"),
+        ));
+    }
+    match std::fs::rename(from, to) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+            disk::sparse_copy(from, to)?;
+            let _ = std::fs::remove_file(from);
+        }
+        Err(e) => return Err(VmError::Io(to.to_path_buf(), e)),
+    }
+    let me = rustix::process::geteuid().as_raw();
+    let gid = rustix::process::getegid().as_raw();
+    std::os::unix::fs::lchown(to, Some(me), Some(gid)).map_err(|e| VmError::Io(to.to_path_buf(), e))?;
+    std::fs::File::open(to)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| VmError::Io(to.to_path_buf(), e))
 }
 
 pub(crate) fn unix_now() -> u64 {
@@ -1210,6 +1472,13 @@ fn process_alive(pid: u32, instance: &str) -> bool {
         return false;
     }
     String::from_utf8_lossy(&cmdline).contains(&format!("hearth-{instance}"))
+}
+
+/// SIGKILL to `pid`.
+fn kill_pid(pid: u32) {
+    if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::Kill);
+    }
 }
 
 async fn wait_gone(pid: u32, instance: &str, timeout: Duration) -> bool {
@@ -1294,10 +1563,14 @@ impl QemuClaim {
         if instance.is_empty() || !instance.chars().all(|c| c.is_ascii_alphanumeric()) {
             return None;
         }
-        // The VM directory: the directory of the serial log (`file:<dir>/console.log`).
+        // The VM directory: the directory of the serial log
+        // (`-chardev file,...,path=<dir>/console.log`, or `file:<dir>/console.log`).
         let console = args.iter().find_map(|a| {
-            a.strip_prefix("file:")
-                .filter(|p| p.ends_with("/console.log"))
+            let path = match a.strip_prefix("file:") {
+                Some(path) => path,
+                None => a.strip_prefix("file,")?.split(',').find_map(|o| o.strip_prefix("path="))?,
+            };
+            Some(path).filter(|p| p.ends_with("/console.log"))
         })?;
         let vm_dir = canonical_or_self(Path::new(console).parent()?);
         if vm_dir.parent() != Some(vms) {
@@ -1316,6 +1589,19 @@ impl QemuClaim {
         });
         Some(Self { instance, vm, ram })
     }
+}
+
+/// The real, effective, saved and filesystem uids of the process at `proc`
+/// (`/proc/PID`), from its `status`.
+fn process_uids(proc: &Path) -> Option<Vec<u32>> {
+    let status = std::fs::read_to_string(proc.join("status")).ok()?;
+    let line = status.lines().find_map(|l| l.strip_prefix("Uid:"))?;
+    let uids: Vec<u32> = line
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .ok()?;
+    (uids.len() == 4).then_some(uids)
 }
 
 /// `path` with `..` and symlinks resolved, or as given when it does not exist.
@@ -1362,7 +1648,7 @@ impl Drop for BootGuard {
 /// The last lines of a guest console for an error message, or a note that it
 /// is empty (which says where a boot stopped: before the kernel printed).
 fn console_tail(path: &Path) -> String {
-    let text = std::fs::read(path).unwrap_or_default();
+    let text = crate::console::read(path.parent().unwrap_or(Path::new("/")));
     let text = String::from_utf8_lossy(&text);
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     if lines.is_empty() {
@@ -1433,6 +1719,7 @@ mod boot_failure_tests {
             },
             created_unix: 0,
             user_network: false,
+            jail_uid: None,
         }
     }
 
@@ -1673,17 +1960,28 @@ mod recognition_tests {
             }
             command.spawn().expect("spawn")
         };
-        // Another user's process dressed as one of ours: not ours at all.
+        // Another user's process dressed as one of ours (root's own too, when
+        // the jail has a uid range): not ours at all.
         if rustix::process::geteuid().as_raw() == 0 {
             let mut other = fake(Some(65534));
+            let mut root_owned = fake(None);
+            std::thread::sleep(Duration::from_millis(300));
+            assert!(driver.processes().iter().all(|p| p.pid != root_owned.id()));
+            let _ = root_owned.kill();
+            let _ = root_owned.wait();
             std::thread::sleep(Duration::from_millis(300));
             assert!(driver.processes().iter().all(|p| p.pid != other.id()));
             let _ = other.kill();
             let _ = other.wait();
         }
-        // This user's: claimed (it runs from our VM directory), but the RAM
-        // file it names is not its own, so killing it deletes nothing.
-        let mut mine = fake(None);
+        // One of the jail's (a uid of its range when root, else this
+        // user's): claimed (it runs from our VM directory), but the RAM file
+        // it names is not its own, so killing it deletes nothing.
+        let jailed_uid = match driver.jail().mode {
+            JailMode::Root { uid_base, .. } => Some(uid_base + 7),
+            _ => None,
+        };
+        let mut mine = fake(jailed_uid);
         std::thread::sleep(Duration::from_millis(300));
         let found: Vec<_> = driver
             .processes()

@@ -103,6 +103,11 @@ pub struct VmRecord {
     /// Only cold-booted VMs have one; snapshots of them are not made.
     #[serde(default)]
     pub user_network: bool,
+    /// The uid (and gid) its QEMU runs as in the jail: claimed when the VM is
+    /// made and kept until it is removed, so no other VM gets it meanwhile.
+    /// `None`: a VM from before the jail, or an unjailed driver.
+    #[serde(default)]
+    pub jail_uid: Option<u32>,
 }
 
 impl VmRecord {

@@ -135,6 +135,17 @@ struct ServeArgs {
     /// Drop build-cache entries unused for this many days (at start).
     #[arg(long, default_value_t = 14, value_parser = clap::value_parser!(u64).range(1..=3650))]
     build_cache_days: u64,
+    /// The uids jailed QEMUs run as (root server): one per microVM from
+    /// BASE+1..BASE+COUNT; BASE is the group that reads shared read-only assets.
+    #[arg(long, value_name = "BASE:COUNT", value_parser = parse_jail_uids)]
+    jail_uids: Option<hearth_vm::JailMode>,
+    /// Run QEMU without its jail (development only; refused as root).
+    #[arg(long, conflicts_with = "jail_uids")]
+    no_jail: bool,
+}
+
+fn parse_jail_uids(text: &str) -> Result<hearth_vm::JailMode, String> {
+    hearth_vm::JailConfig::parse_uid_range(text).map_err(|e| e.to_string())
 }
 
 #[derive(Debug, Subcommand)]
@@ -370,6 +381,15 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             config.max_lifetime_secs = args.max_lifetime;
             config.artifacts.allow_file_uris = args.allow_file_artifacts;
             config.build_cache_days = args.build_cache_days;
+            if let Some(mode) = args.jail_uids {
+                config.jail = hearth_vm::JailConfig { mode };
+            } else if args.no_jail {
+                config.jail = hearth_vm::JailConfig {
+                    mode: hearth_vm::JailMode::Disabled,
+                };
+            }
+            // Refused before anything starts: QEMU unjailed as root, a uid range without root.
+            config.jail.check()?;
             config.registry = args.registry.map(|registry| hearth_oci::RegistryConfig {
                 registry,
                 insecure_http: args.registry_insecure,

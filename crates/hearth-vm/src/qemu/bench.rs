@@ -24,8 +24,12 @@ impl QemuDriver {
         qmp.stop().await?;
         let saved = async {
             qmp.set_ignore_shared(false).await?;
-            let uri = format!("file:{}", out.join("stream").display());
+            // Written in the VM's own directory (all a jailed QEMU sees), then moved.
+            let staged = vm.dir.join(".stream");
+            let _ = std::fs::remove_file(&staged);
+            let uri = format!("file:{}", staged.display());
             qmp.migrate_and_wait(&uri, MIGRATION_TIMEOUT).await?;
+            super::move_file(&staged, &out.join("stream"))?;
             disk::sparse_copy(&vm.disk, &out.join("disk.qcow2"))?;
             Ok::<(), VmError>(())
         }
@@ -35,7 +39,7 @@ impl QemuDriver {
     }
 
     /// The naive restore of a [`Self::save_full_stream`]
-    /// directory, a fresh QEMU reading the whole stream through `-incoming exec:cat`.
+    /// directory, a fresh QEMU reading the whole stream through `-incoming file:`.
     pub async fn launch_naive(
         &self,
         snapshot: &Snapshot,
@@ -44,10 +48,18 @@ impl QemuDriver {
     ) -> Result<(VmRecord, AgentClient), VmError> {
         let manifest = &snapshot.manifest;
         let dir = self.create_dir(name)?;
-        let mut vm = restored_record(manifest, name, &dir, Memory::Anonymous, saved);
+        let mut vm = restored_record(
+            manifest,
+            name,
+            &dir,
+            Memory::Anonymous,
+            saved,
+            self.claim_uid(&dir)?,
+        );
         let launched = async {
             disk::create_overlay(&vm.disk, &saved.join("disk.qcow2"), BackingFormat::Qcow2).await?;
-            let uri = format!("exec:cat {}", saved.join("stream").display());
+            // `file:`, not `exec:cat`: the jail's seccomp filter forbids QEMU to spawn.
+            let uri = format!("file:{}", saved.join("stream").display());
             let (pid, mut qmp) = self.spawn(&vm, Incoming::Uri(&uri)).await?;
             vm.pid = Some(pid);
             self.save(&vm)?;
