@@ -177,7 +177,7 @@ fn audit(vm: &VmRecord, state: &Path, others: &[&VmRecord]) -> u32 {
             continue;
         }
         assert!(
-            allowed.iter().any(|a| point == *a)
+            allowed.iter().any(|a| point.starts_with(a))
                 || point.starts_with("/usr")
                 || point.starts_with("/dev"),
             "{what}: mount {point:?}"
@@ -253,7 +253,19 @@ fn try_read(paths: &[PathBuf]) -> String {
     script
 }
 
-const PTRACE: &str = "import ctypes,sys\nlibc=ctypes.CDLL(None,use_errno=True)\nr=libc.ptrace(16,int(sys.argv[1]),0,0)\nprint('PTRACE', r, ctypes.get_errno())\n";
+/// Kills the test's QEMUs and removes their RAM files if the test fails
+/// midway (the state directory goes with its `TempDir`).
+struct KillOnDrop(QemuDriver);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for process in self.0.processes() {
+            self.0.kill_process(&process);
+        }
+    }
+}
+
+const PTRACE: &str = "import ctypes,sys\nlibc=ctypes.CDLL(None,use_errno=True)\nr=libc.ptrace(16,int(sys.argv[1]),0,0)\nprint(\"PTRACE\", r, ctypes.get_errno())\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_qemu_is_jailed_and_an_escape_reaches_nothing() {
@@ -266,6 +278,7 @@ async fn every_qemu_is_jailed_and_an_escape_reaches_nothing() {
         .tempdir_in("/tmp")
         .expect("state dir");
     let driver = driver(state.path());
+    let _kill = KillOnDrop(driver.clone());
     assert!(matches!(driver.jail().mode, JailMode::Root { .. }));
     // The server's secrets, where `hearth serve` keeps them under its data directory.
     let secrets: Vec<PathBuf> = ["master.key", "hearth.db", "token-keys", "s3/bucket/object"]
@@ -327,17 +340,24 @@ async fn every_qemu_is_jailed_and_an_escape_reaches_nothing() {
     let pid = clone.pid.expect("pid");
     let uid = clone.jail_uid.expect("uid");
     let mut forbidden = secrets.clone();
-    forbidden.push(state.path().to_path_buf());
-    forbidden.push(driver.assets().vms_dir());
+    forbidden.push(state.path().join("s3"));
     forbidden.push(source.dir.clone());
     forbidden.push(source.dir.join("vm.json"));
     forbidden.push(resumed.dir.join("disk.qcow2"));
     forbidden.extend(source.memory.path().map(Path::to_path_buf));
     forbidden.push(PathBuf::from("/etc/shadow"));
-    forbidden.push(PathBuf::from("/root"));
+    forbidden.push(PathBuf::from("/etc"));
     forbidden.push(PathBuf::from("/proc/1/environ"));
     let out = as_escaped_qemu(pid, uid, &try_read(&forbidden));
     assert!(!out.contains("READ"), "reachable from the jail: {out}");
+    // The directories above its binds are empty skeletons: the data
+    // directory shows only the way to its own VM directory and snapshot.
+    let listing = |dir: &Path| as_escaped_qemu(pid, uid, &format!("ls -A '{}'", dir.display()));
+    assert_eq!(listing(&driver.assets().vms_dir()).trim(), "clone");
+    let top: BTreeSet<String> = listing(state.path()).split_whitespace().map(str::to_string).collect();
+    assert!(top.iter().all(|e| e == "vms" || e == "snap"), "{top:?}");
+    assert_eq!(listing(Path::new("/root")).trim(), ".cache");
+    assert_eq!(listing(Path::new("/")).split_whitespace().filter(|e| *e == "etc" || *e == "proc" || *e == "home" || *e == "var").count(), 0);
     // Its own files are there (the drill does run in the jail) ...
     let own = as_escaped_qemu(pid, uid, &try_read(&[clone.dir.clone(), snapshot.dir.join("mem")]));
     assert_eq!(own.matches("READ").count(), 2, "{own}");
