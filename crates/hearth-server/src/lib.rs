@@ -152,8 +152,9 @@ pub async fn start(config: ServerConfig) -> Result<Arc<AppState>, ServerError> {
         hearth_vm::disk::ensure_private_dir(&dir)
             .map_err(|e| ServerError::DataDir(dir.clone(), std::io::Error::other(e)))?;
     }
-    let driver: Arc<dyn hearth_vm::Driver> =
-        Arc::new(hearth_vm::QemuDriver::with_jail(assets.clone(), config.jail).map_err(ServerError::Vm)?);
+    let driver: Arc<dyn hearth_vm::Driver> = Arc::new(
+        hearth_vm::QemuDriver::with_jail(assets.clone(), config.jail).map_err(ServerError::Vm)?,
+    );
     images::import::reap_interrupted_builds(&store, driver.as_ref(), &config.data_dir).await?;
     let (s3, artifacts) = api::s3::build(&config, &store).map_err(ServerError::Artifacts)?;
     let builds = Arc::new(

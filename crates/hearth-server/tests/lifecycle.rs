@@ -37,6 +37,52 @@ class H(http.server.BaseHTTPRequestHandler):
 http.server.ThreadingHTTPServer(('0.0.0.0', 9000), H).serve_forever()
 "#;
 
+fn server_is_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    // `/proc/self` belongs to this process's effective uid.
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+/// Every QEMU running from `data` is jailed: not the server's uid (not
+/// root), no_new_privs, seccomp on, its own mount namespace. Returns how many.
+fn assert_qemus_jailed(data: &std::path::Path) -> usize {
+    let data = data.display().to_string();
+    let own_mnt = std::fs::read_link("/proc/self/ns/mnt").expect("ns");
+    let mut found = 0;
+    for entry in std::fs::read_dir("/proc").expect("proc").flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        if !cmdline.starts_with("qemu-system") || !cmdline.contains(&data) {
+            continue;
+        }
+        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else {
+            continue;
+        };
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .unwrap_or_default()
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_string()
+        };
+        let uid: u32 = field("Uid:").parse().expect("uid");
+        assert_ne!(uid, 0, "QEMU {:?} runs as root", entry.file_name());
+        assert_eq!(field("NoNewPrivs:"), "1");
+        assert_eq!(field("Seccomp:"), "2");
+        assert_ne!(
+            std::fs::read_link(entry.path().join("ns/mnt")).expect("ns"),
+            own_mnt
+        );
+        found += 1;
+    }
+    found
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn import_run_suspend_resume_terminate() {
     let work = tempfile::tempdir().expect("tempdir");
@@ -269,6 +315,10 @@ async fn import_run_suspend_resume_terminate() {
     );
     sh(&state, &caller, &id, "echo kept > /tmp/marker").await;
     let pid_before = sh(&state, &caller, &id, "cat /tmp/app-started").await;
+    // `hearth serve`'s QEMUs are jailed (the server runs as root in CI).
+    if server_is_root() {
+        assert!(assert_qemus_jailed(&data) >= 1, "no QEMU found");
+    }
 
     // Suspend: SUSPENDING then SUSPENDED, no process; suspending again is a 200.
     call(
@@ -313,6 +363,9 @@ async fn import_run_suspend_resume_terminate() {
     )
     .await;
     assert_eq!(sh(&state, &caller, &id, "cat /tmp/marker").await, "kept");
+    if server_is_root() {
+        assert!(assert_qemus_jailed(&data) >= 1, "no resumed QEMU found");
+    }
     let hooks = sh(
         &state,
         &caller,

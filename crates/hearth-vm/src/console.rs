@@ -83,8 +83,8 @@ pub fn cap(dir: &Path) -> std::io::Result<bool> {
     let mut tail = Vec::with_capacity(KEEP as usize);
     Read::by_ref(&mut log).take(KEEP).read_to_end(&mut tail)?;
     let previous = dir.join(PREVIOUS);
-    let mut out = crate::disk::create_fresh(&previous)
-        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let mut out =
+        crate::disk::create_fresh(&previous).map_err(|e| std::io::Error::other(e.to_string()))?;
     out.write_all(&tail)?;
     log.set_len(0)?;
     Ok(true)
@@ -99,7 +99,9 @@ pub fn read(dir: &Path) -> Vec<u8> {
             .open(dir.join(name))
             .and_then(|mut f| {
                 let mut bytes = Vec::new();
-                Read::by_ref(&mut f).take(CAP + KEEP).read_to_end(&mut bytes)?;
+                Read::by_ref(&mut f)
+                    .take(CAP + KEEP)
+                    .read_to_end(&mut bytes)?;
                 Ok(bytes)
             })
             .unwrap_or_default()

@@ -236,7 +236,10 @@ fn qcow2_backing(path: &Path) -> Result<Option<PathBuf>, DiskError> {
     if len > 1023 {
         return Err(DiskError::Io(
             path.to_path_buf(),
-            std::io::Error::new(std::io::ErrorKind::InvalidData, "backing file name too long"),
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "backing file name too long",
+            ),
         ));
     }
     let io = |e| DiskError::Io(path.to_path_buf(), e);

@@ -60,7 +60,9 @@ pub enum JailMode {
 pub enum JailError {
     #[error("refusing to run QEMU unjailed as root: drop --no-jail")]
     RootUnjailed,
-    #[error("a jail with its own uids needs a root server; run as root or use the unprivileged jail")]
+    #[error(
+        "a jail with its own uids needs a root server; run as root or use the unprivileged jail"
+    )]
     RangeNeedsRoot,
     #[error("jail uid range {0:?} is invalid: want BASE:COUNT with BASE >= 1000, COUNT >= 2 and the range below 2^32-1")]
     BadRange(String),
@@ -199,7 +201,10 @@ pub const BASE_DEVICES: [&str; 4] = ["/dev/null", "/dev/zero", "/dev/urandom", "
 enum Step {
     Dir(CString),
     File(CString),
-    Symlink { target: CString, at: CString },
+    Symlink {
+        target: CString,
+        at: CString,
+    },
     Bind {
         src: CString,
         dst: CString,
@@ -554,10 +559,8 @@ impl Plan {
                             libc::MS_BIND | libc::MS_REC,
                             std::ptr::null(),
                         ))?;
-                        let mut flags = libc::MS_BIND
-                            | libc::MS_REMOUNT
-                            | libc::MS_NOSUID
-                            | source_flags;
+                        let mut flags =
+                            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_NOSUID | source_flags;
                         if *read_only {
                             flags |= libc::MS_RDONLY;
                         }
@@ -567,7 +570,13 @@ impl Plan {
                         if *read_only && !*device && !is_usr(src) {
                             flags |= libc::MS_NOEXEC;
                         }
-                        check(libc::mount(null, dst.as_ptr(), null, flags, std::ptr::null()))?;
+                        check(libc::mount(
+                            null,
+                            dst.as_ptr(),
+                            null,
+                            flags,
+                            std::ptr::null(),
+                        ))?;
                     }
                 }
             }
@@ -582,14 +591,21 @@ impl Plan {
                 self.old_root.as_ptr(),
             ) as libc::c_int)?;
             check(libc::chdir(self.slash.as_ptr()))?;
-            check(libc::umount2(self.old_root_inside.as_ptr(), libc::MNT_DETACH))?;
+            check(libc::umount2(
+                self.old_root_inside.as_ptr(),
+                libc::MNT_DETACH,
+            ))?;
             check(libc::rmdir(self.old_root_inside.as_ptr()))?;
             // The skeleton itself is read-only: QEMU writes only where bound.
             check(libc::mount(
                 null,
                 self.slash.as_ptr(),
                 null,
-                libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                libc::MS_REMOUNT
+                    | libc::MS_RDONLY
+                    | libc::MS_NOSUID
+                    | libc::MS_NODEV
+                    | libc::MS_NOEXEC,
                 self.tmpfs_options.as_ptr().cast(),
             ))?;
         }
@@ -623,7 +639,12 @@ impl Plan {
         // closed now: std's pipe that reports a failed exec must stay open.
         // SAFETY: close_range(2) and fcntl(2) with integer arguments.
         unsafe {
-            check(libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) as libc::c_int)?;
+            check(libc::syscall(
+                libc::SYS_close_range,
+                3u32,
+                u32::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            ) as libc::c_int)?;
             for fd in &self.keep_fds {
                 check(libc::fcntl(*fd, libc::F_SETFD, 0))?;
             }
@@ -654,7 +675,9 @@ fn mount_flags(path: &Path) -> libc::c_ulong {
 }
 
 fn is_usr(path: &CString) -> bool {
-    path.as_bytes() == b"/usr" || path.as_bytes().starts_with(b"/usr/") || path.as_bytes().starts_with(b"/lib")
+    path.as_bytes() == b"/usr"
+        || path.as_bytes().starts_with(b"/usr/")
+        || path.as_bytes().starts_with(b"/lib")
 }
 
 fn check(ret: libc::c_int) -> io::Result<()> {

@@ -18,7 +18,9 @@ use crate::assets::Assets;
 use crate::disk::{self, BackingFormat};
 use crate::driver::{BootRequest, ColdBoot, Driver, VmError, VmProcess};
 use crate::errors::error_chain;
-use crate::jail::{self, JailConfig, JailError, JailMode, JailSpec, Limits, Network, Plan, UidClaims};
+use crate::jail::{
+    self, JailConfig, JailError, JailMode, JailSpec, Limits, Network, Plan, UidClaims,
+};
 use crate::pins::HostPins;
 use crate::qmp::{Qmp, QmpError};
 use crate::record::{validate_name, MachineShape, Memory, Origin, VmRecord, VmState};
@@ -863,7 +865,9 @@ impl Driver for QemuDriver {
                 continue;
             };
             // Jailed: a uid of the jail's range (root), or this user's.
-            if !process_uids(&entry.path()).is_some_and(|uids| uids.iter().all(|u| self.jail.owns_uid(*u))) {
+            if !process_uids(&entry.path())
+                .is_some_and(|uids| uids.iter().all(|u| self.jail.owns_uid(*u)))
+            {
                 continue;
             }
             let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
@@ -1431,7 +1435,8 @@ fn move_file(from: &Path, to: &Path) -> Result<(), VmError> {
     }
     let me = rustix::process::geteuid().as_raw();
     let gid = rustix::process::getegid().as_raw();
-    std::os::unix::fs::lchown(to, Some(me), Some(gid)).map_err(|e| VmError::Io(to.to_path_buf(), e))?;
+    std::os::unix::fs::lchown(to, Some(me), Some(gid))
+        .map_err(|e| VmError::Io(to.to_path_buf(), e))?;
     std::fs::File::open(to)
         .and_then(|f| f.sync_all())
         .map_err(|e| VmError::Io(to.to_path_buf(), e))
@@ -1568,7 +1573,10 @@ impl QemuClaim {
         let console = args.iter().find_map(|a| {
             let path = match a.strip_prefix("file:") {
                 Some(path) => path,
-                None => a.strip_prefix("file,")?.split(',').find_map(|o| o.strip_prefix("path="))?,
+                None => a
+                    .strip_prefix("file,")?
+                    .split(',')
+                    .find_map(|o| o.strip_prefix("path="))?,
             };
             Some(path).filter(|p| p.ends_with("/console.log"))
         })?;

@@ -15,7 +15,9 @@ use std::time::Duration;
 
 use common::sh;
 use hearth_vm::pool::{PoolMode, WarmPool};
-use hearth_vm::{Assets, BootRequest, Driver, JailMode, MachineShape, Memory, QemuDriver, VmRecord};
+use hearth_vm::{
+    Assets, BootRequest, Driver, JailMode, MachineShape, Memory, QemuDriver, VmRecord,
+};
 
 fn driver(state: &Path) -> QemuDriver {
     let assets = Assets {
@@ -107,7 +109,12 @@ fn audit(vm: &VmRecord, state: &Path, others: &[&VmRecord]) -> u32 {
     for other in others {
         let other_pid = other.pid.expect("running").to_string();
         for kind in ["mnt", "pid", "net"] {
-            assert_ne!(ns(&pid.to_string(), kind), ns(&other_pid, kind), "{what} shares {kind} with {}", other.name);
+            assert_ne!(
+                ns(&pid.to_string(), kind),
+                ns(&other_pid, kind),
+                "{what} shares {kind} with {}",
+                other.name
+            );
         }
     }
     assert_eq!(
@@ -184,7 +191,11 @@ fn audit(vm: &VmRecord, state: &Path, others: &[&VmRecord]) -> u32 {
         );
         assert_ne!(point, state, "{what}: the data directory is mounted");
         for other in others {
-            assert!(!point.starts_with(&other.dir), "{what}: {}'s directory", other.name);
+            assert!(
+                !point.starts_with(&other.dir),
+                "{what}: {}'s directory",
+                other.name
+            );
         }
     }
     assert!(points.contains(&vm.dir), "{what}: its own directory");
@@ -354,12 +365,25 @@ async fn every_qemu_is_jailed_and_an_escape_reaches_nothing() {
     // directory shows only the way to its own VM directory and snapshot.
     let listing = |dir: &Path| as_escaped_qemu(pid, uid, &format!("ls -A '{}'", dir.display()));
     assert_eq!(listing(&driver.assets().vms_dir()).trim(), "clone");
-    let top: BTreeSet<String> = listing(state.path()).split_whitespace().map(str::to_string).collect();
+    let top: BTreeSet<String> = listing(state.path())
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
     assert!(top.iter().all(|e| e == "vms" || e == "snap"), "{top:?}");
     assert_eq!(listing(Path::new("/root")).trim(), ".cache");
-    assert_eq!(listing(Path::new("/")).split_whitespace().filter(|e| *e == "etc" || *e == "proc" || *e == "home" || *e == "var").count(), 0);
+    assert_eq!(
+        listing(Path::new("/"))
+            .split_whitespace()
+            .filter(|e| *e == "etc" || *e == "proc" || *e == "home" || *e == "var")
+            .count(),
+        0
+    );
     // Its own files are there (the drill does run in the jail) ...
-    let own = as_escaped_qemu(pid, uid, &try_read(&[clone.dir.clone(), snapshot.dir.join("mem")]));
+    let own = as_escaped_qemu(
+        pid,
+        uid,
+        &try_read(&[clone.dir.clone(), snapshot.dir.join("mem")]),
+    );
     assert_eq!(own.matches("READ").count(), 2, "{own}");
     // ... but its record, the server's, is not writable, and no other process is visible.
     let out = as_escaped_qemu(

@@ -37,6 +37,31 @@ pub struct LaunchArgs {
     cycles: u32,
     #[arg(long, default_value = "debian-12")]
     image: String,
+    /// `both`: also measure pool launches with QEMU unjailed, to show what
+    /// the jail costs (`on`: jailed only, as the server runs).
+    #[arg(long, value_enum, default_value_t = JailChoice::On)]
+    jail: JailChoice,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum JailChoice {
+    On,
+    Both,
+}
+
+/// Launch p50 with and without the jail, same snapshot, same run.
+#[derive(Debug, Serialize)]
+struct JailComparison {
+    /// Every launch starts its QEMU (and so its jail) first.
+    empty_pool_jailed_p50_ms: f64,
+    empty_pool_unjailed_p50_ms: f64,
+    empty_pool_jail_cost_ms: f64,
+    /// QEMU and its jail were made ahead of time.
+    warm_pool_jailed_p50_ms: f64,
+    warm_pool_unjailed_p50_ms: f64,
+    warm_pool_jail_cost_ms: f64,
+    empty_pool_unjailed_ms: Stats,
+    warm_pool_unjailed_ms: Stats,
 }
 
 #[derive(Debug, Serialize)]
@@ -56,6 +81,8 @@ struct Report {
     pss_ratio: f64,
     speedup_vs_cold_boot: f64,
     speedup_vs_naive: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    jail: Option<JailComparison>,
 }
 
 async fn first_exec(agent: &AgentClient) -> Result<()> {
@@ -184,7 +211,7 @@ async fn run(
     )
     .await?;
 
-    // Naive restore: the full RAM stream read by a fresh QEMU via exec:cat.
+    // Naive restore: the full RAM stream read by a fresh QEMU from a file.
     progress("preparing the naive full-stream restore");
     let (naive_src, naive_agent) = driver
         .launch_with_agent(&snapshot, &format!("{prefix}-nsrc"))
@@ -247,8 +274,46 @@ async fn run(
     }
     let one_rss = smaps_rollup_kib(pids[0], "Rss:")? / 1024.0;
 
+    let jail = if args.jail == JailChoice::Both {
+        let unjailed = driver.unjailed_for_benchmark();
+        let warm_unjailed = measure_pool(
+            &unjailed,
+            &snapshot,
+            PoolMode::Prewarmed,
+            2,
+            args.launches,
+            prefix,
+            "warm-nojail",
+            cleanup,
+        )
+        .await?;
+        let empty_unjailed = measure_pool(
+            &unjailed,
+            &snapshot,
+            PoolMode::Deferred,
+            0,
+            args.launches,
+            prefix,
+            "cold-nojail",
+            cleanup,
+        )
+        .await?;
+        Some(JailComparison {
+            empty_pool_jailed_p50_ms: cold.p50,
+            empty_pool_unjailed_p50_ms: empty_unjailed.p50,
+            empty_pool_jail_cost_ms: cold.p50 - empty_unjailed.p50,
+            warm_pool_jailed_p50_ms: warm.p50,
+            warm_pool_unjailed_p50_ms: warm_unjailed.p50,
+            warm_pool_jail_cost_ms: warm.p50 - warm_unjailed.p50,
+            empty_pool_unjailed_ms: empty_unjailed,
+            warm_pool_unjailed_ms: warm_unjailed,
+        })
+    } else {
+        None
+    };
     let warm_p50 = warm.p50;
     Ok(Report {
+        jail,
         accel: format!("{:?}", driver.accel()).to_lowercase(),
         memory_mib: shape.memory_mib,
         speedup_vs_cold_boot: Stats::of(boot_samples.clone()).p50 / warm_p50,
@@ -349,7 +414,7 @@ fn print_table(r: &Report) {
         &r.launch_empty_pool_to_exec_ms,
     );
     row(
-        "naive exec:cat restore -> first exec",
+        "naive file: restore -> first exec",
         &r.naive_restore_to_exec_ms,
     );
     row("suspend", &r.suspend_ms);
@@ -362,4 +427,17 @@ fn print_table(r: &Report) {
         "{} idle clones: PSS {:.1} MiB in total; one clone's RSS {:.1} MiB; ratio {:.2}",
         r.clones, r.clones_pss_total_mib, r.one_clone_rss_mib, r.pss_ratio
     );
+    if let Some(j) = &r.jail {
+        row("launch (empty pool), no jail", &j.empty_pool_unjailed_ms);
+        row("launch (warm pool), no jail", &j.warm_pool_unjailed_ms);
+        println!(
+            "the jail adds {:+.1} ms to an empty-pool launch p50 ({:.1} vs {:.1}) and {:+.1} ms to a warm-pool launch p50 ({:.1} vs {:.1})",
+            j.empty_pool_jail_cost_ms,
+            j.empty_pool_jailed_p50_ms,
+            j.empty_pool_unjailed_p50_ms,
+            j.warm_pool_jail_cost_ms,
+            j.warm_pool_jailed_p50_ms,
+            j.warm_pool_unjailed_p50_ms
+        );
+    }
 }
