@@ -49,19 +49,19 @@ pub enum JailChoice {
     Both,
 }
 
-/// Launch p50 with and without the jail, same snapshot, same run.
+/// Launches with and without the jail, same snapshot, same run: each launch
+/// starts its own QEMU (an empty pool), so the jail is on its path; jailed
+/// and unjailed launches alternate, so a busy host slows both alike.
 #[derive(Debug, Serialize)]
 struct JailComparison {
-    /// Every launch starts its QEMU (and so its jail) first.
-    empty_pool_jailed_p50_ms: f64,
-    empty_pool_unjailed_p50_ms: f64,
-    empty_pool_jail_cost_ms: f64,
-    /// QEMU and its jail were made ahead of time.
-    warm_pool_jailed_p50_ms: f64,
-    warm_pool_unjailed_p50_ms: f64,
-    warm_pool_jail_cost_ms: f64,
-    empty_pool_unjailed_ms: Stats,
-    warm_pool_unjailed_ms: Stats,
+    jailed_p50_ms: f64,
+    unjailed_p50_ms: f64,
+    /// `jailed_p50_ms - unjailed_p50_ms`.
+    jail_cost_p50_ms: f64,
+    /// The median of the differences of consecutive pairs.
+    jail_cost_paired_median_ms: f64,
+    jailed_ms: Stats,
+    unjailed_ms: Stats,
 }
 
 #[derive(Debug, Serialize)]
@@ -275,39 +275,7 @@ async fn run(
     let one_rss = smaps_rollup_kib(pids[0], "Rss:")? / 1024.0;
 
     let jail = if args.jail == JailChoice::Both {
-        let unjailed = driver.unjailed_for_benchmark();
-        let warm_unjailed = measure_pool(
-            &unjailed,
-            &snapshot,
-            PoolMode::Prewarmed,
-            2,
-            args.launches,
-            prefix,
-            "warm-nojail",
-            cleanup,
-        )
-        .await?;
-        let empty_unjailed = measure_pool(
-            &unjailed,
-            &snapshot,
-            PoolMode::Deferred,
-            0,
-            args.launches,
-            prefix,
-            "cold-nojail",
-            cleanup,
-        )
-        .await?;
-        Some(JailComparison {
-            empty_pool_jailed_p50_ms: cold.p50,
-            empty_pool_unjailed_p50_ms: empty_unjailed.p50,
-            empty_pool_jail_cost_ms: cold.p50 - empty_unjailed.p50,
-            warm_pool_jailed_p50_ms: warm.p50,
-            warm_pool_unjailed_p50_ms: warm_unjailed.p50,
-            warm_pool_jail_cost_ms: warm.p50 - warm_unjailed.p50,
-            empty_pool_unjailed_ms: empty_unjailed,
-            warm_pool_unjailed_ms: warm_unjailed,
-        })
+        Some(compare_jail(driver, &snapshot, args.launches, prefix, cleanup).await?)
     } else {
         None
     };
@@ -329,6 +297,56 @@ async fn run(
         clones_pss_total_mib: pss_total,
         one_clone_rss_mib: one_rss,
         pss_ratio: pss_total / one_rss,
+    })
+}
+
+/// See [`JailComparison`].
+async fn compare_jail(
+    driver: &QemuDriver,
+    snapshot: &Snapshot,
+    launches: u32,
+    prefix: &str,
+    cleanup: &mut Cleanup<'_>,
+) -> Result<JailComparison> {
+    let unjailed = driver.unjailed_for_benchmark();
+    let mut jailed_samples = Vec::new();
+    let mut unjailed_samples = Vec::new();
+    let mut differences = Vec::new();
+    for i in 0..launches {
+        progress(&format!(
+            "launch with and without the jail {}/{launches}",
+            i + 1
+        ));
+        let mut pair = [0.0; 2];
+        for (slot, (label, driver)) in [("jail", driver), ("nojail", &unjailed)]
+            .into_iter()
+            .enumerate()
+        {
+            let pool = WarmPool::new(driver.clone(), snapshot.clone(), PoolMode::Deferred, 0);
+            let start = Instant::now();
+            let launched = pool.launch(&format!("{prefix}-{label}{i}")).await;
+            pool.shutdown().await;
+            let (vm, agent, _) = launched?;
+            cleanup.vms.push(vm.clone());
+            first_exec(&agent).await?;
+            pair[slot] = ms(start.elapsed());
+            drop(agent);
+            driver.remove(&vm).await?;
+            cleanup.vms.retain(|v| v.name != vm.name);
+        }
+        jailed_samples.push(pair[0]);
+        unjailed_samples.push(pair[1]);
+        differences.push(pair[0] - pair[1]);
+    }
+    let jailed = Stats::of(jailed_samples);
+    let unjailed = Stats::of(unjailed_samples);
+    Ok(JailComparison {
+        jailed_p50_ms: jailed.p50,
+        unjailed_p50_ms: unjailed.p50,
+        jail_cost_p50_ms: jailed.p50 - unjailed.p50,
+        jail_cost_paired_median_ms: Stats::of(differences).p50,
+        jailed_ms: jailed,
+        unjailed_ms: unjailed,
     })
 }
 
@@ -428,16 +446,11 @@ fn print_table(r: &Report) {
         r.clones, r.clones_pss_total_mib, r.one_clone_rss_mib, r.pss_ratio
     );
     if let Some(j) = &r.jail {
-        row("launch (empty pool), no jail", &j.empty_pool_unjailed_ms);
-        row("launch (warm pool), no jail", &j.warm_pool_unjailed_ms);
+        row("launch (empty pool), jailed", &j.jailed_ms);
+        row("launch (empty pool), no jail", &j.unjailed_ms);
         println!(
-            "the jail adds {:+.1} ms to an empty-pool launch p50 ({:.1} vs {:.1}) and {:+.1} ms to a warm-pool launch p50 ({:.1} vs {:.1})",
-            j.empty_pool_jail_cost_ms,
-            j.empty_pool_jailed_p50_ms,
-            j.empty_pool_unjailed_p50_ms,
-            j.warm_pool_jail_cost_ms,
-            j.warm_pool_jailed_p50_ms,
-            j.warm_pool_unjailed_p50_ms
+            "the jail adds {:+.1} ms to launch p50 ({:.1} vs {:.1} ms); median of paired differences {:+.1} ms",
+            j.jail_cost_p50_ms, j.jailed_p50_ms, j.unjailed_p50_ms, j.jail_cost_paired_median_ms
         );
     }
 }
