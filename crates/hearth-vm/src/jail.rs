@@ -115,7 +115,10 @@ impl JailConfig {
     /// Refuses a configuration this process cannot or must not run.
     pub fn check(&self) -> Result<(), JailError> {
         match self.mode {
-            JailMode::Disabled if is_root() => Err(JailError::RootUnjailed),
+            // Unprivileged as root would map root to itself: QEMU as uid 0.
+            JailMode::Disabled | JailMode::Unprivileged if is_root() => {
+                Err(JailError::RootUnjailed)
+            }
             JailMode::Root { .. } if !is_root() => Err(JailError::RangeNeedsRoot),
             _ => Ok(()),
         }
@@ -417,8 +420,8 @@ impl Plan {
         let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
         let pid_pipe = write.as_raw_fd();
 
-        let server_uid = rustix::process::getuid().as_raw();
-        let server_gid = rustix::process::getgid().as_raw();
+        // Unprivileged: the spec's ids are the server's own.
+        let (server_uid, server_gid) = (spec.uid, spec.gid);
         let plan = Plan {
             mode: config.mode,
             uid: spec.uid,
@@ -511,8 +514,7 @@ impl Plan {
 
     fn build_root(&self) -> io::Result<()> {
         let null = std::ptr::null::<libc::c_char>();
-        // SAFETY (every call below): mount(2), mkdir(2), pivot_root(2) and
-        // friends on NUL-terminated strings prepared before the fork.
+        // SAFETY: mount(2) on NUL-terminated strings prepared before the fork.
         unsafe {
             check(libc::mount(
                 null,
@@ -889,6 +891,113 @@ mod tests {
         assert!(!config.owns_uid(1000), "the base is the shared group");
         assert!(config.owns_uid(1001) && config.owns_uid(1009));
         assert!(!config.owns_uid(1010) && !config.owns_uid(0));
+    }
+
+    /// The unprivileged jail, tried as `nobody` (the test drops to it in
+    /// the child, as a non-root server would be): a user namespace that maps
+    /// only that uid, the other namespaces, the private root, no_new_privs.
+    #[test]
+    fn the_unprivileged_jail_confines_a_process() {
+        use std::os::unix::process::CommandExt;
+        if !is_root() {
+            eprintln!("skipped: needs root to become nobody");
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        let root = dir.path().join("root");
+        std::fs::create_dir(&root).expect("root");
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, b"x").expect("secret");
+        const NOBODY: u32 = 65534;
+        let spec = JailSpec {
+            uid: NOBODY,
+            gid: NOBODY,
+            read_only: Vec::new(),
+            read_write: Vec::new(),
+            devices: BASE_DEVICES.iter().map(PathBuf::from).collect(),
+            cgroup_procs: Vec::new(),
+            network: Network::Isolated,
+            keep_fds: Vec::new(),
+            limits: Limits {
+                nofile: 64,
+                nproc: 0,
+                fsize: 1 << 20,
+            },
+        };
+        let config = JailConfig {
+            mode: JailMode::Unprivileged,
+        };
+        let (plan, pipe) = Plan::new(&config, &spec, &root).expect("plan");
+        let mut command = std::process::Command::new("/usr/bin/sleep");
+        command.arg("30").uid(NOBODY).gid(NOBODY);
+        // SAFETY: prctl(2), then `Plan::enter`: only system calls on prepared data.
+        unsafe {
+            // std's setuid made the child non-dumpable, which makes its
+            // /proc/self files root's; a server that is nobody never changed ids.
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0);
+                Ok(())
+            });
+            command.pre_exec(move || plan.enter());
+        }
+        let mut child = command.spawn().expect("spawn");
+        drop(command);
+        let pid = pipe.read_pid().expect("pid");
+        let _ = child.wait();
+        let proc = PathBuf::from(format!("/proc/{pid}"));
+        // Wait for the exec (the command line turns into sleep's).
+        for _ in 0..500 {
+            if std::fs::read(proc.join("cmdline")).is_ok_and(|c| c.starts_with(b"/usr/bin/sleep")) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        let status = std::fs::read_to_string(proc.join("status")).expect("status");
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .unwrap_or_default()
+                .trim()
+                .to_string()
+        };
+        let checks = (|| {
+            assert_eq!(
+                field("Uid:").split_whitespace().collect::<Vec<_>>(),
+                ["65534"; 4]
+            );
+            assert_eq!(field("NoNewPrivs:"), "1");
+            assert_eq!(field("CapEff:"), "0000000000000000");
+            for kind in ["user", "mnt", "pid", "net", "ipc", "uts"] {
+                assert_ne!(
+                    std::fs::read_link(proc.join("ns").join(kind)).expect("ns"),
+                    std::fs::read_link(format!("/proc/self/ns/{kind}")).expect("ns"),
+                    "{kind}"
+                );
+            }
+            let mounts = std::fs::read_to_string(proc.join("mountinfo")).expect("mountinfo");
+            assert!(
+                !mounts.contains(&dir.path().display().to_string()),
+                "{mounts}"
+            );
+            let limits = std::fs::read_to_string(proc.join("limits")).expect("limits");
+            assert!(
+                limits
+                    .lines()
+                    .any(|l| l.starts_with("Max open files") && l.contains(" 64 ")),
+                "{limits}"
+            );
+        });
+        let result = std::panic::catch_unwind(checks);
+        // SAFETY: kill(2) of the pid this test started.
+        unsafe {
+            libc::kill(pid as i32, libc::SIGKILL);
+        }
+        if let Err(panic) = result {
+            std::panic::resume_unwind(panic);
+        }
     }
 
     #[test]
