@@ -347,6 +347,24 @@ async fn every_qemu_is_jailed_and_an_escape_reaches_nothing() {
     }
     assert_eq!(uids.len(), vms.len(), "a uid per VM: {uids:?}");
 
+    // A guest writing to its serial port without end fills no disk: the
+    // console log is cut past its cap, its tail kept in console.log.1.
+    let agent = driver.agent(&clone).await.expect("agent");
+    let flood = hearth_vm::console::CAP + 2 * hearth_vm::console::KEEP;
+    sh(
+        &agent,
+        &format!("head -c {flood} /dev/zero | tr '\\000' x > /dev/ttyS0"),
+    )
+    .await;
+    drop(agent);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let log = std::fs::metadata(clone.console_log()).expect("console").len();
+    let kept = std::fs::metadata(clone.dir.join("console.log.1"))
+        .expect("the cut tail")
+        .len();
+    assert!(log <= hearth_vm::console::CAP, "console.log is {log} bytes");
+    assert_eq!(kept, hearth_vm::console::KEEP);
+
     // The escape drill, from inside `clone`'s QEMU.
     let pid = clone.pid.expect("pid");
     let uid = clone.jail_uid.expect("uid");
