@@ -358,7 +358,9 @@ async fn every_qemu_is_jailed_and_an_escape_reaches_nothing() {
     .await;
     drop(agent);
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let log = std::fs::metadata(clone.console_log()).expect("console").len();
+    let log = std::fs::metadata(clone.console_log())
+        .expect("console")
+        .len();
     let kept = std::fs::metadata(clone.dir.join("console.log.1"))
         .expect("the cut tail")
         .len();
