@@ -963,7 +963,7 @@ mod tests {
                 .trim()
                 .to_string()
         };
-        let checks = (|| {
+        let checks = || {
             assert_eq!(
                 field("Uid:").split_whitespace().collect::<Vec<_>>(),
                 ["65534"; 4]
@@ -989,7 +989,7 @@ mod tests {
                     .any(|l| l.starts_with("Max open files") && l.contains(" 64 ")),
                 "{limits}"
             );
-        });
+        };
         let result = std::panic::catch_unwind(checks);
         // SAFETY: kill(2) of the pid this test started.
         unsafe {
