@@ -6,6 +6,7 @@
 //! says what was intended.
 
 use std::ffi::OsString;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -1241,7 +1242,11 @@ impl Driver for QemuDriver {
             qmp.set_ignore_shared(false).await?;
             let uri = format!("file:{}", state_file.display());
             qmp.migrate_and_wait(&uri, MIGRATION_TIMEOUT).await?;
-            std::fs::File::open(&state_file)
+            // QEMU wrote it in its own directory: no symlink, no FIFO.
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                .open(&state_file)
                 .and_then(|f| f.sync_all())
                 .map_err(|e| VmError::Io(state_file.clone(), e))?;
             Ok::<(), VmError>(())
