@@ -891,6 +891,18 @@ mod tests {
         assert!(!config.owns_uid(1000), "the base is the shared group");
         assert!(config.owns_uid(1001) && config.owns_uid(1009));
         assert!(!config.owns_uid(1010) && !config.owns_uid(0));
+        // Root never runs QEMU unjailed, nor as itself in a user namespace.
+        if is_root() {
+            for mode in [JailMode::Disabled, JailMode::Unprivileged] {
+                assert!(matches!(
+                    JailConfig { mode }.check(),
+                    Err(JailError::RootUnjailed)
+                ));
+            }
+            assert!(config.check().is_ok());
+        } else {
+            assert!(matches!(config.check(), Err(JailError::RangeNeedsRoot)));
+        }
     }
 
     /// The unprivileged jail, tried as `nobody` (the test drops to it in
