@@ -38,6 +38,12 @@ pub struct ServerConfig {
     pub registry: Option<hearth_oci::RegistryConfig>,
     /// Step-cache entries unused for this many days are dropped at start.
     pub build_cache_days: u64,
+    /// VM networks (`hearth_vm::net`); `None`: off, every VM's network card
+    /// has no backend (a server without root, or the operator's choice).
+    pub network: Option<hearth_vm::net::NetConfig>,
+    /// Egress of a microVM whose RunMicrovm names no egress connector
+    /// (`--default-egress`): internet, as the reference, unless turned off.
+    pub default_egress: bool,
 }
 
 impl ServerConfig {
@@ -58,6 +64,8 @@ impl ServerConfig {
             artifacts: hearth_s3::ArtifactsConfig::default(),
             registry: None,
             build_cache_days: 14,
+            network: None,
+            default_egress: true,
         }
     }
 }

@@ -15,6 +15,7 @@ pub mod disk;
 pub mod driver;
 pub mod errors;
 pub mod initramfs;
+pub mod net;
 pub mod pins;
 pub mod pool;
 pub mod qemu;

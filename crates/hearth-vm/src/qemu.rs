@@ -7,6 +7,7 @@
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::process::Command;
@@ -18,6 +19,7 @@ use crate::assets::Assets;
 use crate::disk::{self, BackingFormat};
 use crate::driver::{BootRequest, ColdBoot, Driver, VmError, VmProcess};
 use crate::errors::error_chain;
+use crate::net::{EgressLimits, Network};
 use crate::pins::HostPins;
 use crate::qmp::{Qmp, QmpError};
 use crate::record::{validate_name, MachineShape, Memory, Origin, VmRecord, VmState};
@@ -54,7 +56,7 @@ enum Incoming<'a> {
 }
 
 /// The guest kernel's command line for a cold boot.
-fn boot_cmdline(accel: Accel, user_network: bool) -> String {
+fn boot_cmdline(accel: Accel, nic: bool) -> String {
     // Every microVM of an image has the hostname `localhost`, as the reference.
     let mut cmdline =
         String::from("console=ttyS0 quiet panic=-1 hearth.root=/dev/vda hearth.hostname=localhost");
@@ -71,8 +73,9 @@ fn boot_cmdline(accel: Accel, user_network: bool) -> String {
     // BIOS never touches the queue again and the kernel resets the device. The
     // guest loses only EDD's BIOS disk data, which no virtio guest uses.
     cmdline.push_str(" edd=off");
-    if user_network {
-        // The agent configures eth0 for QEMU's user-mode network (10.0.2.0/24).
+    if nic {
+        // The agent configures eth0 as 10.0.2.15/24, gateway 10.0.2.2, DNS
+        // 10.0.2.3: the same in every VM (see `net`), as QEMU's user network was.
         cmdline.push_str(" hearth.net=user");
     }
     // See `accel::host_tsc_khz`: without it a TCG boot on a busy host can hang.
@@ -93,6 +96,9 @@ pub struct QemuDriver {
     /// The first line of `qemu --version` (empty when QEMU is missing), read
     /// once: snapshots record it and launches compare it.
     qemu_version: String,
+    /// The host's VM networks; `None` (no root, or turned off): every network
+    /// card has no backend and the guests have no network.
+    network: Option<Arc<Network>>,
 }
 
 impl QemuDriver {
@@ -120,6 +126,24 @@ impl QemuDriver {
             accel,
             qemu,
             qemu_version,
+            network: None,
+        }
+    }
+
+    /// Gives this driver's VMs their networks from `network`.
+    pub fn with_network(mut self, network: Arc<Network>) -> Self {
+        self.network = Some(network);
+        self
+    }
+
+    pub fn network(&self) -> Option<&Arc<Network>> {
+        self.network.as_ref()
+    }
+
+    /// Deletes the network namespace of QEMU instance `instance`, if any.
+    fn release_network(&self, instance: &str) {
+        if let Some(network) = &self.network {
+            network.remove(instance);
         }
     }
 
@@ -163,7 +187,14 @@ impl QemuDriver {
     }
 
     /// QEMU's command line for `vm`; `incoming` starts it waiting for a state load.
-    fn command_line(&self, vm: &VmRecord, incoming: Incoming<'_>, kernel: &Path) -> Vec<OsString> {
+    /// `tap`: the card's backend is the VM namespace's tap (see `net`).
+    fn command_line(
+        &self,
+        vm: &VmRecord,
+        incoming: Incoming<'_>,
+        kernel: &Path,
+        tap: bool,
+    ) -> Vec<OsString> {
         let MachineShape { memory_mib, vcpus } = vm.shape;
         let memory = match &vm.memory {
             Memory::SharedFile { path } => format!(
@@ -219,11 +250,19 @@ impl QemuDriver {
         ));
         push("-device");
         push("virtio-blk-device,drive=root");
-        if vm.user_network {
+        if vm.nic && tap {
             push("-netdev");
-            push("user,id=net0");
+            push(&format!(
+                "tap,id=net0,ifname={},script=no,downscript=no",
+                crate::net::TAP
+            ));
             push("-device");
             push("virtio-net-device,netdev=net0");
+        } else if vm.nic {
+            // No host network: the card stays (the snapshot's device layout
+            // needs it) with no backend, so the guest sends into nothing.
+            push("-device");
+            push("virtio-net-device");
         }
         push("-device");
         push("virtio-serial-device,max_ports=2");
@@ -268,8 +307,15 @@ impl QemuDriver {
             Incoming::None => vm.kernel.clone(),
             Incoming::Defer | Incoming::Uri(_) => self.kernel_stub(&vm.kernel)?,
         };
+        let netns = match (&self.network, vm.nic) {
+            (Some(network), true) => Some(self.create_network(network, vm).await?),
+            _ => None,
+        };
         let mut command = Command::new(&self.qemu);
-        command.args(self.command_line(vm, incoming, &kernel));
+        command.args(self.command_line(vm, incoming, &kernel, netns.is_some()));
+        if let Some(netns) = netns {
+            enter_netns(&mut command, netns);
+        }
         // SAFETY: the closure runs in the forked child before exec and only calls
         // prctl(2), which is async-signal-safe and touches no shared state.
         unsafe {
@@ -280,20 +326,28 @@ impl QemuDriver {
                 Ok(())
             });
         }
-        let mut child = command
+        let spawned = command
             .stdin(std::process::Stdio::null())
             .stdout(log)
             .stderr(log_err)
             .process_group(0)
             .kill_on_drop(false)
             .spawn()
-            .map_err(VmError::Spawn)?;
+            .map_err(VmError::Spawn);
+        let mut child = match spawned {
+            Ok(child) => child,
+            Err(err) => {
+                self.release_network(&vm.instance);
+                return Err(err);
+            }
+        };
         let pid = child.id().ok_or_else(|| VmError::QemuDied {
             log: read_tail(&log_path),
         })?;
         let deadline = Instant::now() + QMP_START_TIMEOUT;
         let qmp = loop {
             if let Ok(Some(_)) = child.try_wait() {
+                self.release_network(&vm.instance);
                 return Err(VmError::QemuDied {
                     log: read_tail(&log_path),
                 });
@@ -305,6 +359,7 @@ impl QemuDriver {
                 }
                 Err(err) => {
                     let _ = child.start_kill();
+                    self.release_network(&vm.instance);
                     return Err(err.into());
                 }
             }
@@ -317,6 +372,24 @@ impl QemuDriver {
         Ok((pid, qmp))
     }
 
+    /// Creates the network namespace QEMU instance `vm.instance` runs in, with
+    /// an uplink when the VM has egress, and opens it for [`enter_netns`].
+    async fn create_network(
+        &self,
+        network: &Network,
+        vm: &VmRecord,
+    ) -> Result<std::fs::File, VmError> {
+        let limits = vm.egress.then(|| EgressLimits::for_shape(vm.shape));
+        network
+            .create(&vm.instance, rustix::process::geteuid().as_raw(), limits)
+            .await?;
+        let path = network.netns_path(&vm.instance);
+        std::fs::File::open(&path).map_err(|e| {
+            network.remove(&vm.instance);
+            VmError::Io(path, e)
+        })
+    }
+
     /// Prepares a VM to receive `snapshot`'s state: its directory, disk overlay,
     /// record and a QEMU process waiting in `-incoming defer`. Used directly by
     /// launches and ahead of time by the warm pool.
@@ -325,6 +398,7 @@ impl QemuDriver {
         snapshot: &Snapshot,
         name: &str,
         pool_slot: bool,
+        egress: bool,
     ) -> Result<(VmRecord, Qmp), VmError> {
         let manifest = &snapshot.manifest;
         if manifest.accel != self.accel {
@@ -343,19 +417,23 @@ impl QemuDriver {
             self.create_dir(name)?
         };
         let mut guard = BootGuard {
+            network: self.network.clone(),
             process: None,
             paths: vec![dir.clone()],
         };
         let result = async {
-            let vm = restored_record(
-                manifest,
-                name,
-                &dir,
-                Memory::PrivateFile {
-                    path: snapshot.memory(),
-                },
-                &snapshot.dir,
-            );
+            let vm = VmRecord {
+                egress: manifest.nic && egress,
+                ..restored_record(
+                    manifest,
+                    name,
+                    &dir,
+                    Memory::PrivateFile {
+                        path: snapshot.memory(),
+                    },
+                    &snapshot.dir,
+                )
+            };
             disk::create_overlay(&vm.disk, &snapshot.disk(), BackingFormat::Qcow2).await?;
             self.save(&vm)?;
             let (pid, qmp) = self.spawn(&vm, Incoming::Defer).await?;
@@ -536,7 +614,7 @@ impl QemuDriver {
             base: base.to_path_buf(),
             base_format: BackingFormat::Raw,
             overlay: None,
-            user_network: false,
+            egress: false,
             disk_size: None,
         };
         self.boot_with(request, &boot).await
@@ -544,8 +622,12 @@ impl QemuDriver {
 
     /// Ends the VM's QEMU process: `quit` over QMP, SIGKILL if that fails.
     pub(crate) async fn stop_process(&self, vm: &VmRecord) {
-        let Some(pid) = vm.pid else { return };
+        let Some(pid) = vm.pid else {
+            self.release_network(&vm.instance);
+            return;
+        };
         if !process_alive(pid, &vm.instance) {
+            self.release_network(&vm.instance);
             return;
         }
         let quit = async {
@@ -559,6 +641,7 @@ impl QemuDriver {
             }
             wait_gone(pid, &vm.instance, Duration::from_secs(5)).await;
         }
+        self.release_network(&vm.instance);
     }
 
     fn qemu_version(&self) -> String {
@@ -690,12 +773,16 @@ impl Driver for QemuDriver {
 
     /// Kills a process found by [`Self::processes`] and removes its RAM file.
     fn kill_process(&self, process: &VmProcess) {
+        let instance = process_instance(process.pid);
         if let Ok(pid) = i32::try_from(process.pid) {
             // SAFETY: kill(2) has no memory effects; a stale pid at worst
             // fails with ESRCH.
             unsafe {
                 libc::kill(pid, libc::SIGKILL);
             }
+        }
+        if let Some(instance) = instance {
+            self.release_network(&instance);
         }
         // `processes` only reports a RAM file named for the instance directly in
         // the RAM directory; a symlink there is never followed.
@@ -720,6 +807,7 @@ impl Driver for QemuDriver {
         let dir = self.create_dir(&request.name)?;
         let instance = new_instance_id();
         let mut guard = BootGuard {
+            network: self.network.clone(),
             process: None,
             paths: vec![
                 dir.clone(),
@@ -740,7 +828,7 @@ impl Driver for QemuDriver {
                 accel: self.accel,
                 kernel: self.boot_kernel(&kernel.vmlinuz, request.shape.memory_mib)?,
                 initrd: kernel.initrd.clone(),
-                cmdline: boot_cmdline(self.accel, boot.user_network),
+                cmdline: boot_cmdline(self.accel, true),
                 disk: boot
                     .overlay
                     .clone()
@@ -752,7 +840,8 @@ impl Driver for QemuDriver {
                     image: request.image.clone(),
                 },
                 created_unix: unix_now(),
-                user_network: boot.user_network,
+                nic: true,
+                egress: boot.egress,
             };
             disk::create_overlay_sized(&vm.disk, &boot.base, boot.base_format, boot.disk_size)
                 .await?;
@@ -861,9 +950,19 @@ impl Driver for QemuDriver {
         snapshot: &Snapshot,
         name: &str,
     ) -> Result<(VmRecord, AgentClient), VmError> {
-        let (vm, mut qmp) = self.prepare_clone(snapshot, name, false).await?;
+        self.launch_with_egress(snapshot, name, true).await
+    }
+
+    async fn launch_with_egress(
+        &self,
+        snapshot: &Snapshot,
+        name: &str,
+        egress: bool,
+    ) -> Result<(VmRecord, AgentClient), VmError> {
+        let (vm, mut qmp) = self.prepare_clone(snapshot, name, false, egress).await?;
         // Ends the clone if this future is dropped mid-restore.
         let mut guard = BootGuard {
+            network: self.network.clone(),
             process: vm.pid.map(|pid| (pid, vm.instance.clone())),
             paths: vec![vm.dir.clone()],
         };
@@ -962,6 +1061,7 @@ impl Driver for QemuDriver {
                 initrd: vm.initrd.clone(),
                 cmdline: vm.cmdline.clone(),
                 qemu_version: self.qemu_version(),
+                nic: vm.nic,
                 files,
             };
             let bytes = serde_json::to_vec_pretty(&manifest)
@@ -1033,6 +1133,8 @@ impl Driver for QemuDriver {
                 self.stop_process(&running).await;
             }
         }
+        // A fresh namespace at resume: no connection tracked before survives.
+        self.release_network(&vm.instance);
         if let Memory::SharedFile { path } = &vm.memory {
             let _ = std::fs::remove_file(path);
         }
@@ -1116,12 +1218,38 @@ impl Driver for QemuDriver {
                 self.stop_process(vm).await;
             }
         }
+        self.release_network(&vm.instance);
         vm.state = VmState::Stopped;
         vm.pid = None;
         if let Memory::SharedFile { path } = &vm.memory {
             let _ = std::fs::remove_file(path);
         }
         self.save(vm)
+    }
+
+    async fn set_egress(&self, vm: &mut VmRecord, egress: bool) -> Result<(), VmError> {
+        if vm.egress == egress {
+            return Ok(());
+        }
+        if let (Some(network), true, VmState::Running) = (&self.network, vm.nic, vm.state) {
+            if egress {
+                network
+                    .connect(&vm.instance, EgressLimits::for_shape(vm.shape))
+                    .await?;
+            } else {
+                network.disconnect(&vm.instance).await?;
+            }
+        }
+        vm.egress = egress;
+        self.save(vm)
+    }
+
+    async fn egress_bytes(&self, vm: &VmRecord) -> Option<u64> {
+        let network = self.network.as_ref()?;
+        if !(vm.nic && vm.egress && vm.state == VmState::Running) {
+            return None;
+        }
+        network.egress_bytes(&vm.instance).await.ok()
     }
 
     async fn remove(&self, vm: &VmRecord) -> Result<(), VmError> {
@@ -1171,7 +1299,11 @@ fn restored_record(
             dir: origin.to_path_buf(),
         },
         created_unix: unix_now(),
-        user_network: false,
+        nic: manifest.nic,
+        // The default, internet egress; launches without it say so
+        // (`Driver::launch_with_egress`), warm pool slots keep it ready so the
+        // default launch pays nothing for it.
+        egress: manifest.nic,
     }
 }
 
@@ -1185,6 +1317,36 @@ pub(crate) fn unix_now() -> u64 {
 /// A random id that names one QEMU process (`-name hearth-ID`).
 pub(crate) fn new_instance_id() -> String {
     hex::encode(rand::random::<[u8; 8]>())
+}
+
+/// Makes `command`'s process enter network namespace `netns` before it runs
+/// QEMU. One place so the QEMU jail's `JailSpec::netns` can take it over.
+fn enter_netns(command: &mut Command, netns: std::fs::File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the closure runs in the forked child before exec and only calls
+    // setns(2), which is async-signal-safe; the descriptor stays open because
+    // the closure owns the file (dropped in the parent after the spawn).
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// The instance id in a QEMU process's `-name hearth-ID`.
+fn process_instance(pid: u32) -> Option<String> {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let mut args = cmdline.split(|b| *b == 0);
+    while let Some(arg) = args.next() {
+        if arg == b"-name" {
+            let name = std::str::from_utf8(args.next()?).ok()?;
+            return name.strip_prefix("hearth-").map(str::to_string);
+        }
+    }
+    None
 }
 
 /// True when the VM's QEMU process is alive.
@@ -1327,6 +1489,8 @@ fn canonical_or_self(path: &Path) -> PathBuf {
 /// and when the boot future is dropped before it finishes (a cancelled build,
 /// an interrupted `hearth vm boot`), so a failed boot leaves no process behind.
 struct BootGuard {
+    /// Where the VM's network namespace is to be deleted from.
+    network: Option<Arc<Network>>,
     /// QEMU's pid and the instance id that identifies it in `/proc`.
     process: Option<(u32, String)>,
     /// The VM's directory, RAM file and disk overlay.
@@ -1347,6 +1511,9 @@ impl Drop for BootGuard {
                 if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
                     let _ = rustix::process::kill_process(pid, rustix::process::Signal::Kill);
                 }
+            }
+            if let Some(network) = &self.network {
+                network.remove(&instance);
             }
         }
         for path in self.paths.drain(..) {
@@ -1432,7 +1599,8 @@ mod boot_failure_tests {
                 image: "debian-12".into(),
             },
             created_unix: 0,
-            user_network: false,
+            nic: false,
+            egress: false,
         }
     }
 
@@ -1496,6 +1664,7 @@ mod boot_failure_tests {
         let instance = new_instance_id();
         let mut child = fake_qemu(&instance, "30");
         let guard = BootGuard {
+            network: None,
             process: Some((child.id(), instance.clone())),
             paths: vec![vm_dir.clone(), ram.clone()],
         };
@@ -1508,6 +1677,7 @@ mod boot_failure_tests {
         let mut child = fake_qemu(&instance, "30");
         std::fs::write(&ram, b"ram").expect("ram");
         let mut guard = BootGuard {
+            network: None,
             process: Some((child.id(), instance)),
             paths: vec![ram.clone()],
         };

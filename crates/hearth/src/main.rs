@@ -135,6 +135,59 @@ struct ServeArgs {
     /// Drop build-cache entries unused for this many days (at start).
     #[arg(long, default_value_t = 14, value_parser = clap::value_parser!(u64).range(1..=3650))]
     build_cache_days: u64,
+    /// Give microVMs and build steps no network at all (without root this is
+    /// the only mode: VM networks need network namespaces and nftables).
+    #[arg(long)]
+    no_vm_network: bool,
+    /// Egress of a microVM that names no egress connector: `internet` (as the
+    /// reference) or `none`.
+    #[arg(long, value_enum, default_value = "internet")]
+    default_egress: DefaultEgress,
+    /// Let VMs reach this range although the defaults forbid it (private,
+    /// link-local, ...), e.g. `--egress-allow 10.20.0.0/16` (repeatable).
+    #[arg(long = "egress-allow", value_name = "CIDR", value_parser = parse_cidr)]
+    egress_allow: Vec<hearth_vm::net::IpNet>,
+    /// Never let VMs reach this range; wins over --egress-allow (repeatable).
+    #[arg(long = "egress-deny", value_name = "CIDR", value_parser = parse_cidr)]
+    egress_deny: Vec<hearth_vm::net::IpNet>,
+    /// The resolver VMs' DNS goes to (IPv4; default: the first usable
+    /// nameserver of /etc/resolv.conf).
+    #[arg(long, value_name = "ADDR")]
+    dns: Option<std::net::Ipv4Addr>,
+    /// Host-side addresses of the VMs' links, one /30 per VM.
+    #[arg(long, value_name = "CIDR", default_value = "10.201.0.0/16")]
+    vm_address_pool: hearth_vm::net::Ipv4Net,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum DefaultEgress {
+    Internet,
+    None,
+}
+
+fn parse_cidr(text: &str) -> Result<hearth_vm::net::IpNet, String> {
+    hearth_vm::net::parse_cidr(text).map_err(|e| e.to_string())
+}
+
+/// The VM network settings of `hearth serve`; `None` when off or not root.
+fn vm_network(args: &ServeArgs) -> Result<Option<hearth_vm::net::NetConfig>> {
+    if args.no_vm_network {
+        return Ok(None);
+    }
+    // SAFETY: geteuid(2) cannot fail and touches no memory.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("hearth: not root: microVMs and build steps get no network");
+        return Ok(None);
+    }
+    let dns = match args.dns {
+        Some(dns) => dns,
+        None => hearth_vm::net::NetConfig::system_dns()?,
+    };
+    let mut net = hearth_vm::net::NetConfig::new(dns);
+    net.pool = args.vm_address_pool;
+    net.allow = args.egress_allow.clone();
+    net.deny = args.egress_deny.clone();
+    Ok(Some(net))
 }
 
 #[derive(Debug, Subcommand)]
@@ -354,6 +407,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Token(args) => Ok(endpoint_cli::token(args).await),
         Command::Open(args) => Ok(endpoint_cli::open(args).await),
         Command::Serve(args) => {
+            let network = vm_network(&args)?;
             let mut config =
                 hearth_server::ServerConfig::new(data_dir(args.data_dir), args.listen, args.region);
             config.rate_limits = args.rate_limits;
@@ -377,6 +431,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 password: std::env::var("HEARTH_REGISTRY_PASSWORD").ok(),
             });
             config.artifacts.max_artifact_bytes = args.max_artifact_bytes;
+            config.network = network;
+            config.default_egress = args.default_egress == DefaultEgress::Internet;
             if let Some(endpoint) = args.artifact_s3_endpoint {
                 if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
                     anyhow::bail!("--artifact-s3-endpoint must be an http:// or https:// URL");

@@ -349,6 +349,24 @@ impl MicrovmSpec {
         self.hooks.as_ref()?.port
     }
 
+    /// Whether the microVM reaches the internet: `INTERNET_EGRESS` yes,
+    /// `NO_EGRESS` no, neither (omitted or empty) the operator's default.
+    pub fn egress(&self, default: bool) -> bool {
+        let list = self.egress_network_connectors.as_deref();
+        if connects(list, "NO_EGRESS") {
+            false
+        } else if connects(list, "INTERNET_EGRESS") {
+            true
+        } else {
+            default
+        }
+    }
+
+    /// Whether `NO_INGRESS` was asked for: the endpoint refuses every request.
+    pub fn no_ingress(&self) -> bool {
+        connects(Some(&self.ingress_network_connectors), "NO_INGRESS")
+    }
+
     /// Whether `SHELL_INGRESS` was asked for (shell tokens and the agent API).
     pub fn shell_ingress(&self) -> bool {
         connects(Some(&self.ingress_network_connectors), "SHELL_INGRESS")
