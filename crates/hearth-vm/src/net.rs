@@ -4,7 +4,8 @@
 //! (`/run/netns/<prefix><instance>`) that holds:
 //!
 //! - `tap0`, the backend of the guest's virtio-net card (owned by QEMU's uid),
-//!   with the gateway address 10.0.2.2/24 and a fixed MAC, so every guest is
+//!   with the gateway address 10.0.2.2/24 and the resolver's 10.0.2.3 (so the
+//!   guest's ARP for them is answered) and a fixed MAC, so every guest is
 //!   configured the same (10.0.2.15, gateway 10.0.2.2, DNS 10.0.2.3, as QEMU's
 //!   user network had it) and a clone's ARP cache stays valid after a restore;
 //! - with egress, `up0`: one end of a veth pair whose other end (`<link
@@ -318,6 +319,7 @@ impl Network {
                  tuntap add dev {TAP} mode tap user {uid}\n\
                  link set {TAP} address {TAP_MAC}\n\
                  addr add {GUEST_GATEWAY}/24 dev {TAP}\n\
+                 addr add {GUEST_DNS}/24 dev {TAP}\n\
                  link set {TAP} up\n"
             );
             run_with_input("ip", &["-n", &netns, "-batch", "-"], &script).await?;
@@ -544,12 +546,18 @@ mod tests {
     #[test]
     fn cidrs_parse_and_bad_ones_are_named() {
         assert_eq!(
-            parse_cidr("203.0.113.7/24").unwrap().to_string(),
+            parse_cidr("203.0.113.7/24").expect("valid").to_string(),
             "203.0.113.0/24"
         );
-        assert_eq!(parse_cidr("10.1.2.3").unwrap().to_string(), "10.1.2.3/32");
-        assert_eq!(parse_cidr("fd00::/8").unwrap().to_string(), "fd00::/8");
-        let err = parse_cidr("10.0.0.0/33").unwrap_err();
+        assert_eq!(
+            parse_cidr("10.1.2.3").expect("valid").to_string(),
+            "10.1.2.3/32"
+        );
+        assert_eq!(
+            parse_cidr("fd00::/8").expect("valid").to_string(),
+            "fd00::/8"
+        );
+        let err = parse_cidr("10.0.0.0/33").expect_err("refused");
         assert!(err.to_string().contains("10.0.0.0/33"), "{err}");
         assert!(parse_cidr("example.com").is_err());
     }
@@ -574,12 +582,12 @@ mod tests {
     #[test]
     fn the_host_table_denies_before_it_allows_and_forbids_the_defaults() {
         let mut config = NetConfig::new(Ipv4Addr::new(192, 0, 2, 53));
-        config.allow = vec![parse_cidr("10.9.0.0/16").unwrap()];
-        config.deny = vec![parse_cidr("198.51.100.7").unwrap()];
+        config.allow = vec![parse_cidr("10.9.0.0/16").expect("valid")];
+        config.deny = vec![parse_cidr("198.51.100.7").expect("valid")];
         let rules = config.host_ruleset();
-        let deny = rules.find("@deny4 drop").unwrap();
-        let allow = rules.find("@allow4 accept").unwrap();
-        let forbidden = rules.find("@forbidden4 drop").unwrap();
+        let deny = rules.find("@deny4 drop").expect("valid");
+        let allow = rules.find("@allow4 accept").expect("valid");
+        let forbidden = rules.find("@forbidden4 drop").expect("valid");
         assert!(deny < allow && allow < forbidden, "{rules}");
         assert!(rules.contains("169.254.0.0/16"));
         assert!(rules.contains("elements = { 10.9.0.0/16 }"));
@@ -592,7 +600,7 @@ mod tests {
         let mut config = NetConfig::new(Ipv4Addr::LOCALHOST);
         assert!(matches!(config.check(), Err(NetError::BadDns(_))));
         config.dns = Ipv4Addr::new(192, 0, 2, 53);
-        config.pool = Ipv4Net::new(Ipv4Addr::new(10, 0, 0, 0), 31).unwrap();
+        config.pool = Ipv4Net::new(Ipv4Addr::new(10, 0, 0, 0), 31).expect("valid");
         assert!(matches!(config.check(), Err(NetError::BadPool(_))));
     }
 }

@@ -206,7 +206,7 @@ mod tests {
             cmdline: String::new(),
             qemu_version: "test".into(),
             nic: false,
-        files: [MEMORY_FILE, STATE_FILE, DISK_FILE]
+            files: [MEMORY_FILE, STATE_FILE, DISK_FILE]
                 .iter()
                 .map(|n| file_entry(dir, n).expect("entry"))
                 .collect(),

@@ -81,6 +81,18 @@ fn uplink_gateway(netns: &str) -> Option<Ipv4Addr> {
     words.next()?.parse().ok()
 }
 
+/// Ends every QEMU process of the test's driver (and with it the VM's
+/// namespace) however the test ends.
+struct KillOnDrop(QemuDriver);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for process in self.0.processes() {
+            self.0.kill_process(&process);
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vm_networks_reach_the_internet_and_nothing_else() {
     assert_eq!(
@@ -103,6 +115,7 @@ async fn vm_networks_reach_the_internet_and_nothing_else() {
     let driver = QemuDriver::new(assets.clone())
         .expect("driver")
         .with_network(network.clone());
+    let _cleanup = KillOnDrop(driver.clone());
     // A host service a guest must never reach (as hearth's API and proxy).
     let host_listener = tokio::net::TcpListener::bind("0.0.0.0:0")
         .await
@@ -263,7 +276,9 @@ async fn vm_networks_reach_the_internet_and_nothing_else() {
         .set_egress(&mut closed, true)
         .await
         .expect("give egress");
-    Network::start(config.clone()).await.expect("default ranges");
+    Network::start(config.clone())
+        .await
+        .expect("default ranges");
     assert_eq!(
         sh(&closed_agent, &fetch_script(&WEB.to_string(), 80, "/")).await,
         GREETING
@@ -281,5 +296,4 @@ async fn vm_networks_reach_the_internet_and_nothing_else() {
         );
     }
     host_task.abort();
-    internet::remove_table(&config);
 }

@@ -228,9 +228,7 @@ impl Engine {
         let _held = guard.lock().await;
         let launched = async {
             let snapshot = self.snapshot(&snapshot_dir)?;
-            let egress = row
-                .spec
-                .egress(self.default_egress.load(Ordering::Relaxed));
+            let egress = row.spec.egress(self.default_egress.load(Ordering::Relaxed));
             Ok::<_, EngineError>(
                 self.driver
                     .launch_with_egress(&snapshot, &row.vm_name, egress)

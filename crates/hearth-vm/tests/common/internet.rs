@@ -84,14 +84,44 @@ impl TestInternet {
         ip(&[
             "link", "add", &host_link, "type", "veth", "peer", "name", "eth0", "netns", &netns,
         ]);
-        ip(&["addr", "add", &format!("{host_address}/30"), "dev", &host_link]);
+        ip(&[
+            "addr",
+            "add",
+            &format!("{host_address}/30"),
+            "dev",
+            &host_link,
+        ]);
         ip(&["link", "set", &host_link, "up"]);
         ip(&["-n", &netns, "link", "set", "lo", "up"]);
-        ip(&["-n", &netns, "addr", "add", &format!("{inner}/30"), "dev", "eth0"]);
+        ip(&[
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("{inner}/30"),
+            "dev",
+            "eth0",
+        ]);
         ip(&["-n", &netns, "link", "set", "eth0", "up"]);
-        ip(&["-n", &netns, "route", "add", "default", "via", &host_address.to_string()]);
+        ip(&[
+            "-n",
+            &netns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &host_address.to_string(),
+        ]);
         for address in [WEB, DNS].iter().chain(FORBIDDEN.iter()) {
-            ip(&["-n", &netns, "addr", "add", &format!("{address}/32"), "dev", "lo"]);
+            ip(&[
+                "-n",
+                &netns,
+                "addr",
+                "add",
+                &format!("{address}/32"),
+                "dev",
+                "lo",
+            ]);
         }
         ip(&[
             "route",
@@ -156,6 +186,7 @@ impl TestInternet {
 
 impl Drop for TestInternet {
     fn drop(&mut self) {
+        remove_table(&self.net_config());
         for task in &self.tasks {
             task.abort();
         }
