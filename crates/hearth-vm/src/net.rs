@@ -130,8 +130,8 @@ pub struct NetConfig {
 }
 
 impl NetConfig {
-    /// The defaults: pool 10.201.0.0/16, table `hearth`, veths `hv<slot>`,
-    /// namespaces `hearth-<instance>`.
+    /// The defaults: pool 10.201.0.0/16, table `hearth`, veths
+    /// `hearth<slot>`, namespaces `hearth-<instance>`.
     pub fn new(dns: Ipv4Addr) -> Self {
         Self {
             pool: Ipv4Net::new(Ipv4Addr::new(10, 201, 0, 0), 16).expect("valid prefix length"),
@@ -139,7 +139,7 @@ impl NetConfig {
             deny: Vec::new(),
             dns,
             table: "hearth".into(),
-            link_prefix: "hv".into(),
+            link_prefix: "hearth".into(),
             netns_prefix: "hearth-".into(),
         }
     }
@@ -592,7 +592,7 @@ mod tests {
         assert!(rules.contains("169.254.0.0/16"));
         assert!(rules.contains("elements = { 10.9.0.0/16 }"));
         assert!(rules.contains("elements = { 198.51.100.7/32 }"));
-        assert!(rules.contains("iifname \"hv*\" drop"));
+        assert!(rules.contains("iifname \"hearth*\" drop"));
     }
 
     #[test]

@@ -157,6 +157,25 @@ struct ServeArgs {
     /// Host-side addresses of the VMs' links, one /30 per VM.
     #[arg(long, value_name = "CIDR", default_value = "10.201.0.0/16")]
     vm_address_pool: hearth_vm::net::Ipv4Net,
+    /// Names of this server's network objects: nftables table NAME, links
+    /// NAME<slot>, namespaces NAME-<instance> (two servers on one host need
+    /// different names and pools).
+    #[arg(long, value_name = "NAME", default_value = "hearth", value_parser = parse_net_name)]
+    vm_net_name: String,
+}
+
+fn parse_net_name(text: &str) -> Result<String, String> {
+    let valid = !text.is_empty()
+        && text.len() <= 8
+        && text.starts_with(|c: char| c.is_ascii_lowercase())
+        && text
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if valid {
+        Ok(text.to_string())
+    } else {
+        Err("use 1-8 of a-z 0-9 _, starting with a letter".into())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -187,6 +206,9 @@ fn vm_network(args: &ServeArgs) -> Result<Option<hearth_vm::net::NetConfig>> {
     net.pool = args.vm_address_pool;
     net.allow = args.egress_allow.clone();
     net.deny = args.egress_deny.clone();
+    net.table = args.vm_net_name.clone();
+    net.link_prefix = args.vm_net_name.clone();
+    net.netns_prefix = format!("{}-", args.vm_net_name);
     Ok(Some(net))
 }
 
