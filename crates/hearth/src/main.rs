@@ -14,6 +14,7 @@ mod bench;
 mod bench_api;
 mod bench_build;
 mod bench_endpoint;
+mod bench_net;
 mod client_cli;
 mod connect;
 mod cp_cli;
@@ -356,6 +357,9 @@ enum BenchCommand {
     /// Dockerfile builds on real guests: fresh build, cached rebuild,
     /// snapshot sizes, first 200 from the built image.
     Build(bench_build::BuildArgs),
+    /// VM networks (as root): launch to first exec with and without a
+    /// network, and one guest's download speed from a namespace "internet".
+    Net(bench_net::NetArgs),
 }
 
 fn main() -> ExitCode {
@@ -423,6 +427,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Vm(command) => vm(command).await,
         Command::Bench(BenchCommand::Launch(args)) => bench::launch(args, driver()?).await,
         Command::Bench(BenchCommand::Api(args)) => bench_api::api(args).await,
+        Command::Bench(BenchCommand::Net(args)) => bench_net::net(args, driver()?).await,
         Command::Bench(BenchCommand::Endpoint(args)) => bench_endpoint::endpoint(args).await,
         Command::Bench(BenchCommand::Build(args)) => bench_build::build(args).await,
         Command::Shell(args) => Ok(shell::main(args).await),
