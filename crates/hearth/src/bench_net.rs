@@ -16,7 +16,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use hearth_proto::ExecRequest;
-use hearth_vm::net::{Ipv4Net, NetConfig, Network};
+use hearth_vm::net::{EgressLimits, Ipv4Net, NetConfig, Network};
 use hearth_vm::pool::PoolMode;
 use hearth_vm::{BootRequest, Driver, MachineShape, QemuDriver};
 use serde::Serialize;
@@ -52,6 +52,10 @@ struct Report {
     empty_pool_with_network_ms: Stats,
     empty_pool_without_network_ms: Stats,
     empty_pool_network_cost_p50_ms: f64,
+    /// Creating one VM's namespace with tap and uplink (the part of an
+    /// empty-pool launch the network adds), and deleting it.
+    network_setup_ms: Stats,
+    network_teardown_ms: Stats,
     download_bytes: u64,
     download_seconds: f64,
     download_mb_per_s: f64,
@@ -278,28 +282,58 @@ async fn run(
     cleanup: &mut Cleanup<'_>,
 ) -> Result<Report> {
     let prefix = format!("bnet{}", std::process::id());
-    progress("cold boot");
-    let source = networked
-        .boot(&BootRequest {
-            name: format!("{prefix}-src"),
-            image: args.image.clone(),
-            shape: MachineShape::default(),
-        })
-        .await?;
-    cleanup.vms.push(source.clone());
-    let snapshot = networked.snapshot(&source, &work.join("snapshot")).await?;
-    networked.remove(&source).await?;
-    cleanup.vms.clear();
+    let network = networked
+        .network()
+        .context("the networked driver has no network")?;
+    let (mut setup, mut teardown) = (Vec::new(), Vec::new());
+    for i in 0..args.launches {
+        progress(&format!("network setup {}/{}", i + 1, args.launches));
+        let instance = format!("{prefix}x{i}");
+        let start = std::time::Instant::now();
+        network
+            .create(
+                &instance,
+                0,
+                Some(EgressLimits::for_shape(MachineShape::default())),
+            )
+            .await?;
+        setup.push(crate::measure::ms(start.elapsed()));
+        let start = std::time::Instant::now();
+        network.remove(&instance);
+        teardown.push(crate::measure::ms(start.elapsed()));
+    }
+    // One snapshot per driver: a card restores only onto the same backend
+    // kind (a tap offers features a card without a backend does not).
+    let mut snapshots = Vec::new();
+    for (driver, label) in [(networked, "net"), (plain, "nonet")] {
+        progress(&format!("cold boot ({label})"));
+        let source = driver
+            .boot(&BootRequest {
+                name: format!("{prefix}-{label}src"),
+                image: args.image.clone(),
+                shape: MachineShape::default(),
+            })
+            .await?;
+        let snapshot = driver
+            .snapshot(&source, &work.join(format!("snapshot-{label}")))
+            .await;
+        driver.remove(&source).await?;
+        snapshots.push(snapshot?);
+    }
+    let snapshot = snapshots[0].clone();
 
     let mut measured = Vec::new();
-    for (driver, label) in [(networked, "net"), (plain, "nonet")] {
+    for ((driver, label), snapshot) in [(networked, "net"), (plain, "nonet")]
+        .into_iter()
+        .zip(&snapshots)
+    {
         let mut on_driver = Cleanup {
             driver,
             vms: Vec::new(),
         };
         let warm = measure_pool(
             driver,
-            &snapshot,
+            snapshot,
             PoolMode::Prewarmed,
             2,
             args.launches,
@@ -312,7 +346,7 @@ async fn run(
             Ok(_) => {
                 measure_pool(
                     driver,
-                    &snapshot,
+                    snapshot,
                     PoolMode::Deferred,
                     0,
                     args.launches,
@@ -376,6 +410,8 @@ async fn run(
         warm_pool_without_network_ms: warm_plain,
         empty_pool_with_network_ms: empty_net,
         empty_pool_without_network_ms: empty_plain,
+        network_setup_ms: Stats::of(setup),
+        network_teardown_ms: Stats::of(teardown),
         download_bytes: got,
         download_seconds: seconds,
         download_mb_per_s: got as f64 / seconds / 1e6,
@@ -404,6 +440,11 @@ fn print_table(r: &Report) {
         "empty pool, without network",
         &r.empty_pool_without_network_ms,
     );
+    row(
+        "network setup (namespace, tap, uplink)",
+        &r.network_setup_ms,
+    );
+    row("network teardown", &r.network_teardown_ms);
     println!(
         "network cost at p50: warm pool {:+.1} ms, empty pool {:+.1} ms",
         r.warm_pool_network_cost_p50_ms, r.empty_pool_network_cost_p50_ms
