@@ -304,7 +304,8 @@ impl Network {
     }
 
     /// Creates instance `instance`'s namespace with its tap (owned by `uid`)
-    /// and, when `egress` is given, its uplink.
+    /// and, when `egress` is given, its uplink. Four programs run: `ip netns
+    /// add`, one `ip -batch` on each side, `nft` in the namespace.
     pub async fn create(
         &self,
         instance: &str,
@@ -313,22 +314,20 @@ impl Network {
     ) -> Result<(), NetError> {
         let netns = self.netns_name(instance);
         run("ip", &["netns", "add", &netns]).await?;
-        let made = async {
-            let script = format!(
-                "link set lo up\n\
-                 tuntap add dev {TAP} mode tap user {uid}\n\
-                 link set {TAP} address {TAP_MAC}\n\
-                 addr add {GUEST_GATEWAY}/24 dev {TAP}\n\
-                 addr add {GUEST_DNS}/24 dev {TAP}\n\
-                 link set {TAP} up\n"
-            );
-            run_with_input("ip", &["-n", &netns, "-batch", "-"], &script).await?;
-            if let Some(limits) = egress {
-                self.connect(instance, limits).await?;
-            }
-            Ok(())
-        }
-        .await;
+        let tap = format!(
+            "link set lo up\n\
+             tuntap add dev {TAP} mode tap user {uid}\n\
+             link set {TAP} address {TAP_MAC}\n\
+             addr add {GUEST_GATEWAY}/24 dev {TAP}\n\
+             addr add {GUEST_DNS}/24 dev {TAP}\n\
+             link set {TAP} up\n"
+        );
+        let made = match egress {
+            Some(limits) => self.uplink(instance, limits, &tap).await,
+            None => run_with_input("ip", &["-n", &netns, "-batch", "-"], &tap)
+                .await
+                .map(drop),
+        };
         if made.is_err() {
             self.remove(instance);
         }
@@ -338,50 +337,53 @@ impl Network {
     /// Gives instance `instance`'s namespace its uplink: a veth pair on a
     /// free slot of the pool, NAT, DNS and limits.
     pub async fn connect(&self, instance: &str, limits: EgressLimits) -> Result<(), NetError> {
+        self.uplink(instance, limits, "").await
+    }
+
+    /// [`Self::connect`], running `first` in the namespace's `ip` batch too.
+    async fn uplink(
+        &self,
+        instance: &str,
+        limits: EgressLimits,
+        first: &str,
+    ) -> Result<(), NetError> {
         let netns = self.netns_name(instance);
         let slots = self.config.slots();
         let mut claimed = None;
         for _ in 0..slots {
             let slot = self.next_slot.fetch_add(1, Ordering::Relaxed) % slots;
             let link = format!("{}{slot}", self.config.link_prefix);
-            match run(
-                "ip",
-                &[
-                    "link", "add", &link, "type", "veth", "peer", "name", UPLINK, "netns", &netns,
-                ],
-            )
-            .await
-            {
-                Ok(()) => {
-                    claimed = Some((slot, link));
+            let (host, _) = self.config.slot_addresses(slot);
+            // The kernel refuses a link name that exists: that claims the slot.
+            let script = format!(
+                "link add {link} type veth peer name {UPLINK} netns {netns}\n\
+                 addr add {host}/30 dev {link}\n\
+                 link set {link} up\n"
+            );
+            match run_with_input("ip", &["-batch", "-"], &script).await {
+                Ok(_) => {
+                    claimed = Some(slot);
                     break;
                 }
                 Err(NetError::Failed { stderr, .. }) if stderr.contains("exists") => continue,
                 Err(err) => return Err(err),
             }
         }
-        let Some((slot, link)) = claimed else {
+        let Some(slot) = claimed else {
             return Err(NetError::PoolFull(self.config.pool));
         };
         let (host, inner) = self.config.slot_addresses(slot);
         run_with_input(
             "ip",
-            &["-batch", "-"],
-            &format!("addr add {host}/30 dev {link}\nlink set {link} up\n"),
-        )
-        .await?;
-        run_with_input(
-            "ip",
             &["-n", &netns, "-batch", "-"],
             &format!(
-                "addr add {inner}/30 dev {UPLINK}\n\
+                "{first}\
+                 addr add {inner}/30 dev {UPLINK}\n\
                  link set {UPLINK} up\n\
                  route add default via {host}\n"
             ),
         )
         .await?;
-        // /proc/sys/net is the namespace of whoever opens it: the shell that
-        // `ip netns exec` started in the VM's namespace.
         let dns = self.config.dns;
         let EgressLimits {
             bytes_per_second,
@@ -414,19 +416,9 @@ impl Network {
              \t}}\n\
              }}\n"
         );
-        run_with_input(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &netns,
-                "sh",
-                "-c",
-                "echo 1 > /proc/sys/net/ipv4/ip_forward && exec nft -f -",
-            ],
-            &rules,
-        )
-        .await
+        nft_in(&self.netns_path(instance), &["-f", "-"], Some(&rules), true)
+            .await
+            .map(drop)
     }
 
     /// Takes instance `instance`'s uplink away (deleting one end of a veth
@@ -441,12 +433,11 @@ impl Network {
 
     /// Bytes the guest has sent out of its namespace since it was made.
     pub async fn egress_bytes(&self, instance: &str) -> Result<u64, NetError> {
-        let netns = self.netns_name(instance);
-        let out = output(
-            "ip",
-            &[
-                "netns", "exec", &netns, "nft", "-j", "list", "counter", "ip", VM_TABLE, "egress",
-            ],
+        let out = nft_in(
+            &self.netns_path(instance),
+            &["-j", "list", "counter", "ip", VM_TABLE, "egress"],
+            None,
+            false,
         )
         .await?;
         let json: serde_json::Value =
@@ -512,11 +503,69 @@ async fn output(command: &'static str, args: &[&str]) -> Result<Vec<u8>, NetErro
     Ok(out.stdout)
 }
 
-async fn run_with_input(command: &'static str, args: &[&str], input: &str) -> Result<(), NetError> {
-    let mut child = Command::new(command)
-        .args(args)
+/// Runs `nft args` inside the namespace at `netns` (entered with setns(2)
+/// before exec: cheaper than `ip netns exec`, which also remounts /sys), with
+/// IPv4 forwarding turned on there first when `forward`.
+async fn nft_in(
+    netns: &std::path::Path,
+    args: &[&str],
+    input: Option<&str>,
+    forward: bool,
+) -> Result<Vec<u8>, NetError> {
+    use std::os::fd::AsRawFd;
+    let namespace = std::fs::File::open(netns).map_err(|e| NetError::Run("nft", e))?;
+    let fd = namespace.as_raw_fd();
+    let mut command = Command::new("nft");
+    command.args(args);
+    // SAFETY: the closure runs in the forked child before exec and calls only
+    // setns(2), open(2), write(2) and close(2), which are async-signal-safe;
+    // `fd` stays open until the spawn returns (`namespace` lives past it).
+    // /proc/sys/net is the namespace of the task that opens it.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if forward {
+                let file = libc::open(
+                    c"/proc/sys/net/ipv4/ip_forward".as_ptr(),
+                    libc::O_WRONLY | libc::O_CLOEXEC,
+                );
+                if file < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let written = libc::write(file, b"1".as_ptr().cast(), 1);
+                libc::close(file);
+                if written != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let out = spawn_with_input(command, "nft", input.unwrap_or("")).await;
+    drop(namespace);
+    out
+}
+
+async fn run_with_input(
+    command: &'static str,
+    args: &[&str],
+    input: &str,
+) -> Result<Vec<u8>, NetError> {
+    let mut program = Command::new(command);
+    program.args(args);
+    spawn_with_input(program, command, input).await
+}
+
+async fn spawn_with_input(
+    mut program: Command,
+    command: &'static str,
+    input: &str,
+) -> Result<Vec<u8>, NetError> {
+    let mut child = program
         .stdin(Stdio::piped())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| NetError::Run(command, e))?;
@@ -536,7 +585,7 @@ async fn run_with_input(command: &'static str, args: &[&str], input: &str) -> Re
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         });
     }
-    Ok(())
+    Ok(out.stdout)
 }
 
 #[cfg(test)]

@@ -298,6 +298,40 @@ impl QemuDriver {
     /// Starts QEMU for `vm` and returns its pid and a QMP session once QEMU
     /// accepts commands. QEMU runs in its own process group, outliving the caller.
     async fn spawn(&self, vm: &VmRecord, incoming: Incoming<'_>) -> Result<(u32, Qmp), VmError> {
+        let netns = self.open_network(vm).await?;
+        self.spawn_in(vm, incoming, netns).await
+    }
+
+    /// The VM's network namespace, created, when it has a card and this
+    /// driver has networks.
+    async fn open_network(&self, vm: &VmRecord) -> Result<Option<std::fs::File>, VmError> {
+        match (&self.network, vm.nic) {
+            (Some(network), true) => Ok(Some(self.create_network(network, vm).await?)),
+            _ => Ok(None),
+        }
+    }
+
+    /// [`Self::spawn`] with the namespace made already (`open_network`); the
+    /// namespace is deleted if QEMU does not start.
+    async fn spawn_in(
+        &self,
+        vm: &VmRecord,
+        incoming: Incoming<'_>,
+        netns: Option<std::fs::File>,
+    ) -> Result<(u32, Qmp), VmError> {
+        let started = self.start_qemu(vm, incoming, netns).await;
+        if started.is_err() {
+            self.release_network(&vm.instance);
+        }
+        started
+    }
+
+    async fn start_qemu(
+        &self,
+        vm: &VmRecord,
+        incoming: Incoming<'_>,
+        netns: Option<std::fs::File>,
+    ) -> Result<(u32, Qmp), VmError> {
         let log_path = vm.qemu_log();
         let log = std::fs::File::create(&log_path).map_err(|e| VmError::Io(log_path.clone(), e))?;
         let log_err = log
@@ -306,10 +340,6 @@ impl QemuDriver {
         let kernel = match incoming {
             Incoming::None => vm.kernel.clone(),
             Incoming::Defer | Incoming::Uri(_) => self.kernel_stub(&vm.kernel)?,
-        };
-        let netns = match (&self.network, vm.nic) {
-            (Some(network), true) => Some(self.create_network(network, vm).await?),
-            _ => None,
         };
         let mut command = Command::new(&self.qemu);
         command.args(self.command_line(vm, incoming, &kernel, netns.is_some()));
@@ -334,20 +364,13 @@ impl QemuDriver {
             .kill_on_drop(false)
             .spawn()
             .map_err(VmError::Spawn);
-        let mut child = match spawned {
-            Ok(child) => child,
-            Err(err) => {
-                self.release_network(&vm.instance);
-                return Err(err);
-            }
-        };
+        let mut child = spawned?;
         let pid = child.id().ok_or_else(|| VmError::QemuDied {
             log: read_tail(&log_path),
         })?;
         let deadline = Instant::now() + QMP_START_TIMEOUT;
         let qmp = loop {
             if let Ok(Some(_)) = child.try_wait() {
-                self.release_network(&vm.instance);
                 return Err(VmError::QemuDied {
                     log: read_tail(&log_path),
                 });
@@ -359,7 +382,6 @@ impl QemuDriver {
                 }
                 Err(err) => {
                     let _ = child.start_kill();
-                    self.release_network(&vm.instance);
                     return Err(err.into());
                 }
             }
@@ -434,9 +456,24 @@ impl QemuDriver {
                     &snapshot.dir,
                 )
             };
-            disk::create_overlay(&vm.disk, &snapshot.disk(), BackingFormat::Qcow2).await?;
-            self.save(&vm)?;
-            let (pid, qmp) = self.spawn(&vm, Incoming::Defer).await?;
+            // The disk overlay and the network namespace are made side by side.
+            let base = snapshot.disk();
+            let (overlay, netns) = tokio::join!(
+                disk::create_overlay(&vm.disk, &base, BackingFormat::Qcow2),
+                self.open_network(&vm)
+            );
+            let ready = overlay
+                .map_err(VmError::from)
+                .and(netns)
+                .and_then(|netns| self.save(&vm).map(|()| netns));
+            let netns = match ready {
+                Ok(netns) => netns,
+                Err(err) => {
+                    self.release_network(&vm.instance);
+                    return Err(err);
+                }
+            };
+            let (pid, qmp) = self.spawn_in(&vm, Incoming::Defer, netns).await?;
             guard.process = Some((pid, vm.instance.clone()));
             let vm = VmRecord {
                 pid: Some(pid),

@@ -587,6 +587,32 @@ mod tests {
     }
 
     #[test]
+    fn egress_follows_the_connectors_then_the_operators_default() {
+        let arn = |name: &str| {
+            format!("arn:aws:lambda:us-east-1:aws:network-connector:aws-network-connector:{name}")
+        };
+        let spec = |egress: serde_json::Value, ingress: serde_json::Value| -> MicrovmSpec {
+            let mut value =
+                json!({"maximumDurationInSeconds": 5, "ingressNetworkConnectors": ingress});
+            if !egress.is_null() {
+                value["egressNetworkConnectors"] = egress;
+            }
+            serde_json::from_value(value).expect("parse")
+        };
+        let none = spec(serde_json::Value::Null, json!([]));
+        assert!(none.egress(true) && !none.egress(false));
+        let empty = spec(json!([]), json!([]));
+        assert!(empty.egress(true) && !empty.egress(false));
+        let internet = spec(json!([arn("INTERNET_EGRESS")]), json!([]));
+        assert!(internet.egress(false));
+        let closed = spec(json!([arn("NO_EGRESS")]), json!([]));
+        assert!(!closed.egress(true));
+        assert!(!closed.no_ingress());
+        let shut = spec(serde_json::Value::Null, json!([arn("NO_INGRESS")]));
+        assert!(shut.no_ingress());
+    }
+
+    #[test]
     fn huge_idle_durations_saturate() {
         let policy = IdlePolicy {
             max_idle_duration_seconds: u64::MAX,
