@@ -90,8 +90,124 @@ IDLE_CMD = ["python3", "-c", "import time; time.sleep(100000)"]
 # ---------------------------------------------------------------- session-wide
 
 
+# ---------------------------------------------------------------- the test internet
+#
+# Every server of the session gives its VMs networks whose packets all go to a
+# stand-in internet in a network namespace of the session's (a policy route for
+# the VMs' address pool), so nothing a guest sends leaves the machine. In it, on
+# its loopback: a web server 198.51.100.10 (documentation range) that answers
+# `internet:<path>`, a DNS server 198.51.100.53 that answers `web.hn.test`, and
+# forbidden destinations (a private address, the metadata address). One TCP
+# listener on port 80 serves them all and appends the address each connection
+# was made to to a file (`connections`).
+NET_TAG = os.getpid() % 10000
+NET_NAME = f"hnp{NET_TAG}"
+VM_POOL = f"10.214.{NET_TAG % 64 * 4}.0/22"
+INTERNET_WEB = "198.51.100.10"
+INTERNET_DNS = "198.51.100.53"
+INTERNET_NAME = "web.hn.test"
+INTERNET_FORBIDDEN = ["10.99.0.10", "169.254.169.254"]
+NET_ARGS = ["--vm-net-name", NET_NAME, "--vm-address-pool", VM_POOL, "--dns", INTERNET_DNS]
+
+INTERNET_SERVER = r'''
+import http.server, socket, socketserver, struct, sys, threading
+record = sys.argv[1]
+class Web(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = f"internet:{self.path}".encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+class Recording(http.server.ThreadingHTTPServer):
+    def verify_request(self, request, client_address):
+        with open(record, "a") as f:
+            f.write(request.getsockname()[0] + "\n")
+        return True
+def dns():
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("198.51.100.53", 53))
+    while True:
+        query, peer = sock.recvfrom(512)
+        at, labels = 12, []
+        while query[at]:
+            labels.append(query[at + 1:at + 1 + query[at]].decode().lower())
+            at += 1 + query[at]
+        qtype = struct.unpack(">H", query[at + 1:at + 3])[0]
+        found = ".".join(labels) == "web.hn.test"
+        answer = found and qtype == 1
+        reply = query[:2] + (b"\x81\x80" if found else b"\x81\x83") + b"\x00\x01"
+        reply += struct.pack(">H", 1 if answer else 0) + b"\x00\x00\x00\x00" + query[12:at + 5]
+        if answer:
+            reply += b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x3c\x00\x04" + socket.inet_aton("198.51.100.10")
+        sock.sendto(reply, peer)
+threading.Thread(target=dns, daemon=True).start()
+Recording(("0.0.0.0", 80), Web).serve_forever()
+'''
+
+
+def ip(*args, check=True):
+    return subprocess.run(["ip", *args], check=check, capture_output=True, text=True)
+
+
+def remove_test_network():
+    """Everything the session's networks made: the stand-in internet, the
+    VMs' namespaces and links (their QEMU is gone), the servers' nft table."""
+    ip("rule", "del", "from", VM_POOL, check=False)
+    ip("route", "flush", "table", str(43000 + NET_TAG), check=False)
+    ip("link", "delete", f"hnpi{NET_TAG}", check=False)
+    for line in ip("netns", "list", check=False).stdout.splitlines():
+        name = line.split(" ")[0]
+        if name == f"hnp-inet-{NET_TAG}" or name.startswith(f"{NET_NAME}-"):
+            ip("netns", "delete", name, check=False)
+    subprocess.run(["nft", "delete", "table", "inet", NET_NAME], capture_output=True)
+
+
 @pytest.fixture(scope="session", autouse=True)
-def guest_cleanup(tmp_path_factory):
+def test_internet(tmp_path_factory):
+    """The stand-in internet (see above); yields the `connections` file."""
+    if os.geteuid() != 0:
+        # The servers run without VM networks; network tests skip.
+        yield None
+        return
+    remove_test_network()
+    netns, link = f"hnp-inet-{NET_TAG}", f"hnpi{NET_TAG}"
+    transit = NET_TAG % 64 * 4
+    host, inner = f"192.0.2.{transit + 1}", f"192.0.2.{transit + 2}"
+    ip("netns", "add", netns)
+    ip("link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", netns)
+    ip("addr", "add", f"{host}/30", "dev", link)
+    ip("link", "set", link, "up")
+    ip("-n", netns, "link", "set", "lo", "up")
+    ip("-n", netns, "addr", "add", f"{inner}/30", "dev", "eth0")
+    ip("-n", netns, "link", "set", "eth0", "up")
+    ip("-n", netns, "route", "add", "default", "via", host)
+    for address in [INTERNET_WEB, INTERNET_DNS, *INTERNET_FORBIDDEN]:
+        ip("-n", netns, "addr", "add", f"{address}/32", "dev", "lo")
+    table = str(43000 + NET_TAG)
+    ip("route", "add", "default", "via", inner, "dev", link, "table", table)
+    ip("rule", "add", "from", VM_POOL, "lookup", table, "priority", "101")
+    connections = tmp_path_factory.mktemp("internet") / "connections"
+    connections.write_text("")
+    proc = subprocess.Popen(["ip", "netns", "exec", netns, "python3", "-c", INTERNET_SERVER, str(connections)])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        probe = subprocess.run(["ip", "netns", "exec", netns, "python3", "-c",
+                                f"import socket; socket.create_connection(('{INTERNET_WEB}', 80), timeout=1)"],
+                               capture_output=True)
+        if probe.returncode == 0:
+            break
+        time.sleep(0.1)
+    yield {"connections": connections, "host_address": host}
+    proc.terminate()
+    proc.wait(timeout=10)
+    remove_test_network()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def guest_cleanup(tmp_path_factory, test_internet):
     """Gives the session its own RAM directory; at the end kills every QEMU
     process started under the session's temporary directory and removes it."""
     base = str(tmp_path_factory.getbasetemp())
@@ -144,7 +260,7 @@ def start_server(data_dir, *extra, timeout=120):
     err_path = data_dir / f"serve-{stamp}.log"
     with open(out_path, "w") as out, open(err_path, "w") as err:
         proc = subprocess.Popen(
-            [str(HEARTH), "serve", "--data-dir", str(data_dir), "--listen", "127.0.0.1:0", "--endpoint-listen", "127.0.0.1:0", "--region", REGION, *extra],
+            [str(HEARTH), "serve", "--data-dir", str(data_dir), "--listen", "127.0.0.1:0", "--endpoint-listen", "127.0.0.1:0", "--region", REGION, *NET_ARGS, *extra],
             stdout=out,
             stderr=err,
             text=True,

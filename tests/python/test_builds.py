@@ -536,43 +536,58 @@ def test_cli_builds_streams_the_log_and_masks_build_args(hearth, tmp_path):
     assert "version 2.0" in out.stderr
 
 
-def test_run_steps_reach_the_network_only_with_internet_egress(hearth, s3):
-    import http.server
+def test_run_steps_reach_the_network_only_with_internet_egress(hearth, s3, test_internet):
+    """A RUN step reaches the (stand-in) internet by address and by name with
+    INTERNET_EGRESS, and nothing without it; never the host's loopback."""
     import secrets
+    import socket
     import threading
 
+    from conftest import INTERNET_NAME, INTERNET_WEB
+
+    if test_internet is None:
+        pytest.skip("VM networks need root")
     marker = secrets.token_hex(8)
+    # A service on the host's loopback: QEMU's user network let build steps
+    # reach it as 10.0.2.2; nothing may now.
+    loopback = socket.socket()
+    loopback.bind(("127.0.0.1", 0))
+    loopback.listen(8)
+    loopback.settimeout(0.2)
+    port = loopback.getsockname()[1]
+    hits = []
+    stop = threading.Event()
 
-    class Answer(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            body = f"egress-ok-{marker}".encode()
-            self.send_response(200)
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def accept():
+        while not stop.is_set():
+            try:
+                hits.append(loopback.accept()[0])
+            except OSError:
+                pass
 
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=accept, daemon=True).start()
+    fetch = "import urllib.request as u; print(u.urlopen('http://{}/{}', timeout=20).read().decode())"
+    probe = f"import socket; socket.create_connection(('10.0.2.2', {port}), timeout=3)"
     try:
-        port = server.server_address[1]
-        # QEMU's user-mode network: the host's loopback is 10.0.2.2 in the guest.
         dockerfile = (
             "FROM debian-12\n"
-            f"RUN python3 -c \"import urllib.request as u; print(u.urlopen('http://10.0.2.2:{port}/', timeout=20).read().decode())\"\n"
+            f"RUN python3 -c \"{fetch.format(INTERNET_WEB, marker)}\"\n"
+            f"RUN python3 -c \"{fetch.format(INTERNET_NAME, marker + '-by-name')}\"\n"
+            f"RUN python3 -c \"{probe}\" && echo loopback-reached || echo loopback-unreachable\n"
         )
         s3.put_object(Bucket="build-artifacts", Key="net.zip", Body=zip_bytes({"Dockerfile": dockerfile}))
         create(hearth.client, "with-egress", "s3://build-artifacts/net.zip", egressNetworkConnectors=[INTERNET_EGRESS])
         image = wait_image(hearth.client, "with-egress", ("CREATED", "CREATE_FAILED"))
         build = build_of(hearth.client, "with-egress", "1.0")
         assert image["state"] == "CREATED", build
-        assert f"egress-ok-{marker}" in build_log(hearth, ["with-egress"])
+        log = build_log(hearth, ["with-egress"])
+        assert f"internet:/{marker}" in log and f"internet:/{marker}-by-name" in log, log
+        assert "loopback-unreachable" in log and not hits, log
         reason = failed_reason(hearth, "without-egress", "s3://build-artifacts/net.zip")
         assert reason.startswith("CONTAINER_BUILD_FAILED") and "line 2" in reason, reason
     finally:
-        server.shutdown()
+        stop.set()
+        loopback.close()
 
 
 # ---------------------------------------------------------------- FROM a registry

@@ -725,7 +725,7 @@ impl BuildRun<'_> {
                     base: disk.path.clone(),
                     base_format: disk.format,
                     overlay,
-                    user_network: self.request.network,
+                    egress: self.request.network,
                     // A build VM on a base image gets room to grow (see `grow_root`).
                     disk_size: (keep_layers && disk.format == BackingFormat::Raw)
                         .then_some(BUILD_DISK_BYTES),

@@ -41,6 +41,12 @@ pub struct ServerConfig {
     /// How QEMU processes are jailed (default: a uid range when root, the
     /// unprivileged jail otherwise).
     pub jail: hearth_vm::JailConfig,
+    /// VM networks (`hearth_vm::net`); `None`: off, every VM's network card
+    /// has no backend (a server without root, or the operator's choice).
+    pub network: Option<hearth_vm::net::NetConfig>,
+    /// Egress of a microVM whose RunMicrovm names no egress connector
+    /// (`--default-egress`): internet, as the reference, unless turned off.
+    pub default_egress: bool,
 }
 
 impl ServerConfig {
@@ -62,6 +68,8 @@ impl ServerConfig {
             registry: None,
             build_cache_days: 14,
             jail: hearth_vm::JailConfig::for_current_user(),
+            network: None,
+            default_egress: true,
         }
     }
 }

@@ -51,6 +51,8 @@ pub enum ServerError {
     Builds(#[from] images::build::BuildsError),
     #[error("cannot reconcile microVMs with their processes")]
     Reconcile(#[source] vms::engine::EngineError),
+    #[error("cannot set up VM networks (run as root, or pass --no-vm-network)")]
+    Network(#[source] hearth_vm::net::NetError),
     #[error("cannot open the artifact store")]
     Artifacts(#[source] hearth_s3::StoreError),
 }
@@ -152,9 +154,18 @@ pub async fn start(config: ServerConfig) -> Result<Arc<AppState>, ServerError> {
         hearth_vm::disk::ensure_private_dir(&dir)
             .map_err(|e| ServerError::DataDir(dir.clone(), std::io::Error::other(e)))?;
     }
-    let driver: Arc<dyn hearth_vm::Driver> = Arc::new(
-        hearth_vm::QemuDriver::with_jail(assets.clone(), config.jail).map_err(ServerError::Vm)?,
-    );
+    let mut qemu =
+        hearth_vm::QemuDriver::with_jail(assets.clone(), config.jail).map_err(ServerError::Vm)?;
+    if let Some(net) = &config.network {
+        let network = hearth_vm::net::Network::start(net.clone())
+            .await
+            .map_err(ServerError::Network)?;
+        info!(network = %net, "VM networks on; IPv4 forwarding enabled");
+        qemu = qemu.with_network(Arc::new(network));
+    } else {
+        warn!("VM networks off: microVMs and build steps have no network");
+    }
+    let driver: Arc<dyn hearth_vm::Driver> = Arc::new(qemu);
     images::import::reap_interrupted_builds(&store, driver.as_ref(), &config.data_dir).await?;
     let (s3, artifacts) = api::s3::build(&config, &store).map_err(ServerError::Artifacts)?;
     let builds = Arc::new(
@@ -174,6 +185,7 @@ pub async fn start(config: ServerConfig) -> Result<Arc<AppState>, ServerError> {
         .map_err(ServerError::Builds)?,
     );
     let engine = vms::engine::Engine::new(driver, store.clone());
+    engine.set_default_egress(config.default_egress);
     engine.reconcile().await.map_err(ServerError::Reconcile)?;
     // No build runs yet: what interrupted builds left in the step cache can go.
     builds.sweep_cache();

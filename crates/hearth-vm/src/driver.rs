@@ -50,6 +50,8 @@ pub enum VmError {
     Snapshot(#[from] SnapshotError),
     #[error(transparent)]
     Disk(#[from] DiskError),
+    #[error("VM network failed")]
+    Net(#[from] crate::net::NetError),
     #[error(transparent)]
     Accel(#[from] AccelError),
     #[error(transparent)]
@@ -85,8 +87,9 @@ pub struct ColdBoot {
     /// (removed with the VM). A caller that keeps the overlay (the image
     /// builder's layer cache) names a path outside it.
     pub overlay: Option<PathBuf>,
-    /// Give the guest outbound network through QEMU's user-mode NAT.
-    pub user_network: bool,
+    /// Give the guest internet egress (see [`crate::net`]); otherwise its
+    /// network card reaches nothing.
+    pub egress: bool,
     /// Virtual size of the overlay in bytes when larger than the base's
     /// (room to grow the filesystem in the guest); `None`: the base's size.
     pub disk_size: Option<u64>,
@@ -156,6 +159,23 @@ pub trait Driver: Send + Sync + std::fmt::Debug {
         snapshot: &Snapshot,
         name: &str,
     ) -> Result<(VmRecord, AgentClient), VmError>;
+    /// Starts a new VM from a snapshot with internet egress or without (its
+    /// connectors) and returns it with its agent connected. The default
+    /// launches and then sets egress; a driver with networks decides before
+    /// the guest runs, so a VM without egress never has it.
+    async fn launch_with_egress(
+        &self,
+        snapshot: &Snapshot,
+        name: &str,
+        egress: bool,
+    ) -> Result<(VmRecord, AgentClient), VmError> {
+        let (mut vm, agent) = self.launch_with_agent(snapshot, name).await?;
+        if let Err(err) = self.set_egress(&mut vm, egress).await {
+            let _ = self.remove(&vm).await;
+            return Err(err);
+        }
+        Ok((vm, agent))
+    }
     /// Starts a new VM from a snapshot and waits until its agent answers.
     async fn launch(&self, snapshot: &Snapshot, name: &str) -> Result<VmRecord, VmError> {
         self.launch_with_agent(snapshot, name)
@@ -170,4 +190,15 @@ pub trait Driver: Send + Sync + std::fmt::Debug {
     async fn shutdown(&self, vm: &mut VmRecord) -> Result<(), VmError>;
     /// Stops the VM and removes everything it left on disk.
     async fn remove(&self, vm: &VmRecord) -> Result<(), VmError>;
+    /// Gives a running VM internet egress or takes it away (its connectors,
+    /// chosen at launch); kept in the record, so a resume restores it.
+    async fn set_egress(&self, vm: &mut VmRecord, egress: bool) -> Result<(), VmError> {
+        vm.egress = egress;
+        Ok(())
+    }
+    /// Bytes the VM has sent to the internet since its process started
+    /// (`None`: it has no host network).
+    async fn egress_bytes(&self, _vm: &VmRecord) -> Option<u64> {
+        None
+    }
 }

@@ -17,6 +17,7 @@ pub mod driver;
 pub mod errors;
 pub mod initramfs;
 pub mod jail;
+pub mod net;
 pub mod pins;
 pub mod pool;
 pub mod qemu;

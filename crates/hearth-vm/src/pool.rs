@@ -237,7 +237,9 @@ async fn refill(shared: Arc<Shared>) {
 
 async fn prepare_slot(shared: &Shared, name: &str) -> Result<Slot, VmError> {
     let driver = &shared.driver;
-    let (vm, mut qmp) = driver.prepare_clone(&shared.snapshot, name, true).await?;
+    let (vm, mut qmp) = driver
+        .prepare_clone(&shared.snapshot, name, true, true)
+        .await?;
     if shared.mode == PoolMode::Deferred {
         return Ok(Slot {
             vm,

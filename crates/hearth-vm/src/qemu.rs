@@ -8,6 +8,7 @@
 use std::ffi::OsString;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::process::Command;
@@ -20,8 +21,10 @@ use crate::disk::{self, BackingFormat};
 use crate::driver::{BootRequest, ColdBoot, Driver, VmError, VmProcess};
 use crate::errors::error_chain;
 use crate::jail::{
-    self, JailConfig, JailError, JailMode, JailSpec, Limits, Network, Plan, UidClaims,
+    self, JailConfig, JailError, JailMode, JailSpec, Limits, Network as JailNetwork, Plan,
+    UidClaims,
 };
+use crate::net::{EgressLimits, Network};
 use crate::pins::HostPins;
 use crate::qmp::{Qmp, QmpError};
 use crate::record::{validate_name, MachineShape, Memory, Origin, VmRecord, VmState};
@@ -58,7 +61,7 @@ enum Incoming<'a> {
 }
 
 /// The guest kernel's command line for a cold boot.
-fn boot_cmdline(accel: Accel, user_network: bool) -> String {
+fn boot_cmdline(accel: Accel, nic: bool) -> String {
     // Every microVM of an image has the hostname `localhost`, as the reference.
     let mut cmdline =
         String::from("console=ttyS0 quiet panic=-1 hearth.root=/dev/vda hearth.hostname=localhost");
@@ -75,8 +78,9 @@ fn boot_cmdline(accel: Accel, user_network: bool) -> String {
     // BIOS never touches the queue again and the kernel resets the device. The
     // guest loses only EDD's BIOS disk data, which no virtio guest uses.
     cmdline.push_str(" edd=off");
-    if user_network {
-        // The agent configures eth0 for QEMU's user-mode network (10.0.2.0/24).
+    if nic {
+        // The agent configures eth0 as 10.0.2.15/24, gateway 10.0.2.2, DNS
+        // 10.0.2.3: the same in every VM (see `net`), as QEMU's user network was.
         cmdline.push_str(" hearth.net=user");
     }
     // See `accel::host_tsc_khz`: without it a TCG boot on a busy host can hang.
@@ -100,6 +104,9 @@ pub struct QemuDriver {
     /// How its QEMU processes are confined (see [`crate::jail`]).
     jail: JailConfig,
     uid_claims: UidClaims,
+    /// The host's VM networks; `None` (no root, or turned off): every network
+    /// card has no backend and the guests have no network.
+    network: Option<Arc<Network>>,
 }
 
 impl QemuDriver {
@@ -142,6 +149,7 @@ impl QemuDriver {
             qemu,
             qemu_version,
             jail,
+            network: None,
         }
     }
 
@@ -172,6 +180,23 @@ impl QemuDriver {
     fn release_uid(&self, vm: &VmRecord) {
         if let Some(uid) = vm.jail_uid {
             self.uid_claims.release(uid, &vm.dir);
+        }
+    }
+
+    /// Gives this driver's VMs their networks from `network`.
+    pub fn with_network(mut self, network: Arc<Network>) -> Self {
+        self.network = Some(network);
+        self
+    }
+
+    pub fn network(&self) -> Option<&Arc<Network>> {
+        self.network.as_ref()
+    }
+
+    /// Deletes the network namespace of QEMU instance `instance`, if any.
+    fn release_network(&self, instance: &str) {
+        if let Some(network) = &self.network {
+            network.remove(instance);
         }
     }
 
@@ -215,7 +240,14 @@ impl QemuDriver {
     }
 
     /// QEMU's command line for `vm`; `incoming` starts it waiting for a state load.
-    fn command_line(&self, vm: &VmRecord, incoming: Incoming<'_>, kernel: &Path) -> Vec<OsString> {
+    /// `tap`: the card's backend is the VM namespace's tap (see `net`).
+    fn command_line(
+        &self,
+        vm: &VmRecord,
+        incoming: Incoming<'_>,
+        kernel: &Path,
+        tap: bool,
+    ) -> Vec<OsString> {
         let MachineShape { memory_mib, vcpus } = vm.shape;
         let memory = match &vm.memory {
             Memory::SharedFile { path } => format!(
@@ -283,11 +315,19 @@ impl QemuDriver {
         ));
         push("-device");
         push("virtio-blk-device,drive=root");
-        if vm.user_network {
+        if vm.nic && tap {
             push("-netdev");
-            push("user,id=net0");
+            push(&format!(
+                "tap,id=net0,ifname={},script=no,downscript=no",
+                crate::net::TAP
+            ));
             push("-device");
             push("virtio-net-device,netdev=net0");
+        } else if vm.nic {
+            // No host network: the card stays (the snapshot's device layout
+            // needs it) with no backend, so the guest sends into nothing.
+            push("-device");
+            push("virtio-net-device");
         }
         push("-device");
         push("virtio-serial-device,max_ports=2");
@@ -324,6 +364,40 @@ impl QemuDriver {
     /// once QEMU accepts commands. QEMU runs in its own process group,
     /// outliving the caller.
     async fn spawn(&self, vm: &VmRecord, incoming: Incoming<'_>) -> Result<(u32, Qmp), VmError> {
+        let netns = self.open_network(vm).await?;
+        self.spawn_in(vm, incoming, netns).await
+    }
+
+    /// The VM's network namespace, created, when it has a card and this
+    /// driver has networks.
+    async fn open_network(&self, vm: &VmRecord) -> Result<Option<std::fs::File>, VmError> {
+        match (&self.network, vm.nic) {
+            (Some(network), true) => Ok(Some(self.create_network(network, vm).await?)),
+            _ => Ok(None),
+        }
+    }
+
+    /// [`Self::spawn`] with the namespace made already (`open_network`); the
+    /// namespace is deleted if QEMU does not start.
+    async fn spawn_in(
+        &self,
+        vm: &VmRecord,
+        incoming: Incoming<'_>,
+        netns: Option<std::fs::File>,
+    ) -> Result<(u32, Qmp), VmError> {
+        let started = self.start_qemu(vm, incoming, netns).await;
+        if started.is_err() {
+            self.release_network(&vm.instance);
+        }
+        started
+    }
+
+    async fn start_qemu(
+        &self,
+        vm: &VmRecord,
+        incoming: Incoming<'_>,
+        netns: Option<std::fs::File>,
+    ) -> Result<(u32, Qmp), VmError> {
         let log_path = vm.qemu_log();
         // Never through a link a jailed QEMU could have left in its directory.
         let log = disk::create_fresh(&log_path)?;
@@ -335,13 +409,20 @@ impl QemuDriver {
             Incoming::Defer | Incoming::Uri(_) => self.kernel_stub(&vm.kernel)?,
         };
         let mut command = Command::new(&self.qemu);
-        command.args(self.command_line(vm, incoming, &kernel));
+        command.args(self.command_line(vm, incoming, &kernel, netns.is_some()));
         let plan = if self.jail.enabled() {
-            let spec = self.jail_spec(vm, &kernel, incoming)?;
+            let netns_path = netns
+                .as_ref()
+                .and_then(|_| self.network.as_ref())
+                .map(|network| network.netns_path(&vm.instance));
+            let spec = self.jail_spec(vm, &kernel, incoming, netns_path)?;
             let root = self.assets.state_dir.join("jail").join("root");
             disk::create_private_dir_all(&root)?;
             Some(Plan::new(&self.jail, &spec, &root)?)
         } else {
+            if let Some(netns) = netns {
+                enter_netns(&mut command, netns);
+            }
             None
         };
         let (plan, pid_pipe) = match plan {
@@ -421,6 +502,7 @@ impl QemuDriver {
         vm: &VmRecord,
         kernel: &Path,
         incoming: Incoming<'_>,
+        netns: Option<PathBuf>,
     ) -> Result<JailSpec, VmError> {
         let (uid, gid) = match (self.jail.mode, vm.jail_uid) {
             (JailMode::Root { .. }, Some(uid)) => (uid, uid),
@@ -488,6 +570,9 @@ impl QemuDriver {
         if vm.accel == Accel::Kvm {
             devices.push(PathBuf::from("/dev/kvm"));
         }
+        if netns.is_some() {
+            devices.push(PathBuf::from("/dev/net/tun"));
+        }
         let memory = u64::from(vm.shape.memory_mib) << 20;
         let disk_size = disk::virtual_size(&vm.disk).unwrap_or(64 << 30);
         Ok(JailSpec {
@@ -497,10 +582,9 @@ impl QemuDriver {
             read_write,
             devices,
             cgroup_procs: Vec::new(),
-            network: if vm.user_network {
-                Network::Host
-            } else {
-                Network::Isolated
+            network: match netns {
+                Some(path) => JailNetwork::Join(path),
+                None => JailNetwork::Isolated,
             },
             keep_fds: Vec::new(),
             limits: Limits {
@@ -514,6 +598,30 @@ impl QemuDriver {
         })
     }
 
+    /// Creates the network namespace QEMU instance `vm.instance` runs in, with
+    /// an uplink when the VM has egress, and opens it for [`enter_netns`].
+    async fn create_network(
+        &self,
+        network: &Network,
+        vm: &VmRecord,
+    ) -> Result<std::fs::File, VmError> {
+        let limits = vm.egress.then(|| EgressLimits::for_shape(vm.shape));
+        network
+            .create(
+                &vm.instance,
+                // The tap belongs to the uid the jailed QEMU runs as.
+                vm.jail_uid
+                    .unwrap_or_else(|| rustix::process::geteuid().as_raw()),
+                limits,
+            )
+            .await?;
+        let path = network.netns_path(&vm.instance);
+        std::fs::File::open(&path).map_err(|e| {
+            network.remove(&vm.instance);
+            VmError::Io(path, e)
+        })
+    }
+
     /// Prepares a VM to receive `snapshot`'s state: its directory, disk overlay,
     /// record and a QEMU process waiting in `-incoming defer`. Used directly by
     /// launches and ahead of time by the warm pool.
@@ -522,6 +630,7 @@ impl QemuDriver {
         snapshot: &Snapshot,
         name: &str,
         pool_slot: bool,
+        egress: bool,
     ) -> Result<(VmRecord, Qmp), VmError> {
         let manifest = &snapshot.manifest;
         if manifest.accel != self.accel {
@@ -540,23 +649,42 @@ impl QemuDriver {
             self.create_dir(name)?
         };
         let mut guard = BootGuard {
+            network: self.network.clone(),
             process: None,
             paths: vec![dir.clone()],
         };
         let result = async {
-            let vm = restored_record(
-                manifest,
-                name,
-                &dir,
-                Memory::PrivateFile {
-                    path: snapshot.memory(),
-                },
-                &snapshot.dir,
-                self.claim_uid(&dir)?,
+            let vm = VmRecord {
+                egress: manifest.nic && egress,
+                ..restored_record(
+                    manifest,
+                    name,
+                    &dir,
+                    Memory::PrivateFile {
+                        path: snapshot.memory(),
+                    },
+                    &snapshot.dir,
+                    self.claim_uid(&dir)?,
+                )
+            };
+            // The disk overlay and the network namespace are made side by side.
+            let base = snapshot.disk();
+            let (overlay, netns) = tokio::join!(
+                disk::create_overlay(&vm.disk, &base, BackingFormat::Qcow2),
+                self.open_network(&vm)
             );
-            disk::create_overlay(&vm.disk, &snapshot.disk(), BackingFormat::Qcow2).await?;
-            self.save(&vm)?;
-            let (pid, qmp) = self.spawn(&vm, Incoming::Defer).await?;
+            let ready = overlay
+                .map_err(VmError::from)
+                .and(netns)
+                .and_then(|netns| self.save(&vm).map(|()| netns));
+            let netns = match ready {
+                Ok(netns) => netns,
+                Err(err) => {
+                    self.release_network(&vm.instance);
+                    return Err(err);
+                }
+            };
+            let (pid, qmp) = self.spawn_in(&vm, Incoming::Defer, netns).await?;
             guard.process = Some((pid, vm.instance.clone()));
             let vm = VmRecord {
                 pid: Some(pid),
@@ -734,7 +862,7 @@ impl QemuDriver {
             base: base.to_path_buf(),
             base_format: BackingFormat::Raw,
             overlay: None,
-            user_network: false,
+            egress: false,
             disk_size: None,
         };
         self.boot_with(request, &boot).await
@@ -742,8 +870,12 @@ impl QemuDriver {
 
     /// Ends the VM's QEMU process: `quit` over QMP, SIGKILL if that fails.
     pub(crate) async fn stop_process(&self, vm: &VmRecord) {
-        let Some(pid) = vm.pid else { return };
+        let Some(pid) = vm.pid else {
+            self.release_network(&vm.instance);
+            return;
+        };
         if !process_alive(pid, &vm.instance) {
+            self.release_network(&vm.instance);
             return;
         }
         let quit = async {
@@ -757,6 +889,7 @@ impl QemuDriver {
             }
             wait_gone(pid, &vm.instance, Duration::from_secs(5)).await;
         }
+        self.release_network(&vm.instance);
     }
 
     fn qemu_version(&self) -> String {
@@ -892,12 +1025,16 @@ impl Driver for QemuDriver {
 
     /// Kills a process found by [`Self::processes`] and removes its RAM file.
     fn kill_process(&self, process: &VmProcess) {
+        let instance = process_instance(process.pid);
         if let Ok(pid) = i32::try_from(process.pid) {
             // SAFETY: kill(2) has no memory effects; a stale pid at worst
             // fails with ESRCH.
             unsafe {
                 libc::kill(pid, libc::SIGKILL);
             }
+        }
+        if let Some(instance) = instance {
+            self.release_network(&instance);
         }
         // `processes` only reports a RAM file named for the instance directly in
         // the RAM directory; a symlink there is never followed.
@@ -922,6 +1059,7 @@ impl Driver for QemuDriver {
         let dir = self.create_dir(&request.name)?;
         let instance = new_instance_id();
         let mut guard = BootGuard {
+            network: self.network.clone(),
             process: None,
             paths: vec![
                 dir.clone(),
@@ -942,7 +1080,7 @@ impl Driver for QemuDriver {
                 accel: self.accel,
                 kernel: self.boot_kernel(&kernel.vmlinuz, request.shape.memory_mib)?,
                 initrd: kernel.initrd.clone(),
-                cmdline: boot_cmdline(self.accel, boot.user_network),
+                cmdline: boot_cmdline(self.accel, true),
                 disk: boot
                     .overlay
                     .clone()
@@ -954,8 +1092,9 @@ impl Driver for QemuDriver {
                     image: request.image.clone(),
                 },
                 created_unix: unix_now(),
-                user_network: boot.user_network,
                 jail_uid: self.claim_uid(&dir)?,
+                nic: true,
+                egress: boot.egress,
             };
             disk::create_overlay_sized(&vm.disk, &boot.base, boot.base_format, boot.disk_size)
                 .await?;
@@ -1086,9 +1225,19 @@ impl Driver for QemuDriver {
         snapshot: &Snapshot,
         name: &str,
     ) -> Result<(VmRecord, AgentClient), VmError> {
-        let (vm, mut qmp) = self.prepare_clone(snapshot, name, false).await?;
+        self.launch_with_egress(snapshot, name, true).await
+    }
+
+    async fn launch_with_egress(
+        &self,
+        snapshot: &Snapshot,
+        name: &str,
+        egress: bool,
+    ) -> Result<(VmRecord, AgentClient), VmError> {
+        let (vm, mut qmp) = self.prepare_clone(snapshot, name, false, egress).await?;
         // Ends the clone if this future is dropped mid-restore.
         let mut guard = BootGuard {
+            network: self.network.clone(),
             process: vm.pid.map(|pid| (pid, vm.instance.clone())),
             paths: vec![vm.dir.clone()],
         };
@@ -1193,6 +1342,7 @@ impl Driver for QemuDriver {
                 initrd: vm.initrd.clone(),
                 cmdline: vm.cmdline.clone(),
                 qemu_version: self.qemu_version(),
+                nic: vm.nic,
                 files,
             };
             let bytes = serde_json::to_vec_pretty(&manifest)
@@ -1270,6 +1420,8 @@ impl Driver for QemuDriver {
                 self.stop_process(&running).await;
             }
         }
+        // A fresh namespace at resume: no connection tracked before survives.
+        self.release_network(&vm.instance);
         if let Memory::SharedFile { path } = &vm.memory {
             let _ = std::fs::remove_file(path);
         }
@@ -1356,12 +1508,38 @@ impl Driver for QemuDriver {
                 self.stop_process(vm).await;
             }
         }
+        self.release_network(&vm.instance);
         vm.state = VmState::Stopped;
         vm.pid = None;
         if let Memory::SharedFile { path } = &vm.memory {
             let _ = std::fs::remove_file(path);
         }
         self.save(vm)
+    }
+
+    async fn set_egress(&self, vm: &mut VmRecord, egress: bool) -> Result<(), VmError> {
+        if vm.egress == egress {
+            return Ok(());
+        }
+        if let (Some(network), true, VmState::Running) = (&self.network, vm.nic, vm.state) {
+            if egress {
+                network
+                    .connect(&vm.instance, EgressLimits::for_shape(vm.shape))
+                    .await?;
+            } else {
+                network.disconnect(&vm.instance).await?;
+            }
+        }
+        vm.egress = egress;
+        self.save(vm)
+    }
+
+    async fn egress_bytes(&self, vm: &VmRecord) -> Option<u64> {
+        let network = self.network.as_ref()?;
+        if !(vm.nic && vm.egress && vm.state == VmState::Running) {
+            return None;
+        }
+        network.egress_bytes(&vm.instance).await.ok()
     }
 
     async fn remove(&self, vm: &VmRecord) -> Result<(), VmError> {
@@ -1414,8 +1592,12 @@ fn restored_record(
             dir: origin.to_path_buf(),
         },
         created_unix: unix_now(),
-        user_network: false,
         jail_uid,
+        nic: manifest.nic,
+        // The default, internet egress; launches without it say so
+        // (`Driver::launch_with_egress`), warm pool slots keep it ready so the
+        // default launch pays nothing for it.
+        egress: manifest.nic,
     }
 }
 
@@ -1457,6 +1639,36 @@ pub(crate) fn unix_now() -> u64 {
 /// A random id that names one QEMU process (`-name hearth-ID`).
 pub(crate) fn new_instance_id() -> String {
     hex::encode(rand::random::<[u8; 8]>())
+}
+
+/// Makes `command`'s process enter network namespace `netns` before it runs
+/// QEMU. One place so the QEMU jail's `JailSpec::netns` can take it over.
+fn enter_netns(command: &mut Command, netns: std::fs::File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the closure runs in the forked child before exec and only calls
+    // setns(2), which is async-signal-safe; the descriptor stays open because
+    // the closure owns the file (dropped in the parent after the spawn).
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// The instance id in a QEMU process's `-name hearth-ID`.
+fn process_instance(pid: u32) -> Option<String> {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let mut args = cmdline.split(|b| *b == 0);
+    while let Some(arg) = args.next() {
+        if arg == b"-name" {
+            let name = std::str::from_utf8(args.next()?).ok()?;
+            return name.strip_prefix("hearth-").map(str::to_string);
+        }
+    }
+    None
 }
 
 /// True when the VM's QEMU process is alive.
@@ -1626,6 +1838,8 @@ fn canonical_or_self(path: &Path) -> PathBuf {
 /// and when the boot future is dropped before it finishes (a cancelled build,
 /// an interrupted `hearth vm boot`), so a failed boot leaves no process behind.
 struct BootGuard {
+    /// Where the VM's network namespace is to be deleted from.
+    network: Option<Arc<Network>>,
     /// QEMU's pid and the instance id that identifies it in `/proc`.
     process: Option<(u32, String)>,
     /// The VM's directory, RAM file and disk overlay.
@@ -1646,6 +1860,9 @@ impl Drop for BootGuard {
                 if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
                     let _ = rustix::process::kill_process(pid, rustix::process::Signal::Kill);
                 }
+            }
+            if let Some(network) = &self.network {
+                network.remove(&instance);
             }
         }
         for path in self.paths.drain(..) {
@@ -1731,8 +1948,9 @@ mod boot_failure_tests {
                 image: "debian-12".into(),
             },
             created_unix: 0,
-            user_network: false,
             jail_uid: None,
+            nic: false,
+            egress: false,
         }
     }
 
@@ -1796,6 +2014,7 @@ mod boot_failure_tests {
         let instance = new_instance_id();
         let mut child = fake_qemu(&instance, "30");
         let guard = BootGuard {
+            network: None,
             process: Some((child.id(), instance.clone())),
             paths: vec![vm_dir.clone(), ram.clone()],
         };
@@ -1808,6 +2027,7 @@ mod boot_failure_tests {
         let mut child = fake_qemu(&instance, "30");
         std::fs::write(&ram, b"ram").expect("ram");
         let mut guard = BootGuard {
+            network: None,
             process: Some((child.id(), instance)),
             paths: vec![ram.clone()],
         };

@@ -99,10 +99,15 @@ pub struct VmRecord {
     pub memory: Memory,
     pub origin: Origin,
     pub created_unix: u64,
-    /// A virtio-net device on QEMU's user-mode network (outbound only, NAT).
-    /// Only cold-booted VMs have one; snapshots of them are not made.
+    /// The VM has a virtio-net card (every cold boot since networking; a
+    /// clone when its snapshot's VM had one). Without a host network the card
+    /// has no backend (see [`crate::net`]).
     #[serde(default)]
-    pub user_network: bool,
+    pub nic: bool,
+    /// The card's namespace has an uplink to the internet (`INTERNET_EGRESS`);
+    /// otherwise it reaches nothing. Kept across suspend and resume.
+    #[serde(default)]
+    pub egress: bool,
     /// The uid (and gid) its QEMU runs as in the jail: claimed when the VM is
     /// made and kept until it is removed, so no other VM gets it meanwhile.
     /// `None`: a VM from before the jail, or an unjailed driver.

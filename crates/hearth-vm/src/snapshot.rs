@@ -72,6 +72,9 @@ pub struct Manifest {
     pub initrd: PathBuf,
     pub cmdline: String,
     pub qemu_version: String,
+    /// The VM had a virtio-net card: its clones must have one too.
+    #[serde(default)]
+    pub nic: bool,
     pub files: Vec<FileEntry>,
 }
 
@@ -202,6 +205,7 @@ mod tests {
             initrd: kernel,
             cmdline: String::new(),
             qemu_version: "test".into(),
+            nic: false,
             files: [MEMORY_FILE, STATE_FILE, DISK_FILE]
                 .iter()
                 .map(|n| file_entry(dir, n).expect("entry"))

@@ -258,7 +258,8 @@ impl FakeDriver {
             memory: Memory::Anonymous,
             origin,
             created_unix: 0,
-            user_network: false,
+            nic: false,
+            egress: false,
             jail_uid: None,
         }
     }
@@ -418,6 +419,7 @@ fn write_snapshot(vm: &VmRecord, out: &Path) -> Result<Snapshot, VmError> {
         initrd: vm.initrd.clone(),
         cmdline: vm.cmdline.clone(),
         qemu_version: "fake".into(),
+        nic: false,
         files,
     };
     let path = out.join(snapshot::MANIFEST_FILE);

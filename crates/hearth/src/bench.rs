@@ -85,7 +85,7 @@ struct Report {
     jail: Option<JailComparison>,
 }
 
-async fn first_exec(agent: &AgentClient) -> Result<()> {
+pub(crate) async fn first_exec(agent: &AgentClient) -> Result<()> {
     let out = agent
         .exec_output(ExecRequest {
             argv: vec!["true".into()],
@@ -101,13 +101,13 @@ async fn first_exec(agent: &AgentClient) -> Result<()> {
 }
 
 /// Removes the VMs made by this run, whatever happens.
-struct Cleanup<'a> {
-    driver: &'a QemuDriver,
-    vms: Vec<VmRecord>,
+pub(crate) struct Cleanup<'a> {
+    pub(crate) driver: &'a QemuDriver,
+    pub(crate) vms: Vec<VmRecord>,
 }
 
 impl Cleanup<'_> {
-    async fn remove_all(&mut self) {
+    pub(crate) async fn remove_all(&mut self) {
         for vm in self.vms.drain(..) {
             let _ = self.driver.remove(&vm).await;
         }
@@ -351,7 +351,7 @@ async fn compare_jail(
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn measure_pool(
+pub(crate) async fn measure_pool(
     driver: &QemuDriver,
     snapshot: &Snapshot,
     mode: PoolMode,

@@ -14,6 +14,7 @@ mod bench;
 mod bench_api;
 mod bench_build;
 mod bench_endpoint;
+mod bench_net;
 mod client_cli;
 mod connect;
 mod cp_cli;
@@ -142,10 +143,85 @@ struct ServeArgs {
     /// Run QEMU without its jail (development only; refused as root).
     #[arg(long, conflicts_with = "jail_uids")]
     no_jail: bool,
+    /// Give microVMs and build steps no network at all (without root this is
+    /// the only mode: VM networks need network namespaces and nftables).
+    #[arg(long)]
+    no_vm_network: bool,
+    /// Egress of a microVM that names no egress connector: `internet` (as the
+    /// reference) or `none`.
+    #[arg(long, value_enum, default_value = "internet")]
+    default_egress: DefaultEgress,
+    /// Let VMs reach this range although the defaults forbid it (private,
+    /// link-local, ...), e.g. `--egress-allow 10.20.0.0/16` (repeatable).
+    #[arg(long = "egress-allow", value_name = "CIDR", value_parser = parse_cidr)]
+    egress_allow: Vec<hearth_vm::net::IpNet>,
+    /// Never let VMs reach this range; wins over --egress-allow (repeatable).
+    #[arg(long = "egress-deny", value_name = "CIDR", value_parser = parse_cidr)]
+    egress_deny: Vec<hearth_vm::net::IpNet>,
+    /// The resolver VMs' DNS goes to (IPv4; default: the first usable
+    /// nameserver of /etc/resolv.conf).
+    #[arg(long, value_name = "ADDR")]
+    dns: Option<std::net::Ipv4Addr>,
+    /// Host-side addresses of the VMs' links, one /30 per VM.
+    #[arg(long, value_name = "CIDR", default_value = "10.201.0.0/16")]
+    vm_address_pool: hearth_vm::net::Ipv4Net,
+    /// Names of this server's network objects: nftables table NAME, links
+    /// NAME<slot>, namespaces NAME-<instance> (two servers on one host need
+    /// different names and pools).
+    #[arg(long, value_name = "NAME", default_value = "hearth", value_parser = parse_net_name)]
+    vm_net_name: String,
 }
 
 fn parse_jail_uids(text: &str) -> Result<hearth_vm::JailMode, String> {
     hearth_vm::JailConfig::parse_uid_range(text).map_err(|e| e.to_string())
+}
+
+fn parse_net_name(text: &str) -> Result<String, String> {
+    let valid = !text.is_empty()
+        && text.len() <= 8
+        && text.starts_with(|c: char| c.is_ascii_lowercase())
+        && text
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if valid {
+        Ok(text.to_string())
+    } else {
+        Err("use 1-8 of a-z 0-9 _, starting with a letter".into())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum DefaultEgress {
+    Internet,
+    None,
+}
+
+fn parse_cidr(text: &str) -> Result<hearth_vm::net::IpNet, String> {
+    hearth_vm::net::parse_cidr(text).map_err(|e| e.to_string())
+}
+
+/// The VM network settings of `hearth serve`; `None` when off or not root.
+fn vm_network(args: &ServeArgs) -> Result<Option<hearth_vm::net::NetConfig>> {
+    if args.no_vm_network {
+        return Ok(None);
+    }
+    // SAFETY: geteuid(2) cannot fail and touches no memory.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("hearth: not root: microVMs and build steps get no network");
+        return Ok(None);
+    }
+    let dns = match args.dns {
+        Some(dns) => dns,
+        None => hearth_vm::net::NetConfig::system_dns()?,
+    };
+    let mut net = hearth_vm::net::NetConfig::new(dns);
+    net.pool = args.vm_address_pool;
+    net.allow = args.egress_allow.clone();
+    net.deny = args.egress_deny.clone();
+    net.table = args.vm_net_name.clone();
+    net.link_prefix = args.vm_net_name.clone();
+    net.netns_prefix = format!("{}-", args.vm_net_name);
+    Ok(Some(net))
 }
 
 #[derive(Debug, Subcommand)]
@@ -292,6 +368,9 @@ enum BenchCommand {
     /// Dockerfile builds on real guests: fresh build, cached rebuild,
     /// snapshot sizes, first 200 from the built image.
     Build(bench_build::BuildArgs),
+    /// VM networks (as root): launch to first exec with and without a
+    /// network, and one guest's download speed from a namespace "internet".
+    Net(bench_net::NetArgs),
 }
 
 fn main() -> ExitCode {
@@ -359,12 +438,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Vm(command) => vm(command).await,
         Command::Bench(BenchCommand::Launch(args)) => bench::launch(args, driver()?).await,
         Command::Bench(BenchCommand::Api(args)) => bench_api::api(args).await,
+        Command::Bench(BenchCommand::Net(args)) => bench_net::net(args, driver()?).await,
         Command::Bench(BenchCommand::Endpoint(args)) => bench_endpoint::endpoint(args).await,
         Command::Bench(BenchCommand::Build(args)) => bench_build::build(args).await,
         Command::Shell(args) => Ok(shell::main(args).await),
         Command::Token(args) => Ok(endpoint_cli::token(args).await),
         Command::Open(args) => Ok(endpoint_cli::open(args).await),
         Command::Serve(args) => {
+            let network = vm_network(&args)?;
             let mut config =
                 hearth_server::ServerConfig::new(data_dir(args.data_dir), args.listen, args.region);
             config.rate_limits = args.rate_limits;
@@ -397,6 +478,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 password: std::env::var("HEARTH_REGISTRY_PASSWORD").ok(),
             });
             config.artifacts.max_artifact_bytes = args.max_artifact_bytes;
+            config.network = network;
+            config.default_egress = args.default_egress == DefaultEgress::Internet;
             if let Some(endpoint) = args.artifact_s3_endpoint {
                 if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
                     anyhow::bail!("--artifact-s3-endpoint must be an http:// or https:// URL");

@@ -54,7 +54,7 @@ pub async fn boot_built(driver: &QemuDriver, disk: &Disk) -> (VmRecord, AgentCli
                 base: disk.path.clone(),
                 base_format: disk.format,
                 overlay: None,
-                user_network: false,
+                egress: false,
                 disk_size: None,
             },
         )

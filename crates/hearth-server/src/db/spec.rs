@@ -349,6 +349,24 @@ impl MicrovmSpec {
         self.hooks.as_ref()?.port
     }
 
+    /// Whether the microVM reaches the internet: `INTERNET_EGRESS` yes,
+    /// `NO_EGRESS` no, neither (omitted or empty) the operator's default.
+    pub fn egress(&self, default: bool) -> bool {
+        let list = self.egress_network_connectors.as_deref();
+        if connects(list, "NO_EGRESS") {
+            false
+        } else if connects(list, "INTERNET_EGRESS") {
+            true
+        } else {
+            default
+        }
+    }
+
+    /// Whether `NO_INGRESS` was asked for: the endpoint refuses every request.
+    pub fn no_ingress(&self) -> bool {
+        connects(Some(&self.ingress_network_connectors), "NO_INGRESS")
+    }
+
     /// Whether `SHELL_INGRESS` was asked for (shell tokens and the agent API).
     pub fn shell_ingress(&self) -> bool {
         connects(Some(&self.ingress_network_connectors), "SHELL_INGRESS")
@@ -566,6 +584,32 @@ mod tests {
             (bare.hooks_port(), bare.hook(RuntimeHook::Run)),
             (None, None)
         );
+    }
+
+    #[test]
+    fn egress_follows_the_connectors_then_the_operators_default() {
+        let arn = |name: &str| {
+            format!("arn:aws:lambda:us-east-1:aws:network-connector:aws-network-connector:{name}")
+        };
+        let spec = |egress: serde_json::Value, ingress: serde_json::Value| -> MicrovmSpec {
+            let mut value =
+                json!({"maximumDurationInSeconds": 5, "ingressNetworkConnectors": ingress});
+            if !egress.is_null() {
+                value["egressNetworkConnectors"] = egress;
+            }
+            serde_json::from_value(value).expect("parse")
+        };
+        let none = spec(serde_json::Value::Null, json!([]));
+        assert!(none.egress(true) && !none.egress(false));
+        let empty = spec(json!([]), json!([]));
+        assert!(empty.egress(true) && !empty.egress(false));
+        let internet = spec(json!([arn("INTERNET_EGRESS")]), json!([]));
+        assert!(internet.egress(false));
+        let closed = spec(json!([arn("NO_EGRESS")]), json!([]));
+        assert!(!closed.egress(true));
+        assert!(!closed.no_ingress());
+        let shut = spec(serde_json::Value::Null, json!([arn("NO_INGRESS")]));
+        assert!(shut.no_ingress());
     }
 
     #[test]

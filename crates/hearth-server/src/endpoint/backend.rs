@@ -60,6 +60,10 @@ impl Backend for EndpointBackend {
             Access::Shell if claims.kind == TokenKind::Shell => Ok(()),
             Access::Shell => Err(forbidden()),
             Access::Port(port) => {
+                // NO_INGRESS: nothing reaches the app, whatever the token says.
+                if row.spec.no_ingress() {
+                    return Err(forbidden());
+                }
                 if !claims.allows_port(port) {
                     return Err(Denied::Forbidden("Access to port denied".into()));
                 }

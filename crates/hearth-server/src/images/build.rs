@@ -398,7 +398,7 @@ impl Builds {
                 base: built.disk.path.clone(),
                 base_format: built.disk.format,
                 overlay: None,
-                user_network: false,
+                egress: false,
                 disk_size: None,
             },
             &app,

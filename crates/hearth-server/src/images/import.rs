@@ -233,7 +233,7 @@ async fn build(
             base: rootfs,
             base_format: BackingFormat::Raw,
             overlay: None,
-            user_network: false,
+            egress: false,
             disk_size: None,
         },
         &app,

@@ -11,6 +11,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -56,6 +57,8 @@ pub struct Engine {
     snapshots: Mutex<HashMap<PathBuf, Snapshot>>,
     /// Latest endpoint traffic per microVM (unix ms), not yet written to the store.
     activity: Mutex<HashMap<String, i64>>,
+    /// Egress of microVMs that name no egress connector (`--default-egress`).
+    default_egress: AtomicBool,
 }
 
 impl Engine {
@@ -67,7 +70,13 @@ impl Engine {
             locks: Mutex::default(),
             snapshots: Mutex::default(),
             activity: Mutex::default(),
+            default_egress: AtomicBool::new(true),
         })
+    }
+
+    /// Sets the egress of microVMs that name no egress connector.
+    pub fn set_default_egress(&self, egress: bool) {
+        self.default_egress.store(egress, Ordering::Relaxed);
     }
 
     pub fn driver(&self) -> &dyn Driver {
@@ -219,9 +228,10 @@ impl Engine {
         let _held = guard.lock().await;
         let launched = async {
             let snapshot = self.snapshot(&snapshot_dir)?;
+            let egress = row.spec.egress(self.default_egress.load(Ordering::Relaxed));
             Ok::<_, EngineError>(
                 self.driver
-                    .launch_with_agent(&snapshot, &row.vm_name)
+                    .launch_with_egress(&snapshot, &row.vm_name, egress)
                     .await?,
             )
         }

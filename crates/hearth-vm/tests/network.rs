@@ -1,0 +1,299 @@
+//! VM networks end to end, with real guests and a stand-in internet made of
+//! network namespaces (`common/internet.rs`): nothing leaves the machine.
+//! Needs root and `scripts/setup-host` (as `scripts/test` runs).
+//!
+//! One cold boot, one snapshot and a few clones cover: egress by IP and by
+//! name, a VM without egress, no way to the host (10.0.2.2, the VM's own
+//! gateway, the host's addresses) or to another VM, the forbidden ranges
+//! (their listeners record nothing), the egress counter, suspend/resume and
+//! the operator's allow and deny ranges.
+
+mod common;
+#[path = "common/internet.rs"]
+mod internet;
+
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use common::sh;
+use hearth_proto::ExecRequest;
+use hearth_vm::net::{parse_cidr, Network};
+use hearth_vm::{AgentClient, Assets, BootRequest, ColdBoot, Driver, MachineShape, QemuDriver};
+use internet::{TestInternet, FORBIDDEN, GREETING, WEB, WEB_NAME};
+
+/// A Python one-liner: GET http://HOST:PORT/PATH within 4 s, print the body.
+fn fetch_script(host: &str, port: u16, path: &str) -> String {
+    format!(
+        "python3 -c \"import urllib.request as u; print(u.urlopen('http://{host}:{port}{path}', timeout=4).read().decode())\""
+    )
+}
+
+/// Runs `sh -c script`; its stdout when it exits 0, else `None`.
+async fn try_sh(agent: &AgentClient, script: &str) -> Option<String> {
+    let out = agent
+        .exec_output(ExecRequest {
+            argv: vec!["sh".into(), "-c".into(), script.into()],
+            ..Default::default()
+        })
+        .await
+        .expect("exec");
+    (out.status.code == Some(0)).then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Whether a TCP connection from the guest to `host:port` opens within 3 s.
+async fn connects(agent: &AgentClient, host: &str, port: u16) -> bool {
+    try_sh(
+        agent,
+        &format!(
+            "python3 -c \"import socket; socket.create_connection(('{host}', {port}), timeout=3)\""
+        ),
+    )
+    .await
+    .is_some()
+}
+
+/// The host's own IPv4 addresses (every interface but loopback).
+fn host_addresses() -> Vec<Ipv4Addr> {
+    let out = std::process::Command::new("ip")
+        .args(["-4", "-o", "addr", "show"])
+        .output()
+        .expect("ip addr");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| {
+            let cidr = line.split_whitespace().nth(3)?;
+            cidr.split('/').next()?.parse::<Ipv4Addr>().ok()
+        })
+        .filter(|a| !a.is_loopback())
+        .collect()
+}
+
+/// The host end of a VM namespace's uplink: its default gateway.
+fn uplink_gateway(netns: &str) -> Option<Ipv4Addr> {
+    let out = std::process::Command::new("ip")
+        .args(["-n", netns, "-4", "route", "show", "default"])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut words = text.split_whitespace();
+    words.find(|w| *w == "via")?;
+    words.next()?.parse().ok()
+}
+
+/// Ends every QEMU process of the test's driver (and with it the VM's
+/// namespace) however the test ends.
+struct KillOnDrop(QemuDriver);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for process in self.0.processes() {
+            self.0.kill_process(&process);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_networks_reach_the_internet_and_nothing_else() {
+    assert_eq!(
+        // SAFETY: geteuid(2) cannot fail.
+        unsafe { libc::geteuid() },
+        0,
+        "VM network tests need root"
+    );
+    let internet = TestInternet::start().await;
+    let config = internet.net_config();
+    let network = Arc::new(Network::start(config.clone()).await.expect("network"));
+    let state = tempfile::Builder::new()
+        .prefix("hnet")
+        .tempdir_in("/tmp")
+        .expect("state dir");
+    let assets = Assets {
+        state_dir: state.path().to_path_buf(),
+        ..Assets::from_env()
+    };
+    let driver = QemuDriver::new(assets.clone())
+        .expect("driver")
+        .with_network(network.clone());
+    let _cleanup = KillOnDrop(driver.clone());
+    // A host service a guest must never reach (as hearth's API and proxy).
+    let host_listener = tokio::net::TcpListener::bind("0.0.0.0:0")
+        .await
+        .expect("host listener");
+    let host_port = host_listener.local_addr().expect("addr").port();
+    let host_hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let hits = host_hits.clone();
+    let host_task = tokio::spawn(async move {
+        while host_listener.accept().await.is_ok() {
+            hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+
+    // A cold boot with egress, as a build step with INTERNET_EGRESS has.
+    let base = assets.base_image("debian-12").expect("base image");
+    let source = driver
+        .boot_with(
+            &BootRequest {
+                name: "src".into(),
+                image: "debian-12".into(),
+                shape: MachineShape::default(),
+            },
+            &ColdBoot {
+                base,
+                base_format: hearth_vm::disk::BackingFormat::Raw,
+                overlay: None,
+                egress: true,
+                disk_size: None,
+            },
+        )
+        .await
+        .expect("boot");
+    let agent = driver.agent(&source).await.expect("agent");
+    assert_eq!(
+        sh(&agent, &fetch_script(&WEB.to_string(), 80, "/")).await,
+        GREETING
+    );
+    drop(agent);
+    let snapshot = driver
+        .snapshot(&source, &state.path().join("snap"))
+        .await
+        .expect("snapshot");
+    assert!(snapshot.manifest.nic, "the snapshot has no network card");
+
+    let started = Instant::now();
+    let (mut open, open_agent) = driver
+        .launch_with_egress(&snapshot, "open", true)
+        .await
+        .expect("launch with egress");
+    let launch_egress = started.elapsed();
+    let started = Instant::now();
+    let (closed, closed_agent) = driver
+        .launch_with_egress(&snapshot, "closed", false)
+        .await
+        .expect("launch without egress");
+    let launch_closed = started.elapsed();
+    println!(
+        "launch with egress {:.1} ms, without {:.1} ms",
+        launch_egress.as_secs_f64() * 1e3,
+        launch_closed.as_secs_f64() * 1e3
+    );
+
+    // Egress by address and by a name the test's DNS answers.
+    assert_eq!(
+        sh(&open_agent, &fetch_script(&WEB.to_string(), 80, "/")).await,
+        GREETING
+    );
+    assert_eq!(
+        sh(&open_agent, &fetch_script(WEB_NAME, 80, "/")).await,
+        GREETING
+    );
+    // No egress: neither.
+    assert_eq!(
+        try_sh(&closed_agent, &fetch_script(&WEB.to_string(), 80, "/")).await,
+        None
+    );
+    assert_eq!(
+        try_sh(&closed_agent, &fetch_script(WEB_NAME, 80, "/")).await,
+        None
+    );
+
+    // Nothing of the host: 10.0.2.2, the uplink's host end, every host address.
+    let open_netns = network.netns_name(&open.instance);
+    let gateway = uplink_gateway(&open_netns).expect("uplink gateway");
+    let mut host_targets = vec![Ipv4Addr::new(10, 0, 2, 2), gateway, internet.host_address];
+    host_targets.extend(host_addresses());
+    for target in &host_targets {
+        for agent in [&open_agent, &closed_agent] {
+            assert!(
+                !connects(agent, &target.to_string(), host_port).await,
+                "a guest reached the host at {target}:{host_port}"
+            );
+        }
+    }
+    // Not another VM: the source's uplink address.
+    let source_netns = network.netns_name(&source.instance);
+    let source_gateway = uplink_gateway(&source_netns).expect("source uplink");
+    let source_inner = Ipv4Addr::from(u32::from(source_gateway) + 1);
+    assert!(!connects(&open_agent, &source_inner.to_string(), 80).await);
+    // Forbidden ranges: their listeners record nothing.
+    for target in FORBIDDEN {
+        assert!(!connects(&open_agent, &target.to_string(), 80).await);
+        assert_eq!(internet.connections_to(target), 0, "{target} was reached");
+    }
+    assert_eq!(
+        host_hits.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the host listener was reached"
+    );
+
+    // The egress counter counts, and a download's speed.
+    let before = driver.egress_bytes(&open).await.expect("egress bytes");
+    assert!(before > 0, "no egress bytes counted");
+    let started = Instant::now();
+    let size = sh(
+        &open_agent,
+        &format!(
+            "python3 -c \"import urllib.request as u; print(len(u.urlopen('http://{WEB}/big', timeout=60).read()))\""
+        ),
+    )
+    .await;
+    let seconds = started.elapsed().as_secs_f64();
+    assert_eq!(size, internet::BIG_BYTES.to_string());
+    println!(
+        "download: {:.1} MB/s ({} bytes in {seconds:.2} s)",
+        internet::BIG_BYTES as f64 / seconds / 1e6,
+        internet::BIG_BYTES
+    );
+    assert!(driver.egress_bytes(&open).await.expect("egress bytes") > before);
+
+    // Egress survives suspend and resume.
+    drop(open_agent);
+    driver.suspend(&mut open).await.expect("suspend");
+    driver.resume(&mut open).await.expect("resume");
+    let open_agent = driver.agent(&open).await.expect("agent");
+    assert_eq!(
+        sh(&open_agent, &fetch_script(&WEB.to_string(), 80, "/")).await,
+        GREETING
+    );
+
+    // The operator's ranges: allow opens a forbidden one, deny closes an
+    // allowed one, and deny wins over allow.
+    let mut ranges = config.clone();
+    ranges.allow = vec![parse_cidr("10.99.0.0/24").expect("cidr")];
+    ranges.deny = vec![parse_cidr("198.51.100.10").expect("cidr")];
+    Network::start(ranges.clone()).await.expect("new ranges");
+    assert!(connects(&open_agent, "10.99.0.10", 80).await);
+    assert_eq!(internet.connections_to(FORBIDDEN[0]), 1);
+    assert!(!connects(&open_agent, &WEB.to_string(), 80).await);
+    ranges.deny.push(parse_cidr("10.99.0.10/32").expect("cidr"));
+    Network::start(ranges).await.expect("deny wins");
+    assert!(!connects(&open_agent, "10.99.0.10", 80).await);
+    assert_eq!(internet.connections_to(FORBIDDEN[0]), 1);
+
+    // Egress can be given later (and is taken away on removal).
+    let mut closed = closed;
+    driver
+        .set_egress(&mut closed, true)
+        .await
+        .expect("give egress");
+    Network::start(config.clone())
+        .await
+        .expect("default ranges");
+    assert_eq!(
+        sh(&closed_agent, &fetch_script(&WEB.to_string(), 80, "/")).await,
+        GREETING
+    );
+
+    drop((open_agent, closed_agent));
+    for vm in [&open, &closed, &source] {
+        driver.remove(vm).await.expect("remove");
+        assert!(
+            !std::path::Path::new("/run/netns")
+                .join(network.netns_name(&vm.instance))
+                .exists(),
+            "{}'s namespace is left",
+            vm.name
+        );
+    }
+    host_task.abort();
+}
