@@ -411,10 +411,10 @@ impl QemuDriver {
         let mut command = Command::new(&self.qemu);
         command.args(self.command_line(vm, incoming, &kernel, netns.is_some()));
         let plan = if self.jail.enabled() {
-            let netns_path = netns
-                .as_ref()
-                .and_then(|_| self.network.as_ref())
-                .map(|network| network.netns_path(&vm.instance));
+            let netns_path = match (&netns, &self.network) {
+                (Some(_), Some(network)) => Some(network.netns_path(&vm.instance)),
+                _ => None,
+            };
             let spec = self.jail_spec(vm, &kernel, incoming, netns_path)?;
             let root = self.assets.state_dir.join("jail").join("root");
             disk::create_private_dir_all(&root)?;
