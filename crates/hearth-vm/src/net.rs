@@ -588,6 +588,50 @@ async fn spawn_with_input(
     Ok(out.stdout)
 }
 
+/// Opens the tap of a VM namespace for QEMU (`-netdev tap,fd=N`). The server
+/// opens it, not QEMU: a jailed QEMU has dropped root, and hosts differ in
+/// whether `/dev/net/tun` is open to other users. A tap is found by name in
+/// the opener's network namespace, so a short-lived thread enters `netns`
+/// (setns changes only the calling thread) and leaves with the descriptor,
+/// which keeps pointing at the tap wherever QEMU then runs.
+pub fn open_tap(netns: &std::fs::File) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let netns = netns.as_raw_fd();
+    std::thread::scope(|scope| {
+        scope
+            .spawn(move || {
+                // SAFETY: setns(2) on a descriptor the caller keeps open; it
+                // moves only this thread, which ends right after.
+                if unsafe { libc::setns(netns, libc::CLONE_NEWNET) } != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // SAFETY: open(2) of a constant NUL-terminated path.
+                let fd =
+                    unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // SAFETY: `fd` was just opened and is owned by nothing else.
+                let tun = unsafe { OwnedFd::from_raw_fd(fd) };
+                // SAFETY: an all-zero ifreq is a valid value of the C struct.
+                let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+                for (slot, byte) in request.ifr_name.iter_mut().zip(TAP.bytes()) {
+                    *slot = byte as libc::c_char;
+                }
+                request.ifr_ifru.ifru_flags =
+                    (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+                // SAFETY: TUNSETIFF reads and writes the ifreq passed by pointer,
+                // which lives across the call.
+                if unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &mut request) } != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(tun)
+            })
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("tap thread panicked")))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -240,13 +240,14 @@ impl QemuDriver {
     }
 
     /// QEMU's command line for `vm`; `incoming` starts it waiting for a state load.
-    /// `tap`: the card's backend is the VM namespace's tap (see `net`).
+    /// `tap`: the card's backend, the VM namespace's tap opened for QEMU
+    /// (see `net::open_tap`).
     fn command_line(
         &self,
         vm: &VmRecord,
         incoming: Incoming<'_>,
         kernel: &Path,
-        tap: bool,
+        tap: Option<std::os::fd::RawFd>,
     ) -> Vec<OsString> {
         let MachineShape { memory_mib, vcpus } = vm.shape;
         let memory = match &vm.memory {
@@ -315,12 +316,9 @@ impl QemuDriver {
         ));
         push("-device");
         push("virtio-blk-device,drive=root");
-        if vm.nic && tap {
+        if let (true, Some(tap)) = (vm.nic, tap) {
             push("-netdev");
-            push(&format!(
-                "tap,id=net0,ifname={},script=no,downscript=no",
-                crate::net::TAP
-            ));
+            push(&format!("tap,id=net0,fd={tap}"));
             push("-device");
             push("virtio-net-device,netdev=net0");
         } else if vm.nic {
@@ -409,19 +407,28 @@ impl QemuDriver {
             Incoming::Defer | Incoming::Uri(_) => self.kernel_stub(&vm.kernel)?,
         };
         let mut command = Command::new(&self.qemu);
-        command.args(self.command_line(vm, incoming, &kernel, netns.is_some()));
+        let tap = match &netns {
+            Some(netns) => Some(
+                crate::net::open_tap(netns)
+                    .map_err(|e| VmError::Io(PathBuf::from("/dev/net/tun"), e))?,
+            ),
+            None => None,
+        };
+        let tap_fd = tap.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
+        command.args(self.command_line(vm, incoming, &kernel, tap_fd));
         let plan = if self.jail.enabled() {
             let netns_path = match (&netns, &self.network) {
                 (Some(_), Some(network)) => Some(network.netns_path(&vm.instance)),
                 _ => None,
             };
-            let spec = self.jail_spec(vm, &kernel, incoming, netns_path)?;
+            let mut spec = self.jail_spec(vm, &kernel, incoming, netns_path)?;
+            spec.keep_fds.extend(tap_fd);
             let root = self.assets.state_dir.join("jail").join("root");
             disk::create_private_dir_all(&root)?;
             Some(Plan::new(&self.jail, &spec, &root)?)
         } else {
             if let Some(netns) = netns {
-                enter_netns(&mut command, netns);
+                enter_netns(&mut command, netns, tap_fd);
             }
             None
         };
@@ -454,6 +461,8 @@ impl QemuDriver {
         // Drop the command (and the plan in its closure) now: its pid pipe
         // end must close before the read below.
         drop(command);
+        // QEMU holds its own copy of the tap now.
+        drop(tap);
         let pid = match pid_pipe {
             // The jail's intermediate process reported QEMU's pid and exited.
             Some(pipe) => {
@@ -569,9 +578,6 @@ impl QemuDriver {
         let mut devices: Vec<PathBuf> = jail::BASE_DEVICES.iter().map(PathBuf::from).collect();
         if vm.accel == Accel::Kvm {
             devices.push(PathBuf::from("/dev/kvm"));
-        }
-        if netns.is_some() {
-            devices.push(PathBuf::from("/dev/net/tun"));
         }
         let memory = u64::from(vm.shape.memory_mib) << 20;
         let disk_size = disk::virtual_size(&vm.disk).unwrap_or(64 << 30);
@@ -1641,9 +1647,10 @@ pub(crate) fn new_instance_id() -> String {
     hex::encode(rand::random::<[u8; 8]>())
 }
 
-/// Makes `command`'s process enter network namespace `netns` before it runs
-/// QEMU. One place so the QEMU jail's `JailSpec::netns` can take it over.
-fn enter_netns(command: &mut Command, netns: std::fs::File) {
+/// Makes an unjailed QEMU (the benchmark's comparison, a non-root server with
+/// `--no-jail`) enter network namespace `netns` and inherit its tap; a jailed
+/// one gets both from its `JailSpec`.
+fn enter_netns(command: &mut Command, netns: std::fs::File, tap: Option<std::os::fd::RawFd>) {
     use std::os::fd::AsRawFd;
     // SAFETY: the closure runs in the forked child before exec and only calls
     // setns(2), which is async-signal-safe; the descriptor stays open because
@@ -1652,6 +1659,12 @@ fn enter_netns(command: &mut Command, netns: std::fs::File) {
         command.pre_exec(move || {
             if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            // QEMU inherits its tap (`-netdev tap,fd=N`).
+            if let Some(tap) = tap {
+                if libc::fcntl(tap, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             Ok(())
         });
