@@ -38,6 +38,9 @@ pub struct ServerConfig {
     pub registry: Option<hearth_oci::RegistryConfig>,
     /// Step-cache entries unused for this many days are dropped at start.
     pub build_cache_days: u64,
+    /// Host memory and disk kept free: admission refuses VMs that would eat
+    /// into it (see `vms::capacity`).
+    pub reserve: crate::vms::capacity::Reserve,
 }
 
 impl ServerConfig {
@@ -58,6 +61,7 @@ impl ServerConfig {
             artifacts: hearth_s3::ArtifactsConfig::default(),
             registry: None,
             build_cache_days: 14,
+            reserve: crate::vms::capacity::Reserve::default(),
         }
     }
 }

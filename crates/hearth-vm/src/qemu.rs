@@ -10,11 +10,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::process::Command;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::accel::{self, Accel};
 use crate::agent::{AgentClient, AgentError};
 use crate::assets::Assets;
+use crate::cgroup::{CgroupConfig, CgroupLimits, VmCgroup, VmUsage};
 use crate::disk::{self, BackingFormat};
 use crate::driver::{BootRequest, ColdBoot, Driver, VmError, VmProcess};
 use crate::errors::error_chain;
@@ -93,6 +94,9 @@ pub struct QemuDriver {
     /// The first line of `qemu --version` (empty when QEMU is missing), read
     /// once: snapshots record it and launches compare it.
     qemu_version: String,
+    /// Where each VM's cgroup goes; `None` when the host or the server's
+    /// privileges do not allow cgroups (said once, at start).
+    cgroups: Option<CgroupConfig>,
 }
 
 impl QemuDriver {
@@ -115,11 +119,48 @@ impl QemuDriver {
     pub fn with_accel(assets: Assets, accel: Accel) -> Self {
         let qemu = PathBuf::from("qemu-system-x86_64");
         let qemu_version = read_qemu_version(&qemu);
+        let cgroups = detect_cgroups(&assets);
         Self {
             assets,
             accel,
             qemu,
             qemu_version,
+            cgroups,
+        }
+    }
+
+    /// The cgroup configuration VMs are confined with, if any.
+    pub fn cgroups(&self) -> Option<&CgroupConfig> {
+        self.cgroups.as_ref()
+    }
+
+    /// Creates the cgroup `vm`'s QEMU will run in (before it starts).
+    fn create_cgroup(&self, vm: &VmRecord) -> Result<Option<VmCgroup>, VmError> {
+        let Some(config) = &self.cgroups else {
+            return Ok(None);
+        };
+        let limits = CgroupLimits::for_shape_on(&vm.shape, vm.accel);
+        Ok(Some(VmCgroup::create(config, &vm.instance, &limits)?))
+    }
+
+    /// Moves a just-started QEMU into its cgroup and makes it the kernel's
+    /// first choice for an OOM kill (before the server, see `hearth serve`).
+    /// Until the jail writes the cgroup's `procs_files` before exec.
+    fn confine(&self, cgroup: &Option<VmCgroup>, pid: u32) -> Result<(), VmError> {
+        let _ = std::fs::write(format!("/proc/{pid}/oom_score_adj"), "500");
+        match cgroup {
+            Some(cgroup) => Ok(cgroup.attach(pid)?),
+            None => Ok(()),
+        }
+    }
+
+    /// Removes the cgroup of a QEMU instance that has ended (killing anything
+    /// left in it).
+    fn release_cgroup(&self, instance: &str) {
+        if let Some(config) = &self.cgroups {
+            if let Err(err) = VmCgroup::open(config, instance).remove() {
+                warn!(instance, error = %error_chain(&err), "cannot remove a VM's cgroup");
+            }
         }
     }
 
@@ -268,6 +309,7 @@ impl QemuDriver {
             Incoming::None => vm.kernel.clone(),
             Incoming::Defer | Incoming::Uri(_) => self.kernel_stub(&vm.kernel)?,
         };
+        let cgroup = self.create_cgroup(vm)?;
         let mut command = Command::new(&self.qemu);
         command.args(self.command_line(vm, incoming, &kernel));
         // SAFETY: the closure runs in the forked child before exec and only calls
@@ -291,9 +333,15 @@ impl QemuDriver {
         let pid = child.id().ok_or_else(|| VmError::QemuDied {
             log: read_tail(&log_path),
         })?;
+        if let Err(err) = self.confine(&cgroup, pid) {
+            let _ = child.start_kill();
+            self.release_cgroup(&vm.instance);
+            return Err(err);
+        }
         let deadline = Instant::now() + QMP_START_TIMEOUT;
         let qmp = loop {
             if let Ok(Some(_)) = child.try_wait() {
+                self.release_cgroup(&vm.instance);
                 return Err(VmError::QemuDied {
                     log: read_tail(&log_path),
                 });
@@ -305,6 +353,7 @@ impl QemuDriver {
                 }
                 Err(err) => {
                     let _ = child.start_kill();
+                    self.release_cgroup(&vm.instance);
                     return Err(err.into());
                 }
             }
@@ -545,20 +594,20 @@ impl QemuDriver {
     /// Ends the VM's QEMU process: `quit` over QMP, SIGKILL if that fails.
     pub(crate) async fn stop_process(&self, vm: &VmRecord) {
         let Some(pid) = vm.pid else { return };
-        if !process_alive(pid, &vm.instance) {
-            return;
-        }
-        let quit = async {
-            let mut qmp = Qmp::connect(&vm.qmp_socket()).await?;
-            qmp.quit().await
-        };
-        let _ = tokio::time::timeout(Duration::from_secs(3), quit).await;
-        if !wait_gone(pid, &vm.instance, Duration::from_secs(3)).await {
-            if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
-                let _ = rustix::process::kill_process(pid, rustix::process::Signal::Kill);
+        if process_alive(pid, &vm.instance) {
+            let quit = async {
+                let mut qmp = Qmp::connect(&vm.qmp_socket()).await?;
+                qmp.quit().await
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(3), quit).await;
+            if !wait_gone(pid, &vm.instance, Duration::from_secs(3)).await {
+                if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+                    let _ = rustix::process::kill_process(pid, rustix::process::Signal::Kill);
+                }
+                wait_gone(pid, &vm.instance, Duration::from_secs(5)).await;
             }
-            wait_gone(pid, &vm.instance, Duration::from_secs(5)).await;
         }
+        self.release_cgroup(&vm.instance);
     }
 
     fn qemu_version(&self) -> String {
@@ -690,6 +739,10 @@ impl Driver for QemuDriver {
 
     /// Kills a process found by [`Self::processes`] and removes its RAM file.
     fn kill_process(&self, process: &VmProcess) {
+        let cgroup = self
+            .cgroups
+            .as_ref()
+            .and_then(|config| crate::cgroup::instance_of(config, process.pid));
         if let Ok(pid) = i32::try_from(process.pid) {
             // SAFETY: kill(2) has no memory effects; a stale pid at worst
             // fails with ESRCH.
@@ -705,6 +758,26 @@ impl Driver for QemuDriver {
                 .is_ok_and(|m| m.file_type().is_file())
             {
                 let _ = std::fs::remove_file(ram);
+            }
+        }
+        if let Some(instance) = cgroup {
+            self.release_cgroup(&instance);
+        }
+    }
+
+    fn usage(&self, vm: &VmRecord) -> Option<VmUsage> {
+        let config = self.cgroups.as_ref()?;
+        if !vm_alive(vm) {
+            return None;
+        }
+        VmCgroup::open(config, &vm.instance).usage().ok()
+    }
+
+    fn remove_stale_cgroups(&self) {
+        if let Some(config) = &self.cgroups {
+            let removed = config.remove_stale();
+            if removed > 0 {
+                info!(removed, "removed the cgroups of VMs that no longer run");
             }
         }
     }
@@ -1033,6 +1106,7 @@ impl Driver for QemuDriver {
                 self.stop_process(&running).await;
             }
         }
+        self.release_cgroup(&vm.instance);
         if let Memory::SharedFile { path } = &vm.memory {
             let _ = std::fs::remove_file(path);
         }
@@ -1116,6 +1190,7 @@ impl Driver for QemuDriver {
                 self.stop_process(vm).await;
             }
         }
+        self.release_cgroup(&vm.instance);
         vm.state = VmState::Stopped;
         vm.pid = None;
         if let Memory::SharedFile { path } = &vm.memory {
@@ -1141,6 +1216,24 @@ impl Driver for QemuDriver {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(VmError::Io(vm.dir.clone(), e)),
+        }
+    }
+}
+
+/// Per-VM cgroups for this driver's VMs under `hearth/<key>`, the key naming
+/// the state directory (so servers and tests with different data directories
+/// never see each other's cgroups); `None`, said once, when unavailable.
+fn detect_cgroups(assets: &Assets) -> Option<CgroupConfig> {
+    let state = canonical_or_self(&assets.state_dir);
+    let key = &blake3::hash(state.as_os_str().as_encoded_bytes()).to_hex()[..12];
+    match CgroupConfig::detect(&format!("hearth/{key}")) {
+        Ok(config) => Some(config),
+        Err(err) => {
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                warn!(error = %error_chain(&err), "VMs run without per-VM cgroup limits");
+            });
+            None
         }
     }
 }

@@ -135,6 +135,13 @@ struct ServeArgs {
     /// Drop build-cache entries unused for this many days (at start).
     #[arg(long, default_value_t = 14, value_parser = clap::value_parser!(u64).range(1..=3650))]
     build_cache_days: u64,
+    /// Host memory (MiB) kept free: RunMicrovm, ResumeMicrovm and image builds
+    /// are refused when the VM, at its full size, would eat into it.
+    #[arg(long, default_value_t = 1024)]
+    reserve_memory_mib: u64,
+    /// Disk space (MiB) of the data directory kept free, as --reserve-memory-mib.
+    #[arg(long, default_value_t = 2048)]
+    reserve_disk_mib: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -370,6 +377,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             config.max_lifetime_secs = args.max_lifetime;
             config.artifacts.allow_file_uris = args.allow_file_artifacts;
             config.build_cache_days = args.build_cache_days;
+            config.reserve = hearth_server::vms::capacity::Reserve {
+                memory_mib: args.reserve_memory_mib,
+                disk_mib: args.reserve_disk_mib,
+            };
             config.registry = args.registry.map(|registry| hearth_oci::RegistryConfig {
                 registry,
                 insecure_http: args.registry_insecure,
