@@ -303,6 +303,14 @@ impl CgroupConfig {
         Ok(())
     }
 
+    /// Removes this configuration's parent directories (`hearth/<key>`) when
+    /// no VM cgroup is left in them (a test's temporary state directory).
+    pub fn remove_empty_parents(&self) {
+        for dir in self.parents() {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+
     /// Removes the cgroups under `parent` that hold no process: those of VMs
     /// whose QEMU ended without its cgroup being removed (a crash, a killed
     /// stray). Returns how many were removed.
@@ -552,7 +560,10 @@ pub fn instance_of(config: &CgroupConfig, pid: u32) -> Option<String> {
         if !wanted {
             continue;
         }
-        for mount in mounts.iter().filter(|m| m.v2 == matches!(config, CgroupConfig::V2 { .. })) {
+        for mount in mounts
+            .iter()
+            .filter(|m| m.v2 == matches!(config, CgroupConfig::V2 { .. }))
+        {
             let full = mount.point.join(path.trim_start_matches('/'));
             if full.parent() == Some(memory_parent.as_path()) {
                 return full.file_name().map(|n| n.to_string_lossy().into_owned());

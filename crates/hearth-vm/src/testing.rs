@@ -501,7 +501,13 @@ impl Driver for FakeDriver {
         if !self.is_alive(vm) {
             return None;
         }
-        Some(self.state().usage.get(&vm.name).copied().unwrap_or_default())
+        Some(
+            self.state()
+                .usage
+                .get(&vm.name)
+                .copied()
+                .unwrap_or_default(),
+        )
     }
 
     fn kill_process(&self, process: &VmProcess) {

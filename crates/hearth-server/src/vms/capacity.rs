@@ -84,7 +84,9 @@ pub enum Shortfall {
     Memory { needed_mib: u64, free_mib: u64 },
     #[error("RAM file space: {needed_mib} MiB needed, {free_mib} MiB free after what running microVMs may still use")]
     RamFs { needed_mib: u64, free_mib: u64 },
-    #[error("disk space: {needed_mib} MiB needed, {free_mib} MiB free after the operator's reserve")]
+    #[error(
+        "disk space: {needed_mib} MiB needed, {free_mib} MiB free after the operator's reserve"
+    )]
     Disk { needed_mib: u64, free_mib: u64 },
 }
 
@@ -330,18 +332,79 @@ mod tests {
         };
         let none = Demand::default();
         // (case, host free, committed, need, expected)
-        let cases: Vec<(&str, HostFree, Demand, Demand, Result<(), &str>)> = vec![
+        type Case = (
+            &'static str,
+            HostFree,
+            Demand,
+            Demand,
+            Result<(), &'static str>,
+        );
+        let cases: Vec<Case> = vec![
             ("fits", free(8, 8, 20), none, demand(2, 2, 2), Ok(())),
-            ("exactly fits", free(3, 8, 20), none, demand(2, 2, 2), Ok(())),
-            ("reserve takes the last GiB", free(3, 8, 20), none, demand(3, 0, 0), Err("memory")),
-            ("running VMs may still grow", free(8, 8, 20), demand(6, 0, 0), demand(2, 0, 0), Err("memory")),
-            ("tmpfs full though memory is free", free(8, 1, 20), none, demand(2, 2, 0), Err("ram")),
-            ("tmpfs committed to running VMs", free(8, 4, 20), demand(0, 3, 0), demand(1, 2, 0), Err("ram")),
-            ("a launch needs no tmpfs", free(8, 0, 20), none, demand(2, 0, 2), Ok(())),
-            ("disk reserve", free(8, 8, 3), none, demand(1, 0, 2), Err("disk")),
-            ("disk committed", free(8, 8, 10), demand(0, 0, 7), demand(1, 0, 2), Err("disk")),
+            (
+                "exactly fits",
+                free(3, 8, 20),
+                none,
+                demand(2, 2, 2),
+                Ok(()),
+            ),
+            (
+                "reserve takes the last GiB",
+                free(3, 8, 20),
+                none,
+                demand(3, 0, 0),
+                Err("memory"),
+            ),
+            (
+                "running VMs may still grow",
+                free(8, 8, 20),
+                demand(6, 0, 0),
+                demand(2, 0, 0),
+                Err("memory"),
+            ),
+            (
+                "tmpfs full though memory is free",
+                free(8, 1, 20),
+                none,
+                demand(2, 2, 0),
+                Err("ram"),
+            ),
+            (
+                "tmpfs committed to running VMs",
+                free(8, 4, 20),
+                demand(0, 3, 0),
+                demand(1, 2, 0),
+                Err("ram"),
+            ),
+            (
+                "a launch needs no tmpfs",
+                free(8, 0, 20),
+                none,
+                demand(2, 0, 2),
+                Ok(()),
+            ),
+            (
+                "disk reserve",
+                free(8, 8, 3),
+                none,
+                demand(1, 0, 2),
+                Err("disk"),
+            ),
+            (
+                "disk committed",
+                free(8, 8, 10),
+                demand(0, 0, 7),
+                demand(1, 0, 2),
+                Err("disk"),
+            ),
             ("nothing free", free(0, 0, 0), none, demand(0, 0, 0), Ok(())),
-            ("nothing free, something needed", free(0, 0, 0), none, Demand { memory: 1, ..none }, Err("memory")),
+            (
+                "nothing free, something needed",
+                free(0, 0, 0),
+                none,
+                Demand { memory: 1, ..none },
+                Err("memory"),
+            ),
         ];
         for (case, host, committed, need, expected) in cases {
             let got = admit(host, reserve, committed, need).map_err(|s| match s {
@@ -362,7 +425,10 @@ mod tests {
         let need = demand(1, 2, 0);
         assert!(matches!(
             admit(host, Reserve::default(), Demand::default(), need),
-            Err(Shortfall::RamFs { needed_mib: 2048, free_mib: 1024 })
+            Err(Shortfall::RamFs {
+                needed_mib: 2048,
+                free_mib: 1024
+            })
         ));
     }
 

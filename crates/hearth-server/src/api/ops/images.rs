@@ -3,12 +3,12 @@
 use hearth_api::ApiError;
 use serde_json::{json, Value};
 
+use super::capacity_refusal;
 use super::input::{
     connectors, fingerprint, image_name, image_not_found, internal, parse_version, string,
     timestamp, version_text, Caller, EGRESS,
 };
 use super::page::{keyset_page, paginate};
-use super::capacity_refusal;
 use crate::api::state::AppState;
 use crate::arn::{Arn, MANAGED_ACCOUNT};
 use crate::db::records::{BuildRow, ImageRow, NewVersion, Refusal, VersionRow};
@@ -548,7 +548,11 @@ pub(super) fn create_or_update(
         .capacity
         .admit(
             &admission,
-            demand_of(memory_mib, state.engine.driver().accel(), Start::WithRamFile),
+            demand_of(
+                memory_mib,
+                state.engine.driver().accel(),
+                Start::WithRamFile,
+            ),
         )
         .map_err(|err| capacity_refusal(err, false))?;
     let started = state

@@ -7,12 +7,12 @@ use hearth_api::ApiError;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::capacity_refusal;
 use super::input::{
     connectors, fingerprint, image_name, image_not_found, internal, parse_version, string,
     timestamp, version_text, Caller, EGRESS, INGRESS,
 };
 use super::page::keyset_page;
-use super::capacity_refusal;
 use crate::api::state::AppState;
 use crate::arn::Arn;
 use crate::db::records::{MicrovmRow, Refusal};
