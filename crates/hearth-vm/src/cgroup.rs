@@ -27,15 +27,17 @@ const CPU_PERIOD_US: u64 = 100_000;
 /// v1 `cpu.shares` of one weight unit (v2 `cpu.weight` 100 = v1 1024 shares).
 const SHARES_PER_WEIGHT: u64 = 1024 / 100 + 1;
 
-/// What QEMU itself needs beyond the guest's RAM, measured on this project's
-/// CI host (QEMU 10.0, TCG, `-M microvm`, Debian's cloud kernel): an idle
-/// booted 256 MiB guest's QEMU had 38-46 MiB of private anonymous RSS
-/// (`Anonymous` + `Private_Dirty` in `/proc/PID/smaps_rollup` minus the guest RAM,
-/// which lives in a shared file on tmpfs), and 13-18 MiB of page cache for the
-/// kernel, initrd and disk reads charged to its cgroup (`memory.stat` `cache`
-/// minus `shmem`). Measured with `crates/hearth-vm/tests/limits.rs`
-/// (`qemu_overhead_is_within_the_allowance`, which prints the figures).
-/// 96 MiB leaves room for QEMU's heap growing with device activity.
+/// What QEMU itself needs beyond the guest's RAM and its translation cache.
+/// Measured on this project's CI host (QEMU 10.0, TCG, `-M microvm`, Debian's
+/// cloud kernel, 256 MiB guests) from `/proc/PID/smaps` of booted, idle QEMUs
+/// and of one whose guest had just run out of memory: 86-96 MiB anonymous in
+/// all, of which 50-57 MiB was the translation cache (the 256 MiB anonymous
+/// mapping) and 36-39 MiB the rest (heap, thread stacks, the 14 MiB kernel image
+/// a cold-booted QEMU keeps); QEMU's own text (27 MiB, shared page cache) is
+/// charged to the cgroup that first reads it. The memory cgroup of an idle
+/// booted guest read 207-209 MiB: 123 MiB guest RAM touched (tmpfs), 82-83 MiB
+/// anonymous (`crates/hearth-vm/tests/limits.rs` prints these figures).
+/// 96 MiB covers 39 + 27 with room for the heap growing with device activity.
 const QEMU_BASE_OVERHEAD_MIB: u64 = 96;
 /// Under TCG the translation cache is sized by `tb-size=` (see
 /// [`Accel::qemu_arg`]): it is filled lazily, but a guest running enough
