@@ -302,6 +302,32 @@ impl CgroupConfig {
                 write_file(&parent.join("cgroup.subtree_control"), "+memory +cpu +pids")?;
             }
         }
+        self.weigh_parents()
+    }
+
+    /// Gives the VMs, together, the CPU weight of one busy process per host
+    /// CPU. A new cgroup weighs as much as one process: left so, every VM of
+    /// the host together would get one process's share under contention (on a
+    /// busy host, a fraction of one CPU for all of them), while as plain
+    /// processes each QEMU thread weighed one. More than this would let busy
+    /// guests starve the server itself.
+    fn weigh_parents(&self) -> Result<(), CgroupError> {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
+        let (cpu_dir, file, value) = match self {
+            CgroupConfig::V1 { cpu, .. } => (cpu, "cpu.shares", (1024 * cpus).to_string()),
+            CgroupConfig::V2 { parent } => (
+                parent,
+                "cpu.weight",
+                (100 * cpus).clamp(1, 10_000).to_string(),
+            ),
+        };
+        // `parent` is `<server's cgroup>/hearth/<key>`: both levels are hearth's.
+        for dir in [Some(cpu_dir.as_path()), cpu_dir.parent()]
+            .into_iter()
+            .flatten()
+        {
+            write_file(&dir.join(file), &value)?;
+        }
         Ok(())
     }
 
