@@ -7,12 +7,16 @@ allowance), not at what it uses now: it may still grow into it.
 
 The reserve is set from the host's MemAvailable at the start of the test with
 half a VM of slack either way, so the other work on a shared CI host may move
-it by that much without changing the outcome."""
+it by that much without changing the outcome. While the first microVM spins
+every vCPU, GetMicrovm latency is measured and printed."""
+import threading
+import time
+
 import botocore.exceptions
 import pytest
 
-from conftest import (FAST_RATES, IDLE_CMD, client_for, create_account, error_of, import_image, kill_qemu_under,
-                      qemu_vm_dirs, short_data_dir, start_server, stop_server, wait_for_state)
+from conftest import (FAST_RATES, IDLE_CMD, client_for, create_account, error_of, exec_request, import_image,
+                      kill_qemu_under, qemu_vm_dirs, short_data_dir, start_server, stop_server, wait_for_state)
 
 MEMORY_MIB = 4096
 # Guest memory plus QEMU's allowance under TCG (crates/hearth-vm/src/cgroup.rs):
@@ -54,6 +58,29 @@ def may_lower_oom_score(pid):
     return False
 
 
+def api_latency_while_spinning(client, server, account, microvm_id):
+    """Spins every vCPU of the microVM for 15 s (its cgroup holds it to its
+    quota) and measures GetMicrovm meanwhile; prints the latencies."""
+    spin = threading.Thread(target=exec_request, args=(
+        server, account, microvm_id,
+        ["sh", "-c", "for i in $(seq $(nproc)); do timeout 15 sh -c 'while :; do :; done' & done; wait"]))
+    spin.start()
+    time.sleep(2)
+    latencies = []
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        start = time.monotonic()
+        assert client.get_microvm(microvmIdentifier=microvm_id)["state"] == "RUNNING"
+        latencies.append((time.monotonic() - start) * 1000)
+        time.sleep(0.1)
+    spin.join()
+    latencies.sort()
+    p50, p95 = latencies[len(latencies) // 2], latencies[int(len(latencies) * 0.95)]
+    print(f"GetMicrovm while a guest spins every vCPU: p50 {p50:.1f} ms, p95 {p95:.1f} ms, "
+          f"max {latencies[-1]:.1f} ms over {len(latencies)} calls")
+    assert p50 < 1000, latencies
+
+
 def live_ids(client):
     return sorted(item["microvmId"] for item in client.list_microvms()["items"] if item["state"] != "TERMINATED")
 
@@ -71,6 +98,7 @@ def test_run_is_refused_past_host_capacity_and_admitted_when_it_returns(big_imag
         client = client_for({"url": url, "data_dir": data}, account)
         first = client.run_microvm(imageIdentifier="big")["microvmId"]
         wait_for_state(client, first, "RUNNING", timeout=180)
+        api_latency_while_spinning(client, {"url": url}, account, first)
         processes = set(qemu_vm_dirs(data).values())
 
         with pytest.raises(botocore.exceptions.ClientError) as excinfo:
