@@ -457,6 +457,50 @@ mod tests {
         assert_eq!(resume.ram_fs, 512 * MIB);
     }
 
+    /// Running VMs count at what they may still grow into (cgroup limit
+    /// minus usage), admissions until their VM runs; suspended VMs count for
+    /// nothing.
+    #[test]
+    fn commitments_of_running_suspended_and_starting_vms() {
+        use hearth_vm::testing::FakeDriver;
+        let dir = tempfile::tempdir().expect("dir");
+        let fake = FakeDriver::without_agent(&dir.path().join("vmm"));
+        let running = fake.insert_running("running");
+        fake.set_usage(
+            "running",
+            hearth_vm::VmUsage {
+                cpu_ns: 0,
+                memory_bytes: 100 * MIB,
+            },
+        );
+        fake.insert_suspended("suspended");
+        let limit = CgroupLimits::for_shape_on(&running.shape, running.accel).memory_bytes;
+        let capacity = Capacity::new(
+            Arc::new(fake.clone()),
+            Reserve {
+                memory_mib: 0,
+                disk_mib: 0,
+            },
+            dir.path(),
+            dir.path(),
+        );
+        assert_eq!(capacity.committed().memory, limit - 100 * MIB);
+
+        // Admitted and starting: counted in full until its VM runs.
+        let need = demand_of(256, hearth_vm::Accel::Tcg, Start::Launch);
+        capacity
+            .admit("next", need)
+            .expect("a tiny VM fits this host");
+        assert_eq!(capacity.committed().memory, limit - 100 * MIB + need.memory);
+        let next = fake.insert_running("next");
+        let next_limit = CgroupLimits::for_shape_on(&next.shape, next.accel).memory_bytes;
+        assert_eq!(capacity.committed().memory, limit - 100 * MIB + next_limit);
+        // A refused or failed start gives its admission back.
+        capacity.admit("failed", need).expect("fits");
+        capacity.release("failed");
+        assert_eq!(capacity.committed().memory, limit - 100 * MIB + next_limit);
+    }
+
     #[test]
     fn meminfo_is_read_in_kib() {
         let text = "MemTotal:       24684048 kB\nMemAvailable:   23345000 kB\n";
