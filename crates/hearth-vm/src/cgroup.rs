@@ -681,6 +681,38 @@ mod tests {
     }
 
     #[test]
+    fn v2_is_chosen_when_its_root_has_the_controllers() {
+        let root = tempfile::tempdir().expect("dir");
+        std::fs::write(
+            root.path().join("cgroup.controllers"),
+            "cpuset cpu io memory pids\n",
+        )
+        .expect("controllers");
+        let mounts = parse_mountinfo(&format!(
+            "1 0 0:1 / {} rw - cgroup2 cgroup2 rw\n",
+            root.path().display()
+        ));
+        let own = parse_proc_cgroup("0::/system.slice/hearth.service\n");
+        let config = CgroupConfig::choose(&mounts, &own, "hearth/k").expect("v2");
+        let parent = root.path().join("system.slice/hearth.service/hearth/k");
+        assert_eq!(
+            config,
+            CgroupConfig::V2 {
+                parent: parent.clone()
+            }
+        );
+        let vm = VmCgroup::open(&config, "abc");
+        assert_eq!(vm.procs_files(), vec![parent.join("abc/cgroup.procs")]);
+        // Without the controllers delegated there, v1 is looked for (and
+        // here there is none).
+        std::fs::write(root.path().join("cgroup.controllers"), "cpu io\n").expect("controllers");
+        assert!(matches!(
+            CgroupConfig::choose(&mounts, &own, "hearth/k"),
+            Err(CgroupError::Unavailable(_))
+        ));
+    }
+
+    #[test]
     fn a_host_without_a_controller_has_no_cgroups() {
         let mounts = parse_mountinfo(
             "2 0 0:2 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n\
