@@ -47,6 +47,9 @@ pub struct ServerConfig {
     /// Egress of a microVM whose RunMicrovm names no egress connector
     /// (`--default-egress`): internet, as the reference, unless turned off.
     pub default_egress: bool,
+    /// Host memory and disk kept free: admission refuses VMs that would eat
+    /// into it (see `vms::capacity`).
+    pub reserve: crate::vms::capacity::Reserve,
 }
 
 impl ServerConfig {
@@ -70,6 +73,7 @@ impl ServerConfig {
             jail: hearth_vm::JailConfig::for_current_user(),
             network: None,
             default_egress: true,
+            reserve: crate::vms::capacity::Reserve::default(),
         }
     }
 }

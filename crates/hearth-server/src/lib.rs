@@ -142,6 +142,7 @@ async fn shutdown_signal() {
 /// Opens the store, reconciles microVMs with their processes and starts the
 /// lifetime watcher: everything `serve` does before it listens.
 pub async fn start(config: ServerConfig) -> Result<Arc<AppState>, ServerError> {
+    protect_from_oom_killer();
     // Private, checked at every start: an existing 0755 directory is narrowed,
     // one owned by another user refused.
     hearth_vm::disk::ensure_private_dir(&config.data_dir)
@@ -196,4 +197,17 @@ pub async fn start(config: ServerConfig) -> Result<Arc<AppState>, ServerError> {
     Ok(Arc::new(AppState::new(
         config, store, assets, engine, tokens, limits, builds, artifacts, s3,
     )))
+}
+
+/// Makes the kernel's OOM killer pick a QEMU (500, set when each starts)
+/// long before the server (-500): a tenant's runaway guest must never take the
+/// server, and with it every other tenant's control plane, down. Only root may
+/// lower its own score; otherwise this is a no-op.
+fn protect_from_oom_killer() {
+    if !rustix::process::geteuid().is_root() {
+        return;
+    }
+    if let Err(err) = std::fs::write("/proc/self/oom_score_adj", "-500") {
+        warn!(error = %err, "cannot lower the server's OOM score");
+    }
 }

@@ -64,6 +64,8 @@ pub enum VmError {
     AccelMismatch(Accel, Accel),
     #[error("VM record {0} is unreadable")]
     BadRecord(PathBuf, #[source] serde_json::Error),
+    #[error("cannot confine the VM's process")]
+    Cgroup(#[from] crate::cgroup::CgroupError),
     #[error("I/O on {0}")]
     Io(PathBuf, #[source] std::io::Error),
 }
@@ -129,6 +131,12 @@ pub trait Driver: Send + Sync + std::fmt::Debug {
     fn processes(&self) -> Vec<VmProcess>;
     /// Kills a process found by [`Self::processes`] and frees its memory.
     fn kill_process(&self, process: &VmProcess);
+    /// CPU time and memory the VM's process has used, from its cgroup; `None`
+    /// when it is not running or runs without one.
+    fn usage(&self, vm: &VmRecord) -> Option<crate::cgroup::VmUsage>;
+    /// Removes the per-VM resource groups (cgroups) no live VM process uses,
+    /// left by a crash; called by reconcile after strays are killed.
+    fn remove_stale_cgroups(&self) {}
     /// Removes what is left of a VM whose record cannot be read.
     fn discard(&self, name: &str) -> Result<(), VmError>;
 

@@ -11,6 +11,7 @@
 pub mod accel;
 pub mod agent;
 pub mod assets;
+pub mod cgroup;
 pub mod console;
 pub mod disk;
 pub mod driver;
@@ -30,6 +31,7 @@ pub mod testing;
 pub use accel::Accel;
 pub use agent::{AgentClient, AgentError, ExecOutput};
 pub use assets::{AssetError, Assets};
+pub use cgroup::{CgroupConfig, CgroupError, CgroupLimits, VmCgroup, VmUsage};
 pub use driver::{BootRequest, ColdBoot, Driver, VmError, VmProcess};
 pub use errors::error_chain;
 pub use jail::{JailConfig, JailError, JailMode};

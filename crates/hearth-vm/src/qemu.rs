@@ -12,11 +12,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::process::Command;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::accel::{self, Accel};
 use crate::agent::{AgentClient, AgentError};
 use crate::assets::Assets;
+use crate::cgroup::{CgroupConfig, CgroupLimits, VmCgroup, VmUsage};
 use crate::disk::{self, BackingFormat};
 use crate::driver::{BootRequest, ColdBoot, Driver, VmError, VmProcess};
 use crate::errors::error_chain;
@@ -107,6 +108,9 @@ pub struct QemuDriver {
     /// The host's VM networks; `None` (no root, or turned off): every network
     /// card has no backend and the guests have no network.
     network: Option<Arc<Network>>,
+    /// Where each VM's cgroup goes; `None` when the host or the server's
+    /// privileges do not allow cgroups (said once, at start).
+    cgroups: Option<CgroupConfig>,
 }
 
 impl QemuDriver {
@@ -142,6 +146,7 @@ impl QemuDriver {
             jail::become_subreaper();
         }
         crate::console::watch(&assets.vms_dir());
+        let cgroups = detect_cgroups(&assets);
         Self {
             uid_claims: UidClaims::new(assets.state_dir.join("jail").join("uids")),
             assets,
@@ -150,6 +155,7 @@ impl QemuDriver {
             qemu_version,
             jail,
             network: None,
+            cgroups,
         }
     }
 
@@ -197,6 +203,41 @@ impl QemuDriver {
     fn release_network(&self, instance: &str) {
         if let Some(network) = &self.network {
             network.remove(instance);
+        }
+    }
+
+    /// The cgroup configuration VMs are confined with, if any.
+    pub fn cgroups(&self) -> Option<&CgroupConfig> {
+        self.cgroups.as_ref()
+    }
+
+    /// Creates the cgroup `vm`'s QEMU will run in (before it starts).
+    fn create_cgroup(&self, vm: &VmRecord) -> Result<Option<VmCgroup>, VmError> {
+        let Some(config) = &self.cgroups else {
+            return Ok(None);
+        };
+        let limits = CgroupLimits::for_shape_on(&vm.shape, vm.accel);
+        Ok(Some(VmCgroup::create(config, &vm.instance, &limits)?))
+    }
+
+    /// Moves a just-started QEMU into its cgroup and makes it the kernel's
+    /// first choice for an OOM kill (before the server, see `hearth serve`).
+    /// Until the jail writes the cgroup's `procs_files` before exec.
+    fn confine(&self, cgroup: &Option<VmCgroup>, pid: u32) -> Result<(), VmError> {
+        let _ = std::fs::write(format!("/proc/{pid}/oom_score_adj"), "500");
+        match cgroup {
+            Some(cgroup) => Ok(cgroup.attach(pid)?),
+            None => Ok(()),
+        }
+    }
+
+    /// Removes the cgroup of a QEMU instance that has ended (killing anything
+    /// left in it).
+    fn release_cgroup(&self, instance: &str) {
+        if let Some(config) = &self.cgroups {
+            if let Err(err) = VmCgroup::open(config, instance).remove() {
+                warn!(instance, error = %error_chain(&err), "cannot remove a VM's cgroup");
+            }
         }
     }
 
@@ -406,6 +447,7 @@ impl QemuDriver {
             Incoming::None => vm.kernel.clone(),
             Incoming::Defer | Incoming::Uri(_) => self.kernel_stub(&vm.kernel)?,
         };
+        let cgroup = self.create_cgroup(vm)?;
         let mut command = Command::new(&self.qemu);
         let tap = match &netns {
             Some(netns) => Some(
@@ -423,6 +465,10 @@ impl QemuDriver {
             };
             let mut spec = self.jail_spec(vm, &kernel, incoming, netns_path)?;
             spec.keep_fds.extend(tap_fd);
+            spec.cgroup_procs = cgroup
+                .as_ref()
+                .map(VmCgroup::procs_files)
+                .unwrap_or_default();
             let root = self.assets.state_dir.join("jail").join("root");
             disk::create_private_dir_all(&root)?;
             Some(Plan::new(&self.jail, &spec, &root)?)
@@ -472,13 +518,23 @@ impl QemuDriver {
                 jail::reap(pid);
                 pid
             }
-            None => child.id().ok_or_else(|| VmError::QemuDied {
-                log: read_tail(&log_path),
-            })?,
+            None => {
+                let pid = child.id().ok_or_else(|| VmError::QemuDied {
+                    log: read_tail(&log_path),
+                })?;
+                // Unjailed: into its cgroup now (a jail joins it before exec).
+                if let Err(err) = self.confine(&cgroup, pid) {
+                    let _ = child.start_kill();
+                    self.release_cgroup(&vm.instance);
+                    return Err(err);
+                }
+                pid
+            }
         };
         let deadline = Instant::now() + QMP_START_TIMEOUT;
         let qmp = loop {
             if !process_alive(pid, &vm.instance) {
+                self.release_cgroup(&vm.instance);
                 return Err(VmError::QemuDied {
                     log: read_tail(&log_path),
                 });
@@ -490,6 +546,7 @@ impl QemuDriver {
                 }
                 Err(err) => {
                     kill_pid(pid);
+                    self.release_cgroup(&vm.instance);
                     return Err(err.into());
                 }
             }
@@ -876,26 +933,21 @@ impl QemuDriver {
 
     /// Ends the VM's QEMU process: `quit` over QMP, SIGKILL if that fails.
     pub(crate) async fn stop_process(&self, vm: &VmRecord) {
-        let Some(pid) = vm.pid else {
-            self.release_network(&vm.instance);
-            return;
-        };
-        if !process_alive(pid, &vm.instance) {
-            self.release_network(&vm.instance);
-            return;
-        }
-        let quit = async {
-            let mut qmp = Qmp::connect(&vm.qmp_socket()).await?;
-            qmp.quit().await
-        };
-        let _ = tokio::time::timeout(Duration::from_secs(3), quit).await;
-        if !wait_gone(pid, &vm.instance, Duration::from_secs(3)).await {
-            if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
-                let _ = rustix::process::kill_process(pid, rustix::process::Signal::Kill);
+        if let Some(pid) = vm.pid.filter(|pid| process_alive(*pid, &vm.instance)) {
+            let quit = async {
+                let mut qmp = Qmp::connect(&vm.qmp_socket()).await?;
+                qmp.quit().await
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(3), quit).await;
+            if !wait_gone(pid, &vm.instance, Duration::from_secs(3)).await {
+                if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+                    let _ = rustix::process::kill_process(pid, rustix::process::Signal::Kill);
+                }
+                wait_gone(pid, &vm.instance, Duration::from_secs(5)).await;
             }
-            wait_gone(pid, &vm.instance, Duration::from_secs(5)).await;
         }
         self.release_network(&vm.instance);
+        self.release_cgroup(&vm.instance);
     }
 
     fn qemu_version(&self) -> String {
@@ -1032,6 +1084,10 @@ impl Driver for QemuDriver {
     /// Kills a process found by [`Self::processes`] and removes its RAM file.
     fn kill_process(&self, process: &VmProcess) {
         let instance = process_instance(process.pid);
+        let cgroup = self
+            .cgroups
+            .as_ref()
+            .and_then(|config| crate::cgroup::instance_of(config, process.pid));
         if let Ok(pid) = i32::try_from(process.pid) {
             // SAFETY: kill(2) has no memory effects; a stale pid at worst
             // fails with ESRCH.
@@ -1050,6 +1106,26 @@ impl Driver for QemuDriver {
                 .is_ok_and(|m| m.file_type().is_file())
             {
                 let _ = std::fs::remove_file(ram);
+            }
+        }
+        if let Some(instance) = cgroup {
+            self.release_cgroup(&instance);
+        }
+    }
+
+    fn usage(&self, vm: &VmRecord) -> Option<VmUsage> {
+        let config = self.cgroups.as_ref()?;
+        if !vm_alive(vm) {
+            return None;
+        }
+        VmCgroup::open(config, &vm.instance).usage().ok()
+    }
+
+    fn remove_stale_cgroups(&self) {
+        if let Some(config) = &self.cgroups {
+            let removed = config.remove_stale();
+            if removed > 0 {
+                info!(removed, "removed the cgroups of VMs that no longer run");
             }
         }
     }
@@ -1428,6 +1504,7 @@ impl Driver for QemuDriver {
         }
         // A fresh namespace at resume: no connection tracked before survives.
         self.release_network(&vm.instance);
+        self.release_cgroup(&vm.instance);
         if let Memory::SharedFile { path } = &vm.memory {
             let _ = std::fs::remove_file(path);
         }
@@ -1515,6 +1592,7 @@ impl Driver for QemuDriver {
             }
         }
         self.release_network(&vm.instance);
+        self.release_cgroup(&vm.instance);
         vm.state = VmState::Stopped;
         vm.pid = None;
         if let Memory::SharedFile { path } = &vm.memory {
@@ -1568,6 +1646,24 @@ impl Driver for QemuDriver {
         };
         self.release_uid(vm);
         removed
+    }
+}
+
+/// Per-VM cgroups for this driver's VMs under `hearth/<key>`, the key naming
+/// the state directory (so servers and tests with different data directories
+/// never see each other's cgroups); `None`, said once, when unavailable.
+fn detect_cgroups(assets: &Assets) -> Option<CgroupConfig> {
+    let state = canonical_or_self(&assets.state_dir);
+    let key = &blake3::hash(state.as_os_str().as_encoded_bytes()).to_hex()[..12];
+    match CgroupConfig::detect(&format!("hearth/{key}")) {
+        Ok(config) => Some(config),
+        Err(err) => {
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                warn!(error = %error_chain(&err), "VMs run without per-VM cgroup limits");
+            });
+            None
+        }
     }
 }
 

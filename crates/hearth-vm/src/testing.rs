@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use crate::accel::Accel;
 use crate::agent::{AgentClient, AgentError};
 use crate::assets::Assets;
+use crate::cgroup::VmUsage;
 use crate::driver::{BootRequest, ColdBoot, Driver, VmError, VmProcess};
 use crate::record::{MachineShape, Memory, Origin, VmRecord, VmState};
 use crate::snapshot::{self, FileEntry, Manifest, Snapshot};
@@ -70,6 +71,8 @@ struct State {
     /// Processes no VM of this driver accounts for (see `add_stray`).
     strays: Vec<VmProcess>,
     next_pid: u32,
+    /// What `usage` reports for running VMs, by name (see `set_usage`).
+    usage: HashMap<String, VmUsage>,
 }
 
 #[derive(Debug)]
@@ -160,6 +163,11 @@ impl FakeDriver {
 
     /// The VM's process dies (as a QEMU killed under it): it reports dead
     /// and its agent ends.
+    /// Sets what [`Driver::usage`] reports for VM `name` while it runs.
+    pub fn set_usage(&self, name: &str, usage: VmUsage) {
+        self.state().usage.insert(name.to_string(), usage);
+    }
+
     pub fn kill(&self, name: &str) {
         if let Some(vm) = self.state().vms.get_mut(name) {
             vm.alive = false;
@@ -488,6 +496,21 @@ impl Driver for FakeDriver {
             .collect();
         found.extend(state.strays.iter().cloned());
         found
+    }
+
+    /// What was set with [`FakeDriver::set_usage`] while the VM runs; a
+    /// running VM with none set reports zero usage.
+    fn usage(&self, vm: &VmRecord) -> Option<VmUsage> {
+        if !self.is_alive(vm) {
+            return None;
+        }
+        Some(
+            self.state()
+                .usage
+                .get(&vm.name)
+                .copied()
+                .unwrap_or_default(),
+        )
     }
 
     fn kill_process(&self, process: &VmProcess) {

@@ -170,6 +170,13 @@ struct ServeArgs {
     /// different names and pools).
     #[arg(long, value_name = "NAME", default_value = "hearth", value_parser = parse_net_name)]
     vm_net_name: String,
+    /// Host memory (MiB) kept free: RunMicrovm, ResumeMicrovm and image builds
+    /// are refused when the VM, at its full size, would eat into it.
+    #[arg(long, default_value_t = 1024)]
+    reserve_memory_mib: u64,
+    /// Disk space (MiB) of the data directory kept free, as --reserve-memory-mib.
+    #[arg(long, default_value_t = 2048)]
+    reserve_disk_mib: u64,
 }
 
 fn parse_jail_uids(text: &str) -> Result<hearth_vm::JailMode, String> {
@@ -471,6 +478,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             }
             // Refused before anything starts: QEMU unjailed as root, a uid range without root.
             config.jail.check()?;
+            config.reserve = hearth_server::vms::capacity::Reserve {
+                memory_mib: args.reserve_memory_mib,
+                disk_mib: args.reserve_disk_mib,
+            };
             config.registry = args.registry.map(|registry| hearth_oci::RegistryConfig {
                 registry,
                 insecure_http: args.registry_insecure,

@@ -14,6 +14,7 @@ use crate::db::store::Store;
 use crate::endpoint::tokens::TokenKeys;
 use crate::endpoint::EndpointBackend;
 use crate::images::build::Builds;
+use crate::vms::capacity::Capacity;
 use crate::vms::engine::Engine;
 
 #[derive(Debug, Default)]
@@ -39,6 +40,8 @@ pub struct AppState {
     pub artifacts: hearth_s3::ArtifactSource,
     /// The built-in S3-compatible store, served on the API's listener.
     pub s3: hearth_s3::S3Service,
+    /// Host capacity admission for launches, resumes and builds.
+    pub capacity: Capacity,
 }
 
 impl AppState {
@@ -54,7 +57,14 @@ impl AppState {
         artifacts: hearth_s3::ArtifactSource,
         s3: hearth_s3::S3Service,
     ) -> Self {
+        let capacity = Capacity::new(
+            engine.shared_driver(),
+            config.reserve,
+            &assets.ram_dir,
+            &config.data_dir,
+        );
         Self {
+            capacity,
             config,
             store,
             assets,

@@ -79,6 +79,11 @@ impl Engine {
         self.default_egress.store(egress, Ordering::Relaxed);
     }
 
+    /// The driver, for the layers that keep a handle (capacity admission).
+    pub fn shared_driver(&self) -> Arc<dyn Driver> {
+        self.driver.clone()
+    }
+
     pub fn driver(&self) -> &dyn Driver {
         self.driver.as_ref()
     }

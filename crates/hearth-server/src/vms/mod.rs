@@ -1,6 +1,7 @@
 //! The VMs behind microVM records: launch, suspend, resume, terminate, reconcile, lifecycle hooks,
-//! the app's output (collected per microVM, stored in segments).
+//! the app's output (collected per microVM, stored in segments), host capacity admission.
 
+pub mod capacity;
 pub mod engine;
 pub mod hooks;
 pub mod log_collector;

@@ -122,6 +122,9 @@ impl Engine {
                 }
             }
         }
+        // The cgroups of VMs that ended while no server ran (a crash, a
+        // host-side kill): no process holds them any more.
+        self.driver.remove_stale_cgroups();
         Ok(())
     }
 

@@ -3,6 +3,7 @@
 use hearth_api::ApiError;
 use serde_json::{json, Value};
 
+use super::capacity_refusal;
 use super::input::{
     connectors, fingerprint, image_name, image_not_found, internal, parse_version, string,
     timestamp, version_text, Caller, EGRESS,
@@ -15,6 +16,7 @@ use crate::db::resources::{ImageState, VersionState, VersionStatus};
 use crate::db::spec::{CpuConfiguration, ImageSpec, Resources};
 use crate::images::build::{BuildJob, BUILD_ARGS_MEMBER};
 use crate::layout;
+use crate::vms::capacity::{demand_of, Start};
 
 fn version_not_found(identifier: &str, version: &str) -> ApiError {
     ApiError::not_found(format!(
@@ -539,6 +541,20 @@ pub(super) fn create_or_update(
     };
     let spec = build_spec(state, caller, input)?;
     let memory_mib = spec.memory_mib();
+    // The build boots VMs of the image's memory, one at a time, each with a
+    // RAM file; the host must hold one at its full size.
+    let admission = format!("build {} {name}", caller.account_id);
+    state
+        .capacity
+        .admit(
+            &admission,
+            demand_of(
+                memory_mib,
+                state.engine.driver().accel(),
+                Start::WithRamFile,
+            ),
+        )
+        .map_err(|err| capacity_refusal(err, false))?;
     let started = state
         .store
         .start_version(
@@ -555,7 +571,13 @@ pub(super) fn create_or_update(
             },
             &state.config.quotas,
         )
-        .map_err(internal)?;
+        .map_err(|err| {
+            state.capacity.release(&admission);
+            internal(err)
+        })?;
+    if !matches!(&started, Ok(s) if !s.replayed) {
+        state.capacity.release(&admission);
+    }
     let started = match started {
         Ok(started) => started,
         Err(Refusal::Quota(m)) => return Err(ApiError::quota_exceeded(m)),

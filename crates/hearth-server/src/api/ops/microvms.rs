@@ -7,6 +7,7 @@ use hearth_api::ApiError;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::capacity_refusal;
 use super::input::{
     connectors, fingerprint, image_name, image_not_found, internal, parse_version, string,
     timestamp, version_text, Caller, EGRESS, INGRESS,
@@ -19,6 +20,7 @@ use crate::db::resources::{MicrovmState, VersionState, VersionStatus};
 use crate::db::spec::{IdlePolicy, Logging, MicrovmSpec};
 use crate::db::store::{unix_now, unix_now_ms};
 use crate::endpoint::tokens::{Claims, PortRule, TokenKind};
+use crate::vms::capacity::{demand_of, Start};
 
 /// The members of RunMicrovm's input a microVM keeps as they are.
 #[derive(Debug, Deserialize)]
@@ -180,6 +182,15 @@ pub(super) fn run(state: &AppState, caller: &Caller, input: &Value) -> Result<Va
         last_activity_at: Some(now),
         suspended_at: None,
     };
+    // The host must hold this microVM at its full size (its snapshot's RAM is
+    // mapped copy-on-write: host memory, no RAM file).
+    state
+        .capacity
+        .admit(
+            &row.vm_name,
+            demand_of(row.memory_mib, state.engine.driver().accel(), Start::Launch),
+        )
+        .map_err(|err| capacity_refusal(err, true))?;
     let inserted = store
         .insert_microvm(
             &row,
@@ -187,7 +198,13 @@ pub(super) fn run(state: &AppState, caller: &Caller, input: &Value) -> Result<Va
             &fingerprint(input),
             &state.config.quotas,
         )
-        .map_err(internal)?;
+        .map_err(|err| {
+            state.capacity.release(&row.vm_name);
+            internal(err)
+        })?;
+    if !matches!(inserted, Ok(None)) {
+        state.capacity.release(&row.vm_name);
+    }
     match inserted {
         Ok(None) => {
             state.engine.spawn_launch(row.clone(), snapshot_dir);
@@ -297,6 +314,18 @@ pub(super) fn resume(state: &AppState, caller: &Caller, input: &Value) -> Result
         // As the reference: resuming a running microVM succeeds.
         MicrovmState::Running | MicrovmState::Pending => Ok(json!({})),
         MicrovmState::Suspended => {
+            // A resumed VM's RAM lives in a RAM file that grows to its full size.
+            state
+                .capacity
+                .admit(
+                    &row.vm_name,
+                    demand_of(
+                        row.memory_mib,
+                        state.engine.driver().accel(),
+                        Start::WithRamFile,
+                    ),
+                )
+                .map_err(|err| capacity_refusal(err, false))?;
             let moved = state
                 .store
                 .transition_microvm(
@@ -307,6 +336,7 @@ pub(super) fn resume(state: &AppState, caller: &Caller, input: &Value) -> Result
                 )
                 .map_err(internal)?;
             if moved.is_none() {
+                state.capacity.release(&row.vm_name);
                 return Err(ApiError::conflict(format!(
                     "MicroVM {} changed state meanwhile; try again",
                     row.microvm_id

@@ -18,6 +18,32 @@ mod tags;
 
 pub use input::Caller;
 
+use crate::vms::capacity::CapacityError;
+
+/// The error a request refused by host capacity admission gets. RunMicrovm
+/// declares `InsufficientCapacityException` (500) and gets it; ResumeMicrovm,
+/// CreateMicrovmImage and UpdateMicrovmImage declare no capacity error, so
+/// they get the server fault they declare, `InternalServerException` (500,
+/// retried by the SDKs), whose message says what is short. Not
+/// `ServiceQuotaExceededException`: that is the caller's account's quota
+/// (402, not retried), while host capacity comes back on its own.
+fn capacity_refusal(err: CapacityError, insufficient_capacity_declared: bool) -> ApiError {
+    let message = match &err {
+        CapacityError::Short(short) => {
+            format!("Insufficient capacity on this host, try again later: not enough {short}")
+        }
+        CapacityError::Probe(_) => {
+            tracing::warn!(error = %hearth_vm::error_chain(&err), "host capacity probe failed");
+            "Insufficient capacity on this host: its free resources cannot be read".to_string()
+        }
+    };
+    if insufficient_capacity_declared {
+        ApiError::insufficient_capacity(message)
+    } else {
+        ApiError::internal(message)
+    }
+}
+
 /// Runs operation `name`.
 pub async fn dispatch(
     state: &AppState,
