@@ -38,6 +38,14 @@ pub struct ServerConfig {
     pub registry: Option<hearth_oci::RegistryConfig>,
     /// Step-cache entries unused for this many days are dropped at start.
     pub build_cache_days: u64,
+    /// The machine sizes images may ask for (`--shapes FILE` adds to the
+    /// reference's).
+    pub sizes: crate::sizes::Sizes,
+    /// What each usage type costs (`--price-sheet FILE`; the reference's
+    /// us-east-1 rates by default).
+    pub prices: crate::pricing::PriceSheet,
+    /// How often the usage meter samples running microVMs.
+    pub usage_interval: std::time::Duration,
 }
 
 impl ServerConfig {
@@ -58,6 +66,9 @@ impl ServerConfig {
             artifacts: hearth_s3::ArtifactsConfig::default(),
             registry: None,
             build_cache_days: 14,
+            sizes: crate::sizes::Sizes::default(),
+            prices: crate::pricing::PriceSheet::default(),
+            usage_interval: std::time::Duration::from_secs(10),
         }
     }
 }

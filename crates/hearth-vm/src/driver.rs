@@ -10,6 +10,7 @@ use crate::disk::{self, DiskError};
 use crate::pins::UntestedHost;
 use crate::qmp::QmpError;
 use crate::record::{MachineShape, VmRecord, VmState};
+use crate::usage::VmUsage;
 use crate::snapshot::{Snapshot, SnapshotError};
 
 #[derive(Debug, thiserror::Error)]
@@ -126,6 +127,9 @@ pub trait Driver: Send + Sync + std::fmt::Debug {
     fn kill_process(&self, process: &VmProcess);
     /// Removes what is left of a VM whose record cannot be read.
     fn discard(&self, name: &str) -> Result<(), VmError>;
+    /// What a running VM has used so far (CPU time of its current process,
+    /// memory held now); `None` when it has no live process.
+    fn usage(&self, vm: &VmRecord) -> Option<VmUsage>;
 
     /// Boots a VM from a base image and waits until its agent answers.
     async fn boot(&self, request: &BootRequest) -> Result<VmRecord, VmError>;

@@ -21,6 +21,7 @@ pub mod qemu;
 pub mod qmp;
 pub mod record;
 pub mod snapshot;
+pub mod usage;
 #[cfg(feature = "testing")]
 pub mod testing;
 
@@ -32,3 +33,4 @@ pub use errors::error_chain;
 pub use qemu::QemuDriver;
 pub use record::{validate_name, MachineShape, Memory, Origin, VmRecord, VmState};
 pub use snapshot::{Snapshot, SnapshotError, Verify};
+pub use usage::VmUsage;

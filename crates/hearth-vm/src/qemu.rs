@@ -164,7 +164,9 @@ impl QemuDriver {
 
     /// QEMU's command line for `vm`; `incoming` starts it waiting for a state load.
     fn command_line(&self, vm: &VmRecord, incoming: Incoming<'_>, kernel: &Path) -> Vec<OsString> {
-        let MachineShape { memory_mib, vcpus } = vm.shape;
+        let MachineShape {
+            memory_mib, vcpus, ..
+        } = vm.shape;
         let memory = match &vm.memory {
             Memory::SharedFile { path } => format!(
                 "memory-backend-file,id=mem,size={memory_mib}M,mem-path={},share=on",
@@ -635,6 +637,16 @@ impl Driver for QemuDriver {
 
     fn is_alive(&self, vm: &VmRecord) -> bool {
         vm_alive(vm)
+    }
+
+    fn usage(&self, vm: &VmRecord) -> Option<crate::usage::VmUsage> {
+        // The QEMU process's own counters (the per-VM cgroup's replace them
+        // where the jail makes one); a pid that is no longer this VM's QEMU
+        // reports nothing rather than a stranger's usage.
+        if vm.state != VmState::Running || !vm_alive(vm) {
+            return None;
+        }
+        crate::usage::process_usage(vm.pid?)
     }
 
     /// Every live QEMU process that runs a VM of this driver's state directory,

@@ -20,6 +20,7 @@ use crate::agent::{AgentClient, AgentError};
 use crate::assets::Assets;
 use crate::driver::{BootRequest, ColdBoot, Driver, VmError, VmProcess};
 use crate::record::{MachineShape, Memory, Origin, VmRecord, VmState};
+use crate::usage::VmUsage;
 use crate::snapshot::{self, FileEntry, Manifest, Snapshot};
 
 /// A driver call, as recorded and as [`FakeDriver::fail_next`] names it.
@@ -70,6 +71,8 @@ struct State {
     /// Processes no VM of this driver accounts for (see `add_stray`).
     strays: Vec<VmProcess>,
     next_pid: u32,
+    /// What `usage` reports per VM name (see `set_usage`).
+    usage: HashMap<String, VmUsage>,
 }
 
 #[derive(Debug)]
@@ -165,6 +168,12 @@ impl FakeDriver {
             vm.alive = false;
             stop_agent(&mut vm.agent);
         }
+    }
+
+    /// What [`Driver::usage`] reports for the VM while it runs (zero until
+    /// set): a test's stand-in for the process's or cgroup's counters.
+    pub fn set_usage(&self, name: &str, usage: VmUsage) {
+        self.state().usage.insert(name.to_string(), usage);
     }
 
     /// A VM that runs, made without a call (as one left by an earlier server).
@@ -460,6 +469,13 @@ impl Driver for FakeDriver {
         names.sort();
         names.dedup();
         names
+    }
+
+    fn usage(&self, vm: &VmRecord) -> Option<VmUsage> {
+        let state = self.state();
+        let fake = state.vms.get(&vm.name)?;
+        let running = fake.alive && fake.record.state == VmState::Running;
+        running.then(|| state.usage.get(&vm.name).copied().unwrap_or_default())
     }
 
     fn is_alive(&self, vm: &VmRecord) -> bool {

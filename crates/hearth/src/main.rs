@@ -28,6 +28,7 @@ mod port_forward;
 mod progress;
 mod shell;
 mod signals;
+mod usage_cli;
 mod terminal;
 
 #[derive(Debug, Parser)]
@@ -68,6 +69,8 @@ enum Command {
     /// exec, cp, port-forward: into a running microVM through its endpoint.
     #[command(flatten)]
     Guest(guest_cli::GuestCommand),
+    /// Metered usage and its cost (operator: reads the data directory).
+    Usage(usage_cli::UsageArgs),
 }
 
 #[derive(Debug, Args)]
@@ -135,6 +138,15 @@ struct ServeArgs {
     /// Drop build-cache entries unused for this many days (at start).
     #[arg(long, default_value_t = 14, value_parser = clap::value_parser!(u64).range(1..=3650))]
     build_cache_days: u64,
+    /// Machine sizes to accept besides the reference's (JSON, see README).
+    #[arg(long, value_name = "FILE")]
+    shapes: Option<PathBuf>,
+    /// Prices per usage type overriding the reference's us-east-1 rates (JSON, see README).
+    #[arg(long, value_name = "FILE")]
+    price_sheet: Option<PathBuf>,
+    /// Seconds between two samples of the usage meter.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    usage_interval: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -370,6 +382,13 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             config.max_lifetime_secs = args.max_lifetime;
             config.artifacts.allow_file_uris = args.allow_file_artifacts;
             config.build_cache_days = args.build_cache_days;
+            if let Some(file) = &args.shapes {
+                config.sizes = hearth_server::sizes::Sizes::load(file)?;
+            }
+            if let Some(file) = &args.price_sheet {
+                config.prices = hearth_server::pricing::PriceSheet::load(file)?;
+            }
+            config.usage_interval = std::time::Duration::from_secs(args.usage_interval);
             config.registry = args.registry.map(|registry| hearth_oci::RegistryConfig {
                 registry,
                 insecure_http: args.registry_insecure,
@@ -414,6 +433,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Client(command) => Ok(client_cli::main(command).await),
         Command::Guest(command) => Ok(guest_cli::main(command).await),
+        Command::Usage(args) => {
+            let dir = data_dir(args.data_dir.clone());
+            usage_cli::usage(args, &dir)
+        }
     }
 }
 
@@ -467,10 +490,7 @@ async fn vm(command: VmCommand) -> Result<ExitCode> {
             let request = BootRequest {
                 name,
                 image,
-                shape: MachineShape {
-                    memory_mib: shape.memory_mib,
-                    vcpus: shape.vcpus,
-                },
+                shape: MachineShape::fixed(shape.memory_mib, shape.vcpus),
             };
             // An interrupted boot drops the boot future, which ends its QEMU and
             // removes the VM's files: nothing is left behind half-booted.

@@ -15,6 +15,7 @@ use crate::endpoint::tokens::TokenKeys;
 use crate::endpoint::EndpointBackend;
 use crate::images::build::Builds;
 use crate::vms::engine::Engine;
+use crate::vms::meter::Meter;
 
 #[derive(Debug, Default)]
 pub(crate) struct Metrics {
@@ -39,6 +40,8 @@ pub struct AppState {
     pub artifacts: hearth_s3::ArtifactSource,
     /// The built-in S3-compatible store, served on the API's listener.
     pub s3: hearth_s3::S3Service,
+    /// The usage meter (its latest per-VM figures feed `/metrics`).
+    pub meter: Arc<Meter>,
 }
 
 impl AppState {
@@ -53,6 +56,7 @@ impl AppState {
         builds: Arc<Builds>,
         artifacts: hearth_s3::ArtifactSource,
         s3: hearth_s3::S3Service,
+        meter: Arc<Meter>,
     ) -> Self {
         Self {
             config,
@@ -65,6 +69,7 @@ impl AppState {
             builds,
             artifacts,
             s3,
+            meter,
         }
     }
 
@@ -113,11 +118,13 @@ impl AppState {
                     max_artifact_bytes: config.artifacts.max_artifact_bytes,
                     registry: None,
                     cache_max_age: Duration::from_secs(14 * 86_400),
+                    sizes: config.sizes.clone(),
                 },
             )
             .expect("builds"),
         );
-        let engine = Engine::new(driver, store.clone());
+        let engine = Engine::new(driver.clone(), store.clone());
+        let meter = Meter::new(driver, store.clone(), config.usage_interval);
         Self::new(
             config,
             store,
@@ -128,6 +135,7 @@ impl AppState {
             builds,
             artifacts,
             s3,
+            meter,
         )
     }
 }

@@ -1062,12 +1062,18 @@ impl Store {
         let suspended_at = (to == MicrovmState::Suspended).then_some(now);
         // Running again (launch or resume) counts as activity for the idle timer.
         let active_at = (to == MicrovmState::Running).then_some(now);
+        // What the usage meter bills the baseline between.
+        let runs = |state| matches!(state, MicrovmState::Running | MicrovmState::Suspending);
+        let running_at = (!runs(current) && runs(to)).then_some(now);
+        let stopped_running_at = (runs(current) && !runs(to)).then_some(now);
         let changed = conn.execute(
             "UPDATE microvms SET state = ?3,
                 state_reason = COALESCE(?4, state_reason),
                 terminated_at = COALESCE(?5, terminated_at),
                 suspended_at = COALESCE(?6, suspended_at),
-                last_activity_at = COALESCE(?7, last_activity_at)
+                last_activity_at = COALESCE(?7, last_activity_at),
+                running_at = COALESCE(?8, running_at),
+                stopped_running_at = COALESCE(?9, stopped_running_at)
              WHERE microvm_id = ?1 AND state = ?2",
             params![
                 id,
@@ -1076,7 +1082,9 @@ impl Store {
                 reason,
                 terminated_at,
                 suspended_at,
-                active_at
+                active_at,
+                running_at,
+                stopped_running_at
             ],
         )?;
         Ok((changed == 1).then_some(current))

@@ -25,7 +25,9 @@ use crate::db::records::MicrovmRow;
 use crate::db::resources::MicrovmState;
 use crate::db::spec::{HookCall, RuntimeHook};
 use crate::db::store::{unix_now_ms, Store, StoreError};
+use crate::pricing::UsageType;
 use crate::vms::hooks::{self, HookError};
+use crate::vms::meter;
 
 /// How often lifetimes and VM processes are checked.
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
@@ -219,15 +221,20 @@ impl Engine {
         let _held = guard.lock().await;
         let launched = async {
             let snapshot = self.snapshot(&snapshot_dir)?;
-            Ok::<_, EngineError>(
-                self.driver
-                    .launch_with_agent(&snapshot, &row.vm_name)
-                    .await?,
-            )
+            // What a launch reads: the memory the snapshot stores (a sparse
+            // file's holes are never read) and the device state.
+            let read = meter::stored_bytes(&snapshot.memory())
+                + std::fs::metadata(snapshot.state()).map_or(0, |m| m.len());
+            let (vm, agent) = self
+                .driver
+                .launch_with_agent(&snapshot, &row.vm_name)
+                .await?;
+            Ok::<_, EngineError>((vm, agent, read))
         }
         .await;
         match launched {
-            Ok((_vm, agent)) => {
+            Ok((_vm, agent, read)) => {
+                meter::snapshot_transfer(&self.store, &row, UsageType::SnapshotRead, read);
                 // `/run` comes before the VM counts as RUNNING (and before the
                 // endpoint forwards traffic to it).
                 if let Some(hook) = row.spec.hook(RuntimeHook::Run) {
@@ -293,11 +300,12 @@ impl Engine {
         let suspended = async {
             let mut vm = self.driver.load(&row.vm_name)?;
             self.driver.suspend(&mut vm).await?;
-            Ok::<_, EngineError>(())
+            Ok::<_, EngineError>(meter::stored_bytes(&vm.suspend_state()))
         }
         .await;
         match suspended {
-            Ok(()) => {
+            Ok(written) => {
+                meter::snapshot_transfer(&self.store, &row, UsageType::SnapshotWrite, written);
                 let _ = self.store.transition_microvm(
                     &row.microvm_id,
                     &[MicrovmState::Suspending],
@@ -338,13 +346,15 @@ impl Engine {
         let _held = guard.lock().await;
         let resumed = async {
             let mut vm = self.driver.load(&row.vm_name)?;
+            let read = meter::stored_bytes(&vm.suspend_state());
             self.driver.resume(&mut vm).await?;
             let agent = self.driver.agent(&vm).await?;
-            Ok::<_, EngineError>(agent)
+            Ok::<_, EngineError>((agent, read))
         }
         .await;
         match resumed {
-            Ok(agent) => {
+            Ok((agent, read)) => {
+                meter::snapshot_transfer(&self.store, &row, UsageType::SnapshotRead, read);
                 if let Some(hook) = row.spec.hook(RuntimeHook::Resume) {
                     if let Err(reason) = call_hook(&agent, &hook, None).await {
                         drop(agent);

@@ -1,10 +1,11 @@
 //! The VMs behind microVM records: launch, suspend, resume, terminate, reconcile, lifecycle hooks,
-//! the app's output (collected per microVM, stored in segments).
+//! the app's output (collected per microVM, stored in segments), usage metering.
 
 pub mod engine;
 pub mod hooks;
 pub mod log_collector;
 pub mod log_store;
+pub mod meter;
 pub mod reconcile;
 
 #[cfg(test)]
