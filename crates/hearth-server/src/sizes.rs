@@ -115,7 +115,10 @@ impl Sizes {
         for entry in file.sizes {
             let baseline = entry.minimum_memory_in_mib;
             if baseline < 128 {
-                return Err(SizesError::Invalid(baseline, "the baseline is under 128 MiB"));
+                return Err(SizesError::Invalid(
+                    baseline,
+                    "the baseline is under 128 MiB",
+                ));
             }
             let rule = Size::reference(baseline);
             let size = Size {
@@ -125,10 +128,16 @@ impl Sizes {
                 disk_gib: entry.disk_gib.unwrap_or(rule.disk_gib),
             };
             if size.peak_mib < baseline {
-                return Err(SizesError::Invalid(baseline, "the peak is under the baseline"));
+                return Err(SizesError::Invalid(
+                    baseline,
+                    "the peak is under the baseline",
+                ));
             }
             if size.vcpus == 0 || size.disk_gib == 0 {
-                return Err(SizesError::Invalid(baseline, "vcpus and diskGiB must be positive"));
+                return Err(SizesError::Invalid(
+                    baseline,
+                    "vcpus and diskGiB must be positive",
+                ));
             }
             self.by_baseline.insert(baseline, size);
         }

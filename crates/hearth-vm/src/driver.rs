@@ -10,8 +10,8 @@ use crate::disk::{self, DiskError};
 use crate::pins::UntestedHost;
 use crate::qmp::QmpError;
 use crate::record::{MachineShape, VmRecord, VmState};
-use crate::usage::VmUsage;
 use crate::snapshot::{Snapshot, SnapshotError};
+use crate::usage::VmUsage;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {

@@ -21,9 +21,9 @@ pub mod qemu;
 pub mod qmp;
 pub mod record;
 pub mod snapshot;
-pub mod usage;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod usage;
 
 pub use accel::Accel;
 pub use agent::{AgentClient, AgentError, ExecOutput};

@@ -69,8 +69,7 @@ impl MachineShape {
         if self.memory_mib == 0 {
             return f64::from(self.vcpus);
         }
-        f64::from(self.vcpus) * f64::from(self.baseline_memory_mib())
-            / f64::from(self.memory_mib)
+        f64::from(self.vcpus) * f64::from(self.baseline_memory_mib()) / f64::from(self.memory_mib)
     }
 }
 
@@ -216,7 +215,8 @@ mod tests {
             assert!((shape.baseline_vcpus() - baseline_vcpus).abs() < 1e-9);
         }
         // Records from before baselines: the baseline is the peak.
-        let old: MachineShape = serde_json::from_str(r#"{"memory_mib":256,"vcpus":1}"#).unwrap();
+        let old: MachineShape =
+            serde_json::from_str(r#"{"memory_mib":256,"vcpus":1}"#).expect("old record");
         assert_eq!(old.baseline_memory_mib(), 256);
         assert_eq!(old.baseline_vcpus(), 1.0);
     }

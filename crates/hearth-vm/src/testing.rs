@@ -20,8 +20,8 @@ use crate::agent::{AgentClient, AgentError};
 use crate::assets::Assets;
 use crate::driver::{BootRequest, ColdBoot, Driver, VmError, VmProcess};
 use crate::record::{MachineShape, Memory, Origin, VmRecord, VmState};
-use crate::usage::VmUsage;
 use crate::snapshot::{self, FileEntry, Manifest, Snapshot};
+use crate::usage::VmUsage;
 
 /// A driver call, as recorded and as [`FakeDriver::fail_next`] names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

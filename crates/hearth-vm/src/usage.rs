@@ -56,7 +56,8 @@ mod tests {
 
     #[test]
     fn stat_fields_after_odd_names() {
-        let line = "42 (qemu (x) y) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0 99 1000 200";
+        let line =
+            "42 (qemu (x) y) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0 99 1000 200";
         assert_eq!(cpu_ticks(line), Some(300));
         assert_eq!(cpu_ticks("garbage"), None);
         assert_eq!(cpu_ticks("1 (x) S 1"), None);

@@ -28,8 +28,8 @@ mod port_forward;
 mod progress;
 mod shell;
 mod signals;
-mod usage_cli;
 mod terminal;
+mod usage_cli;
 
 #[derive(Debug, Parser)]
 #[command(name = "hearth", version, about = "Run untrusted code in microVMs")]

@@ -66,7 +66,12 @@ pub fn usage(args: UsageArgs, data_dir: &Path) -> Result<ExitCode> {
         Some(file) => PriceSheet::load(file)?,
         None => PriceSheet::default(),
     };
-    let since = args.since.as_deref().map(parse_time).transpose()?.unwrap_or(0);
+    let since = args
+        .since
+        .as_deref()
+        .map(parse_time)
+        .transpose()?
+        .unwrap_or(0);
     let until = args
         .until
         .as_deref()

@@ -81,11 +81,24 @@ fn usage_series(meter: &crate::vms::meter::Meter) -> String {
     let mut figures: Vec<_> = meter.figures().into_iter().collect();
     figures.sort_by(|a, b| a.0.cmp(&b.0));
     let mut body = String::new();
-    let series: [(&str, &str, fn(&crate::vms::meter::VmFigures) -> f64); 4] = [
-        ("hearth_microvm_cpu_seconds_total", "counter", |f| f.cpu_seconds),
-        ("hearth_microvm_memory_bytes", "gauge", |f| f.memory_bytes as f64),
-        ("hearth_microvm_burst_vcpu_seconds_total", "counter", |f| f.burst_seconds),
-        ("hearth_microvm_egress_bytes_total", "counter", |f| f.egress_bytes as f64),
+    type Series = (
+        &'static str,
+        &'static str,
+        fn(&crate::vms::meter::VmFigures) -> f64,
+    );
+    let series: [Series; 4] = [
+        ("hearth_microvm_cpu_seconds_total", "counter", |f| {
+            f.cpu_seconds
+        }),
+        ("hearth_microvm_memory_bytes", "gauge", |f| {
+            f.memory_bytes as f64
+        }),
+        ("hearth_microvm_burst_vcpu_seconds_total", "counter", |f| {
+            f.burst_seconds
+        }),
+        ("hearth_microvm_egress_bytes_total", "counter", |f| {
+            f.egress_bytes as f64
+        }),
     ];
     for (name, kind, value) in series {
         body.push_str(&format!("# TYPE {name} {kind}\n"));

@@ -90,16 +90,18 @@ pub fn report(
     }
     let items: Vec<ReportItem> = grouped
         .into_iter()
-        .map(|((account_id, microvm, image, usage_type), amount)| ReportItem {
-            microvm_id: (!microvm.is_empty()).then_some(microvm),
-            image_arn: (!image.is_empty())
-                .then(|| Arn::image(region, &account_id, &image).to_string()),
-            account_id,
-            usage_type: usage_type.wire_name(),
-            quantity: usage_type.quantity(amount),
-            unit: usage_type.unit(),
-            cost_usd: prices.cost(usage_type, amount),
-        })
+        .map(
+            |((account_id, microvm, image, usage_type), amount)| ReportItem {
+                microvm_id: (!microvm.is_empty()).then_some(microvm),
+                image_arn: (!image.is_empty())
+                    .then(|| Arn::image(region, &account_id, &image).to_string()),
+                account_id,
+                usage_type: usage_type.wire_name(),
+                quantity: usage_type.quantity(amount),
+                unit: usage_type.unit(),
+                cost_usd: prices.cost(usage_type, amount),
+            },
+        )
         .collect();
     let total_cost_usd = items.iter().map(|i| i.cost_usd).sum();
     Ok(Report {
@@ -117,9 +119,7 @@ fn epoch_param(query: &str, name: &str, default: i64) -> Result<i64, ApiError> {
             .ok()
             .filter(|v| v.is_finite() && *v >= 0.0 && *v < 1e12)
             .map(|v| v.floor() as i64)
-            .ok_or_else(|| {
-                ApiError::validation(format!("{name} must be a time in epoch seconds"))
-            }),
+            .ok_or_else(|| ApiError::validation(format!("{name} must be a time in epoch seconds"))),
     }
 }
 

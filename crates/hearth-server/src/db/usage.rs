@@ -159,9 +159,10 @@ fn set_mark(tx: &Transaction<'_>, subject: &str, change: &MarkChange) -> Result<
                 mark.since
             ],
         )?,
-        MarkChange::Close => {
-            tx.execute("DELETE FROM usage_marks WHERE subject = ?1", params![subject])?
-        }
+        MarkChange::Close => tx.execute(
+            "DELETE FROM usage_marks WHERE subject = ?1",
+            params![subject],
+        )?,
     };
     Ok(())
 }
@@ -218,8 +219,8 @@ impl Store {
         let mut vms = Vec::new();
         for row in rows {
             let (state, mut vm) = row?;
-            vm.state =
-                MicrovmState::parse(&state).ok_or_else(|| StoreError::Corrupt("microVM state".into()))?;
+            vm.state = MicrovmState::parse(&state)
+                .ok_or_else(|| StoreError::Corrupt("microVM state".into()))?;
             vms.push(vm);
         }
         Ok(vms)
@@ -426,7 +427,8 @@ mod tests {
     fn hour_split_table() {
         let h = HOUR_MS;
         // (from, to, amount) -> parts
-        let cases: Vec<(i64, i64, i64, Vec<(i64, i64)>)> = vec![
+        type Case = (i64, i64, i64, Vec<(i64, i64)>);
+        let cases: Vec<Case> = vec![
             // Inside one hour.
             (10, 20, 7, vec![(0, 7)]),
             // An instant goes to its hour.
@@ -447,7 +449,10 @@ mod tests {
         // Any split sums exactly.
         for (from, to, amount) in [(17, 5 * h + 3, 1_000_003), (h - 7, h + 11, 5)] {
             assert_eq!(
-                split_by_hour(from, to, amount).iter().map(|p| p.1).sum::<i64>(),
+                split_by_hour(from, to, amount)
+                    .iter()
+                    .map(|p| p.1)
+                    .sum::<i64>(),
                 amount
             );
         }

@@ -175,7 +175,11 @@ impl Meter {
     /// A suspended microVM first seen: its size is its saved state's.
     fn with_suspended_size(&self, mut snapshot: StoredSnapshot) -> StoredSnapshot {
         if snapshot.live && snapshot.bytes == 0 {
-            if let Some(record) = snapshot.vm_name.as_deref().and_then(|n| self.driver.load(n).ok()) {
+            if let Some(record) = snapshot
+                .vm_name
+                .as_deref()
+                .and_then(|n| self.driver.load(n).ok())
+            {
                 snapshot.bytes = stored_bytes(&record.suspend_state());
             }
         }
@@ -261,7 +265,13 @@ pub fn build_usage(
         mark: None,
     };
     let mut increments = Vec::new();
-    baseline(&build, &Baseline::of(&build, Some(shape)), from_ms, to_ms, &mut increments);
+    baseline(
+        &build,
+        &Baseline::of(&build, Some(shape)),
+        from_ms,
+        to_ms,
+        &mut increments,
+    );
     if let Err(err) = store.add_usage(&increments) {
         warn!(image = %image_name, error = %hearth_vm::error_chain(&err), "cannot record a build's usage");
     }
@@ -360,7 +370,10 @@ fn meter_vm_parts(vm: &MeteredVm, reading: &VmReading) -> (Vec<Increment>, MarkC
     let from = mark.metered_to;
     if !runs {
         // It stopped running since the last sample: the baseline up to then.
-        let end = vm.stopped_running_at.unwrap_or(from).clamp(from, now.max(from));
+        let end = vm
+            .stopped_running_at
+            .unwrap_or(from)
+            .clamp(from, now.max(from));
         baseline(vm, &base, from, end, &mut out);
         return (out, MarkChange::Close, 0);
     }
@@ -387,7 +400,13 @@ fn meter_vm_parts(vm: &MeteredVm, reading: &VmReading) -> (Vec<Increment>, MarkC
                 ms * 1000 * i128::from(base.vcpu_numerator) / i128::from(base.vcpu_denominator);
             if used > guaranteed {
                 burst = i64::try_from(used - guaranteed).unwrap_or(i64::MAX);
-                out.push(increment(vm, UsageType::VcpuSeconds, from, now, used - guaranteed));
+                out.push(increment(
+                    vm,
+                    UsageType::VcpuSeconds,
+                    from,
+                    now,
+                    used - guaranteed,
+                ));
             }
             let baseline_bytes = i128::from(base.memory_mib) << 20;
             let above = i128::from(usage.memory_bytes) - baseline_bytes;
@@ -400,9 +419,19 @@ fn meter_vm_parts(vm: &MeteredVm, reading: &VmReading) -> (Vec<Increment>, MarkC
     }
     let sent = reading.egress_bytes.saturating_sub(mark.egress_bytes);
     if sent > 0 {
-        out.push(increment(vm, UsageType::EgressBytes, now, now, i128::from(sent)));
+        out.push(increment(
+            vm,
+            UsageType::EgressBytes,
+            now,
+            now,
+            i128::from(sent),
+        ));
     }
-    (out, MarkChange::Set(new_mark(now, reading, Some(mark))), burst)
+    (
+        out,
+        MarkChange::Set(new_mark(now, reading, Some(mark))),
+        burst,
+    )
 }
 
 fn new_mark(now: i64, reading: &VmReading, previous: Option<&Mark>) -> Mark {

@@ -752,8 +752,8 @@ mod metering {
         f.engine.launch(row, snapshot.clone()).await;
         assert_eq!(f.state(1), Running);
         let opened = hearth_vm::Snapshot::open(&snapshot, hearth_vm::Verify::Sizes).unwrap();
-        let expected = stored_bytes(&opened.memory())
-            + std::fs::metadata(opened.state()).unwrap().len();
+        let expected =
+            stored_bytes(&opened.memory()) + std::fs::metadata(opened.state()).unwrap().len();
         assert_eq!(
             totals(&f.store, &f.account, "microvm-1")[&UsageType::SnapshotRead],
             expected as i64
@@ -769,11 +769,29 @@ mod metering {
         f.move_to(1, Running, Suspending).await;
         f.engine.suspend(f.read(1)).await;
         let sheet = PriceSheet::default();
-        let mine = report(&f.store, &sheet, "us-east-1", Some(&f.account), 0, i64::MAX / 2, GroupBy::Microvm).unwrap();
+        let mine = report(
+            &f.store,
+            &sheet,
+            "us-east-1",
+            Some(&f.account),
+            0,
+            i64::MAX / 2,
+            GroupBy::Microvm,
+        )
+        .unwrap();
         assert!(!mine.items.is_empty());
         assert!(mine.total_cost_usd > 0.0);
         assert!(mine.items.iter().all(|i| i.account_id == f.account));
-        let theirs = report(&f.store, &sheet, "us-east-1", Some(&other), 0, i64::MAX / 2, GroupBy::Microvm).unwrap();
+        let theirs = report(
+            &f.store,
+            &sheet,
+            "us-east-1",
+            Some(&other),
+            0,
+            i64::MAX / 2,
+            GroupBy::Microvm,
+        )
+        .unwrap();
         assert!(theirs.items.is_empty(), "{theirs:?}");
         assert_eq!(theirs.total_cost_usd, 0.0);
     }
