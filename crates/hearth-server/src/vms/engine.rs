@@ -234,7 +234,6 @@ impl Engine {
         .await;
         match launched {
             Ok((_vm, agent, read)) => {
-                meter::snapshot_transfer(&self.store, &row, UsageType::SnapshotRead, read);
                 // `/run` comes before the VM counts as RUNNING (and before the
                 // endpoint forwards traffic to it).
                 if let Some(hook) = row.spec.hook(RuntimeHook::Run) {
@@ -256,7 +255,11 @@ impl Engine {
                     MicrovmState::Running,
                     None,
                 ) {
-                    Ok(Some(_)) => info!(microvm = %row.microvm_id, "running"),
+                    Ok(Some(_)) => {
+                        info!(microvm = %row.microvm_id, "running");
+                        // After RUNNING: the record's commit is off the launch's path.
+                        meter::snapshot_transfer(&self.store, &row, UsageType::SnapshotRead, read);
+                    }
                     // Terminated meanwhile: its terminate task removes the VM.
                     Ok(None) => {}
                     Err(err) => {
@@ -305,7 +308,6 @@ impl Engine {
         .await;
         match suspended {
             Ok(written) => {
-                meter::snapshot_transfer(&self.store, &row, UsageType::SnapshotWrite, written);
                 let _ = self.store.transition_microvm(
                     &row.microvm_id,
                     &[MicrovmState::Suspending],
@@ -313,6 +315,7 @@ impl Engine {
                     None,
                 );
                 info!(microvm = %row.microvm_id, "suspended");
+                meter::snapshot_transfer(&self.store, &row, UsageType::SnapshotWrite, written);
             }
             Err(err) => {
                 warn!(microvm = %row.microvm_id, error = %error_chain(&err), "suspend failed");
@@ -354,7 +357,6 @@ impl Engine {
         .await;
         match resumed {
             Ok((agent, read)) => {
-                meter::snapshot_transfer(&self.store, &row, UsageType::SnapshotRead, read);
                 if let Some(hook) = row.spec.hook(RuntimeHook::Resume) {
                     if let Err(reason) = call_hook(&agent, &hook, None).await {
                         drop(agent);
@@ -370,6 +372,7 @@ impl Engine {
                     None,
                 );
                 info!(microvm = %row.microvm_id, "resumed");
+                meter::snapshot_transfer(&self.store, &row, UsageType::SnapshotRead, read);
             }
             Err(err) => {
                 warn!(microvm = %row.microvm_id, error = %error_chain(&err), "resume failed");
