@@ -89,6 +89,11 @@ pub struct ColdBoot {
     /// Virtual size of the overlay in bytes when larger than the base's
     /// (room to grow the filesystem in the guest); `None`: the base's size.
     pub disk_size: Option<u64>,
+    /// Give the guest a virtio-balloon with free page reporting (when its
+    /// kernel has the module), so memory it frees goes back to the host.
+    /// Only for VMs whose memory is never cloned: a clone maps the snapshot's
+    /// memory read-only and QEMU refuses its discards (one error per report).
+    pub free_page_reporting: bool,
 }
 
 /// A VMM process found on the host (see [`Driver::processes`]).

@@ -227,6 +227,13 @@ impl QemuDriver {
             push("-device");
             push("virtio-net-device,netdev=net0");
         }
+        if vm.balloon {
+            // Free page reporting: the guest reports freed 2 MiB blocks and
+            // QEMU punches them out of the RAM file, so a burst's memory goes
+            // back to the host when the guest frees it.
+            push("-device");
+            push("virtio-balloon-device,free-page-reporting=on");
+        }
         push("-device");
         push("virtio-serial-device,max_ports=2");
         push("-chardev");
@@ -540,6 +547,8 @@ impl QemuDriver {
             overlay: None,
             user_network: false,
             disk_size: None,
+            // Booted VMs are snapshotted and cloned by the engine's users.
+            free_page_reporting: false,
         };
         self.boot_with(request, &boot).await
     }
@@ -765,6 +774,7 @@ impl Driver for QemuDriver {
                 },
                 created_unix: unix_now(),
                 user_network: boot.user_network,
+                balloon: boot.free_page_reporting && kernel.free_page_reporting,
             };
             disk::create_overlay_sized(&vm.disk, &boot.base, boot.base_format, boot.disk_size)
                 .await?;
@@ -975,6 +985,7 @@ impl Driver for QemuDriver {
                 cmdline: vm.cmdline.clone(),
                 qemu_version: self.qemu_version(),
                 files,
+                balloon: vm.balloon,
             };
             let bytes = serde_json::to_vec_pretty(&manifest)
                 .map_err(|e| VmError::BadRecord(tmp.clone(), e))?;
@@ -1184,6 +1195,7 @@ fn restored_record(
         },
         created_unix: unix_now(),
         user_network: false,
+        balloon: manifest.balloon,
     }
 }
 
@@ -1445,6 +1457,7 @@ mod boot_failure_tests {
             },
             created_unix: 0,
             user_network: false,
+            balloon: false,
         }
     }
 

@@ -153,6 +153,11 @@ pub struct VmRecord {
     /// Only cold-booted VMs have one; snapshots of them are not made.
     #[serde(default)]
     pub user_network: bool,
+    /// A virtio-balloon device with free page reporting: pages the guest
+    /// frees go back to the host (a hole in the RAM file). Part of the
+    /// machine: a snapshot restores only into a VM that has it too.
+    #[serde(default)]
+    pub balloon: bool,
 }
 
 impl VmRecord {

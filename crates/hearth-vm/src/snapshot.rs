@@ -73,6 +73,9 @@ pub struct Manifest {
     pub cmdline: String,
     pub qemu_version: String,
     pub files: Vec<FileEntry>,
+    /// The VM had the free-page-reporting balloon (see `VmRecord::balloon`).
+    #[serde(default)]
+    pub balloon: bool,
 }
 
 /// How much to check when opening a snapshot.
@@ -206,6 +209,7 @@ mod tests {
                 .iter()
                 .map(|n| file_entry(dir, n).expect("entry"))
                 .collect(),
+            balloon: false,
         };
         std::fs::write(
             dir.join(MANIFEST_FILE),

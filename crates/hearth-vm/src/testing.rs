@@ -268,6 +268,7 @@ impl FakeDriver {
             origin,
             created_unix: 0,
             user_network: false,
+            balloon: false,
         }
     }
 
@@ -427,6 +428,7 @@ fn write_snapshot(vm: &VmRecord, out: &Path) -> Result<Snapshot, VmError> {
         cmdline: vm.cmdline.clone(),
         qemu_version: "fake".into(),
         files,
+        balloon: vm.balloon,
     };
     let path = out.join(snapshot::MANIFEST_FILE);
     let bytes =

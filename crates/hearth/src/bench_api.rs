@@ -67,8 +67,9 @@ struct Report {
     meter_rounds: u64,
     meter_round_cpu_ms: f64,
     meter_cpu_percent_at_10s: f64,
-    /// What one snapshot-transfer record costs (it is committed after
-    /// RUNNING, off the launch's path).
+    /// What one snapshot-transfer record costs committed alone: an upper
+    /// bound of what metering adds to a launch (the engine puts it in the
+    /// RUNNING change's own commit).
     meter_record_ms: Stats,
 }
 
@@ -389,7 +390,7 @@ fn print_table(r: &Report) {
         "GetMicrovm throughput: {:.0} requests/s",
         r.get_throughput_per_s
     );
-    row("usage record (after RUNNING)", &r.meter_record_ms);
+    row("usage record, committed alone", &r.meter_record_ms);
     println!(
         "usage meter, {} idle microVMs: {:.2} ms CPU per round ({} rounds), {:.4} % of a core at 10 s",
         r.meter_idle_vms, r.meter_round_cpu_ms, r.meter_rounds, r.meter_cpu_percent_at_10s

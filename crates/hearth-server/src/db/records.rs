@@ -1043,7 +1043,21 @@ impl Store {
         to: MicrovmState,
         reason: Option<&str>,
     ) -> Result<Option<MicrovmState>, StoreError> {
-        let conn = self.conn();
+        self.transition_microvm_metered(id, from, to, reason, &[])
+    }
+
+    /// [`Self::transition_microvm`], adding `usage` (a snapshot read or
+    /// write the change made) in the same transaction: both or neither.
+    pub fn transition_microvm_metered(
+        &self,
+        id: &str,
+        from: &[MicrovmState],
+        to: MicrovmState,
+        reason: Option<&str>,
+        usage: &[crate::db::usage::Increment],
+    ) -> Result<Option<MicrovmState>, StoreError> {
+        let mut conn = self.conn();
+        let conn = conn.transaction()?;
         let current: Option<String> = conn
             .query_row(
                 "SELECT state FROM microvms WHERE microvm_id = ?1",
@@ -1087,6 +1101,10 @@ impl Store {
                 stopped_running_at
             ],
         )?;
+        if changed == 1 {
+            crate::db::usage::add(&conn, usage)?;
+        }
+        conn.commit()?;
         Ok((changed == 1).then_some(current))
     }
 

@@ -103,6 +103,8 @@ pub struct UsageSum {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MeterUpdate {
     pub subject: String,
+    /// The mark's `metered_to` the sample started from (`None`: no mark).
+    pub previous: Option<i64>,
     pub increments: Vec<Increment>,
     pub change: MarkChange,
 }
@@ -112,7 +114,7 @@ pub fn vm_subject(microvm_id: &str) -> String {
     format!("vm:{microvm_id}")
 }
 
-fn add(tx: &Transaction<'_>, increments: &[Increment]) -> Result<(), StoreError> {
+pub(crate) fn add(tx: &Transaction<'_>, increments: &[Increment]) -> Result<(), StoreError> {
     let mut insert = tx.prepare_cached(
         "INSERT INTO usage_buckets (account_id, hour, microvm_id, image_name, usage_type, amount)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)
@@ -136,18 +138,17 @@ fn add(tx: &Transaction<'_>, increments: &[Increment]) -> Result<(), StoreError>
     Ok(())
 }
 
-fn set_mark(tx: &Transaction<'_>, subject: &str, change: &MarkChange) -> Result<(), StoreError> {
-    match change {
-        MarkChange::Set(mark) => tx.execute(
-            "INSERT INTO usage_marks (subject, metered_to, cpu_ns, instance, egress_bytes,
-                stored_bytes, account_id, image_name, since)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
-             ON CONFLICT (subject) DO UPDATE SET metered_to = excluded.metered_to,
-                cpu_ns = excluded.cpu_ns, instance = excluded.instance,
-                egress_bytes = excluded.egress_bytes, stored_bytes = excluded.stored_bytes,
-                account_id = excluded.account_id, image_name = excluded.image_name,
-                since = excluded.since",
-            params![
+/// Moves a subject's mark from `previous` (compare-and-set): false when
+/// another sampler moved it first, whose increments then stand alone.
+fn move_mark(
+    tx: &Transaction<'_>,
+    subject: &str,
+    previous: Option<i64>,
+    change: &MarkChange,
+) -> Result<bool, StoreError> {
+    let changed = match (change, previous) {
+        (MarkChange::Set(mark), previous) => {
+            let values = params![
                 subject,
                 mark.metered_to,
                 i64::try_from(mark.cpu_ns).unwrap_or(i64::MAX),
@@ -156,15 +157,33 @@ fn set_mark(tx: &Transaction<'_>, subject: &str, change: &MarkChange) -> Result<
                 i64::try_from(mark.stored_bytes).unwrap_or(i64::MAX),
                 mark.account_id,
                 mark.image_name,
-                mark.since
-            ],
+                mark.since,
+                previous
+            ];
+            match previous {
+                None => tx.execute(
+                    "INSERT INTO usage_marks (subject, metered_to, cpu_ns, instance, egress_bytes,
+                        stored_bytes, account_id, image_name, since)
+                     SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9 WHERE ?10 IS NULL
+                     ON CONFLICT (subject) DO NOTHING",
+                    values,
+                )?,
+                Some(_) => tx.execute(
+                    "UPDATE usage_marks SET metered_to = ?2, cpu_ns = ?3, instance = ?4,
+                        egress_bytes = ?5, stored_bytes = ?6, account_id = ?7, image_name = ?8,
+                        since = ?9
+                     WHERE subject = ?1 AND metered_to = ?10",
+                    values,
+                )?,
+            }
+        }
+        (MarkChange::Close, Some(previous)) => tx.execute(
+            "DELETE FROM usage_marks WHERE subject = ?1 AND metered_to = ?2",
+            params![subject, previous],
         )?,
-        MarkChange::Close => tx.execute(
-            "DELETE FROM usage_marks WHERE subject = ?1",
-            params![subject],
-        )?,
+        (MarkChange::Close, None) => 1,
     };
-    Ok(())
+    Ok(changed == 1)
 }
 
 impl Store {
@@ -232,8 +251,9 @@ impl Store {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         for update in updates {
-            add(&tx, &update.increments)?;
-            set_mark(&tx, &update.subject, &update.change)?;
+            if move_mark(&tx, &update.subject, update.previous, &update.change)? {
+                add(&tx, &update.increments)?;
+            }
         }
         tx.commit()?;
         Ok(())
@@ -422,6 +442,63 @@ pub struct StoredSnapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sample_from_a_stale_mark_counts_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("store");
+        let update = |previous: Option<i64>, to: i64| MeterUpdate {
+            subject: "vm:microvm-1".into(),
+            previous,
+            increments: vec![Increment {
+                account_id: "111111111111".into(),
+                microvm_id: "microvm-1".into(),
+                image_name: "web".into(),
+                usage_type: UsageType::VcpuSeconds,
+                from_ms: previous.unwrap_or(0),
+                to_ms: to,
+                amount: 7,
+            }],
+            change: MarkChange::Set(Mark {
+                metered_to: to,
+                ..Mark::default()
+            }),
+        };
+        let total = || -> i64 {
+            store
+                .usage_sums(None, 0, i64::MAX / 2)
+                .expect("sums")
+                .iter()
+                .map(|s| s.amount)
+                .sum()
+        };
+        store.commit_meter(&[update(None, 1000)]).expect("first");
+        // Two samplers that both read the first mark: one wins.
+        store
+            .commit_meter(&[update(Some(1000), 2000)])
+            .expect("second");
+        store
+            .commit_meter(&[update(Some(1000), 2500)])
+            .expect("stale");
+        // A second "first" sample of a subject that has a mark: ignored too.
+        store
+            .commit_meter(&[update(None, 3000)])
+            .expect("stale first");
+        assert_eq!(total(), 14);
+        assert_eq!(
+            store
+                .vm_mark("microvm-1")
+                .expect("mark")
+                .map(|m| m.metered_to),
+            Some(2000)
+        );
+        let close = MeterUpdate {
+            change: MarkChange::Close,
+            ..update(Some(1000), 2000)
+        };
+        store.commit_meter(&[close]).expect("stale close");
+        assert!(store.vm_mark("microvm-1").expect("mark").is_some());
+    }
 
     #[test]
     fn hour_split_table() {

@@ -422,6 +422,8 @@ impl Builds {
                 overlay: None,
                 user_network: false,
                 disk_size: Some(size.disk_bytes()),
+                // Its snapshot is cloned: see `ColdBoot::free_page_reporting`.
+                free_page_reporting: false,
             },
             &app,
             &snapshot_dir,

@@ -236,6 +236,7 @@ async fn build(
             overlay: None,
             user_network: false,
             disk_size: Some(size.disk_bytes()),
+            free_page_reporting: false,
         },
         &app,
         &layout::snapshot_dir(version_dir),

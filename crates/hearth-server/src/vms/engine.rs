@@ -249,17 +249,19 @@ impl Engine {
                     }
                 }
                 lock(&self.agents).insert(row.microvm_id.clone(), Arc::new(agent));
-                match self.store.transition_microvm(
+                // The snapshot read is recorded with RUNNING, in one commit.
+                match self.store.transition_microvm_metered(
                     &row.microvm_id,
                     &[MicrovmState::Pending],
                     MicrovmState::Running,
                     None,
+                    &[meter::snapshot_transfer(
+                        &row,
+                        UsageType::SnapshotRead,
+                        read,
+                    )],
                 ) {
-                    Ok(Some(_)) => {
-                        info!(microvm = %row.microvm_id, "running");
-                        // After RUNNING: the record's commit is off the launch's path.
-                        meter::snapshot_transfer(&self.store, &row, UsageType::SnapshotRead, read);
-                    }
+                    Ok(Some(_)) => info!(microvm = %row.microvm_id, "running"),
                     // Terminated meanwhile: its terminate task removes the VM.
                     Ok(None) => {}
                     Err(err) => {
@@ -308,14 +310,18 @@ impl Engine {
         .await;
         match suspended {
             Ok(written) => {
-                let _ = self.store.transition_microvm(
+                let _ = self.store.transition_microvm_metered(
                     &row.microvm_id,
                     &[MicrovmState::Suspending],
                     MicrovmState::Suspended,
                     None,
+                    &[meter::snapshot_transfer(
+                        &row,
+                        UsageType::SnapshotWrite,
+                        written,
+                    )],
                 );
                 info!(microvm = %row.microvm_id, "suspended");
-                meter::snapshot_transfer(&self.store, &row, UsageType::SnapshotWrite, written);
             }
             Err(err) => {
                 warn!(microvm = %row.microvm_id, error = %error_chain(&err), "suspend failed");
@@ -365,14 +371,18 @@ impl Engine {
                     }
                 }
                 lock(&self.agents).insert(row.microvm_id.clone(), Arc::new(agent));
-                let _ = self.store.transition_microvm(
+                let _ = self.store.transition_microvm_metered(
                     &row.microvm_id,
                     &[MicrovmState::Pending],
                     MicrovmState::Running,
                     None,
+                    &[meter::snapshot_transfer(
+                        &row,
+                        UsageType::SnapshotRead,
+                        read,
+                    )],
                 );
                 info!(microvm = %row.microvm_id, "resumed");
-                meter::snapshot_transfer(&self.store, &row, UsageType::SnapshotRead, read);
             }
             Err(err) => {
                 warn!(microvm = %row.microvm_id, error = %error_chain(&err), "resume failed");

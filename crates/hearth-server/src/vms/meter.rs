@@ -131,6 +131,7 @@ impl Meter {
             }
             updates.push(MeterUpdate {
                 subject: vm_subject(&vm.microvm_id),
+                previous: vm.mark.as_ref().map(|m| m.metered_to),
                 increments,
                 change,
             });
@@ -141,6 +142,7 @@ impl Meter {
             let (increments, change) = meter_storage(&snapshot, now_ms);
             updates.push(MeterUpdate {
                 subject: snapshot.subject.clone(),
+                previous: snapshot.metered_to,
                 increments,
                 change,
             });
@@ -225,11 +227,11 @@ pub fn stored_bytes(path: &std::path::Path) -> u64 {
         .unwrap_or(0)
 }
 
-/// Records a snapshot read (a launch, a resume) or write (a suspend) of
-/// `bytes` for the microVM, now.
-pub fn snapshot_transfer(store: &Store, row: &MicrovmRow, usage_type: UsageType, bytes: u64) {
+/// A snapshot read (a launch, a resume) or write (a suspend) of `bytes` by
+/// the microVM, now: the engine records it with the state change.
+pub fn snapshot_transfer(row: &MicrovmRow, usage_type: UsageType, bytes: u64) -> Increment {
     let now = unix_now_ms();
-    let increment = Increment {
+    Increment {
         account_id: row.account_id.clone(),
         microvm_id: row.microvm_id.clone(),
         image_name: row.image_name.clone(),
@@ -237,9 +239,6 @@ pub fn snapshot_transfer(store: &Store, row: &MicrovmRow, usage_type: UsageType,
         from_ms: now,
         to_ms: now,
         amount: i64::try_from(bytes).unwrap_or(i64::MAX),
-    };
-    if let Err(err) = store.add_usage(&[increment]) {
-        warn!(microvm = %row.microvm_id, error = %hearth_vm::error_chain(&err), "cannot record a snapshot transfer");
     }
 }
 
