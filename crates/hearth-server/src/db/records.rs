@@ -1057,7 +1057,9 @@ impl Store {
         usage: &[crate::db::usage::Increment],
     ) -> Result<Option<MicrovmState>, StoreError> {
         let mut conn = self.conn();
-        let conn = conn.transaction()?;
+        // IMMEDIATE: it reads, then writes; a deferred one could find another
+        // connection's write lock in the way and fail with SQLITE_BUSY.
+        let conn = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let current: Option<String> = conn
             .query_row(
                 "SELECT state FROM microvms WHERE microvm_id = ?1",
