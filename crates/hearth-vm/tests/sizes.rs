@@ -11,6 +11,19 @@ mod common;
 use common::sh;
 use hearth_vm::{AgentClient, Assets, BootRequest, Driver, MachineShape, QemuDriver};
 
+/// The VM's agent; a guest of many vCPUs under TCG on a busy host may take
+/// longer than one connection's timeout to greet.
+async fn agent_of(driver: &QemuDriver, vm: &hearth_vm::VmRecord) -> AgentClient {
+    let mut last = None;
+    for _ in 0..6 {
+        match driver.agent(vm).await {
+            Ok(agent) => return agent,
+            Err(err) => last = Some(err),
+        }
+    }
+    panic!("agent of {}: {last:?}", vm.name)
+}
+
 /// MemTotal in KiB.
 async fn mem_total_kib(agent: &AgentClient) -> u64 {
     let line = sh(agent, "grep MemTotal /proc/meminfo").await;
@@ -45,7 +58,7 @@ async fn every_reference_size_boots_snapshots_and_launches() {
             .unwrap_or_else(|err| {
                 panic!("{memory_mib} MiB boot: {}", hearth_vm::error_chain(&err))
             });
-        let agent = driver.agent(&source).await.expect("agent");
+        let agent = agent_of(&driver, &source).await;
         // The kernel keeps a little for itself (its image, page tables, the
         // e820 holes); everything else of the size is the guest's.
         let total = mem_total_kib(&agent).await;
@@ -88,7 +101,7 @@ async fn every_reference_size_boots_snapshots_and_launches() {
             .unwrap_or_else(|err| {
                 panic!("{memory_mib} MiB launch: {}", hearth_vm::error_chain(&err))
             });
-        let agent = driver.agent(&clone).await.expect("clone agent");
+        let agent = agent_of(&driver, &clone).await;
         assert_eq!(
             sh(&agent, "cat /root/mark").await,
             format!("size-{memory_mib}")
