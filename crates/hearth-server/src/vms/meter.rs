@@ -488,3 +488,111 @@ pub fn meter_storage(snapshot: &StoredSnapshot, now: i64) -> (Vec<Increment>, Ma
     };
     (out, change)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOUR: i64 = 3_600_000;
+
+    fn version(metered_to: Option<i64>, live: bool) -> StoredSnapshot {
+        StoredSnapshot {
+            subject: "version:111111111111/web/1".into(),
+            account_id: "111111111111".into(),
+            microvm_id: String::new(),
+            vm_name: None,
+            image_name: "web".into(),
+            since: 0,
+            bytes: 1 << 30,
+            minimum_ms: crate::pricing::VERSION_STORAGE_MINIMUM_MS,
+            metered_to,
+            live,
+        }
+    }
+
+    fn amount(increments: &[Increment]) -> i64 {
+        increments.iter().map(|i| i.amount).sum()
+    }
+
+    #[test]
+    fn stored_snapshots_bill_gb_hours_with_a_week_for_versions() {
+        // (metered_to, live, now) -> GB-hours billed, mark kept
+        let cases = [
+            // A 1 GiB version stored for an hour: 1 GB-hour.
+            (None, true, HOUR, MICRO, true),
+            // Metered on from its mark.
+            (Some(HOUR), true, 3 * HOUR, 2 * MICRO, true),
+            // Deleted after a day: billed up to its week, then forgotten.
+            (
+                Some(24 * HOUR),
+                false,
+                25 * HOUR,
+                (7 * 24 - 24) * MICRO,
+                false,
+            ),
+            // Deleted after two weeks: nothing more.
+            (Some(14 * 24 * HOUR), false, 15 * 24 * HOUR, 0, false),
+        ];
+        for (metered_to, live, now, expected, kept) in cases {
+            let (increments, change) = meter_storage(&version(metered_to, live), now);
+            assert_eq!(amount(&increments), expected, "{metered_to:?} {live}");
+            assert_eq!(matches!(change, MarkChange::Set(_)), kept);
+        }
+    }
+
+    fn vm(state: MicrovmState, mark: Option<Mark>) -> MeteredVm {
+        MeteredVm {
+            microvm_id: "microvm-1".into(),
+            account_id: "111111111111".into(),
+            image_name: "web".into(),
+            state,
+            vm_name: "mv-1".into(),
+            memory_mib: 512,
+            running_at: Some(0),
+            stopped_running_at: None,
+            mark,
+        }
+    }
+
+    #[test]
+    fn a_suspend_and_resume_between_samples_bills_only_the_running_time() {
+        let shape = MachineShape::burst_of(512);
+        let mark = Mark {
+            metered_to: 10_000,
+            cpu_ns: 5_000_000_000,
+            instance: "old".into(),
+            ..Mark::default()
+        };
+        let mut resumed = vm(MicrovmState::Running, Some(mark));
+        // Suspended at 14 s, resumed at 18 s, sampled at 20 s.
+        resumed.stopped_running_at = Some(14_000);
+        resumed.running_at = Some(18_000);
+        let sample = meter_vm(
+            &resumed,
+            &VmReading {
+                now_ms: 20_000,
+                shape: Some(shape),
+                usage: Some(VmUsage {
+                    cpu_ns: 1_000_000_000,
+                    memory_bytes: 100 << 20,
+                }),
+                instance: "new".into(),
+                egress_bytes: 0,
+            },
+        );
+        let vcpu: i64 = sample
+            .increments
+            .iter()
+            .filter(|i| i.usage_type == UsageType::VcpuSeconds)
+            .map(|i| i.amount)
+            .sum();
+        // 4 s + 2 s at a quarter vCPU; the new process's counter is a base.
+        assert_eq!(vcpu, 6 * MICRO / 4);
+        assert_eq!(sample.burst_micro, 0);
+        let MarkChange::Set(next) = sample.change else {
+            panic!("the mark moves on")
+        };
+        assert_eq!((next.metered_to, next.cpu_ns), (20_000, 1_000_000_000));
+        assert_eq!(next.instance, "new");
+    }
+}
