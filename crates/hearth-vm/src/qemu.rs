@@ -173,8 +173,13 @@ impl QemuDriver {
                 path.display()
             ),
             // Private mapping of a snapshot's RAM: the file is never written.
+            // reserve=off (MAP_NORESERVE): a copy-on-write mapping is otherwise
+            // charged in full against the host's overcommit limit, and a
+            // 32 GiB peak is refused on a host with less RAM ("Cannot
+            // allocate memory") although only the pages the guest writes
+            // ever take memory.
             Memory::PrivateFile { path } => format!(
-                "memory-backend-file,id=mem,size={memory_mib}M,mem-path={},share=off,readonly=on,rom=off",
+                "memory-backend-file,id=mem,size={memory_mib}M,mem-path={},share=off,readonly=on,rom=off,reserve=off",
                 path.display()
             ),
             Memory::Anonymous => format!("memory-backend-ram,id=mem,size={memory_mib}M"),
