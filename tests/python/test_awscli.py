@@ -182,7 +182,7 @@ def image(cli, tmp_path_factory):
     hooks = {"port": 9000, "microvmImageHooks": {"ready": "ENABLED", "readyTimeoutInSeconds": 300}}
     created = cli.call("CreateMicrovmImage", "--name", IMAGE, "--base-image-arn", BASE_ARN,
                        "--build-role-arn", ROLE, "--code-artifact", json.dumps({"uri": uri}),
-                       "--resources", json.dumps([{"minimumMemoryInMiB": 256}]), "--hooks", json.dumps(hooks),
+                       "--resources", json.dumps([{"minimumMemoryInMiB": 512}]), "--hooks", json.dumps(hooks),
                        "--tags", json.dumps({"team": "cli"}))
     assert created["name"] == IMAGE and created["state"] == "CREATING" and created["imageVersion"] == "1.0"
     assert created["codeArtifact"] == {"uri": uri}, created
@@ -271,7 +271,7 @@ def test_update_deactivate_and_delete(cli, image, tmp_path):
     uri = upload(cli, tmp_path, "web/v2.zip", "release-2")
     updated = cli.call("UpdateMicrovmImage", "--image-identifier", IMAGE, "--base-image-arn", BASE_ARN,
                        "--build-role-arn", ROLE, "--code-artifact", json.dumps({"uri": uri}),
-                       "--resources", json.dumps([{"minimumMemoryInMiB": 256}]))
+                       "--resources", json.dumps([{"minimumMemoryInMiB": 512}]))
     assert updated["imageVersion"] == "2.0" and updated["state"] == "UPDATING", updated
     done = cli.wait("GetMicrovmImage", ["--image-identifier", IMAGE], "state", ("UPDATED", "UPDATE_FAILED"))
     assert done["state"] == "UPDATED" and done["latestActiveImageVersion"] == "2.0", done

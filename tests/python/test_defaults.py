@@ -18,6 +18,9 @@ from endpoint_support import Hearth, app_token, ep_request, kill_leftover_qemu, 
 from test_builds import BASE_ARN, ROLE, s3_client, wait_image, zip_bytes, build_of
 
 DEFAULT_MEMORY_MIB = 2048
+# The guest sees the size's peak: 4x the baseline, one vCPU per 2 GiB.
+DEFAULT_PEAK_MIB = 4 * DEFAULT_MEMORY_MIB
+DEFAULT_VCPUS = DEFAULT_PEAK_MIB // 2048
 DEFAULT_LIFETIME_SECS = 28_800
 
 # The app: answers on 8080 with what the guest sees; hooks on 9000. The ready
@@ -133,8 +136,9 @@ def test_the_default_size_is_2048_mib_and_the_guest_has_it(hearth, image):
         response = ep_request(hearth, vm["endpoint"], token=token)
         assert response.status_code == 200, response.text
         seen = json.loads(response.text)
-        size_kib = DEFAULT_MEMORY_MIB * 1024
+        size_kib = DEFAULT_PEAK_MIB * 1024
         assert size_kib * 90 // 100 <= seen["memTotalKiB"] <= size_kib, seen
+        assert seen["cpus"] == DEFAULT_VCPUS, seen
     finally:
         terminate_quietly(hearth, vm["microvmId"])
 

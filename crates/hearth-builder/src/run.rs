@@ -729,6 +729,8 @@ impl BuildRun<'_> {
                     // A build VM on a base image gets room to grow (see `grow_root`).
                     disk_size: (keep_layers && disk.format == BackingFormat::Raw)
                         .then_some(BUILD_DISK_BYTES),
+                    // Build VMs are never cloned: what a step frees goes back.
+                    free_page_reporting: true,
                 },
             )
             .await

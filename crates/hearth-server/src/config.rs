@@ -50,6 +50,14 @@ pub struct ServerConfig {
     /// Host memory and disk kept free: admission refuses VMs that would eat
     /// into it (see `vms::capacity`).
     pub reserve: crate::vms::capacity::Reserve,
+    /// The machine sizes images may ask for (`--shapes FILE` adds to the
+    /// reference's).
+    pub sizes: crate::sizes::Sizes,
+    /// What each usage type costs (`--price-sheet FILE`; the reference's
+    /// us-east-1 rates by default).
+    pub prices: crate::pricing::PriceSheet,
+    /// How often the usage meter samples running microVMs.
+    pub usage_interval: std::time::Duration,
 }
 
 impl ServerConfig {
@@ -74,6 +82,9 @@ impl ServerConfig {
             network: None,
             default_egress: true,
             reserve: crate::vms::capacity::Reserve::default(),
+            sizes: crate::sizes::Sizes::default(),
+            prices: crate::pricing::PriceSheet::default(),
+            usage_interval: std::time::Duration::from_secs(10),
         }
     }
 }

@@ -4,7 +4,7 @@
 //! [`api`] (the HTTP pipeline and the operations) → [`endpoint`] (the
 //! endpoint proxy's backend) → [`images`] (builds, imports) → [`vms`] (the
 //! VMs behind microVM records) → [`db`] (the store, rows, typed specs) → the
-//! base: [`config`], [`layout`] (paths and VM names), [`arn`].
+//! base: [`config`], [`layout`] (paths and VM names), [`arn`], [`sizes`], [`pricing`].
 //! This file wires them together: [`start`] and [`serve`].
 
 use std::net::SocketAddr;
@@ -20,6 +20,8 @@ pub mod db;
 pub mod endpoint;
 pub mod images;
 pub mod layout;
+pub mod pricing;
+pub mod sizes;
 pub mod vms;
 
 pub use api::{app, AppState};
@@ -181,13 +183,17 @@ pub async fn start(config: ServerConfig) -> Result<Arc<AppState>, ServerError> {
                 max_artifact_bytes: config.artifacts.max_artifact_bytes,
                 registry: config.registry.clone(),
                 cache_max_age: Duration::from_secs(config.build_cache_days * 86_400),
+                sizes: config.sizes.clone(),
             },
         )
         .map_err(ServerError::Builds)?,
     );
-    let engine = vms::engine::Engine::new(driver, store.clone());
+    let engine = vms::engine::Engine::new(driver.clone(), store.clone());
     engine.set_default_egress(config.default_egress);
     engine.reconcile().await.map_err(ServerError::Reconcile)?;
+    // After reconcile: adopted VMs are metered on from their marks.
+    let meter = vms::meter::Meter::new(driver, store.clone(), config.usage_interval);
+    tokio::spawn(meter.clone().run());
     // No build runs yet: what interrupted builds left in the step cache can go.
     builds.sweep_cache();
     tokio::spawn(engine.clone().watch());
@@ -195,7 +201,7 @@ pub async fn start(config: ServerConfig) -> Result<Arc<AppState>, ServerError> {
     tokio::spawn(vms::log_collector::LogCollector::new(engine.clone(), app_logs).run());
     let tokens = endpoint::tokens::TokenKeys::open_or_create(&config.data_dir)?;
     Ok(Arc::new(AppState::new(
-        config, store, assets, engine, tokens, limits, builds, artifacts, s3,
+        config, store, assets, engine, tokens, limits, builds, artifacts, s3, meter,
     )))
 }
 

@@ -32,7 +32,13 @@ pub struct GuestKernel {
     pub vmlinuz: PathBuf,
     pub initrd: PathBuf,
     pub version: String,
+    /// Its initramfs loads `virtio_balloon`: guests can hand memory they
+    /// free back to the host (free page reporting).
+    pub free_page_reporting: bool,
 }
+
+/// The guest module behind free page reporting (see `scripts/setup-host`).
+const BALLOON_MODULE: &str = "virtio_balloon.ko";
 
 /// Locations of hearth's cache (downloads, base images) and state (VMs).
 #[derive(Debug, Clone)]
@@ -132,10 +138,13 @@ impl Assets {
             },
             &self.cache_dir.join("initramfs"),
         )?;
+        let free_page_reporting = std::fs::read_to_string(dir.join("modules").join("order"))
+            .is_ok_and(|order| order.lines().any(|m| m.trim() == BALLOON_MODULE));
         Ok(GuestKernel {
             vmlinuz: dir.join("vmlinuz"),
             initrd,
             version,
+            free_page_reporting,
         })
     }
 

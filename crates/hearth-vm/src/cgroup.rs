@@ -121,8 +121,10 @@ impl CgroupLimits {
         let vcpus = u32::from(shape.vcpus.max(1));
         Self {
             memory_bytes: (u64::from(shape.memory_mib) + qemu_overhead_mib(accel)) << 20,
+            // The peak is the hard cap; the baseline's share is what the VM
+            // is guaranteed under contention (100 per baseline vCPU).
             cpu_quota: vcpus,
-            cpu_weight: 100 * u64::from(vcpus),
+            cpu_weight: ((100.0 * shape.baseline_vcpus()).round() as u64).max(1),
             pids: u64::from(vcpus) + QEMU_OTHER_THREADS,
         }
     }
@@ -726,21 +728,17 @@ mod tests {
 
     #[test]
     fn limits_follow_the_shape() {
-        let limits = CgroupLimits::for_shape(&MachineShape {
-            memory_mib: 512,
-            vcpus: 2,
-        });
+        let limits = CgroupLimits::for_shape(&MachineShape::fixed(512, 2));
         assert_eq!(limits.memory_bytes, (512 + 96 + 256) << 20);
         assert_eq!(limits.cpu_quota, 2);
         assert_eq!(limits.cpu_weight, 200);
+        // The 512 MiB size: a 2 GiB, 1 vCPU peak, a quarter of it guaranteed.
+        let burst = CgroupLimits::for_shape(&MachineShape::burst_of(512));
+        assert_eq!(burst.memory_bytes, (2048 + 96 + 256) << 20);
+        assert_eq!(burst.cpu_quota, 1);
+        assert_eq!(burst.cpu_weight, 25);
         assert_eq!(limits.pids, 2 + 96);
-        let kvm = CgroupLimits::for_shape_on(
-            &MachineShape {
-                memory_mib: 512,
-                vcpus: 1,
-            },
-            Accel::Kvm,
-        );
+        let kvm = CgroupLimits::for_shape_on(&MachineShape::fixed(512, 1), Accel::Kvm);
         assert_eq!(kvm.memory_bytes, (512 + 96) << 20);
     }
 }

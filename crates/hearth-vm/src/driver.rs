@@ -11,6 +11,7 @@ use crate::pins::UntestedHost;
 use crate::qmp::QmpError;
 use crate::record::{MachineShape, VmRecord, VmState};
 use crate::snapshot::{Snapshot, SnapshotError};
+use crate::usage::VmUsage;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -95,6 +96,11 @@ pub struct ColdBoot {
     /// Virtual size of the overlay in bytes when larger than the base's
     /// (room to grow the filesystem in the guest); `None`: the base's size.
     pub disk_size: Option<u64>,
+    /// Give the guest a virtio-balloon with free page reporting (when its
+    /// kernel has the module), so memory it frees goes back to the host.
+    /// Only for VMs whose memory is never cloned: a clone maps the snapshot's
+    /// memory read-only and QEMU refuses its discards (one error per report).
+    pub free_page_reporting: bool,
 }
 
 /// A VMM process found on the host (see [`Driver::processes`]).
@@ -131,9 +137,10 @@ pub trait Driver: Send + Sync + std::fmt::Debug {
     fn processes(&self) -> Vec<VmProcess>;
     /// Kills a process found by [`Self::processes`] and frees its memory.
     fn kill_process(&self, process: &VmProcess);
-    /// CPU time and memory the VM's process has used, from its cgroup; `None`
-    /// when it is not running or runs without one.
-    fn usage(&self, vm: &VmRecord) -> Option<crate::cgroup::VmUsage>;
+    /// What a running VM has used so far (CPU time of its current process,
+    /// memory held now), from its cgroup or, without one, its process;
+    /// `None` when it has no live process.
+    fn usage(&self, vm: &VmRecord) -> Option<VmUsage>;
     /// Removes the per-VM resource groups (cgroups) no live VM process uses,
     /// left by a crash; called by reconcile after strays are killed.
     fn remove_stale_cgroups(&self) {}

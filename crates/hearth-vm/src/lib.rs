@@ -27,6 +27,7 @@ pub mod record;
 pub mod snapshot;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod usage;
 
 pub use accel::Accel;
 pub use agent::{AgentClient, AgentError, ExecOutput};

@@ -290,15 +290,22 @@ impl QemuDriver {
         kernel: &Path,
         tap: Option<std::os::fd::RawFd>,
     ) -> Vec<OsString> {
-        let MachineShape { memory_mib, vcpus } = vm.shape;
+        let MachineShape {
+            memory_mib, vcpus, ..
+        } = vm.shape;
         let memory = match &vm.memory {
             Memory::SharedFile { path } => format!(
                 "memory-backend-file,id=mem,size={memory_mib}M,mem-path={},share=on",
                 path.display()
             ),
             // Private mapping of a snapshot's RAM: the file is never written.
+            // reserve=off (MAP_NORESERVE): a copy-on-write mapping is otherwise
+            // charged in full against the host's overcommit limit, and a
+            // 32 GiB peak is refused on a host with less RAM ("Cannot
+            // allocate memory") although only the pages the guest writes
+            // ever take memory.
             Memory::PrivateFile { path } => format!(
-                "memory-backend-file,id=mem,size={memory_mib}M,mem-path={},share=off,readonly=on,rom=off",
+                "memory-backend-file,id=mem,size={memory_mib}M,mem-path={},share=off,readonly=on,rom=off,reserve=off",
                 path.display()
             ),
             Memory::Anonymous => format!("memory-backend-ram,id=mem,size={memory_mib}M"),
@@ -367,6 +374,13 @@ impl QemuDriver {
             // needs it) with no backend, so the guest sends into nothing.
             push("-device");
             push("virtio-net-device");
+        }
+        if vm.balloon {
+            // Free page reporting: the guest reports freed 2 MiB blocks and
+            // QEMU punches them out of the RAM file, so a burst's memory goes
+            // back to the host when the guest frees it.
+            push("-device");
+            push("virtio-balloon-device,free-page-reporting=on");
         }
         push("-device");
         push("virtio-serial-device,max_ports=2");
@@ -927,6 +941,8 @@ impl QemuDriver {
             overlay: None,
             egress: false,
             disk_size: None,
+            // Booted VMs are snapshotted and cloned by the engine's users.
+            free_page_reporting: false,
         };
         self.boot_with(request, &boot).await
     }
@@ -1114,11 +1130,16 @@ impl Driver for QemuDriver {
     }
 
     fn usage(&self, vm: &VmRecord) -> Option<VmUsage> {
-        let config = self.cgroups.as_ref()?;
-        if !vm_alive(vm) {
+        // A pid that is no longer this VM's QEMU reports nothing rather than
+        // a stranger's usage.
+        if vm.state != VmState::Running || !vm_alive(vm) {
             return None;
         }
-        VmCgroup::open(config, &vm.instance).usage().ok()
+        match &self.cgroups {
+            Some(config) => VmCgroup::open(config, &vm.instance).usage().ok(),
+            // Without cgroups (a server without root): the process's own.
+            None => crate::usage::process_usage(vm.pid?),
+        }
     }
 
     fn remove_stale_cgroups(&self) {
@@ -1177,6 +1198,7 @@ impl Driver for QemuDriver {
                 jail_uid: self.claim_uid(&dir)?,
                 nic: true,
                 egress: boot.egress,
+                balloon: boot.free_page_reporting && kernel.free_page_reporting,
             };
             disk::create_overlay_sized(&vm.disk, &boot.base, boot.base_format, boot.disk_size)
                 .await?;
@@ -1426,6 +1448,7 @@ impl Driver for QemuDriver {
                 qemu_version: self.qemu_version(),
                 nic: vm.nic,
                 files,
+                balloon: vm.balloon,
             };
             let bytes = serde_json::to_vec_pretty(&manifest)
                 .map_err(|e| VmError::BadRecord(tmp.clone(), e))?;
@@ -1700,6 +1723,7 @@ fn restored_record(
         // (`Driver::launch_with_egress`), warm pool slots keep it ready so the
         // default launch pays nothing for it.
         egress: manifest.nic,
+        balloon: manifest.balloon,
     }
 }
 
@@ -2060,6 +2084,7 @@ mod boot_failure_tests {
             jail_uid: None,
             nic: false,
             egress: false,
+            balloon: false,
         }
     }
 

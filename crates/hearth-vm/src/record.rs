@@ -8,10 +8,18 @@ use serde::{Deserialize, Serialize};
 use crate::accel::Accel;
 
 /// Size of a VM: snapshots restore only into the same shape.
+///
+/// `memory_mib` and `vcpus` are the peak the guest sees (QEMU's `-m` and
+/// `-smp`); `baseline_mib` is what the size guarantees and bills whenever the
+/// VM runs (the reference's `minimumMemoryInMiB`): the per-VM cgroup weights
+/// CPU by the baseline and caps at the peak.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct MachineShape {
     pub memory_mib: u32,
     pub vcpus: u8,
+    /// 0 in records written before baselines: the baseline is the peak.
+    #[serde(default)]
+    pub baseline_mib: u32,
 }
 
 impl Default for MachineShape {
@@ -19,7 +27,49 @@ impl Default for MachineShape {
         Self {
             memory_mib: 256,
             vcpus: 1,
+            baseline_mib: 0,
         }
+    }
+}
+
+impl MachineShape {
+    /// A shape whose baseline is its peak (no burst).
+    pub fn fixed(memory_mib: u32, vcpus: u8) -> Self {
+        Self {
+            memory_mib,
+            vcpus,
+            baseline_mib: memory_mib,
+        }
+    }
+
+    /// The reference's rule for a baseline: the VM bursts to 4x memory and
+    /// vCPU, with one vCPU per 2 GiB of peak memory (at least one).
+    pub fn burst_of(baseline_mib: u32) -> Self {
+        let memory_mib = baseline_mib.saturating_mul(4);
+        let vcpus = u8::try_from((memory_mib / 2048).max(1)).unwrap_or(u8::MAX);
+        Self {
+            memory_mib,
+            vcpus,
+            baseline_mib,
+        }
+    }
+
+    /// The guaranteed memory, in MiB.
+    pub fn baseline_memory_mib(&self) -> u32 {
+        if self.baseline_mib == 0 {
+            self.memory_mib
+        } else {
+            self.baseline_mib.min(self.memory_mib)
+        }
+    }
+
+    /// The guaranteed vCPUs: the peak's share in the same ratio as memory
+    /// (a quarter of a vCPU for the 512 MiB size).
+    pub fn baseline_vcpus(&self) -> f64 {
+        if self.memory_mib == 0 {
+            return f64::from(self.vcpus);
+        }
+        f64::from(self.vcpus) * f64::from(self.baseline_memory_mib()) / f64::from(self.memory_mib)
     }
 }
 
@@ -113,6 +163,11 @@ pub struct VmRecord {
     /// `None`: a VM from before the jail, or an unjailed driver.
     #[serde(default)]
     pub jail_uid: Option<u32>,
+    /// A virtio-balloon device with free page reporting: pages the guest
+    /// frees go back to the host (a hole in the RAM file). Part of the
+    /// machine: a snapshot restores only into a VM that has it too.
+    #[serde(default)]
+    pub balloon: bool,
 }
 
 impl VmRecord {
@@ -157,6 +212,28 @@ mod tests {
         assert!(!validate_name("../x"));
         assert!(!validate_name("a/b"));
         assert!(!validate_name(&"a".repeat(41)));
+    }
+
+    #[test]
+    fn reference_sizes_burst_four_times() {
+        let table = [
+            (512, 2048, 1, 0.25),
+            (1024, 4096, 2, 0.5),
+            (2048, 8192, 4, 1.0),
+            (4096, 16384, 8, 2.0),
+            (8192, 32768, 16, 4.0),
+        ];
+        for (baseline, peak, vcpus, baseline_vcpus) in table {
+            let shape = MachineShape::burst_of(baseline);
+            assert_eq!((shape.memory_mib, shape.vcpus), (peak, vcpus), "{baseline}");
+            assert_eq!(shape.baseline_memory_mib(), baseline);
+            assert!((shape.baseline_vcpus() - baseline_vcpus).abs() < 1e-9);
+        }
+        // Records from before baselines: the baseline is the peak.
+        let old: MachineShape =
+            serde_json::from_str(r#"{"memory_mib":256,"vcpus":1}"#).expect("old record");
+        assert_eq!(old.baseline_memory_mib(), 256);
+        assert_eq!(old.baseline_vcpus(), 1.0);
     }
 
     #[test]

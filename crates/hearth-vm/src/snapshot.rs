@@ -76,6 +76,9 @@ pub struct Manifest {
     #[serde(default)]
     pub nic: bool,
     pub files: Vec<FileEntry>,
+    /// The VM had the free-page-reporting balloon (see `VmRecord::balloon`).
+    #[serde(default)]
+    pub balloon: bool,
 }
 
 /// How much to check when opening a snapshot.
@@ -210,6 +213,7 @@ mod tests {
                 .iter()
                 .map(|n| file_entry(dir, n).expect("entry"))
                 .collect(),
+            balloon: false,
         };
         std::fs::write(
             dir.join(MANIFEST_FILE),

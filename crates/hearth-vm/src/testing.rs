@@ -163,16 +163,17 @@ impl FakeDriver {
 
     /// The VM's process dies (as a QEMU killed under it): it reports dead
     /// and its agent ends.
-    /// Sets what [`Driver::usage`] reports for VM `name` while it runs.
-    pub fn set_usage(&self, name: &str, usage: VmUsage) {
-        self.state().usage.insert(name.to_string(), usage);
-    }
-
     pub fn kill(&self, name: &str) {
         if let Some(vm) = self.state().vms.get_mut(name) {
             vm.alive = false;
             stop_agent(&mut vm.agent);
         }
+    }
+
+    /// What [`Driver::usage`] reports for the VM while it runs (zero until
+    /// set): a test's stand-in for the process's or cgroup's counters.
+    pub fn set_usage(&self, name: &str, usage: VmUsage) {
+        self.state().usage.insert(name.to_string(), usage);
     }
 
     /// A VM that runs, made without a call (as one left by an earlier server).
@@ -269,6 +270,7 @@ impl FakeDriver {
             nic: false,
             egress: false,
             jail_uid: None,
+            balloon: false,
         }
     }
 
@@ -429,6 +431,7 @@ fn write_snapshot(vm: &VmRecord, out: &Path) -> Result<Snapshot, VmError> {
         qemu_version: "fake".into(),
         nic: false,
         files,
+        balloon: vm.balloon,
     };
     let path = out.join(snapshot::MANIFEST_FILE);
     let bytes =

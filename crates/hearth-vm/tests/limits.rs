@@ -194,10 +194,7 @@ async fn guests_stay_inside_their_cgroups() {
         .cgroups()
         .expect("per-VM cgroups (run as root on a host with memory, cpu and pids controllers)")
         .clone();
-    let shape = MachineShape {
-        memory_mib: 256,
-        vcpus: 1,
-    };
+    let shape = MachineShape::fixed(256, 1);
     let mut cleanup = Cleanup {
         pids: Vec::new(),
         cgroups: Vec::new(),

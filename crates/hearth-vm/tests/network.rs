@@ -144,6 +144,7 @@ async fn vm_networks_reach_the_internet_and_nothing_else() {
                 overlay: None,
                 egress: true,
                 disk_size: None,
+                free_page_reporting: false,
             },
         )
         .await

@@ -37,6 +37,12 @@ pub struct ApiArgs {
     /// GetMicrovm calls per client.
     #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(u32).range(1..=10000))]
     gets: u32,
+    /// Idle microVMs kept running while the usage meter's own CPU is measured.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(0..=500))]
+    idle_vms: u32,
+    /// Seconds the meter is measured over them (sampling every 2 s).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(4..=3600))]
+    idle_seconds: u64,
     /// Guest memory of the imported image, MiB.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(128..=8192))]
     memory: u32,
@@ -55,6 +61,16 @@ struct Report {
     get_clients: u32,
     get_latency_ms: Stats,
     get_throughput_per_s: f64,
+    /// The usage meter over `meter_idle_vms` idle microVMs: CPU per round,
+    /// and as a share of one core at the server's default 10 s interval.
+    meter_idle_vms: u32,
+    meter_rounds: u64,
+    meter_round_cpu_ms: f64,
+    meter_cpu_percent_at_10s: f64,
+    /// What one snapshot-transfer record costs committed alone: an upper
+    /// bound of what metering adds to a launch (the engine puts it in the
+    /// RUNNING change's own commit).
+    meter_record_ms: Stats,
 }
 
 pub async fn api(args: ApiArgs) -> Result<ExitCode> {
@@ -77,6 +93,8 @@ pub async fn api(args: ApiArgs) -> Result<ExitCode> {
         "ResumeMicrovm=1000".into(),
         "TerminateMicrovm=1000".into(),
     ];
+    // Sample often so the measurement window holds many rounds.
+    config.usage_interval = METER_BENCH_INTERVAL;
     let state = hearth_server::start(config).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?;
@@ -197,6 +215,7 @@ pub async fn api(args: ApiArgs) -> Result<ExitCode> {
     let elapsed = started.elapsed().as_secs_f64();
     let throughput = get_samples.len() as f64 / elapsed;
     terminate(&client, &id).await?;
+    let meter = measure_meter(&state, &client, &imported.image_arn, &args).await?;
     server.abort();
 
     let report = Report {
@@ -211,6 +230,11 @@ pub async fn api(args: ApiArgs) -> Result<ExitCode> {
         get_clients: args.clients,
         get_latency_ms: Stats::of(get_samples),
         get_throughput_per_s: throughput,
+        meter_idle_vms: args.idle_vms,
+        meter_rounds: meter.rounds,
+        meter_round_cpu_ms: meter.round_cpu_ms,
+        meter_cpu_percent_at_10s: meter.round_cpu_ms / 10_000.0 * 100.0,
+        meter_record_ms: meter.record_ms,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -218,6 +242,78 @@ pub async fn api(args: ApiArgs) -> Result<ExitCode> {
         print_table(&report);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+const METER_BENCH_INTERVAL: Duration = Duration::from_secs(2);
+
+struct MeterFigures {
+    rounds: u64,
+    round_cpu_ms: f64,
+    record_ms: Stats,
+}
+
+/// Runs `idle_vms` microVMs, lets them idle for `idle_seconds` while the meter
+/// samples them, and reads the meter's own CPU counter (thread CPU time of
+/// its rounds); then times the snapshot-transfer record.
+async fn measure_meter(
+    state: &hearth_server::AppState,
+    client: &Client,
+    image_arn: &str,
+    args: &ApiArgs,
+) -> Result<MeterFigures> {
+    let mut ids = Vec::new();
+    for i in 0..args.idle_vms {
+        progress(&format!("idle microVM {}/{}", i + 1, args.idle_vms));
+        let run = client
+            .call("RunMicrovm", json!({"imageIdentifier": image_arn}))
+            .await?;
+        let id = run["microvmId"].as_str().context("microvmId")?.to_string();
+        wait_for(client, &id, "RUNNING").await?;
+        ids.push(id);
+    }
+    progress(&format!(
+        "metering {} idle microVMs for {} s",
+        ids.len(),
+        args.idle_seconds
+    ));
+    // Let every VM get its first sample, then measure whole rounds.
+    tokio::time::sleep(METER_BENCH_INTERVAL * 2).await;
+    let (spent_before, rounds_before) = state.meter.cost();
+    tokio::time::sleep(Duration::from_secs(args.idle_seconds)).await;
+    let (spent_after, rounds_after) = state.meter.cost();
+    let rounds = rounds_after.saturating_sub(rounds_before);
+    let round_cpu_ms = if rounds == 0 {
+        0.0
+    } else {
+        (spent_after - spent_before) * 1000.0 / rounds as f64
+    };
+    for id in &ids {
+        terminate(client, id).await?;
+    }
+    let mut record = Vec::new();
+    for _ in 0..50 {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis() as i64;
+        let started = Instant::now();
+        state
+            .store
+            .add_usage(&[hearth_server::db::usage::Increment {
+                account_id: "000000000000".into(),
+                microvm_id: "microvm-bench".into(),
+                image_name: "bench".into(),
+                usage_type: hearth_server::pricing::UsageType::SnapshotRead,
+                from_ms: now,
+                to_ms: now,
+                amount: 1,
+            }])?;
+        record.push(ms(started.elapsed()));
+    }
+    Ok(MeterFigures {
+        rounds,
+        round_cpu_ms,
+        record_ms: Stats::of(record),
+    })
 }
 
 async fn axum_serve(listener: tokio::net::TcpListener, app: axum::Router) -> std::io::Result<()> {
@@ -293,5 +389,10 @@ fn print_table(r: &Report) {
     println!(
         "GetMicrovm throughput: {:.0} requests/s",
         r.get_throughput_per_s
+    );
+    row("usage record, committed alone", &r.meter_record_ms);
+    println!(
+        "usage meter, {} idle microVMs: {:.2} ms CPU per round ({} rounds), {:.4} % of a core at 10 s",
+        r.meter_idle_vms, r.meter_round_cpu_ms, r.meter_rounds, r.meter_cpu_percent_at_10s
     );
 }

@@ -30,6 +30,7 @@ mod progress;
 mod shell;
 mod signals;
 mod terminal;
+mod usage_cli;
 
 #[derive(Debug, Parser)]
 #[command(name = "hearth", version, about = "Run untrusted code in microVMs")]
@@ -69,6 +70,8 @@ enum Command {
     /// exec, cp, port-forward: into a running microVM through its endpoint.
     #[command(flatten)]
     Guest(guest_cli::GuestCommand),
+    /// Metered usage and its cost (operator: reads the data directory).
+    Usage(usage_cli::UsageArgs),
 }
 
 #[derive(Debug, Args)]
@@ -177,6 +180,15 @@ struct ServeArgs {
     /// Disk space (MiB) of the data directory kept free, as --reserve-memory-mib.
     #[arg(long, default_value_t = 2048)]
     reserve_disk_mib: u64,
+    /// Machine sizes to accept besides the reference's (JSON, see README).
+    #[arg(long, value_name = "FILE")]
+    shapes: Option<PathBuf>,
+    /// Prices per usage type overriding the reference's us-east-1 rates (JSON, see README).
+    #[arg(long, value_name = "FILE")]
+    price_sheet: Option<PathBuf>,
+    /// Seconds between two samples of the usage meter.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    usage_interval: u64,
 }
 
 fn parse_jail_uids(text: &str) -> Result<hearth_vm::JailMode, String> {
@@ -482,6 +494,13 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 memory_mib: args.reserve_memory_mib,
                 disk_mib: args.reserve_disk_mib,
             };
+            if let Some(file) = &args.shapes {
+                config.sizes = hearth_server::sizes::Sizes::load(file)?;
+            }
+            if let Some(file) = &args.price_sheet {
+                config.prices = hearth_server::pricing::PriceSheet::load(file)?;
+            }
+            config.usage_interval = std::time::Duration::from_secs(args.usage_interval);
             config.registry = args.registry.map(|registry| hearth_oci::RegistryConfig {
                 registry,
                 insecure_http: args.registry_insecure,
@@ -528,6 +547,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Client(command) => Ok(client_cli::main(command).await),
         Command::Guest(command) => Ok(guest_cli::main(command).await),
+        Command::Usage(args) => {
+            let dir = data_dir(args.data_dir.clone());
+            usage_cli::usage(args, &dir)
+        }
     }
 }
 
@@ -581,10 +604,7 @@ async fn vm(command: VmCommand) -> Result<ExitCode> {
             let request = BootRequest {
                 name,
                 image,
-                shape: MachineShape {
-                    memory_mib: shape.memory_mib,
-                    vcpus: shape.vcpus,
-                },
+                shape: MachineShape::fixed(shape.memory_mib, shape.vcpus),
             };
             // An interrupted boot drops the boot future, which ends its QEMU and
             // removes the VM's files: nothing is left behind half-booted.

@@ -52,7 +52,7 @@ def image(server, tmp_path_factory):
     (context / "secret.txt").write_text("not for the image")
     (context / ".dockerignore").write_text("secret.txt\n")
     log = []
-    built = hearth.Image.build(context, "sdk-web", memory=256, on_log=log.append)
+    built = hearth.Image.build(context, "sdk-web", memory=512, on_log=log.append)
     return built, "".join(log)
 
 
@@ -82,7 +82,7 @@ def test_image_build_streams_the_log(image):
 def test_a_failed_build_raises_build_error(server, tmp_path):
     (tmp_path / "Dockerfile").write_text("FROM debian-12\nRUN echo about to fail; exit 7\n")
     with pytest.raises(hearth.BuildError) as excinfo:
-        hearth.Image.build(tmp_path, "sdk-broken", memory=256, on_log=None)
+        hearth.Image.build(tmp_path, "sdk-broken", memory=512, on_log=None)
     assert "CONTAINER_BUILD_FAILED" in (excinfo.value.state_reason or ""), excinfo.value.state_reason
     assert "about to fail" in excinfo.value.log
 

@@ -56,6 +56,7 @@ pub async fn boot_built(driver: &QemuDriver, disk: &Disk) -> (VmRecord, AgentCli
                 overlay: None,
                 egress: false,
                 disk_size: None,
+                free_page_reporting: false,
             },
         )
         .await

@@ -12,6 +12,8 @@
 //!   once the build has ended and the whole log was read.
 //! - `GET /hearth/2025-09-09/microvms/{id}/logs?since=MS&offset=CURSOR&follow=BOOL`:
 //!   the app's stdout and stderr (see [`super::app_logs`]).
+//! - `GET /hearth/2025-09-09/usage?since=EPOCH&until=EPOCH`: the caller's
+//!   metered usage and its cost (see [`super::usage`]).
 
 use std::time::Duration;
 
@@ -30,6 +32,7 @@ use crate::endpoint::guest_api::ExecBody;
 
 const PREFIX: &str = "/hearth/2025-09-09/microvms/";
 const BUILDS_PREFIX: &str = "/hearth/2025-09-09/builds/";
+const USAGE_PATH: &str = "/hearth/2025-09-09/usage";
 /// Most log bytes one call returns.
 const LOG_CHUNK: u64 = 256 * 1024;
 /// Output beyond this is refused rather than buffered (the agent caps at 64 MiB).
@@ -51,6 +54,10 @@ pub enum Route {
         microvm_id: String,
         query: String,
     },
+    /// The caller's cost report; the query is checked by the handler.
+    Usage {
+        query: String,
+    },
 }
 
 impl Route {
@@ -60,11 +67,17 @@ impl Route {
             Route::Exec { .. } => "HearthExec",
             Route::BuildLogs { .. } => "HearthBuildLogs",
             Route::MicrovmLogs { .. } => "HearthMicrovmLogs",
+            Route::Usage { .. } => "HearthUsage",
         }
     }
 }
 
 pub fn route(method: &Method, path: &str, query: Option<&str>) -> Option<Route> {
+    if path == USAGE_PATH {
+        return (method == Method::GET).then(|| Route::Usage {
+            query: query.unwrap_or("").to_string(),
+        });
+    }
     if let Some(rest) = path.strip_prefix(BUILDS_PREFIX) {
         let (id, action) = rest.split_once('/')?;
         if method != Method::GET || action != "logs" || id.is_empty() {
@@ -105,6 +118,7 @@ pub async fn handle(
         Route::MicrovmLogs { microvm_id, query } => {
             super::app_logs::handle(state, caller, &microvm_id, &query).await
         }
+        Route::Usage { query } => super::usage::handle(state, caller, &query),
     }
 }
 

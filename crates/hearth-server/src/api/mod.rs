@@ -14,6 +14,7 @@ pub mod ops;
 pub mod pipeline;
 pub mod s3;
 pub mod state;
+pub mod usage;
 
 pub use pipeline::app;
 pub use state::AppState;

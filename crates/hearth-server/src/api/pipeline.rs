@@ -65,6 +65,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             ));
         }
     }
+    body.push_str(&usage_series(&state.meter));
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -73,6 +74,44 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         body,
     )
         .into_response()
+}
+
+/// Per-microVM series from the usage meter's last round, and the meter's own cost.
+fn usage_series(meter: &crate::vms::meter::Meter) -> String {
+    let mut figures: Vec<_> = meter.figures().into_iter().collect();
+    figures.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut body = String::new();
+    type Series = (
+        &'static str,
+        &'static str,
+        fn(&crate::vms::meter::VmFigures) -> f64,
+    );
+    let series: [Series; 4] = [
+        ("hearth_microvm_cpu_seconds_total", "counter", |f| {
+            f.cpu_seconds
+        }),
+        ("hearth_microvm_memory_bytes", "gauge", |f| {
+            f.memory_bytes as f64
+        }),
+        ("hearth_microvm_burst_vcpu_seconds_total", "counter", |f| {
+            f.burst_seconds
+        }),
+        ("hearth_microvm_egress_bytes_total", "counter", |f| {
+            f.egress_bytes as f64
+        }),
+    ];
+    for (name, kind, value) in series {
+        body.push_str(&format!("# TYPE {name} {kind}\n"));
+        for (id, f) in &figures {
+            body.push_str(&format!("{name}{{microvm=\"{id}\"}} {}\n", value(f)));
+        }
+    }
+    let (spent, rounds) = meter.cost();
+    body.push_str(&format!(
+        "# TYPE hearth_meter_cpu_seconds_total counter\nhearth_meter_cpu_seconds_total {spent}\n\
+         # TYPE hearth_meter_rounds_total counter\nhearth_meter_rounds_total {rounds}\n"
+    ));
+    body
 }
 
 /// Every API operation goes through here.

@@ -16,6 +16,7 @@ use crate::endpoint::EndpointBackend;
 use crate::images::build::Builds;
 use crate::vms::capacity::Capacity;
 use crate::vms::engine::Engine;
+use crate::vms::meter::Meter;
 
 #[derive(Debug, Default)]
 pub(crate) struct Metrics {
@@ -42,6 +43,8 @@ pub struct AppState {
     pub s3: hearth_s3::S3Service,
     /// Host capacity admission for launches, resumes and builds.
     pub capacity: Capacity,
+    /// The usage meter (its latest per-VM figures feed `/metrics`).
+    pub meter: Arc<Meter>,
 }
 
 impl AppState {
@@ -56,6 +59,7 @@ impl AppState {
         builds: Arc<Builds>,
         artifacts: hearth_s3::ArtifactSource,
         s3: hearth_s3::S3Service,
+        meter: Arc<Meter>,
     ) -> Self {
         let capacity = Capacity::new(
             engine.shared_driver(),
@@ -75,6 +79,7 @@ impl AppState {
             builds,
             artifacts,
             s3,
+            meter,
         }
     }
 
@@ -123,11 +128,13 @@ impl AppState {
                     max_artifact_bytes: config.artifacts.max_artifact_bytes,
                     registry: None,
                     cache_max_age: Duration::from_secs(14 * 86_400),
+                    sizes: config.sizes.clone(),
                 },
             )
             .expect("builds"),
         );
-        let engine = Engine::new(driver, store.clone());
+        let engine = Engine::new(driver.clone(), store.clone());
+        let meter = Meter::new(driver, store.clone(), config.usage_interval);
         Self::new(
             config,
             store,
@@ -138,6 +145,7 @@ impl AppState {
             builds,
             artifacts,
             s3,
+            meter,
         )
     }
 }

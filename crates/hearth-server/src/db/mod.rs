@@ -6,3 +6,4 @@ pub mod resources;
 pub mod secrets;
 pub mod spec;
 pub mod store;
+pub mod usage;

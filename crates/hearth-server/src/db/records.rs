@@ -1043,7 +1043,23 @@ impl Store {
         to: MicrovmState,
         reason: Option<&str>,
     ) -> Result<Option<MicrovmState>, StoreError> {
-        let conn = self.conn();
+        self.transition_microvm_metered(id, from, to, reason, &[])
+    }
+
+    /// [`Self::transition_microvm`], adding `usage` (a snapshot read or
+    /// write the change made) in the same transaction: both or neither.
+    pub fn transition_microvm_metered(
+        &self,
+        id: &str,
+        from: &[MicrovmState],
+        to: MicrovmState,
+        reason: Option<&str>,
+        usage: &[crate::db::usage::Increment],
+    ) -> Result<Option<MicrovmState>, StoreError> {
+        let mut conn = self.conn();
+        // IMMEDIATE: it reads, then writes; a deferred one could find another
+        // connection's write lock in the way and fail with SQLITE_BUSY.
+        let conn = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let current: Option<String> = conn
             .query_row(
                 "SELECT state FROM microvms WHERE microvm_id = ?1",
@@ -1062,12 +1078,18 @@ impl Store {
         let suspended_at = (to == MicrovmState::Suspended).then_some(now);
         // Running again (launch or resume) counts as activity for the idle timer.
         let active_at = (to == MicrovmState::Running).then_some(now);
+        // What the usage meter bills the baseline between.
+        let runs = |state| matches!(state, MicrovmState::Running | MicrovmState::Suspending);
+        let running_at = (!runs(current) && runs(to)).then_some(now);
+        let stopped_running_at = (runs(current) && !runs(to)).then_some(now);
         let changed = conn.execute(
             "UPDATE microvms SET state = ?3,
                 state_reason = COALESCE(?4, state_reason),
                 terminated_at = COALESCE(?5, terminated_at),
                 suspended_at = COALESCE(?6, suspended_at),
-                last_activity_at = COALESCE(?7, last_activity_at)
+                last_activity_at = COALESCE(?7, last_activity_at),
+                running_at = COALESCE(?8, running_at),
+                stopped_running_at = COALESCE(?9, stopped_running_at)
              WHERE microvm_id = ?1 AND state = ?2",
             params![
                 id,
@@ -1076,9 +1098,15 @@ impl Store {
                 reason,
                 terminated_at,
                 suspended_at,
-                active_at
+                active_at,
+                running_at,
+                stopped_running_at
             ],
         )?;
+        if changed == 1 {
+            crate::db::usage::add(&conn, usage)?;
+        }
+        conn.commit()?;
         Ok((changed == 1).then_some(current))
     }
 

@@ -110,6 +110,36 @@ const MIGRATIONS: &[&str] = &[
     // 4: a build's owner is its pid and that process's start time, so a new
     // process that happens to get the same pid is not taken for the owner.
     "ALTER TABLE builds ADD COLUMN owner_start INTEGER;",
+    // 5: usage metering. When a microVM last began and stopped running (the
+    // meter bills the baseline between them); usage in hourly buckets (amounts
+    // in the usage type's stored unit, see `pricing::UsageType`; '' for
+    // usage of no microVM: builds, image versions' storage); per subject
+    // (a running microVM, a stored snapshot) how far it is metered, updated
+    // in the same transaction as the buckets, so nothing counts twice.
+    "ALTER TABLE microvms ADD COLUMN running_at INTEGER;
+    ALTER TABLE microvms ADD COLUMN stopped_running_at INTEGER;
+    CREATE TABLE usage_buckets (
+        account_id TEXT NOT NULL,
+        hour INTEGER NOT NULL,
+        microvm_id TEXT NOT NULL,
+        image_name TEXT NOT NULL,
+        usage_type TEXT NOT NULL,
+        amount INTEGER NOT NULL,
+        PRIMARY KEY (account_id, hour, microvm_id, image_name, usage_type)
+    );
+    CREATE TABLE usage_marks (
+        subject TEXT PRIMARY KEY,
+        metered_to INTEGER NOT NULL,
+        cpu_ns INTEGER NOT NULL DEFAULT 0,
+        instance TEXT NOT NULL DEFAULT '',
+        egress_bytes INTEGER NOT NULL DEFAULT 0,
+        stored_bytes INTEGER NOT NULL DEFAULT 0,
+        -- A stored snapshot's owner and when it was made, so a mark whose
+        -- version row is gone can still be billed to its minimum.
+        account_id TEXT NOT NULL DEFAULT '',
+        image_name TEXT NOT NULL DEFAULT '',
+        since INTEGER NOT NULL DEFAULT 0
+    );",
 ];
 
 #[derive(Debug, thiserror::Error)]

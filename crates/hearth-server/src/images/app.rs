@@ -107,6 +107,9 @@ pub async fn snapshot_ready_app(
             .agent(&vm)
             .await
             .map_err(|e| platform("the VM's agent did not answer", &e))?;
+        if disk.disk_size.is_some() {
+            grow_root(&agent, progress).await;
+        }
         if !app.argv.is_empty() {
             progress(&format!("starting {}", app.argv.join(" ")));
             let pid = start_app(&agent, app).await?;
@@ -139,6 +142,27 @@ pub async fn snapshot_ready_app(
         tracing::warn!(error = %error_chain(&err), "cannot remove the snapshot VM");
     }
     result
+}
+
+/// Grows the root filesystem to the size's disk (online, with the image's
+/// own resize2fs; an image without it keeps its filesystem's size).
+async fn grow_root(agent: &AgentClient, progress: &(dyn Fn(&str) + Sync)) {
+    let grown = agent
+        .exec_output(ExecRequest {
+            argv: vec!["resize2fs".into(), "/dev/vda".into()],
+            env: vec![(
+                "PATH".into(),
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+            )],
+            timeout_ms: Some(120_000),
+            ..Default::default()
+        })
+        .await;
+    if grown.is_ok_and(|o| o.status.code == Some(0)) {
+        progress("root filesystem grown to the size's disk");
+    } else {
+        progress("the root filesystem keeps its size (no resize2fs in the image)");
+    }
 }
 
 /// Reads what the app printed while the image was built, copies its last

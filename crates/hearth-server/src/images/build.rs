@@ -26,17 +26,18 @@ use hearth_builder::archive;
 use hearth_builder::oci::BaseError;
 use hearth_builder::run::{Base, BaseResolver, BuildLog, BuildRequest, Builder, Disk};
 use hearth_vm::disk::BackingFormat;
-use hearth_vm::{error_chain, Assets, ColdBoot, Driver, MachineShape};
+use hearth_vm::{error_chain, Assets, ColdBoot, Driver};
 use serde_json::Value;
 use tokio::sync::Semaphore;
 
 use crate::arn::Arn;
 use crate::db::records::SnapshotSizes;
 use crate::db::spec::{ImageHook, ImageSpec};
-use crate::db::store::{Store, StoreError};
+use crate::db::store::{unix_now_ms, Store, StoreError};
 use crate::images::app::{aws_env, snapshot_ready_app, AppSpec};
 use crate::layout;
-use crate::vms::hooks;
+use crate::sizes::{Size, Sizes};
+use crate::vms::{hooks, meter};
 
 /// Largest build log kept; later lines are dropped with a note.
 const MAX_LOG_BYTES: u64 = 8 * 1024 * 1024;
@@ -127,6 +128,8 @@ pub struct BuildSettings {
     pub registry: Option<hearth_oci::RegistryConfig>,
     /// Step-cache entries unused this long are dropped at the next start.
     pub cache_max_age: Duration,
+    /// What each `minimumMemoryInMiB` gives the build's VMs.
+    pub sizes: Sizes,
 }
 
 /// Runs builds.
@@ -141,6 +144,7 @@ pub struct Builds {
     max_artifact_bytes: u64,
     registry: Option<hearth_oci::RegistryConfig>,
     cache_max_age: Duration,
+    sizes: Sizes,
     slots: Semaphore,
 }
 
@@ -172,6 +176,7 @@ impl Builds {
             max_artifact_bytes,
             registry,
             cache_max_age,
+            sizes,
         } = settings;
         // The step cache lives with the data: image versions chain to its layers.
         let builder =
@@ -187,6 +192,7 @@ impl Builds {
             max_artifact_bytes,
             registry,
             cache_max_age,
+            sizes,
             slots: Semaphore::new(PARALLEL_BUILDS),
         })
     }
@@ -251,7 +257,17 @@ impl Builds {
         };
         self.store.build_started(&job.account_id, &job.build_id)?;
         let started = Instant::now();
+        let started_ms = unix_now_ms();
         let outcome = self.execute(job, &log).await;
+        // A build is billed the baseline of its size for as long as it ran.
+        meter::build_usage(
+            &self.store,
+            &job.account_id,
+            &job.image_name,
+            self.size(job).shape(),
+            started_ms,
+            unix_now_ms(),
+        );
         let _ = std::fs::remove_dir_all(layout::build_context(&self.data_dir, &job.build_id));
         let _ = std::fs::remove_file(layout::build_artifact(&self.data_dir, &job.build_id));
         match &outcome {
@@ -266,6 +282,14 @@ impl Builds {
         }
         self.store
             .finish_build(&job.account_id, &job.build_id, outcome)
+    }
+
+    /// The job's size (validated when the version was made; one an operator
+    /// has since removed from the table follows the reference's rule).
+    fn size(&self, job: &BuildJob) -> Size {
+        self.sizes
+            .get(job.memory_mib)
+            .unwrap_or_else(|| Size::reference(job.memory_mib))
     }
 
     fn version_dir(&self, job: &BuildJob) -> PathBuf {
@@ -326,10 +350,8 @@ impl Builds {
             default_base: job.spec.base_image_name().unwrap_or_default(),
         };
         let prefix = layout::build_vm_prefix(&job.build_id);
-        let shape = MachineShape {
-            memory_mib: job.memory_mib,
-            vcpus: 1,
-        };
+        let size = self.size(job);
+        let shape = size.shape();
         let egress = job.spec.internet_egress();
         let request = BuildRequest {
             context: context.clone(),
@@ -399,7 +421,9 @@ impl Builds {
                 base_format: built.disk.format,
                 overlay: None,
                 egress: false,
-                disk_size: None,
+                disk_size: Some(size.disk_bytes()),
+                // Its snapshot is cloned: see `ColdBoot::free_page_reporting`.
+                free_page_reporting: false,
             },
             &app,
             &snapshot_dir,

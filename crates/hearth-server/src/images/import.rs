@@ -15,7 +15,7 @@ use std::time::Duration;
 use hearth_api::{BuildErrorCode, BuildFailure};
 use hearth_vm::disk::BackingFormat;
 use hearth_vm::error_chain;
-use hearth_vm::{ColdBoot, Driver, MachineShape, VmError};
+use hearth_vm::{ColdBoot, Driver, VmError};
 use tokio::process::Command;
 
 use crate::arn::Arn;
@@ -28,6 +28,7 @@ use crate::db::spec::{
 use crate::db::store::{Store, StoreError};
 use crate::images::app::{self, AppSpec};
 use crate::layout;
+use crate::sizes::Size;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImportError {
@@ -212,6 +213,9 @@ async fn build(
     hearth_vm::disk::create_private_dir_all(version_dir)
         .map_err(|e| platform("cannot create the version directory", &e))?;
     let rootfs = layout::imported_rootfs(version_dir);
+    // The operator's import may use any baseline: the reference's rule
+    // (4x memory and vCPU, one vCPU per 2 GiB of peak) gives its guests' size.
+    let size = Size::reference(request.memory_mib);
     progress("making the root disk (mkfs.ext4 -d)");
     let code_size = make_root_disk(&request.rootfs, &rootfs, version_dir).await?;
     let app = AppSpec {
@@ -225,16 +229,14 @@ async fn build(
     app::snapshot_ready_app(
         driver,
         &layout::import_vm_name(build_id),
-        MachineShape {
-            memory_mib: request.memory_mib,
-            vcpus: 1,
-        },
+        size.shape(),
         &ColdBoot {
             base: rootfs,
             base_format: BackingFormat::Raw,
             overlay: None,
             egress: false,
-            disk_size: None,
+            disk_size: Some(size.disk_bytes()),
+            free_page_reporting: false,
         },
         &app,
         &layout::snapshot_dir(version_dir),

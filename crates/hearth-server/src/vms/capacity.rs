@@ -145,14 +145,16 @@ pub enum Start {
     WithRamFile,
 }
 
-/// The demand of a VM of `memory_mib` started as `start`.
-pub fn demand_of(memory_mib: u32, accel: hearth_vm::Accel, start: Start) -> Demand {
-    let shape = MachineShape {
-        memory_mib,
-        vcpus: 1,
-    };
-    let memory = CgroupLimits::for_shape_on(&shape, accel).memory_bytes;
-    let guest = u64::from(memory_mib) * MIB;
+/// The demand of a VM of size `baseline_mib` (its `minimumMemoryInMiB`)
+/// started as `start`. Host memory counts the baseline plus QEMU's overhead,
+/// as the reference's quota counts the baseline: a burst is temporary and
+/// the cgroup caps it at the peak. A RAM file is counted at the peak: a full
+/// tmpfs would SIGBUS a running guest, so no overcommit there.
+pub fn demand_of(baseline_mib: u32, accel: hearth_vm::Accel, start: Start) -> Demand {
+    let peak = MachineShape::burst_of(baseline_mib);
+    let memory =
+        (u64::from(baseline_mib) << 20) + (hearth_vm::cgroup::qemu_overhead_mib(accel) << 20);
+    let guest = u64::from(peak.memory_mib) * MIB;
     Demand {
         memory,
         ram_fs: match start {

@@ -26,7 +26,9 @@ use crate::db::records::MicrovmRow;
 use crate::db::resources::MicrovmState;
 use crate::db::spec::{HookCall, RuntimeHook};
 use crate::db::store::{unix_now_ms, Store, StoreError};
+use crate::pricing::UsageType;
 use crate::vms::hooks::{self, HookError};
+use crate::vms::meter;
 
 /// How often lifetimes and VM processes are checked.
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
@@ -234,15 +236,19 @@ impl Engine {
         let launched = async {
             let snapshot = self.snapshot(&snapshot_dir)?;
             let egress = row.spec.egress(self.default_egress.load(Ordering::Relaxed));
-            Ok::<_, EngineError>(
-                self.driver
-                    .launch_with_egress(&snapshot, &row.vm_name, egress)
-                    .await?,
-            )
+            // What a launch reads: the memory the snapshot stores (a sparse
+            // file's holes are never read) and the device state.
+            let read = meter::stored_bytes(&snapshot.memory())
+                + std::fs::metadata(snapshot.state()).map_or(0, |m| m.len());
+            let (vm, agent) = self
+                .driver
+                .launch_with_egress(&snapshot, &row.vm_name, egress)
+                .await?;
+            Ok::<_, EngineError>((vm, agent, read))
         }
         .await;
         match launched {
-            Ok((_vm, agent)) => {
+            Ok((_vm, agent, read)) => {
                 // `/run` comes before the VM counts as RUNNING (and before the
                 // endpoint forwards traffic to it).
                 if let Some(hook) = row.spec.hook(RuntimeHook::Run) {
@@ -258,11 +264,17 @@ impl Engine {
                     }
                 }
                 lock(&self.agents).insert(row.microvm_id.clone(), Arc::new(agent));
-                match self.store.transition_microvm(
+                // The snapshot read is recorded with RUNNING, in one commit.
+                match self.store.transition_microvm_metered(
                     &row.microvm_id,
                     &[MicrovmState::Pending],
                     MicrovmState::Running,
                     None,
+                    &[meter::snapshot_transfer(
+                        &row,
+                        UsageType::SnapshotRead,
+                        read,
+                    )],
                 ) {
                     Ok(Some(_)) => info!(microvm = %row.microvm_id, "running"),
                     // Terminated meanwhile: its terminate task removes the VM.
@@ -308,16 +320,21 @@ impl Engine {
         let suspended = async {
             let mut vm = self.driver.load(&row.vm_name)?;
             self.driver.suspend(&mut vm).await?;
-            Ok::<_, EngineError>(())
+            Ok::<_, EngineError>(meter::stored_bytes(&vm.suspend_state()))
         }
         .await;
         match suspended {
-            Ok(()) => {
-                let _ = self.store.transition_microvm(
+            Ok(written) => {
+                let _ = self.store.transition_microvm_metered(
                     &row.microvm_id,
                     &[MicrovmState::Suspending],
                     MicrovmState::Suspended,
                     None,
+                    &[meter::snapshot_transfer(
+                        &row,
+                        UsageType::SnapshotWrite,
+                        written,
+                    )],
                 );
                 info!(microvm = %row.microvm_id, "suspended");
             }
@@ -353,13 +370,14 @@ impl Engine {
         let _held = guard.lock().await;
         let resumed = async {
             let mut vm = self.driver.load(&row.vm_name)?;
+            let read = meter::stored_bytes(&vm.suspend_state());
             self.driver.resume(&mut vm).await?;
             let agent = self.driver.agent(&vm).await?;
-            Ok::<_, EngineError>(agent)
+            Ok::<_, EngineError>((agent, read))
         }
         .await;
         match resumed {
-            Ok(agent) => {
+            Ok((agent, read)) => {
                 if let Some(hook) = row.spec.hook(RuntimeHook::Resume) {
                     if let Err(reason) = call_hook(&agent, &hook, None).await {
                         drop(agent);
@@ -368,11 +386,16 @@ impl Engine {
                     }
                 }
                 lock(&self.agents).insert(row.microvm_id.clone(), Arc::new(agent));
-                let _ = self.store.transition_microvm(
+                let _ = self.store.transition_microvm_metered(
                     &row.microvm_id,
                     &[MicrovmState::Pending],
                     MicrovmState::Running,
                     None,
+                    &[meter::snapshot_transfer(
+                        &row,
+                        UsageType::SnapshotRead,
+                        read,
+                    )],
                 );
                 info!(microvm = %row.microvm_id, "resumed");
             }

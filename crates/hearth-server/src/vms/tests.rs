@@ -639,3 +639,160 @@ async fn reconcile_kills_stray_processes_and_removes_unowned_vms() {
     assert!(f.fake.load("build-x").is_ok());
     assert!(f.fake.ops("build-x").is_empty());
 }
+
+// ---- usage metering ------------------------------------------------------------
+
+mod metering {
+    use super::*;
+    use crate::api::usage::{report, GroupBy};
+    use crate::pricing::{PriceSheet, UsageType, MICRO};
+    use crate::vms::meter::{stored_bytes, Meter};
+    use hearth_vm::VmUsage;
+
+    const MIB: u64 = 1 << 20;
+
+    /// Sums of one microVM's buckets by type.
+    fn totals(store: &Store, account: &str, microvm: &str) -> HashMap<UsageType, i64> {
+        let mut out = HashMap::new();
+        for sum in store.usage_sums(Some(account), 0, i64::MAX / 2).unwrap() {
+            if sum.microvm_id == microvm {
+                *out.entry(sum.usage_type).or_default() += sum.amount;
+            }
+        }
+        out
+    }
+
+    use std::collections::HashMap;
+
+    #[tokio::test(start_paused = true)]
+    async fn baseline_and_burst_are_metered_exactly_across_a_restart() {
+        let f = Fixture::paused();
+        f.fake.insert_running("mv-1");
+        f.row(1, Pending, spec(3600));
+        f.move_to(1, Pending, Running).await;
+        let driver: Arc<dyn Driver> = Arc::new(f.fake.clone());
+        let meter = Meter::new(driver.clone(), f.store.clone(), Duration::from_secs(10));
+        let sample = |meter: &Meter, cpu_s: u64, memory_mib: u64| {
+            f.fake.set_usage(
+                "mv-1",
+                VmUsage {
+                    cpu_ns: cpu_s * 1_000_000_000,
+                    memory_bytes: memory_mib * MIB,
+                },
+            );
+            meter.sample_round().unwrap();
+        };
+        // The fake's shape: 256 MiB, 1 vCPU, baseline = peak.
+        sample(&meter, 0, 100);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        // A sleeping guest (0.1 vCPU, under its memory): the baseline only.
+        sample(&meter, 1, 100);
+        let after_sleep = totals(&f.store, &f.account, "microvm-1");
+        assert_eq!(after_sleep[&UsageType::VcpuSeconds], 10 * MICRO);
+        assert_eq!(after_sleep[&UsageType::MemoryGbSeconds], 10 * MICRO / 4);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        // 3 vCPUs for 10 s on a 1-vCPU baseline: 20 vCPU-s of burst; 512 MiB
+        // held on a 256 MiB baseline: 0.25 GB x 10 s above it.
+        sample(&meter, 31, 512);
+        // The server dies (kill -9: nothing but the database survives) and a
+        // new one meters on from the marks.
+        drop(meter);
+        let meter = Meter::new(driver, f.store.clone(), Duration::from_secs(10));
+        tokio::time::advance(Duration::from_secs(10)).await;
+        sample(&meter, 31, 100);
+        let all = totals(&f.store, &f.account, "microvm-1");
+        // 30 s of baseline + 20 s of burst; 30 s x 0.25 GB + 2.5 GB-s.
+        assert_eq!(all[&UsageType::VcpuSeconds], 50 * MICRO);
+        assert_eq!(all[&UsageType::MemoryGbSeconds], 10 * MICRO);
+        // Sampling again at the same instant adds nothing (nothing twice).
+        meter.sample_round().unwrap();
+        assert_eq!(totals(&f.store, &f.account, "microvm-1"), all);
+        let figures = meter.figures();
+        assert_eq!(figures["microvm-1"].cpu_seconds, 31.0);
+        // Stopped: billed up to the moment it stopped running, then closed.
+        tokio::time::advance(Duration::from_secs(4)).await;
+        f.move_to(1, Running, Terminating).await;
+        tokio::time::advance(Duration::from_secs(6)).await;
+        meter.sample_round().unwrap();
+        let ended = totals(&f.store, &f.account, "microvm-1");
+        assert_eq!(ended[&UsageType::VcpuSeconds], 54 * MICRO);
+        assert!(f.store.vm_mark("microvm-1").unwrap().is_none());
+        tokio::time::advance(Duration::from_secs(10)).await;
+        meter.sample_round().unwrap();
+        assert_eq!(totals(&f.store, &f.account, "microvm-1"), ended);
+    }
+
+    #[tokio::test]
+    async fn suspend_and_resume_add_the_state_written_and_read() {
+        let f = Fixture::new();
+        f.fake.insert_running("mv-1");
+        f.row(1, Running, spec(3600));
+        let row = f.move_to(1, Running, Suspending).await;
+        f.engine.suspend(row).await;
+        assert_eq!(f.state(1), Suspended);
+        let state_file = f.fake.load("mv-1").unwrap().suspend_state();
+        let written = stored_bytes(&state_file);
+        assert!(written >= std::fs::metadata(&state_file).unwrap().len());
+        let after_suspend = totals(&f.store, &f.account, "microvm-1");
+        assert_eq!(after_suspend[&UsageType::SnapshotWrite], written as i64);
+        assert!(!after_suspend.contains_key(&UsageType::SnapshotRead));
+        let row = f.move_to(1, Suspended, Pending).await;
+        f.engine.resume(row).await;
+        assert_eq!(f.state(1), Running);
+        let after_resume = totals(&f.store, &f.account, "microvm-1");
+        assert_eq!(after_resume[&UsageType::SnapshotRead], written as i64);
+        assert_eq!(after_resume[&UsageType::SnapshotWrite], written as i64);
+    }
+
+    #[tokio::test]
+    async fn a_launch_adds_the_snapshot_read() {
+        let f = Fixture::new();
+        let snapshot = f.snapshot();
+        let row = f.row(1, Pending, spec(3600));
+        f.engine.launch(row, snapshot.clone()).await;
+        assert_eq!(f.state(1), Running);
+        let opened = hearth_vm::Snapshot::open(&snapshot, hearth_vm::Verify::Sizes).unwrap();
+        let expected =
+            stored_bytes(&opened.memory()) + std::fs::metadata(opened.state()).unwrap().len();
+        assert_eq!(
+            totals(&f.store, &f.account, "microvm-1")[&UsageType::SnapshotRead],
+            expected as i64
+        );
+    }
+
+    #[tokio::test]
+    async fn one_accounts_report_never_shows_another() {
+        let f = Fixture::paused();
+        let other = f.store.create_account("b").unwrap().account_id;
+        f.fake.insert_running("mv-1");
+        f.row(1, Running, spec(3600));
+        f.move_to(1, Running, Suspending).await;
+        f.engine.suspend(f.read(1)).await;
+        let sheet = PriceSheet::default();
+        let mine = report(
+            &f.store,
+            &sheet,
+            "us-east-1",
+            Some(&f.account),
+            0,
+            i64::MAX / 2,
+            GroupBy::Microvm,
+        )
+        .unwrap();
+        assert!(!mine.items.is_empty());
+        assert!(mine.total_cost_usd > 0.0);
+        assert!(mine.items.iter().all(|i| i.account_id == f.account));
+        let theirs = report(
+            &f.store,
+            &sheet,
+            "us-east-1",
+            Some(&other),
+            0,
+            i64::MAX / 2,
+            GroupBy::Microvm,
+        )
+        .unwrap();
+        assert!(theirs.items.is_empty(), "{theirs:?}");
+        assert_eq!(theirs.total_cost_usd, 0.0);
+    }
+}

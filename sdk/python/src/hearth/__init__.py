@@ -33,6 +33,7 @@ from .exceptions import (
 from .files import EntryInfo, Filesystem, WriteInfo
 from .image import Image
 from .sandbox import LogEvent, Sandbox, SandboxInfo
+from .usage import UsageItem, UsageReport, usage
 
 __version__ = "0.1.0"
 
@@ -40,5 +41,6 @@ __all__ = [
     "AccessDeniedError", "ApiError", "BuildError", "CommandExitError", "CommandHandle", "CommandResult",
     "CommandTimeoutError", "Commands", "ConflictError", "Connection", "ConnectionError", "EntryInfo",
     "Filesystem", "HearthError", "Image", "LogEvent", "NotFoundError", "QuotaExceededError", "Sandbox",
-    "SandboxError", "SandboxInfo", "ServerError", "ThrottlingError", "ValidationError", "WriteInfo",
+    "SandboxError", "SandboxInfo", "ServerError", "ThrottlingError", "UsageItem", "UsageReport",
+    "ValidationError", "WriteInfo", "usage",
 ]

@@ -460,9 +460,6 @@ pub(super) fn list_builds(
     paginate(rows, input, 50)
 }
 
-/// The memory sizes a build accepts, in MiB.
-const MEMORY_RANGE: std::ops::RangeInclusive<u32> = 256..=32768;
-
 /// The version a build request asks for, read once from the validated input,
 /// after the checks the model cannot make: the base image, connectors,
 /// architecture, memory and hooks.
@@ -501,11 +498,10 @@ fn build_spec(state: &AppState, caller: &Caller, input: &Value) -> Result<ImageS
         }
     }
     let memory = spec.memory_mib();
-    if !MEMORY_RANGE.contains(&memory) {
+    if state.config.sizes.get(memory).is_none() {
         return Err(ApiError::validation(format!(
-            "minimumMemoryInMiB must be between {} and {}",
-            MEMORY_RANGE.start(),
-            MEMORY_RANGE.end()
+            "Invalid minimumMemoryInMiB value {memory}. Valid values: {}.",
+            state.config.sizes.accepted()
         )));
     }
     if let Some(hooks) = &spec.hooks {
