@@ -224,7 +224,7 @@ impl QemuDriver {
     /// first choice for an OOM kill (before the server, see `hearth serve`).
     /// Until the jail writes the cgroup's `procs_files` before exec.
     fn confine(&self, cgroup: &Option<VmCgroup>, pid: u32) -> Result<(), VmError> {
-        let _ = std::fs::write(format!("/proc/{pid}/oom_score_adj"), "500");
+        let _ = std::fs::write(format!("/proc/{pid}/oom_score_adj"), "1000");
         match cgroup {
             Some(cgroup) => Ok(cgroup.attach(pid)?),
             None => Ok(()),

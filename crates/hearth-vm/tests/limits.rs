@@ -220,7 +220,7 @@ async fn guests_stay_inside_their_cgroups() {
             vm.name
         );
         let oom = read(PathBuf::from(format!("/proc/{pid}/oom_score_adj")));
-        assert_eq!(oom, "500", "QEMU is the OOM killer's first choice");
+        assert_eq!(oom, "1000", "QEMU is the OOM killer's first choice");
     }
     assert_ne!(
         cgroup_dir(pid_of(&hog), "memory"),
