@@ -390,14 +390,15 @@ impl Network {
             connections,
         } = limits;
         // Replaced whole: a namespace given egress again gets no duplicates.
+        // `inet`: the input and forward policies drop IPv6 as well.
         let rules = format!(
-            "table ip {VM_TABLE} {{}}\n\
-             delete table ip {VM_TABLE}\n\
-             table ip {VM_TABLE} {{\n\
+            "table inet {VM_TABLE} {{}}\n\
+             delete table inet {VM_TABLE}\n\
+             table inet {VM_TABLE} {{\n\
              \tcounter egress {{}}\n\
              \tchain prerouting {{\n\
              \t\ttype nat hook prerouting priority dstnat; policy accept;\n\
-             \t\tiifname {TAP} ip daddr {GUEST_DNS} meta l4proto {{ tcp, udp }} th dport 53 dnat to {dns}\n\
+             \t\tiifname {TAP} ip daddr {GUEST_DNS} meta l4proto {{ tcp, udp }} th dport 53 dnat ip to {dns}\n\
              \t}}\n\
              \tchain input {{\n\
              \t\ttype filter hook input priority filter; policy drop;\n\
@@ -435,7 +436,7 @@ impl Network {
     pub async fn egress_bytes(&self, instance: &str) -> Result<u64, NetError> {
         let out = nft_in(
             &self.netns_path(instance),
-            &["-j", "list", "counter", "ip", VM_TABLE, "egress"],
+            &["-j", "list", "counter", "inet", VM_TABLE, "egress"],
             None,
             false,
         )
