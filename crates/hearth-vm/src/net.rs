@@ -11,7 +11,9 @@
 //! - with egress, `up0`: one end of a veth pair whose other end (`<link
 //!   prefix><slot>`) is in the host namespace, each end with an address of the
 //!   slot's /30 from the operator's pool. The namespace masquerades the guest
-//!   onto `up0`, rewrites DNS to 10.0.2.3 to the operator's resolver, counts
+//!   onto `up0`, rewrites DNS to 10.0.2.3 to the operator's resolver, resets
+//!   TCP connections it never saw open (the guest's connections from before a
+//!   snapshot or suspend: the namespace is new, so they fail fast), counts
 //!   and limits egress (bytes per second, concurrent connections) and drops
 //!   every packet addressed to itself.
 //!
@@ -390,14 +392,15 @@ impl Network {
             connections,
         } = limits;
         // Replaced whole: a namespace given egress again gets no duplicates.
+        // `inet`: the input and forward policies drop IPv6 as well.
         let rules = format!(
-            "table ip {VM_TABLE} {{}}\n\
-             delete table ip {VM_TABLE}\n\
-             table ip {VM_TABLE} {{\n\
+            "table inet {VM_TABLE} {{}}\n\
+             delete table inet {VM_TABLE}\n\
+             table inet {VM_TABLE} {{\n\
              \tcounter egress {{}}\n\
              \tchain prerouting {{\n\
              \t\ttype nat hook prerouting priority dstnat; policy accept;\n\
-             \t\tiifname {TAP} ip daddr {GUEST_DNS} meta l4proto {{ tcp, udp }} th dport 53 dnat to {dns}\n\
+             \t\tiifname {TAP} ip daddr {GUEST_DNS} meta l4proto {{ tcp, udp }} th dport 53 dnat ip to {dns}\n\
              \t}}\n\
              \tchain input {{\n\
              \t\ttype filter hook input priority filter; policy drop;\n\
@@ -406,6 +409,7 @@ impl Network {
              \tchain forward {{\n\
              \t\ttype filter hook forward priority filter; policy drop;\n\
              \t\tiifname {UPLINK} oifname {TAP} ct state established,related accept\n\
+             \t\tiifname {TAP} oifname {UPLINK} meta l4proto tcp ct state new tcp flags & (syn | ack) != syn reject with tcp reset\n\
              \t\tiifname {TAP} oifname {UPLINK} ct state new ct count over {connections} drop\n\
              \t\tiifname {TAP} oifname {UPLINK} limit rate over {bytes_per_second} bytes/second drop\n\
              \t\tiifname {TAP} oifname {UPLINK} counter name egress accept\n\
@@ -435,7 +439,7 @@ impl Network {
     pub async fn egress_bytes(&self, instance: &str) -> Result<u64, NetError> {
         let out = nft_in(
             &self.netns_path(instance),
-            &["-j", "list", "counter", "ip", VM_TABLE, "egress"],
+            &["-j", "list", "counter", "inet", VM_TABLE, "egress"],
             None,
             false,
         )

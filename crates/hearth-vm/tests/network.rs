@@ -247,6 +247,33 @@ async fn vm_networks_reach_the_internet_and_nothing_else() {
     );
     assert!(driver.egress_bytes(&open).await.expect("egress bytes") > before);
 
+    // A connection open at the suspend is reset when the guest next uses it.
+    let held = sh(
+        &open_agent,
+        &format!(
+            "cat > /tmp/held.py <<'EOF'\n\
+import os, socket, time\n\
+s = socket.create_connection(('{WEB}', 80), timeout=5)\n\
+open('/tmp/held', 'w').write('open')\n\
+while not os.path.exists('/tmp/go'):\n\
+\x20\x20\x20\x20time.sleep(0.1)\n\
+try:\n\
+\x20\x20\x20\x20s.settimeout(10)\n\
+\x20\x20\x20\x20s.sendall(b'GET / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n')\n\
+\x20\x20\x20\x20r = 'data' if s.recv(100) else 'closed'\n\
+except ConnectionResetError:\n\
+\x20\x20\x20\x20r = 'reset'\n\
+except OSError as e:\n\
+\x20\x20\x20\x20r = 'error ' + str(e)\n\
+open('/tmp/held', 'w').write(r)\n\
+EOF\n\
+nohup python3 /tmp/held.py > /dev/null 2>&1 < /dev/null &\n\
+for i in $(seq 100); do [ \"$(cat /tmp/held 2>/dev/null)\" = open ] && break; sleep 0.1; done\n\
+cat /tmp/held"
+        ),
+    )
+    .await;
+    assert_eq!(held, "open");
     // Egress survives suspend and resume.
     drop(open_agent);
     driver.suspend(&mut open).await.expect("suspend");
@@ -256,6 +283,12 @@ async fn vm_networks_reach_the_internet_and_nothing_else() {
         sh(&open_agent, &fetch_script(&WEB.to_string(), 80, "/")).await,
         GREETING
     );
+    let held = sh(
+        &open_agent,
+        "touch /tmp/go; for i in $(seq 150); do [ \"$(cat /tmp/held)\" != open ] && break; sleep 0.1; done; cat /tmp/held",
+    )
+    .await;
+    assert_eq!(held, "reset", "a connection from before the suspend");
 
     // The operator's ranges: allow opens a forbidden one, deny closes an
     // allowed one, and deny wins over allow.
