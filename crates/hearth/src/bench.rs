@@ -62,6 +62,11 @@ struct JailComparison {
     jail_cost_paired_median_ms: f64,
     jailed_ms: Stats,
     unjailed_ms: Stats,
+    /// The jail step alone: `/usr/bin/true` started in a clone's jail (its
+    /// files prepared, binds, namespaces, pivot_root, ids) vs plainly.
+    jail_step_cost_p50_ms: f64,
+    jail_step_ms: Stats,
+    plain_start_ms: Stats,
 }
 
 #[derive(Debug, Serialize)]
@@ -338,9 +343,18 @@ async fn compare_jail(
         unjailed_samples.push(pair[1]);
         differences.push(pair[0] - pair[1]);
     }
+    progress("timing the jail step alone");
+    let (step, plain) = driver
+        .time_jail_step(snapshot, &format!("{prefix}-jailstep"), 50)
+        .await?;
+    let step = Stats::of(step);
+    let plain = Stats::of(plain);
     let jailed = Stats::of(jailed_samples);
     let unjailed = Stats::of(unjailed_samples);
     Ok(JailComparison {
+        jail_step_cost_p50_ms: step.p50 - plain.p50,
+        jail_step_ms: step,
+        plain_start_ms: plain,
         jailed_p50_ms: jailed.p50,
         unjailed_p50_ms: unjailed.p50,
         jail_cost_p50_ms: jailed.p50 - unjailed.p50,
@@ -451,6 +465,12 @@ fn print_table(r: &Report) {
         println!(
             "the jail adds {:+.1} ms to launch p50 ({:.1} vs {:.1} ms); median of paired differences {:+.1} ms",
             j.jail_cost_p50_ms, j.jailed_p50_ms, j.unjailed_p50_ms, j.jail_cost_paired_median_ms
+        );
+        row("start /usr/bin/true in a clone's jail", &j.jail_step_ms);
+        row("start /usr/bin/true plainly", &j.plain_start_ms);
+        println!(
+            "the jail step alone costs {:+.2} ms (p50)",
+            j.jail_step_cost_p50_ms
         );
     }
 }
