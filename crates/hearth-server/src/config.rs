@@ -38,6 +38,9 @@ pub struct ServerConfig {
     pub registry: Option<hearth_oci::RegistryConfig>,
     /// Step-cache entries unused for this many days are dropped at start.
     pub build_cache_days: u64,
+    /// Warm pool bounds: slots of all versions together and per version
+    /// (`--warm-pool-max`, `--warm-pool-per-version`; 0 turns the pool off).
+    pub warm_pool: crate::vms::pool::PoolSettings,
 }
 
 impl ServerConfig {
@@ -58,6 +61,7 @@ impl ServerConfig {
             artifacts: hearth_s3::ArtifactsConfig::default(),
             registry: None,
             build_cache_days: 14,
+            warm_pool: crate::vms::pool::PoolSettings::default(),
         }
     }
 }

@@ -114,11 +114,14 @@ pub async fn serve(mut config: ServerConfig) -> Result<(), ServerError> {
         });
     }
     // On SIGTERM or Ctrl-C: stop accepting, let requests in flight finish.
-    // MicroVMs keep running; the next start adopts them.
-    axum::serve(listener, app(state))
+    // MicroVMs keep running; the next start adopts them. Warm pool slots end
+    // (the next start would discard them anyway).
+    let served = axum::serve(listener, app(state.clone()))
         .with_graceful_shutdown(shutdown_signal())
         .await
-        .map_err(ServerError::Serve)
+        .map_err(ServerError::Serve);
+    state.engine.shutdown_pools().await;
+    served
 }
 
 async fn shutdown_signal() {
@@ -173,7 +176,13 @@ pub async fn start(config: ServerConfig) -> Result<Arc<AppState>, ServerError> {
         .map_err(ServerError::Builds)?,
     );
     let engine = vms::engine::Engine::new(driver, store.clone());
+    engine.pools.set_settings(config.warm_pool);
     engine.reconcile().await.map_err(ServerError::Reconcile)?;
+    // Pools come back for the versions run recently (reconcile ended the old slots).
+    engine
+        .seed_pool_demand()
+        .map_err(ServerError::Reconcile)?;
+    tokio::spawn(engine.clone().run_pools());
     // No build runs yet: what interrupted builds left in the step cache can go.
     builds.sweep_cache();
     tokio::spawn(engine.clone().watch());

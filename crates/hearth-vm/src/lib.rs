@@ -30,5 +30,6 @@ pub use assets::{AssetError, Assets};
 pub use driver::{BootRequest, ColdBoot, Driver, VmError, VmProcess};
 pub use errors::error_chain;
 pub use qemu::QemuDriver;
-pub use record::{validate_name, MachineShape, Memory, Origin, VmRecord, VmState};
+pub use pool::Prewarmed;
+pub use record::{is_pool_slot_name, validate_name, MachineShape, Memory, Origin, VmRecord, VmState};
 pub use snapshot::{Snapshot, SnapshotError, Verify};

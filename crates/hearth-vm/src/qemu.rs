@@ -19,8 +19,9 @@ use crate::disk::{self, BackingFormat};
 use crate::driver::{BootRequest, ColdBoot, Driver, VmError, VmProcess};
 use crate::errors::error_chain;
 use crate::pins::HostPins;
+use crate::pool::Prewarmed;
 use crate::qmp::{Qmp, QmpError};
-use crate::record::{validate_name, MachineShape, Memory, Origin, VmRecord, VmState};
+use crate::record::{is_pool_slot_name, validate_name, MachineShape, Memory, Origin, VmRecord, VmState};
 use crate::snapshot::{self, Manifest, Snapshot, SnapshotError};
 
 #[cfg(feature = "bench")]
@@ -622,7 +623,7 @@ impl Driver for QemuDriver {
     }
 
     fn discard(&self, name: &str) -> Result<(), VmError> {
-        if !validate_name(name) {
+        if !validate_name(name) && !is_pool_slot_name(name) {
             return Err(VmError::BadName(name.into()));
         }
         let dir = self.vm_dir(name);
@@ -878,6 +879,18 @@ impl Driver for QemuDriver {
                 Err(err)
             }
         }
+    }
+
+    async fn prewarm(&self, snapshot: &Snapshot) -> Result<Prewarmed, VmError> {
+        self.prewarm_slot(snapshot).await
+    }
+
+    async fn launch_prewarmed(
+        &self,
+        slot: Prewarmed,
+        name: &str,
+    ) -> Result<(VmRecord, AgentClient), VmError> {
+        self.launch_prewarmed_slot(slot, name).await
     }
 
     async fn snapshot(&self, vm: &VmRecord, out: &Path) -> Result<Snapshot, VmError> {
@@ -1304,7 +1317,7 @@ impl QemuClaim {
             return None;
         }
         let vm = vm_dir.file_name()?.to_str()?.to_string();
-        if !(validate_name(&vm) || vm.starts_with(".pool-")) {
+        if !(validate_name(&vm) || is_pool_slot_name(&vm)) {
             return None;
         }
         let ram = args.iter().find_map(|a| {
@@ -1388,7 +1401,7 @@ fn read_qemu_version(qemu: &Path) -> String {
 }
 
 /// The last lines of a log file, for error messages.
-fn read_tail(path: &Path) -> String {
+pub(crate) fn read_tail(path: &Path) -> String {
     let text = std::fs::read(path).unwrap_or_default();
     let start = text.len().saturating_sub(2000);
     String::from_utf8_lossy(&text[start..]).trim().to_string()

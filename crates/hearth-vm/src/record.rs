@@ -134,6 +134,16 @@ pub fn validate_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
+/// The directory-name prefix of warm-pool slots (`vms/.pool-ID`): user names
+/// cannot start with a dot, so a slot never collides with a VM.
+pub const POOL_SLOT_PREFIX: &str = ".pool-";
+
+/// True for the directory name of a warm-pool slot (`.pool-` + a valid name).
+pub fn is_pool_slot_name(name: &str) -> bool {
+    name.strip_prefix(POOL_SLOT_PREFIX)
+        .is_some_and(validate_name)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -40,12 +40,24 @@ pub struct ApiArgs {
     /// Guest memory of the imported image, MiB.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(128..=8192))]
     memory: u32,
+    /// Run with the server's warm pool off: every RunMicrovm starts a QEMU.
+    /// Without it each measured RunMicrovm waits until the pool has a slot.
+    #[arg(long)]
+    pool_empty: bool,
+    /// RunMicrovm calls made at once for the concurrency figure (0: skip).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(0..=500))]
+    concurrent: u32,
 }
 
 #[derive(Debug, Serialize)]
 struct Report {
     accel: String,
     memory_mib: u32,
+    /// "warm" (a slot ready before each measured RunMicrovm) or "empty".
+    pool: &'static str,
+    /// Launches served from a warm pool slot / by starting a QEMU.
+    warm_launches: u64,
+    cold_launches: u64,
     run_call_ms: Stats,
     run_to_running_ms: Stats,
     run_to_first_exec_ms: Stats,
@@ -55,6 +67,8 @@ struct Report {
     get_clients: u32,
     get_latency_ms: Stats,
     get_throughput_per_s: f64,
+    concurrent_runs: u32,
+    concurrent_run_to_running_ms: Stats,
 }
 
 pub async fn api(args: ApiArgs) -> Result<ExitCode> {
@@ -77,6 +91,9 @@ pub async fn api(args: ApiArgs) -> Result<ExitCode> {
         "ResumeMicrovm=1000".into(),
         "TerminateMicrovm=1000".into(),
     ];
+    if args.pool_empty {
+        config.warm_pool.max_total = 0;
+    }
     let state = hearth_server::start(config).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?;
@@ -120,12 +137,27 @@ pub async fn api(args: ApiArgs) -> Result<ExitCode> {
         &account.secret_access_key,
     )?);
 
+    if !args.pool_empty {
+        // One run makes the version "in demand"; its pool fills after it.
+        progress("RunMicrovm once so the version's warm pool fills");
+        let run = client
+            .call("RunMicrovm", json!({"imageIdentifier": imported.image_arn}))
+            .await?;
+        let id = run["microvmId"].as_str().unwrap_or_default().to_string();
+        wait_for(&client, &id, "RUNNING").await?;
+        terminate(&client, &id).await?;
+    }
+    let launches_before = state.engine.pools.launch_counts();
+
     // RunMicrovm to RUNNING and to the first exec result, one VM at a time.
     let mut run_call = Vec::new();
     let mut to_running = Vec::new();
     let mut to_exec = Vec::new();
     for i in 0..args.runs {
         progress(&format!("RunMicrovm {}/{}", i + 1, args.runs));
+        if !args.pool_empty {
+            wait_pool(&state).await?;
+        }
         let start = Instant::now();
         let run = client
             .call("RunMicrovm", json!({"imageIdentifier": imported.image_arn}))
@@ -197,11 +229,62 @@ pub async fn api(args: ApiArgs) -> Result<ExitCode> {
     let elapsed = started.elapsed().as_secs_f64();
     let throughput = get_samples.len() as f64 / elapsed;
     terminate(&client, &id).await?;
+    let launches_after = state.engine.pools.launch_counts();
+
+    // Many RunMicrovm calls at once, each to RUNNING.
+    let mut concurrent = Vec::new();
+    if args.concurrent > 0 {
+        if !args.pool_empty {
+            wait_pool(&state).await?;
+        }
+        progress(&format!("{} RunMicrovm calls at once", args.concurrent));
+        let mut tasks = Vec::new();
+        for _ in 0..args.concurrent {
+            let client = client.clone();
+            let image = imported.image_arn.clone();
+            tasks.push(tokio::spawn(async move {
+                let start = Instant::now();
+                let run = client
+                    .call("RunMicrovm", json!({"imageIdentifier": image}))
+                    .await?;
+                let id = run["microvmId"].as_str().unwrap_or_default().to_string();
+                wait_for(&client, &id, "RUNNING").await?;
+                Ok::<_, anyhow::Error>((id, ms(start.elapsed())))
+            }));
+        }
+        let mut ids = Vec::new();
+        let mut failure = None;
+        for task in tasks {
+            match task.await? {
+                Ok((id, took)) => {
+                    ids.push(id);
+                    concurrent.push(took);
+                }
+                Err(err) => failure = Some(err),
+            }
+        }
+        progress("terminating them");
+        let mut ends = Vec::new();
+        for id in ids {
+            let client = client.clone();
+            ends.push(tokio::spawn(async move { terminate(&client, &id).await }));
+        }
+        for end in ends {
+            end.await??;
+        }
+        if let Some(err) = failure {
+            return Err(err.context("a concurrent RunMicrovm did not become RUNNING"));
+        }
+    }
+    state.engine.shutdown_pools().await;
     server.abort();
 
     let report = Report {
         accel: format!("{:?}", state.engine.driver().accel()).to_lowercase(),
         memory_mib: args.memory,
+        pool: if args.pool_empty { "empty" } else { "warm" },
+        warm_launches: launches_after.0 - launches_before.0,
+        cold_launches: launches_after.1 - launches_before.1,
         run_call_ms: Stats::of(run_call),
         run_to_running_ms: Stats::of(to_running),
         run_to_first_exec_ms: Stats::of(to_exec),
@@ -211,6 +294,8 @@ pub async fn api(args: ApiArgs) -> Result<ExitCode> {
         get_clients: args.clients,
         get_latency_ms: Stats::of(get_samples),
         get_throughput_per_s: throughput,
+        concurrent_runs: args.concurrent,
+        concurrent_run_to_running_ms: Stats::of(concurrent),
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -222,6 +307,18 @@ pub async fn api(args: ApiArgs) -> Result<ExitCode> {
 
 async fn axum_serve(listener: tokio::net::TcpListener, app: axum::Router) -> std::io::Result<()> {
     axum::serve(listener, app).await
+}
+
+/// Waits until the server's warm pool holds a slot (at most two minutes).
+pub(crate) async fn wait_pool(state: &hearth_server::AppState) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while state.engine.pools.ready() == 0 {
+        if Instant::now() > deadline {
+            bail!("the warm pool did not fill within two minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
 }
 
 /// Polls GetMicrovm every 5 ms until `state`.
@@ -264,8 +361,8 @@ async fn terminate(client: &Client, id: &str) -> Result<()> {
 
 fn print_table(r: &Report) {
     println!(
-        "hearth bench api ({} accel, {} MiB guest, real HTTP + SigV4 to an in-process server)",
-        r.accel, r.memory_mib
+        "hearth bench api ({} accel, {} MiB guest, {} pool: {} warm / {} cold launches, real HTTP + SigV4 to an in-process server)",
+        r.accel, r.memory_mib, r.pool, r.warm_launches, r.cold_launches
     );
     println!(
         "{:<40} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6}",
@@ -294,4 +391,10 @@ fn print_table(r: &Report) {
         "GetMicrovm throughput: {:.0} requests/s",
         r.get_throughput_per_s
     );
+    if r.concurrent_runs > 0 {
+        row(
+            &format!("{} RunMicrovm at once -> RUNNING", r.concurrent_runs),
+            &r.concurrent_run_to_running_ms,
+        );
+    }
 }

@@ -5,6 +5,7 @@ pub mod engine;
 pub mod hooks;
 pub mod log_collector;
 pub mod log_store;
+pub mod pool;
 pub mod reconcile;
 
 #[cfg(test)]
