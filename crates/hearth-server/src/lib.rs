@@ -179,9 +179,7 @@ pub async fn start(config: ServerConfig) -> Result<Arc<AppState>, ServerError> {
     engine.pools.set_settings(config.warm_pool);
     engine.reconcile().await.map_err(ServerError::Reconcile)?;
     // Pools come back for the versions run recently (reconcile ended the old slots).
-    engine
-        .seed_pool_demand()
-        .map_err(ServerError::Reconcile)?;
+    engine.seed_pool_demand().map_err(ServerError::Reconcile)?;
     tokio::spawn(engine.clone().run_pools());
     // No build runs yet: what interrupted builds left in the step cache can go.
     builds.sweep_cache();

@@ -36,8 +36,11 @@ http.server.ThreadingHTTPServer(('0.0.0.0', 8080), H).serve_forever()
 "#;
 
 fn config(data: &Path) -> ServerConfig {
-    let mut config =
-        ServerConfig::new(data.to_path_buf(), ([127, 0, 0, 1], 0).into(), "us-east-1".into());
+    let mut config = ServerConfig::new(
+        data.to_path_buf(),
+        ([127, 0, 0, 1], 0).into(),
+        "us-east-1".into(),
+    );
     config.warm_pool.max_total = 4;
     config.warm_pool.per_version = 1;
     config
@@ -174,8 +177,11 @@ fn slot_processes(vms: &Path, state: &AppState) -> Vec<(u32, String)> {
 }
 
 fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|stat| !stat.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z')))
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        !stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, r)| r.starts_with('Z'))
+    })
 }
 
 async fn wait_gone(pid: u32, dir: &Path) {
@@ -227,9 +233,18 @@ fn warm_pool_isolation_reseed_dead_slots_delete_and_restart() {
         let state = hearth_server::start(config(&data)).await.expect("start");
         let a = caller(&state.store.create_account("a").expect("account").account_id);
         let b = caller(&state.store.create_account("b").expect("account").account_id);
-        assert_eq!(import(&state, &data, &rootfs, &a.account_id, "web").await, 1);
-        assert_eq!(import(&state, &data, &rootfs, &b.account_id, "web").await, 1);
-        assert_eq!(import(&state, &data, &rootfs, &a.account_id, "web").await, 2);
+        assert_eq!(
+            import(&state, &data, &rootfs, &a.account_id, "web").await,
+            1
+        );
+        assert_eq!(
+            import(&state, &data, &rootfs, &b.account_id, "web").await,
+            1
+        );
+        assert_eq!(
+            import(&state, &data, &rootfs, &a.account_id, "web").await,
+            2
+        );
         let a1 = pool_key(&state, &a.account_id, "web", 1);
         let b1 = pool_key(&state, &b.account_id, "web", 1);
 
@@ -267,8 +282,16 @@ fn warm_pool_isolation_reseed_dead_slots_delete_and_restart() {
             tokio::time::sleep(Duration::from_secs(3)).await;
             let (warm, _) = state.engine.pools.launch_counts();
             let id = run(&state, &a, "web", 1).await;
-            assert_eq!(state.engine.pools.launch_counts().0, warm + 1, "a warm launch");
-            assert_eq!(vm_dir(&vms, &state, &a, &id), slot.1, "launched from the slot");
+            assert_eq!(
+                state.engine.pools.launch_counts().0,
+                warm + 1,
+                "a warm launch"
+            );
+            assert_eq!(
+                vm_dir(&vms, &state, &a, &id),
+                slot.1,
+                "launched from the slot"
+            );
             let random = sh(
                 &state,
                 &a,
@@ -286,7 +309,10 @@ fn warm_pool_isolation_reseed_dead_slots_delete_and_restart() {
             seen.push(random);
             kept.push(id);
         }
-        assert_ne!(seen[0], seen[1], "two pool launches read the same random bytes");
+        assert_ne!(
+            seen[0], seen[1],
+            "two pool launches read the same random bytes"
+        );
 
         // A slot whose QEMU died is discarded, never launched.
         wait_pool(&state, &a1).await;

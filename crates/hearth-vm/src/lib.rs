@@ -29,7 +29,9 @@ pub use agent::{AgentClient, AgentError, ExecOutput};
 pub use assets::{AssetError, Assets};
 pub use driver::{BootRequest, ColdBoot, Driver, VmError, VmProcess};
 pub use errors::error_chain;
-pub use qemu::QemuDriver;
 pub use pool::Prewarmed;
-pub use record::{is_pool_slot_name, validate_name, MachineShape, Memory, Origin, VmRecord, VmState};
+pub use qemu::QemuDriver;
+pub use record::{
+    is_pool_slot_name, validate_name, MachineShape, Memory, Origin, VmRecord, VmState,
+};
 pub use snapshot::{Snapshot, SnapshotError, Verify};

@@ -21,7 +21,9 @@ use crate::errors::error_chain;
 use crate::pins::HostPins;
 use crate::pool::Prewarmed;
 use crate::qmp::{Qmp, QmpError};
-use crate::record::{is_pool_slot_name, validate_name, MachineShape, Memory, Origin, VmRecord, VmState};
+use crate::record::{
+    is_pool_slot_name, validate_name, MachineShape, Memory, Origin, VmRecord, VmState,
+};
 use crate::snapshot::{self, Manifest, Snapshot, SnapshotError};
 
 #[cfg(feature = "bench")]

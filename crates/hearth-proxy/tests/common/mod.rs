@@ -535,7 +535,6 @@ impl TestBackend {
         }
     }
 
-
     fn connect_now(
         &self,
         microvm_id: &str,

@@ -107,7 +107,6 @@ async fn handle(state: &Arc<AppState>, request: Request) -> Result<Response, Api
             "Request body is too large or unreadable",
         )
     })?;
-    let model = hearth_api::model();
     if let Some(route) = extensions::route(&parts.method, parts.uri.path(), parts.uri.query()) {
         let account = authenticate(state, &parts, &body)?;
         if !state.limits.allow(&account, route.operation()) {

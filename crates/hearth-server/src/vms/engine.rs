@@ -193,6 +193,11 @@ impl Engine {
             for slot in gone {
                 self.driver.discard_prewarmed(slot).await;
             }
+            let quiet_in = self.pools.quiet_in(now);
+            if !quiet_in.is_zero() {
+                tokio::time::sleep(quiet_in).await;
+                continue;
+            }
             let settings = self.pools.settings();
             if available_mib().is_some_and(|mib| mib < settings.min_available_mib) {
                 if let Some(slot) = self.pools.shrink_one() {
@@ -405,6 +410,8 @@ impl Engine {
     }
 
     pub(super) async fn launch(&self, row: MicrovmRow, snapshot_dir: PathBuf) {
+        // Pools wait for launches (and their `/run` hooks) to finish.
+        let _launching = self.pools.launching();
         let guard = self.lock_for(&row.microvm_id);
         let _held = guard.lock().await;
         let launched = self.start_vm(&row, &snapshot_dir).await;
@@ -523,6 +530,7 @@ impl Engine {
     }
 
     pub(super) async fn resume(&self, row: MicrovmRow) {
+        let _launching = self.pools.launching();
         let guard = self.lock_for(&row.microvm_id);
         let _held = guard.lock().await;
         let resumed = async {

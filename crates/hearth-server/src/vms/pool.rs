@@ -17,7 +17,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -85,7 +85,27 @@ pub struct WarmPools {
     pub(crate) wake: Notify,
     warm_launches: AtomicU64,
     cold_launches: AtomicU64,
+    /// Launches in progress, and when the last one ended: slots are prepared
+    /// only when launches leave the CPU alone (see [`Self::quiet`]).
+    launching: AtomicUsize,
+    last_launch: Mutex<Option<Instant>>,
 }
+
+/// Ends a launch's claim on the CPU when dropped.
+#[derive(Debug)]
+pub(crate) struct LaunchGuard<'a>(&'a WarmPools);
+
+impl Drop for LaunchGuard<'_> {
+    fn drop(&mut self) {
+        *lock(&self.0.last_launch) = Some(Instant::now());
+        self.0.launching.fetch_sub(1, Ordering::SeqCst);
+        self.0.wake.notify_one();
+    }
+}
+
+/// How long after a launch the refiller waits: preparing a slot (a QEMU start,
+/// a restore, one command) competes with the launched VM's first requests.
+pub(crate) const QUIET_AFTER_LAUNCH: Duration = Duration::from_millis(300);
 
 impl WarmPools {
     pub fn new(settings: PoolSettings) -> Self {
@@ -96,6 +116,8 @@ impl WarmPools {
             wake: Notify::new(),
             warm_launches: AtomicU64::new(0),
             cold_launches: AtomicU64::new(0),
+            launching: AtomicUsize::new(0),
+            last_launch: Mutex::new(None),
         }
     }
 
@@ -282,6 +304,22 @@ impl WarmPools {
         lock(&self.pools).values().map(|p| p.filling).sum()
     }
 
+    /// Marks a launch in progress until the guard drops.
+    pub(crate) fn launching(&self) -> LaunchGuard<'_> {
+        self.launching.fetch_add(1, Ordering::SeqCst);
+        LaunchGuard(self)
+    }
+
+    /// How long until no launch competes with a refill (zero: now).
+    pub(crate) fn quiet_in(&self, now: Instant) -> Duration {
+        if self.launching.load(Ordering::SeqCst) > 0 {
+            return QUIET_AFTER_LAUNCH;
+        }
+        lock(&self.last_launch).map_or(Duration::ZERO, |at| {
+            (at + QUIET_AFTER_LAUNCH).saturating_duration_since(now)
+        })
+    }
+
     /// Counts a launch by where its VM came from.
     pub(crate) fn count_launch(&self, warm: bool) {
         let counter = if warm {
@@ -334,4 +372,82 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(account: &str, version: u32) -> PoolKey {
+        PoolKey {
+            account_id: account.into(),
+            image_name: "web".into(),
+            version,
+            snapshot_dir: PathBuf::from(format!("/data/images/{account}/web/{version}/snapshot")),
+        }
+    }
+
+    fn settings(max_total: usize, per_version: usize) -> PoolSettings {
+        PoolSettings {
+            max_total,
+            per_version,
+            ..PoolSettings::default()
+        }
+    }
+
+    #[test]
+    fn fills_only_versions_in_demand_within_the_bounds() {
+        let pools = WarmPools::new(settings(2, 1));
+        assert!(
+            pools.next_fill(Instant::now()).is_none(),
+            "no demand, no fill"
+        );
+        pools.note_demand(&key("a", 1), 256);
+        let first = pools.next_fill(Instant::now()).expect("a fill");
+        assert_eq!(first.key, key("a", 1));
+        // One slot per version, and it is being prepared.
+        assert!(pools.next_fill(Instant::now()).is_none());
+        pools.note_demand(&key("b", 1), 256);
+        let second = pools.next_fill(Instant::now()).expect("b's fill");
+        assert_eq!(second.key, key("b", 1));
+        // Total bound reached.
+        pools.note_demand(&key("a", 2), 256);
+        assert!(pools.next_fill(Instant::now()).is_none());
+        assert_eq!(pools.filling(), 2);
+        // A failed fill frees its place.
+        assert!(pools.finish_fill(&first, None).is_none());
+        assert_eq!(pools.filling(), 1);
+        let third = pools.next_fill(Instant::now()).expect("a fill");
+        assert_eq!(third.key, key("a", 2), "the most recent demand first");
+    }
+
+    #[test]
+    fn demand_ends_after_the_window_and_a_drained_pool_forgets_fills() {
+        let pools = WarmPools::new(settings(4, 1));
+        pools.note_demand(&key("a", 1), 256);
+        let ticket = pools.next_fill(Instant::now()).expect("a fill");
+        let later = Instant::now() + PoolSettings::default().demand_window;
+        assert!(pools.next_fill(later).is_none(), "demand over");
+        // Kept while its fill runs, then gone.
+        assert!(pools.expire(later).is_empty());
+        assert_eq!(pools.filling(), 1);
+        assert!(pools.drain_snapshot(&key("a", 1).snapshot_dir).is_empty());
+        assert_eq!(pools.filling(), 0);
+        // The fill of the drained pool ends without joining anything.
+        assert!(pools.finish_fill(&ticket, None).is_none());
+        assert_eq!(pools.ready(), 0);
+        // New demand makes a new pool, which an old ticket cannot fill.
+        pools.note_demand(&key("a", 1), 256);
+        let fresh = pools.next_fill(Instant::now()).expect("a fill");
+        assert_ne!(fresh.generation, ticket.generation);
+    }
+
+    #[test]
+    fn no_pool_when_the_operator_turns_it_off() {
+        let pools = WarmPools::new(settings(0, 1));
+        pools.note_demand(&key("a", 1), 256);
+        assert!(pools.next_fill(Instant::now()).is_none());
+        assert!(pools.take(&key("a", 1), 256).is_none());
+        assert_eq!(pools.memory_mib(), 0);
+    }
 }
