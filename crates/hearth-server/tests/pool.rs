@@ -405,6 +405,74 @@ fn warm_pool_isolation_reseed_dead_slots_delete_and_restart() {
         assert_eq!(state.engine.pools.launch_counts().0, warm + 1);
         assert_eq!(vm_dir(&vms, &state, a, &id), fresh.1);
         terminate(&state, a, &id).await;
+
+        // Suspend formats on the survivor. Its RAM is a private mapping of the
+        // snapshot (a clone), so the first suspend writes the format of every
+        // suspend before the lean one (RAM in the state stream, no
+        // `suspended_memory` in vm.json), and resumes from it the old way.
+        sh(&state, a, &survivor.id, "echo kept > /root/mark && sync").await;
+        let suspend = |n: u32| {
+            let state = state.clone();
+            let a = a.clone();
+            let id = survivor.id.clone();
+            async move {
+                call(
+                    &state,
+                    &a,
+                    "SuspendMicrovm",
+                    json!({"microvmIdentifier": id}),
+                )
+                .await;
+                wait_state(&state, &a, &id, "SUSPENDED").await;
+                let row = state
+                    .store
+                    .microvm(&a.account_id, &id)
+                    .expect("store")
+                    .expect("row");
+                let vm = state.engine.driver().load(&row.vm_name).expect("vm");
+                let record = std::fs::read_to_string(vm.dir.join("vm.json")).expect("vm.json");
+                let state_len = std::fs::metadata(vm.suspend_state()).expect("state").len();
+                eprintln!("suspend {n}: state file {state_len} bytes, record {record}");
+                (vm, record, state_len)
+            }
+        };
+        let resume = |mark: &'static str| {
+            let state = state.clone();
+            let a = a.clone();
+            let id = survivor.id.clone();
+            async move {
+                call(
+                    &state,
+                    &a,
+                    "ResumeMicrovm",
+                    json!({"microvmIdentifier": id}),
+                )
+                .await;
+                wait_state(&state, &a, &id, "RUNNING").await;
+                assert_eq!(sh(&state, &a, &id, "cat /root/mark").await, mark);
+            }
+        };
+        let (old, record, old_len) = suspend(1).await;
+        assert!(old.suspended_memory.is_none());
+        assert!(!record.contains("suspended_memory"), "{record}");
+        assert!(old_len > 16 << 20, "RAM in the stream: {old_len} bytes");
+        resume("kept").await;
+        // Resumed into a shared RAM file: the next suspend is lean. The state
+        // file holds CPU and devices only; the RAM stays a file that the
+        // resume maps.
+        sh(&state, a, &survivor.id, "echo again > /root/mark && sync").await;
+        let (lean, _, lean_len) = suspend(2).await;
+        let memory = lean.suspended_memory.clone().expect("lean format");
+        assert_eq!(memory, lean.memory_file());
+        assert!(lean_len < 4 << 20, "state without RAM: {lean_len} bytes");
+        assert!(memory.is_file());
+        resume("again").await;
+        // Resumed lean, the VM maps its memory file: a third suspend only
+        // syncs it.
+        let (third, _, _) = suspend(3).await;
+        assert_eq!(third.suspended_memory, Some(memory));
+        resume("again").await;
+
         terminate(&state, a, &survivor.id).await;
         state.engine.shutdown_pools().await;
         let left = state.engine.driver().processes();

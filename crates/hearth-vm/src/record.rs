@@ -103,6 +103,12 @@ pub struct VmRecord {
     /// Only cold-booted VMs have one; snapshots of them are not made.
     #[serde(default)]
     pub user_network: bool,
+    /// While suspended: the file that holds the VM's RAM when the saved state
+    /// does not (the lean format: the state file has CPU and devices only, and
+    /// resume maps this file instead of reading RAM back). None: the state
+    /// stream carries the RAM, as every suspend before this format did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suspended_memory: Option<PathBuf>,
 }
 
 impl VmRecord {
@@ -120,6 +126,12 @@ impl VmRecord {
     }
     pub fn suspend_state(&self) -> PathBuf {
         self.dir.join("suspend.state")
+    }
+    /// Where a suspended VM's RAM is kept in the lean format (on disk, in the
+    /// VM's directory; a resumed VM maps it shared, so a later suspend writes
+    /// only the pages the guest dirtied).
+    pub fn memory_file(&self) -> PathBuf {
+        self.dir.join("memory.ram")
     }
 }
 

@@ -259,6 +259,7 @@ impl FakeDriver {
             origin,
             created_unix: 0,
             user_network: false,
+            suspended_memory: None,
         }
     }
 
