@@ -105,13 +105,23 @@ impl QemuDriver {
             });
         }
         vm.name = name.to_string();
-        let launched = async {
-            self.save(&vm)?;
+        // The record's two fsyncs run beside `cont` + `restored` (off the async
+        // workers), not before them: nothing about the slot's process changes
+        // but its name, and the launch waits for both.
+        let record = {
+            let (driver, vm) = (self.clone(), vm.clone());
+            tokio::task::spawn_blocking(move || driver.save(&vm))
+        };
+        let resumed = async {
             qmp.cont().await?;
             agent.restored().await?;
             Ok::<_, VmError>(())
-        }
-        .await;
+        };
+        let (saved, resumed) = tokio::join!(record, resumed);
+        let launched = saved
+            .map_err(|_| VmError::Io(vm.dir.clone(), std::io::Error::other("record task failed")))
+            .and_then(|saved| saved)
+            .and(resumed);
         match launched {
             Ok(()) => Ok((vm, agent)),
             Err(err) => {
