@@ -40,6 +40,7 @@ pub struct ServerConfig {
     pub build_cache_days: u64,
     /// Warm pool bounds: slots of all versions together and per version
     /// (`--warm-pool-max`, `--warm-pool-per-version`; 0 turns the pool off).
+    /// Off unless set: `hearth serve` sets it (default 4 slots).
     pub warm_pool: crate::vms::pool::PoolSettings,
 }
 
@@ -61,7 +62,7 @@ impl ServerConfig {
             artifacts: hearth_s3::ArtifactsConfig::default(),
             registry: None,
             build_cache_days: 14,
-            warm_pool: crate::vms::pool::PoolSettings::default(),
+            warm_pool: crate::vms::pool::PoolSettings::off(),
         }
     }
 }

@@ -179,7 +179,10 @@ pub async fn start(config: ServerConfig) -> Result<Arc<AppState>, ServerError> {
     engine.pools.set_settings(config.warm_pool);
     engine.reconcile().await.map_err(ServerError::Reconcile)?;
     // Pools come back for the versions run recently (reconcile ended the old slots).
-    engine.seed_pool_demand().map_err(ServerError::Reconcile)?;
+    // Without it pools fill again at the next launch: not worth refusing to start.
+    if let Err(err) = engine.seed_pool_demand() {
+        warn!(error = %hearth_vm::error_chain(&err), "cannot read recent launches for the warm pools");
+    }
     tokio::spawn(engine.clone().run_pools());
     // No build runs yet: what interrupted builds left in the step cache can go.
     builds.sweep_cache();

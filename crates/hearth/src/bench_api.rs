@@ -91,9 +91,11 @@ pub async fn api(args: ApiArgs) -> Result<ExitCode> {
         "ResumeMicrovm=1000".into(),
         "TerminateMicrovm=1000".into(),
     ];
-    if args.pool_empty {
-        config.warm_pool.max_total = 0;
-    }
+    config.warm_pool = if args.pool_empty {
+        hearth_server::vms::pool::PoolSettings::off()
+    } else {
+        hearth_server::vms::pool::PoolSettings::default()
+    };
     let state = hearth_server::start(config).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?;

@@ -189,15 +189,11 @@ pub async fn endpoint(args: EndpointArgs) -> Result<ExitCode> {
     )
     .await?;
     let (state, api_address, proxy) = (server.state.clone(), server.api, server.proxy);
-    if args.pool_empty {
-        state
-            .engine
-            .pools
-            .set_settings(hearth_server::vms::pool::PoolSettings {
-                max_total: 0,
-                ..state.engine.pools.settings()
-            });
-    }
+    state.engine.pools.set_settings(if args.pool_empty {
+        hearth_server::vms::pool::PoolSettings::off()
+    } else {
+        hearth_server::vms::pool::PoolSettings::default()
+    });
     let account = state.store.create_account("bench")?;
 
     progress("importing an image (boot, start the app, ready hook, snapshot)");

@@ -37,6 +37,18 @@ pub struct PoolSettings {
     pub min_available_mib: u64,
 }
 
+impl PoolSettings {
+    /// No pool: what a server embedded in a test or tool gets unless it asks
+    /// (slots' QEMUs outlive a process that never calls
+    /// [`super::engine::Engine::shutdown_pools`]); `hearth serve` turns it on.
+    pub fn off() -> Self {
+        Self {
+            max_total: 0,
+            ..Self::default()
+        }
+    }
+}
+
 impl Default for PoolSettings {
     fn default() -> Self {
         Self {
