@@ -522,13 +522,22 @@ def qemu_processes(marker):
 
 
 def qemu_vm_dirs(data_dir):
-    """{pid: VM directory name} of the QEMU processes running VMs of a data dir."""
+    """{pid: VM name} of the QEMU processes running VMs of a data dir. A VM
+    launched from the warm pool runs from its slot's directory (.pool-ID),
+    which vms/NAME links to: reported as NAME."""
     vms = f"{data_dir}/engine/vms/"
+    linked = {}
+    vms_path = pathlib.Path(vms)
+    if vms_path.is_dir():
+        for entry in vms_path.iterdir():
+            if entry.is_symlink():
+                linked[os.readlink(entry)] = entry.name
     dirs = {}
     for pid, argv in qemu_processes(vms).items():
         for arg in argv:
             if vms in arg:
-                dirs[pid] = arg.split(vms, 1)[1].split("/", 1)[0]
+                name = arg.split(vms, 1)[1].split("/", 1)[0]
+                dirs[pid] = linked.get(name, name)
                 break
     return dirs
 

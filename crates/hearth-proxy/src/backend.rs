@@ -59,9 +59,15 @@ pub trait Backend: Send + Sync + 'static {
     /// Checks `token` (the `X-aws-proxy-auth` value, or the one carried in the
     /// WebSocket subprotocol `lambda-microvms.authentication.<token>`) for this
     /// microVM and access. Called once per request, before anything else touches
-    /// the microVM; must not block. The proxy answers a missing token with 403
+    /// the microVM; a future, so that a lookup that blocks (a database) can run
+    /// off the async workers. The proxy answers a missing token with 403
     /// itself, so `token` is never empty.
-    fn authorize(&self, microvm_id: &str, token: &str, access: Access) -> Result<(), Denied>;
+    fn authorize<'a>(
+        &'a self,
+        microvm_id: &'a str,
+        token: &'a str,
+        access: Access,
+    ) -> BoxFuture<'a, Result<(), Denied>>;
 
     /// Opens a byte stream to `127.0.0.1:port` inside the guest. May take a
     /// while (auto-resume); the proxy gives up after

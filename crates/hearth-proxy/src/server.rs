@@ -241,6 +241,7 @@ async fn route(
         && shared
             .backend
             .authorize(&microvm_id, &token, Access::Shell)
+            .await
             .is_ok()
     {
         return extension(shared, ExtensionRoute::Shell, microvm_id, Some(token), req).await;
@@ -248,6 +249,7 @@ async fn route(
     match shared
         .backend
         .authorize(&microvm_id, &token, Access::Port(port))
+        .await
     {
         Ok(()) => {}
         Err(Denied::Forbidden(message)) => return error_response(StatusCode::FORBIDDEN, &message),

@@ -58,6 +58,10 @@ pub struct ServerConfig {
     pub prices: crate::pricing::PriceSheet,
     /// How often the usage meter samples running microVMs.
     pub usage_interval: std::time::Duration,
+    /// Warm pool bounds: slots of all versions together and per version
+    /// (`--warm-pool-max`, `--warm-pool-per-version`; 0 turns the pool off).
+    /// Off unless set: `hearth serve` sets it (default 4 slots).
+    pub warm_pool: crate::vms::pool::PoolSettings,
 }
 
 impl ServerConfig {
@@ -85,6 +89,7 @@ impl ServerConfig {
             sizes: crate::sizes::Sizes::default(),
             prices: crate::pricing::PriceSheet::default(),
             usage_interval: std::time::Duration::from_secs(10),
+            warm_pool: crate::vms::pool::PoolSettings::off(),
         }
     }
 }

@@ -118,11 +118,14 @@ pub async fn serve(mut config: ServerConfig) -> Result<(), ServerError> {
         });
     }
     // On SIGTERM or Ctrl-C: stop accepting, let requests in flight finish.
-    // MicroVMs keep running; the next start adopts them.
-    axum::serve(listener, app(state))
+    // MicroVMs keep running; the next start adopts them. Warm pool slots end
+    // (the next start would discard them anyway).
+    let served = axum::serve(listener, app(state.clone()))
         .with_graceful_shutdown(shutdown_signal())
         .await
-        .map_err(ServerError::Serve)
+        .map_err(ServerError::Serve);
+    state.engine.shutdown_pools().await;
+    served
 }
 
 async fn shutdown_signal() {
@@ -190,10 +193,17 @@ pub async fn start(config: ServerConfig) -> Result<Arc<AppState>, ServerError> {
     );
     let engine = vms::engine::Engine::new(driver.clone(), store.clone());
     engine.set_default_egress(config.default_egress);
+    engine.pools.set_settings(config.warm_pool);
     engine.reconcile().await.map_err(ServerError::Reconcile)?;
     // After reconcile: adopted VMs are metered on from their marks.
     let meter = vms::meter::Meter::new(driver, store.clone(), config.usage_interval);
     tokio::spawn(meter.clone().run());
+    // Pools come back for the versions run recently (reconcile ended the old slots).
+    // Without it pools fill again at the next launch: not worth refusing to start.
+    if let Err(err) = engine.seed_pool_demand() {
+        warn!(error = %hearth_vm::error_chain(&err), "cannot read recent launches for the warm pools");
+    }
+    tokio::spawn(engine.clone().run_pools());
     // No build runs yet: what interrupted builds left in the step cache can go.
     builds.sweep_cache();
     tokio::spawn(engine.clone().watch());

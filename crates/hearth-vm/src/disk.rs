@@ -85,7 +85,9 @@ pub fn sparse_copy(from: &Path, to: &Path) -> Result<u64, DiskError> {
             .map_err(io_from)?
     };
     let len = src.metadata().map_err(io_from)?.len();
-    let mut dst = File::create(to).map_err(io_to)?;
+    // Made anew, never through a link: the target may be in a jailed QEMU's
+    // directory too (a lean suspend's RAM file).
+    let mut dst = create_fresh(to)?;
     dst.set_len(len).map_err(io_to)?;
     let mut buf = vec![0u8; 1 << 20];
     let mut copied = 0u64;

@@ -8,6 +8,7 @@ use crate::agent::{AgentClient, AgentError};
 use crate::assets::AssetError;
 use crate::disk::{self, DiskError};
 use crate::pins::UntestedHost;
+use crate::pool::Prewarmed;
 use crate::qmp::QmpError;
 use crate::record::{MachineShape, VmRecord, VmState};
 use crate::snapshot::{Snapshot, SnapshotError};
@@ -67,6 +68,8 @@ pub enum VmError {
     BadRecord(PathBuf, #[source] serde_json::Error),
     #[error("cannot confine the VM's process")]
     Cgroup(#[from] crate::cgroup::CgroupError),
+    #[error("this VMM has no {0}")]
+    Unsupported(&'static str),
     #[error("I/O on {0}")]
     Io(PathBuf, #[source] std::io::Error),
 }
@@ -196,6 +199,28 @@ pub trait Driver: Send + Sync + std::fmt::Debug {
         self.launch_with_agent(snapshot, name)
             .await
             .map(|(vm, _agent)| vm)
+    }
+    /// Prepares a warm-pool slot from `snapshot`: a VM restored under a
+    /// slot name (`.pool-ID`), its agent greeted, one command run (so the
+    /// guest's exec path is translated), then paused. Drivers without a pool
+    /// answer [`VmError::Unsupported`] and every launch is cold.
+    async fn prewarm(&self, _snapshot: &Snapshot) -> Result<Prewarmed, VmError> {
+        Err(VmError::Unsupported("warm pool"))
+    }
+    /// Turns a prewarmed slot into VM `name`: names it, lets the guest run and
+    /// sends `restored` (clock and RNG reseed, so no two VMs of one pool share
+    /// random state). A slot whose process died is removed and refused.
+    async fn launch_prewarmed(
+        &self,
+        slot: Prewarmed,
+        _name: &str,
+    ) -> Result<(VmRecord, AgentClient), VmError> {
+        let _ = self.remove(&slot.vm).await;
+        Err(VmError::Unsupported("warm pool"))
+    }
+    /// Removes a prewarmed slot that will not be launched (its process and files).
+    async fn discard_prewarmed(&self, slot: Prewarmed) {
+        let _ = self.remove(&slot.vm).await;
     }
     /// Writes the VM's memory and state to its directory and ends its process.
     async fn suspend(&self, vm: &mut VmRecord) -> Result<(), VmError>;

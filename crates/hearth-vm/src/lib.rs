@@ -36,6 +36,9 @@ pub use cgroup::{CgroupConfig, CgroupError, CgroupLimits, VmCgroup, VmUsage};
 pub use driver::{BootRequest, ColdBoot, Driver, VmError, VmProcess};
 pub use errors::error_chain;
 pub use jail::{JailConfig, JailError, JailMode};
+pub use pool::Prewarmed;
 pub use qemu::QemuDriver;
-pub use record::{validate_name, MachineShape, Memory, Origin, VmRecord, VmState};
+pub use record::{
+    is_pool_slot_name, validate_name, MachineShape, Memory, Origin, VmRecord, VmState,
+};
 pub use snapshot::{Snapshot, SnapshotError, Verify};

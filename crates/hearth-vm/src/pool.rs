@@ -25,8 +25,112 @@ use crate::agent::AgentClient;
 use crate::driver::{Driver, VmError};
 use crate::qemu::{new_instance_id, QemuDriver};
 use crate::qmp::Qmp;
-use crate::record::{validate_name, VmRecord};
+use crate::record::{validate_name, VmRecord, POOL_SLOT_PREFIX};
 use crate::snapshot::Snapshot;
+
+/// A VM restored ahead of time under a slot name, its agent greeted, one
+/// command run and then paused: what the server's warm pool holds
+/// ([`Driver::prewarm`], [`Driver::launch_prewarmed`]).
+#[derive(Debug)]
+pub struct Prewarmed {
+    /// The slot's record (named `.pool-ID`); its directory keeps that name
+    /// when launched (QEMU reopens its disk by path).
+    pub vm: VmRecord,
+    pub(crate) agent: AgentClient,
+    /// Kept open: QEMU serves one QMP client at a time, and a launch should
+    /// not pay for the handshake.
+    pub(crate) qmp: Qmp,
+}
+
+impl QemuDriver {
+    /// Restores a new slot of `snapshot`, runs one command in it and pauses it.
+    pub(crate) async fn prewarm_slot(&self, snapshot: &Snapshot) -> Result<Prewarmed, VmError> {
+        let name = format!("{POOL_SLOT_PREFIX}{}", new_instance_id());
+        let (vm, mut qmp) = self.prepare_clone(snapshot, &name, true, true).await?;
+        let warmed = async {
+            let agent = self.restore_clone(&vm, &mut qmp, snapshot).await?;
+            // One command translates the guest's exec path into QEMU's cache.
+            agent
+                .exec_output(hearth_proto::ExecRequest {
+                    argv: vec!["true".into()],
+                    ..Default::default()
+                })
+                .await?;
+            qmp.stop().await?;
+            Ok::<_, VmError>(agent)
+        }
+        .await;
+        match warmed {
+            Ok(agent) => Ok(Prewarmed { vm, agent, qmp }),
+            Err(err) => {
+                let _ = self.remove(&vm).await;
+                Err(err)
+            }
+        }
+    }
+
+    /// Launches a prewarmed slot as VM `name` (see [`Driver::launch_prewarmed`]).
+    pub(crate) async fn launch_prewarmed_slot(
+        &self,
+        slot: Prewarmed,
+        name: &str,
+    ) -> Result<(VmRecord, AgentClient), VmError> {
+        let Prewarmed {
+            mut vm,
+            agent,
+            mut qmp,
+        } = slot;
+        if !validate_name(name) {
+            let _ = self.remove(&vm).await;
+            return Err(VmError::BadName(name.into()));
+        }
+        if !self.is_alive(&vm) {
+            let log = crate::qemu::read_tail(&vm.qemu_log());
+            let _ = self.remove(&vm).await;
+            return Err(VmError::QemuDied { log });
+        }
+        // `vms/NAME -> .pool-ID`: the slot's directory never moves.
+        let link = self.assets().vms_dir().join(name);
+        let slot_dir_name = vm
+            .dir
+            .file_name()
+            .map(|n| n.to_os_string())
+            .unwrap_or_default();
+        if let Err(err) = std::os::unix::fs::symlink(&slot_dir_name, &link) {
+            let _ = self.remove(&vm).await;
+            return Err(if err.kind() == std::io::ErrorKind::AlreadyExists {
+                VmError::Exists(name.into())
+            } else {
+                VmError::Io(link, err)
+            });
+        }
+        vm.name = name.to_string();
+        // The record's two fsyncs run beside `cont` + `restored` (off the async
+        // workers), not before them: nothing about the slot's process changes
+        // but its name, and the launch waits for both.
+        let record = {
+            let (driver, vm) = (self.clone(), vm.clone());
+            tokio::task::spawn_blocking(move || driver.save(&vm))
+        };
+        let resumed = async {
+            qmp.cont().await?;
+            agent.restored().await?;
+            Ok::<_, VmError>(())
+        };
+        let (saved, resumed) = tokio::join!(record, resumed);
+        let launched = saved
+            .map_err(|_| VmError::Io(vm.dir.clone(), std::io::Error::other("record task failed")))
+            .and_then(|saved| saved)
+            .and(resumed);
+        match launched {
+            Ok(()) => Ok((vm, agent)),
+            Err(err) => {
+                let _ = self.remove(&vm).await;
+                Err(err)
+            }
+        }
+    }
+}
 
 /// How far pool slots are prepared; see the module documentation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -215,7 +319,7 @@ async fn refill(shared: Arc<Shared>) {
                 }
                 *filling += 1;
             }
-            let name = format!(".pool-{}", new_instance_id());
+            let name = format!("{POOL_SLOT_PREFIX}{}", new_instance_id());
             let prepared = prepare_slot(&shared, &name).await;
             *lock(&shared.filling) -= 1;
             match prepared {

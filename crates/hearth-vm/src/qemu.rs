@@ -27,8 +27,11 @@ use crate::jail::{
 };
 use crate::net::{EgressLimits, Network};
 use crate::pins::HostPins;
+use crate::pool::Prewarmed;
 use crate::qmp::{Qmp, QmpError};
-use crate::record::{validate_name, MachineShape, Memory, Origin, VmRecord, VmState};
+use crate::record::{
+    is_pool_slot_name, validate_name, MachineShape, Memory, Origin, VmRecord, VmState,
+};
 use crate::snapshot::{self, Manifest, Snapshot, SnapshotError};
 
 #[cfg(feature = "bench")]
@@ -1027,7 +1030,7 @@ impl Driver for QemuDriver {
     }
 
     fn discard(&self, name: &str) -> Result<(), VmError> {
-        if !validate_name(name) {
+        if !validate_name(name) && !is_pool_slot_name(name) {
             return Err(VmError::BadName(name.into()));
         }
         let dir = self.vm_dir(name);
@@ -1199,6 +1202,7 @@ impl Driver for QemuDriver {
                 nic: true,
                 egress: boot.egress,
                 balloon: boot.free_page_reporting && kernel.free_page_reporting,
+                suspended_memory: None,
             };
             disk::create_overlay_sized(&vm.disk, &boot.base, boot.base_format, boot.disk_size)
                 .await?;
@@ -1358,6 +1362,18 @@ impl Driver for QemuDriver {
         }
     }
 
+    async fn prewarm(&self, snapshot: &Snapshot) -> Result<Prewarmed, VmError> {
+        self.prewarm_slot(snapshot).await
+    }
+
+    async fn launch_prewarmed(
+        &self,
+        slot: Prewarmed,
+        name: &str,
+    ) -> Result<(VmRecord, AgentClient), VmError> {
+        self.launch_prewarmed_slot(slot, name).await
+    }
+
     async fn snapshot(&self, vm: &VmRecord, out: &Path) -> Result<Snapshot, VmError> {
         if vm.state != VmState::Running || !vm_alive(vm) {
             return Err(VmError::BadState {
@@ -1479,6 +1495,16 @@ impl Driver for QemuDriver {
         Ok(Snapshot::open(out, snapshot::Verify::Sizes)?)
     }
 
+    /// Two formats, chosen by where the RAM is:
+    /// - a shared RAM file (a booted VM, or one resumed before): lean. The
+    ///   state file gets CPU and devices only (`x-ignore-shared`), and the RAM
+    ///   stays a file in the VM's directory: copied sparse from the RAM
+    ///   directory (tmpfs), or, when it is that file already (resumed in the
+    ///   lean format), only fsynced, so only the pages the guest dirtied are
+    ///   written. Resume maps it instead of reading it back.
+    /// - a private mapping (a clone launched from a snapshot): its written
+    ///   pages exist only in QEMU, so the state stream carries the RAM (the
+    ///   format of every suspend before the lean one).
     async fn suspend(&self, vm: &mut VmRecord) -> Result<(), VmError> {
         if !vm.state.can_become(VmState::Suspended) || !vm_alive(vm) {
             return Err(VmError::BadState {
@@ -1490,13 +1516,32 @@ impl Driver for QemuDriver {
         let state_file = vm.suspend_state();
         // QEMU creates it (in its own directory, as its own uid).
         let _ = std::fs::remove_file(&state_file);
+        let shared_ram = match &vm.memory {
+            Memory::SharedFile { path } => Some(path.clone()),
+            Memory::PrivateFile { .. } | Memory::Anonymous => None,
+        };
+        let memory_file = vm.memory_file();
         let mut qmp = Qmp::connect(&vm.qmp_socket()).await?;
         qmp.stop().await?;
+        let start = Instant::now();
         let saved = async {
-            // All RAM goes into the stream: the VM's memory is freed afterwards.
-            qmp.set_ignore_shared(false).await?;
+            qmp.set_ignore_shared(shared_ram.is_some()).await?;
             let uri = format!("file:{}", state_file.display());
             qmp.migrate_and_wait(&uri, MIGRATION_TIMEOUT).await?;
+            if let Some(ram) = &shared_ram {
+                if *ram == memory_file {
+                    std::fs::File::open(ram)
+                        .and_then(|f| f.sync_all())
+                        .map_err(|e| VmError::Io(ram.clone(), e))?;
+                } else {
+                    // tmp + rename: a crash never leaves a half-copied RAM file
+                    // under the name a resume maps.
+                    let tmp = vm.dir.join("memory.ram.tmp");
+                    disk::sparse_copy(ram, &tmp)?;
+                    std::fs::rename(&tmp, &memory_file)
+                        .map_err(|e| VmError::Io(memory_file.clone(), e))?;
+                }
+            }
             // QEMU wrote it in its own directory: no symlink, no FIFO.
             std::fs::OpenOptions::new()
                 .read(true)
@@ -1504,15 +1549,25 @@ impl Driver for QemuDriver {
                 .open(&state_file)
                 .and_then(|f| f.sync_all())
                 .map_err(|e| VmError::Io(state_file.clone(), e))?;
+            disk::sync_dir(&vm.dir)?;
             Ok::<(), VmError>(())
         }
         .await;
         if let Err(err) = saved {
+            let _ = qmp.set_ignore_shared(false).await;
             let _ = qmp.cont().await;
             let _ = std::fs::remove_file(&state_file);
+            let _ = std::fs::remove_file(vm.dir.join("memory.ram.tmp"));
             return Err(err);
         }
+        debug!(
+            vm = %vm.name,
+            lean = shared_ram.is_some(),
+            save_ms = start.elapsed().as_secs_f64() * 1e3,
+            "suspended"
+        );
         vm.state = VmState::Suspended;
+        vm.suspended_memory = shared_ram.as_ref().map(|_| memory_file.clone());
         let pid = vm.pid.take();
         self.save(vm)?;
         let _ = qmp.quit().await;
@@ -1528,12 +1583,21 @@ impl Driver for QemuDriver {
         // A fresh namespace at resume: no connection tracked before survives.
         self.release_network(&vm.instance);
         self.release_cgroup(&vm.instance);
-        if let Memory::SharedFile { path } = &vm.memory {
-            let _ = std::fs::remove_file(path);
+        // The RAM directory's file (tmpfs: host memory) goes; the VM's own
+        // memory file stays for the resume.
+        if let Some(ram) = &shared_ram {
+            if *ram != memory_file {
+                let _ = std::fs::remove_file(ram);
+            }
         }
         Ok(())
     }
 
+    /// A lean suspend (see [`Self::suspend`]) resumes into a QEMU that maps the
+    /// VM's memory file shared: nothing is read back, pages come in from the
+    /// page cache as the guest touches them. Any other (a clone's, or one
+    /// saved before the lean format) loads the RAM from the state stream into
+    /// a new shared RAM file in the RAM directory.
     async fn resume(&self, vm: &mut VmRecord) -> Result<(), VmError> {
         if !vm.state.can_become(VmState::Running) {
             return Err(VmError::BadState {
@@ -1546,19 +1610,40 @@ impl Driver for QemuDriver {
         if !state_file.is_file() {
             return Err(SnapshotError::MissingFile(state_file).into());
         }
-        // The resumed VM gets its own shared RAM file, so it can be snapshotted.
+        let lean = vm.suspended_memory.clone();
+        if let Some(memory) = &lean {
+            if !memory.is_file() {
+                return Err(SnapshotError::MissingFile(memory.clone()).into());
+            }
+        }
+        // The resumed VM's RAM is a shared file either way, so it can be
+        // snapshotted and suspended lean.
         let mut running = vm.clone();
         running.instance = new_instance_id();
         if running.jail_uid.is_none() {
             running.jail_uid = self.claim_uid(&running.dir)?;
         }
-        let ram = self.ram_file(&running.instance)?;
-        running.memory = Memory::SharedFile { path: ram.clone() };
+        running.suspended_memory = None;
+        let fresh_ram = match &lean {
+            Some(memory) => {
+                running.memory = Memory::SharedFile {
+                    path: memory.clone(),
+                };
+                None
+            }
+            None => {
+                let ram = self.ram_file(&running.instance)?;
+                running.memory = Memory::SharedFile { path: ram.clone() };
+                Some(ram)
+            }
+        };
         let start = Instant::now();
         let (pid, mut qmp) = match self.spawn(&running, Incoming::Defer).await {
             Ok(spawned) => spawned,
             Err(err) => {
-                let _ = std::fs::remove_file(&ram);
+                if let Some(ram) = &fresh_ram {
+                    let _ = std::fs::remove_file(ram);
+                }
                 return Err(err);
             }
         };
@@ -1567,7 +1652,7 @@ impl Driver for QemuDriver {
         running.state = VmState::Running;
         let uri = format!("file:{}", state_file.display());
         let loaded = async {
-            qmp.set_ignore_shared(false).await?;
+            qmp.set_ignore_shared(lean.is_some()).await?;
             qmp.migrate_incoming_and_wait(&uri, MIGRATION_TIMEOUT)
                 .await?;
             qmp.cont().await
@@ -1576,7 +1661,9 @@ impl Driver for QemuDriver {
         if let Err(err) = loaded {
             let err = self.qemu_failure(&running, err);
             self.stop_process(&running).await;
-            let _ = std::fs::remove_file(&ram);
+            if let Some(ram) = &fresh_ram {
+                let _ = std::fs::remove_file(ram);
+            }
             return Err(err);
         }
         self.save(&running)?;
@@ -1588,6 +1675,7 @@ impl Driver for QemuDriver {
         agent.restored().await?;
         debug!(
             vm = %vm.name,
+            lean = lean.is_some(),
             spawn_ms = spawned_at.as_secs_f64() * 1e3,
             load_ms = loaded_at.as_secs_f64() * 1e3,
             hello_ms = hello_at.as_secs_f64() * 1e3,
@@ -1724,6 +1812,7 @@ fn restored_record(
         // default launch pays nothing for it.
         egress: manifest.nic,
         balloon: manifest.balloon,
+        suspended_memory: None,
     }
 }
 
@@ -1935,7 +2024,7 @@ impl QemuClaim {
             return None;
         }
         let vm = vm_dir.file_name()?.to_str()?.to_string();
-        if !(validate_name(&vm) || vm.starts_with(".pool-")) {
+        if !(validate_name(&vm) || is_pool_slot_name(&vm)) {
             return None;
         }
         let ram = args.iter().find_map(|a| {
@@ -2037,7 +2126,7 @@ fn read_qemu_version(qemu: &Path) -> String {
 }
 
 /// The last lines of a log file, for error messages.
-fn read_tail(path: &Path) -> String {
+pub(crate) fn read_tail(path: &Path) -> String {
     let text = std::fs::read(path).unwrap_or_default();
     let start = text.len().saturating_sub(2000);
     String::from_utf8_lossy(&text[start..]).trim().to_string()
@@ -2085,6 +2174,7 @@ mod boot_failure_tests {
             nic: false,
             egress: false,
             balloon: false,
+            suspended_memory: None,
         }
     }
 

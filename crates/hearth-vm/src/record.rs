@@ -168,6 +168,12 @@ pub struct VmRecord {
     /// machine: a snapshot restores only into a VM that has it too.
     #[serde(default)]
     pub balloon: bool,
+    /// While suspended: the file that holds the VM's RAM when the saved state
+    /// does not (the lean format: the state file has CPU and devices only, and
+    /// resume maps this file instead of reading RAM back). None: the state
+    /// stream carries the RAM, as every suspend before this format did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suspended_memory: Option<PathBuf>,
 }
 
 impl VmRecord {
@@ -186,6 +192,12 @@ impl VmRecord {
     pub fn suspend_state(&self) -> PathBuf {
         self.dir.join("suspend.state")
     }
+    /// Where a suspended VM's RAM is kept in the lean format (on disk, in the
+    /// VM's directory; a resumed VM maps it shared, so a later suspend writes
+    /// only the pages the guest dirtied).
+    pub fn memory_file(&self) -> PathBuf {
+        self.dir.join("memory.ram")
+    }
 }
 
 /// Checks a VM name: 1-40 characters of `[A-Za-z0-9_-]`, not starting with `-`.
@@ -197,6 +209,16 @@ pub fn validate_name(name: &str) -> bool {
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+/// The directory-name prefix of warm-pool slots (`vms/.pool-ID`): user names
+/// cannot start with a dot, so a slot never collides with a VM.
+pub const POOL_SLOT_PREFIX: &str = ".pool-";
+
+/// True for the directory name of a warm-pool slot (`.pool-` + a valid name).
+pub fn is_pool_slot_name(name: &str) -> bool {
+    name.strip_prefix(POOL_SLOT_PREFIX)
+        .is_some_and(validate_name)
 }
 
 #[cfg(test)]

@@ -271,6 +271,7 @@ impl FakeDriver {
             egress: false,
             jail_uid: None,
             balloon: false,
+            suspended_memory: None,
         }
     }
 

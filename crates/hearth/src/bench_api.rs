@@ -46,12 +46,24 @@ pub struct ApiArgs {
     /// Guest memory of the imported image, MiB.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(128..=8192))]
     memory: u32,
+    /// Run with the server's warm pool off: every RunMicrovm starts a QEMU.
+    /// Without it each measured RunMicrovm waits until the pool has a slot.
+    #[arg(long)]
+    pool_empty: bool,
+    /// RunMicrovm calls made at once for the concurrency figure (0: skip).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(0..=500))]
+    concurrent: u32,
 }
 
 #[derive(Debug, Serialize)]
 struct Report {
     accel: String,
     memory_mib: u32,
+    /// "warm" (a slot ready before each measured RunMicrovm) or "empty".
+    pool: &'static str,
+    /// Launches served from a warm pool slot / by starting a QEMU.
+    warm_launches: u64,
+    cold_launches: u64,
     run_call_ms: Stats,
     run_to_running_ms: Stats,
     run_to_first_exec_ms: Stats,
@@ -71,6 +83,8 @@ struct Report {
     /// bound of what metering adds to a launch (the engine puts it in the
     /// RUNNING change's own commit).
     meter_record_ms: Stats,
+    concurrent_runs: u32,
+    concurrent_run_to_running_ms: Stats,
 }
 
 pub async fn api(args: ApiArgs) -> Result<ExitCode> {
@@ -95,6 +109,11 @@ pub async fn api(args: ApiArgs) -> Result<ExitCode> {
     ];
     // Sample often so the measurement window holds many rounds.
     config.usage_interval = METER_BENCH_INTERVAL;
+    config.warm_pool = if args.pool_empty {
+        hearth_server::vms::pool::PoolSettings::off()
+    } else {
+        hearth_server::vms::pool::PoolSettings::default()
+    };
     let state = hearth_server::start(config).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?;
@@ -138,12 +157,27 @@ pub async fn api(args: ApiArgs) -> Result<ExitCode> {
         &account.secret_access_key,
     )?);
 
+    if !args.pool_empty {
+        // One run makes the version "in demand"; its pool fills after it.
+        progress("RunMicrovm once so the version's warm pool fills");
+        let run = client
+            .call("RunMicrovm", json!({"imageIdentifier": imported.image_arn}))
+            .await?;
+        let id = run["microvmId"].as_str().unwrap_or_default().to_string();
+        wait_for(&client, &id, "RUNNING").await?;
+        terminate(&client, &id).await?;
+    }
+    let launches_before = state.engine.pools.launch_counts();
+
     // RunMicrovm to RUNNING and to the first exec result, one VM at a time.
     let mut run_call = Vec::new();
     let mut to_running = Vec::new();
     let mut to_exec = Vec::new();
     for i in 0..args.runs {
         progress(&format!("RunMicrovm {}/{}", i + 1, args.runs));
+        if !args.pool_empty {
+            wait_pool(&state).await?;
+        }
         let start = Instant::now();
         let run = client
             .call("RunMicrovm", json!({"imageIdentifier": imported.image_arn}))
@@ -216,11 +250,62 @@ pub async fn api(args: ApiArgs) -> Result<ExitCode> {
     let throughput = get_samples.len() as f64 / elapsed;
     terminate(&client, &id).await?;
     let meter = measure_meter(&state, &client, &imported.image_arn, &args).await?;
+    let launches_after = state.engine.pools.launch_counts();
+
+    // Many RunMicrovm calls at once, each to RUNNING.
+    let mut concurrent = Vec::new();
+    if args.concurrent > 0 {
+        if !args.pool_empty {
+            wait_pool(&state).await?;
+        }
+        progress(&format!("{} RunMicrovm calls at once", args.concurrent));
+        let mut tasks = Vec::new();
+        for _ in 0..args.concurrent {
+            let client = client.clone();
+            let image = imported.image_arn.clone();
+            tasks.push(tokio::spawn(async move {
+                let start = Instant::now();
+                let run = client
+                    .call("RunMicrovm", json!({"imageIdentifier": image}))
+                    .await?;
+                let id = run["microvmId"].as_str().unwrap_or_default().to_string();
+                wait_for(&client, &id, "RUNNING").await?;
+                Ok::<_, anyhow::Error>((id, ms(start.elapsed())))
+            }));
+        }
+        let mut ids = Vec::new();
+        let mut failure = None;
+        for task in tasks {
+            match task.await? {
+                Ok((id, took)) => {
+                    ids.push(id);
+                    concurrent.push(took);
+                }
+                Err(err) => failure = Some(err),
+            }
+        }
+        progress("terminating them");
+        let mut ends = Vec::new();
+        for id in ids {
+            let client = client.clone();
+            ends.push(tokio::spawn(async move { terminate(&client, &id).await }));
+        }
+        for end in ends {
+            end.await??;
+        }
+        if let Some(err) = failure {
+            return Err(err.context("a concurrent RunMicrovm did not become RUNNING"));
+        }
+    }
+    state.engine.shutdown_pools().await;
     server.abort();
 
     let report = Report {
         accel: format!("{:?}", state.engine.driver().accel()).to_lowercase(),
         memory_mib: args.memory,
+        pool: if args.pool_empty { "empty" } else { "warm" },
+        warm_launches: launches_after.0 - launches_before.0,
+        cold_launches: launches_after.1 - launches_before.1,
         run_call_ms: Stats::of(run_call),
         run_to_running_ms: Stats::of(to_running),
         run_to_first_exec_ms: Stats::of(to_exec),
@@ -235,6 +320,8 @@ pub async fn api(args: ApiArgs) -> Result<ExitCode> {
         meter_round_cpu_ms: meter.round_cpu_ms,
         meter_cpu_percent_at_10s: meter.round_cpu_ms / 10_000.0 * 100.0,
         meter_record_ms: meter.record_ms,
+        concurrent_runs: args.concurrent,
+        concurrent_run_to_running_ms: Stats::of(concurrent),
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -320,6 +407,18 @@ async fn axum_serve(listener: tokio::net::TcpListener, app: axum::Router) -> std
     axum::serve(listener, app).await
 }
 
+/// Waits until the server's warm pool holds a slot (at most two minutes).
+pub(crate) async fn wait_pool(state: &hearth_server::AppState) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while state.engine.pools.ready() == 0 {
+        if Instant::now() > deadline {
+            bail!("the warm pool did not fill within two minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
 /// Polls GetMicrovm every 5 ms until `state`.
 async fn wait_for(client: &Client, id: &str, state: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -360,8 +459,8 @@ async fn terminate(client: &Client, id: &str) -> Result<()> {
 
 fn print_table(r: &Report) {
     println!(
-        "hearth bench api ({} accel, {} MiB guest, real HTTP + SigV4 to an in-process server)",
-        r.accel, r.memory_mib
+        "hearth bench api ({} accel, {} MiB guest, {} pool: {} warm / {} cold launches, real HTTP + SigV4 to an in-process server)",
+        r.accel, r.memory_mib, r.pool, r.warm_launches, r.cold_launches
     );
     println!(
         "{:<40} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6}",
@@ -395,4 +494,10 @@ fn print_table(r: &Report) {
         "usage meter, {} idle microVMs: {:.2} ms CPU per round ({} rounds), {:.4} % of a core at 10 s",
         r.meter_idle_vms, r.meter_round_cpu_ms, r.meter_rounds, r.meter_cpu_percent_at_10s
     );
+    if r.concurrent_runs > 0 {
+        row(
+            &format!("{} RunMicrovm at once -> RUNNING", r.concurrent_runs),
+            &r.concurrent_run_to_running_ms,
+        );
+    }
 }

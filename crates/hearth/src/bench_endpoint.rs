@@ -95,6 +95,10 @@ pub struct EndpointArgs {
     /// Guest memory of the imported image, MiB.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(128..=8192))]
     memory: u32,
+    /// Run with the server's warm pool off: every RunMicrovm starts a QEMU.
+    /// Without it each measured RunMicrovm waits until the pool has a slot.
+    #[arg(long)]
+    pool_empty: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -119,11 +123,17 @@ struct Stream {
 struct Report {
     accel: String,
     memory_mib: u32,
+    /// "warm" (a slot ready before each measured RunMicrovm) or "empty".
+    pool: &'static str,
+    /// Of the measured RunMicrovm calls: served from a slot / started a QEMU.
+    warm_launches: u64,
+    cold_launches: u64,
     run_to_first_200_ms: Stats,
     load: Load,
     large_body: Stream,
     suspend_to_suspended_ms: Stats,
     auto_resume_to_first_byte_ms: Stats,
+    resume_to_first_200_ms: Stats,
 }
 
 /// The proxy's address and how requests name a microVM.
@@ -179,6 +189,11 @@ pub async fn endpoint(args: EndpointArgs) -> Result<ExitCode> {
     )
     .await?;
     let (state, api_address, proxy) = (server.state.clone(), server.api, server.proxy);
+    state.engine.pools.set_settings(if args.pool_empty {
+        hearth_server::vms::pool::PoolSettings::off()
+    } else {
+        hearth_server::vms::pool::PoolSettings::default()
+    });
     let account = state.store.create_account("bench")?;
 
     progress("importing an image (boot, start the app, ready hook, snapshot)");
@@ -213,10 +228,25 @@ pub async fn endpoint(args: EndpointArgs) -> Result<ExitCode> {
     )?);
     let image = imported.image_arn.clone();
 
+    if !args.pool_empty {
+        // One run makes the version "in demand"; its pool fills after it.
+        progress("RunMicrovm once so the version's warm pool fills");
+        let run = client
+            .call("RunMicrovm", json!({ "imageIdentifier": image }))
+            .await?;
+        let id = microvm_id(&run)?;
+        poll_until_200(&endpoint_of(&client, proxy, &id).await?).await?;
+        terminate(&client, &id).await?;
+    }
+    let launches_before = state.engine.pools.launch_counts();
+
     // RunMicrovm → first 200 through the endpoint, one microVM at a time.
     let mut first_200 = Vec::new();
     for i in 0..args.runs {
         progress(&format!("RunMicrovm to first 200, {}/{}", i + 1, args.runs));
+        if !args.pool_empty {
+            crate::bench_api::wait_pool(&state).await?;
+        }
         let start = Instant::now();
         let run = client
             .call("RunMicrovm", json!({ "imageIdentifier": image }))
@@ -227,6 +257,7 @@ pub async fn endpoint(args: EndpointArgs) -> Result<ExitCode> {
         first_200.push(ms(start.elapsed()));
         terminate(&client, &id).await?;
     }
+    let launches_after = state.engine.pools.launch_counts();
 
     // One microVM (with auto-resume) for the rest.
     let run = client
@@ -272,17 +303,37 @@ pub async fn endpoint(args: EndpointArgs) -> Result<ExitCode> {
         suspends.push(ms(start.elapsed()));
         resumes.push(first_byte(&endpoint).await?);
     }
+    // ResumeMicrovm → first 200 (the endpoint polled as for RunMicrovm).
+    let mut resume_200 = Vec::new();
+    for i in 0..args.cycles {
+        progress(&format!("suspend, ResumeMicrovm {}/{}", i + 1, args.cycles));
+        client
+            .call("SuspendMicrovm", json!({ "microvmIdentifier": id }))
+            .await?;
+        wait_for(&client, &id, "SUSPENDED").await?;
+        let start = Instant::now();
+        client
+            .call("ResumeMicrovm", json!({ "microvmIdentifier": id }))
+            .await?;
+        poll_until_200(&endpoint).await?;
+        resume_200.push(ms(start.elapsed()));
+    }
     terminate(&client, &id).await?;
+    state.engine.shutdown_pools().await;
     drop(server);
 
     let report = Report {
         accel: format!("{:?}", state.engine.driver().accel()).to_lowercase(),
         memory_mib: args.memory,
+        pool: if args.pool_empty { "empty" } else { "warm" },
+        warm_launches: launches_after.0 - launches_before.0,
+        cold_launches: launches_after.1 - launches_before.1,
         run_to_first_200_ms: Stats::of(first_200),
         load,
         large_body,
         suspend_to_suspended_ms: Stats::of(suspends),
         auto_resume_to_first_byte_ms: Stats::of(resumes),
+        resume_to_first_200_ms: Stats::of(resume_200),
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -517,8 +568,8 @@ pub(crate) async fn terminate(client: &Client, id: &str) -> Result<()> {
 
 fn print_table(r: &Report) {
     println!(
-        "hearth bench endpoint ({} accel, {} MiB guest, in-process server and proxy, proxy limits off)",
-        r.accel, r.memory_mib
+        "hearth bench endpoint ({} accel, {} MiB guest, {} pool: {} warm / {} cold launches, in-process server and proxy, proxy limits off)",
+        r.accel, r.memory_mib, r.pool, r.warm_launches, r.cold_launches
     );
     println!(
         "{:<44} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}",
@@ -545,6 +596,10 @@ fn print_table(r: &Report) {
     row(
         "auto-resume: request -> first response byte",
         &r.auto_resume_to_first_byte_ms,
+    );
+    row(
+        "ResumeMicrovm -> first 200 via the endpoint",
+        &r.resume_to_first_200_ms,
     );
     println!(
         "GET / throughput: {:.0} requests/s ({} requests, {} errors in {:.1} s)",

@@ -136,6 +136,16 @@ struct ServeArgs {
     /// Talk to --registry over plain HTTP (a registry on loopback).
     #[arg(long)]
     registry_insecure: bool,
+    /// Warm pool: VMs restored ahead of time for recently run image versions,
+    /// all versions together (0: no pool, every RunMicrovm starts a QEMU).
+    #[arg(long, default_value_t = 4)]
+    warm_pool_max: usize,
+    /// Warm pool slots each recently run image version keeps.
+    #[arg(long, default_value_t = 1)]
+    warm_pool_per_version: usize,
+    /// A version keeps its warm pool this many seconds after its last RunMicrovm.
+    #[arg(long, default_value_t = 300)]
+    warm_pool_window: u64,
     /// Drop build-cache entries unused for this many days (at start).
     #[arg(long, default_value_t = 14, value_parser = clap::value_parser!(u64).range(1..=3650))]
     build_cache_days: u64,
@@ -501,6 +511,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 config.prices = hearth_server::pricing::PriceSheet::load(file)?;
             }
             config.usage_interval = std::time::Duration::from_secs(args.usage_interval);
+            config.warm_pool = hearth_server::vms::pool::PoolSettings {
+                max_total: args.warm_pool_max,
+                per_version: args.warm_pool_per_version,
+                demand_window: std::time::Duration::from_secs(args.warm_pool_window),
+                ..config.warm_pool
+            };
             config.registry = args.registry.map(|registry| hearth_oci::RegistryConfig {
                 registry,
                 insecure_http: args.registry_insecure,

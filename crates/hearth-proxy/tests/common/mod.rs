@@ -116,20 +116,13 @@ impl TestBackend {
 }
 
 impl Backend for TestBackend {
-    fn authorize(&self, microvm_id: &str, token: &str, access: Access) -> Result<(), Denied> {
-        self.authorizations.fetch_add(1, Ordering::SeqCst);
-        let allowed = self.grants.get(token).is_some_and(|g| {
-            g.vm == microvm_id
-                && match access {
-                    Access::Port(port) => g.ports.contains(&port),
-                    Access::Shell => g.shell,
-                }
-        });
-        if allowed {
-            Ok(())
-        } else {
-            Err(Denied::Forbidden("Access to port denied".into()))
-        }
+    fn authorize<'a>(
+        &'a self,
+        microvm_id: &'a str,
+        token: &'a str,
+        access: Access,
+    ) -> BoxFuture<'a, Result<(), Denied>> {
+        Box::pin(async move { self.authorize_now(microvm_id, token, access) })
     }
 
     fn connect(
@@ -137,25 +130,7 @@ impl Backend for TestBackend {
         microvm_id: &str,
         port: u16,
     ) -> BoxFuture<'_, Result<Box<dyn Io>, ConnectError>> {
-        self.connects.fetch_add(1, Ordering::SeqCst);
-        let addr = self
-            .ports
-            .lock()
-            .unwrap()
-            .get(&(microvm_id.to_owned(), port))
-            .copied();
-        Box::pin(async move {
-            let Some(addr) = addr else {
-                return Err(ConnectError::Unreachable("no such port mapping".into()));
-            };
-            match TcpStream::connect(addr).await {
-                Ok(stream) => Ok(Box::new(stream) as Box<dyn Io>),
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                    Err(ConnectError::Refused)
-                }
-                Err(e) => Err(ConnectError::Io(e)),
-            }
-        })
+        self.connect_now(microvm_id, port)
     }
 
     fn traffic(&self, _microvm_id: &str, bytes: u64) {
@@ -541,4 +516,48 @@ pub async fn get(
 /// The JSON `/headers` reported.
 pub fn seen(body: &Bytes) -> serde_json::Value {
     serde_json::from_slice(body).unwrap()
+}
+
+impl TestBackend {
+    fn authorize_now(&self, microvm_id: &str, token: &str, access: Access) -> Result<(), Denied> {
+        self.authorizations.fetch_add(1, Ordering::SeqCst);
+        let allowed = self.grants.get(token).is_some_and(|g| {
+            g.vm == microvm_id
+                && match access {
+                    Access::Port(port) => g.ports.contains(&port),
+                    Access::Shell => g.shell,
+                }
+        });
+        if allowed {
+            Ok(())
+        } else {
+            Err(Denied::Forbidden("Access to port denied".into()))
+        }
+    }
+
+    fn connect_now(
+        &self,
+        microvm_id: &str,
+        port: u16,
+    ) -> BoxFuture<'_, Result<Box<dyn Io>, ConnectError>> {
+        self.connects.fetch_add(1, Ordering::SeqCst);
+        let addr = self
+            .ports
+            .lock()
+            .unwrap()
+            .get(&(microvm_id.to_owned(), port))
+            .copied();
+        Box::pin(async move {
+            let Some(addr) = addr else {
+                return Err(ConnectError::Unreachable("no such port mapping".into()));
+            };
+            match TcpStream::connect(addr).await {
+                Ok(stream) => Ok(Box::new(stream) as Box<dyn Io>),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    Err(ConnectError::Refused)
+                }
+                Err(e) => Err(ConnectError::Io(e)),
+            }
+        })
+    }
 }

@@ -138,7 +138,7 @@ async fn http_api(State(state): State<Arc<AppState>>, request: Request) -> Respo
     response
 }
 
-async fn handle(state: &AppState, request: Request) -> Result<Response, ApiError> {
+async fn handle(state: &Arc<AppState>, request: Request) -> Result<Response, ApiError> {
     let (parts, body) = request.into_parts();
     let body = axum::body::to_bytes(body, MAX_BODY).await.map_err(|_| {
         ApiError::new(
@@ -146,7 +146,6 @@ async fn handle(state: &AppState, request: Request) -> Result<Response, ApiError
             "Request body is too large or unreadable",
         )
     })?;
-    let model = hearth_api::model();
     if let Some(route) = extensions::route(&parts.method, parts.uri.path(), parts.uri.query()) {
         let account = authenticate(state, &parts, &body)?;
         if !state.limits.allow(&account, route.operation()) {
@@ -158,6 +157,23 @@ async fn handle(state: &AppState, request: Request) -> Result<Response, ApiError
         };
         return extensions::handle(state, &caller, route, &body).await;
     }
+    // The operations are synchronous SQLite work (the store's lock, fsyncs):
+    // on the blocking pool, so the async workers keep serving the endpoint
+    // proxy and launches meanwhile.
+    let state = state.clone();
+    let runtime = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || runtime.block_on(operation(&state, parts, body)))
+        .await
+        .map_err(|_| ApiError::new(ErrorCode::InternalServer, "Internal error"))?
+}
+
+/// Authenticates, validates and runs one model operation.
+async fn operation(
+    state: &AppState,
+    parts: http::request::Parts,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let model = hearth_api::model();
     let (operation, labels) = model
         .route(&parts.method, parts.uri.path())
         .ok_or_else(|| ApiError::new(ErrorCode::UnknownOperation, "Unknown operation"))?;

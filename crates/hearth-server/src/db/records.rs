@@ -1034,6 +1034,23 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// The versions microVMs were started from since `since_ms` (unix ms), as
+    /// (account, image, version, memory MiB): the demand warm pools follow.
+    pub fn recent_launches(
+        &self,
+        since_ms: i64,
+    ) -> Result<Vec<(String, String, u32, u32)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT account_id, image_name, image_version, MAX(memory_mib) FROM microvms
+             WHERE started_at >= ?1 GROUP BY account_id, image_name, image_version",
+        )?;
+        let rows = stmt.query_map(params![since_ms], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// Compare-and-set of a microVM's state: moves it to `to` only from one of
     /// `from` (and only along a valid transition). TERMINATED sets `terminatedAt`.
     pub fn transition_microvm(

@@ -164,6 +164,8 @@ pub enum StoreError {
     Corrupt(String),
     #[error("cannot encode a resource spec")]
     Spec(#[source] serde_json::Error),
+    #[error("a database task was interrupted")]
+    Interrupted,
 }
 
 /// A tenant.
@@ -241,6 +243,19 @@ impl Store {
             conn: Arc::new(Mutex::new(conn)),
             secrets: Arc::new(secrets),
         })
+    }
+
+    /// Runs `f` on tokio's blocking pool: SQLite calls block (the connection's
+    /// lock, fsyncs), and async callers must not hold up the runtime's workers.
+    pub async fn blocking<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|_| StoreError::Interrupted)?
     }
 
     pub(crate) fn conn(&self) -> MutexGuard<'_, Connection> {

@@ -39,41 +39,54 @@ fn forbidden() -> Denied {
 }
 
 impl Backend for EndpointBackend {
-    fn authorize(&self, microvm_id: &str, token: &str, access: Access) -> Result<(), Denied> {
-        let now = unix_now().max(0) as u64;
-        let claims = self.tokens.verify(token, now).map_err(|err| match err {
-            TokenError::Expired => Denied::Forbidden("Token expired".into()),
-            _ => forbidden(),
-        })?;
-        if claims.microvm != microvm_id {
-            return Err(forbidden());
-        }
-        let row = match self.store.microvm(&claims.account, microvm_id) {
-            Ok(Some(row)) if row.state != MicrovmState::Terminated => row,
-            Ok(_) => return Err(Denied::NotFound),
-            Err(err) => {
-                tracing::warn!(error = %hearth_vm::error_chain(&err), "endpoint authorisation lookup failed");
+    fn authorize<'a>(
+        &'a self,
+        microvm_id: &'a str,
+        token: &'a str,
+        access: Access,
+    ) -> BoxFuture<'a, Result<(), Denied>> {
+        Box::pin(async move {
+            let now = unix_now().max(0) as u64;
+            let claims = self.tokens.verify(token, now).map_err(|err| match err {
+                TokenError::Expired => Denied::Forbidden("Token expired".into()),
+                _ => forbidden(),
+            })?;
+            if claims.microvm != microvm_id {
                 return Err(forbidden());
             }
-        };
-        match access {
-            Access::Shell if claims.kind == TokenKind::Shell => Ok(()),
-            Access::Shell => Err(forbidden()),
-            Access::Port(port) => {
-                // NO_INGRESS: nothing reaches the app, whatever the token says.
-                if row.spec.no_ingress() {
+            // SQLite blocks (disk, the connection's lock): off the async workers.
+            let (account, id) = (claims.account.clone(), microvm_id.to_string());
+            let found = self
+                .store
+                .blocking(move |store| store.microvm(&account, &id))
+                .await;
+            let row = match found {
+                Ok(Some(row)) if row.state != MicrovmState::Terminated => row,
+                Ok(_) => return Err(Denied::NotFound),
+                Err(err) => {
+                    tracing::warn!(error = %hearth_vm::error_chain(&err), "endpoint authorisation lookup failed");
                     return Err(forbidden());
                 }
-                if !claims.allows_port(port) {
-                    return Err(Denied::Forbidden("Access to port denied".into()));
+            };
+            match access {
+                Access::Shell if claims.kind == TokenKind::Shell => Ok(()),
+                Access::Shell => Err(forbidden()),
+                Access::Port(port) => {
+                    // NO_INGRESS: nothing reaches the app, whatever the token says.
+                    if row.spec.no_ingress() {
+                        return Err(forbidden());
+                    }
+                    if !claims.allows_port(port) {
+                        return Err(Denied::Forbidden("Access to port denied".into()));
+                    }
+                    // The hooks port only with a token that names it explicitly.
+                    if row.spec.hooks_port() == Some(port) && !claims.names_port(port) {
+                        return Err(Denied::Forbidden("Access to port denied".into()));
+                    }
+                    Ok(())
                 }
-                // The hooks port only with a token that names it explicitly.
-                if row.spec.hooks_port() == Some(port) && !claims.names_port(port) {
-                    return Err(Denied::Forbidden("Access to port denied".into()));
-                }
-                Ok(())
             }
-        }
+        })
     }
 
     fn connect(

@@ -105,6 +105,7 @@ impl ExtensionHandler for GuestApi {
             if self
                 .backend
                 .authorize(&request.microvm_id, token, Access::Shell)
+                .await
                 .is_err()
             {
                 return text(StatusCode::FORBIDDEN, "Forbidden");

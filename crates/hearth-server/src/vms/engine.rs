@@ -20,18 +20,23 @@ use hearth_vm::error_chain;
 use hearth_vm::{Driver, Snapshot, Verify, VmError, VmState};
 use serde_json::json;
 use tokio::sync::Mutex as AsyncMutex;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::db::records::MicrovmRow;
-use crate::db::resources::MicrovmState;
+use crate::db::resources::{MicrovmState, VersionState, VersionStatus};
 use crate::db::spec::{HookCall, RuntimeHook};
 use crate::db::store::{unix_now_ms, Store, StoreError};
 use crate::pricing::UsageType;
 use crate::vms::hooks::{self, HookError};
 use crate::vms::meter;
+use crate::vms::pool::{available_mib, PoolKey, PoolSettings, WarmPools};
 
 /// How often lifetimes and VM processes are checked.
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the pool refiller looks again when it has nothing to do.
+const POOL_TICK: Duration = Duration::from_secs(1);
+/// How long [`Engine::shutdown_pools`] waits for a slot in preparation.
+const POOL_SHUTDOWN_GRACE: Duration = Duration::from_secs(60);
 /// How long an adopted VM's agent may take to answer after a restart.
 pub(super) const ADOPT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -61,6 +66,8 @@ pub struct Engine {
     activity: Mutex<HashMap<String, i64>>,
     /// Egress of microVMs that name no egress connector (`--default-egress`).
     default_egress: AtomicBool,
+    /// Prewarmed VMs per image version ([`Self::run_pools`] fills them).
+    pub pools: WarmPools,
 }
 
 impl Engine {
@@ -73,6 +80,7 @@ impl Engine {
             snapshots: Mutex::default(),
             activity: Mutex::default(),
             default_egress: AtomicBool::new(true),
+            pools: WarmPools::new(PoolSettings::default()),
         })
     }
 
@@ -111,9 +119,200 @@ impl Engine {
         Ok(snapshot)
     }
 
-    /// Drops a cached snapshot whose files are being removed.
+    /// Drops a cached snapshot whose files are being removed, and its warm pool.
     pub fn forget_snapshot(&self, dir: &Path) {
         lock(&self.snapshots).remove(dir);
+        self.drain_pool(dir);
+    }
+
+    /// Ends the warm pool of a snapshot (its version is deleted or INACTIVE).
+    /// The slots' processes end in the background.
+    pub fn drain_pool(&self, snapshot_dir: &Path) {
+        let slots = self.pools.drain_snapshot(snapshot_dir);
+        if slots.is_empty() {
+            return;
+        }
+        info!(snapshot = %snapshot_dir.display(), slots = slots.len(), "draining warm pool");
+        let driver = self.driver.clone();
+        tokio::spawn(async move {
+            for slot in slots {
+                driver.discard_prewarmed(slot).await;
+            }
+        });
+    }
+
+    /// The warm pool a launch of `row` may take from.
+    fn pool_key(row: &MicrovmRow, snapshot_dir: &Path) -> PoolKey {
+        PoolKey {
+            account_id: row.account_id.clone(),
+            image_name: row.image_name.clone(),
+            version: row.image_version,
+            snapshot_dir: snapshot_dir.to_path_buf(),
+        }
+    }
+
+    /// Starts VM `row.vm_name`: from a prewarmed slot of its version when one
+    /// is ready (a dead slot is discarded and the next tried), else cold.
+    async fn start_vm(
+        &self,
+        row: &MicrovmRow,
+        snapshot_dir: &Path,
+    ) -> Result<(hearth_vm::VmRecord, AgentClient, u64), EngineError> {
+        let snapshot = self.snapshot(snapshot_dir)?;
+        // What a launch reads: the memory the snapshot stores (a sparse
+        // file's holes are never read) and the device state.
+        let read = meter::stored_bytes(&snapshot.memory())
+            + std::fs::metadata(snapshot.state()).map_or(0, |m| m.len());
+        let egress = row.spec.egress(self.default_egress.load(Ordering::Relaxed));
+        // Slots are prepared with egress, the default; a VM without it starts
+        // cold so it never runs a moment with a network it must not have.
+        let key = Self::pool_key(row, snapshot_dir);
+        while let Some(slot) = egress
+            .then(|| self.pools.take(&key, u64::from(row.memory_mib)))
+            .flatten()
+        {
+            match self.driver.launch_prewarmed(slot, &row.vm_name).await {
+                Ok((vm, agent)) => {
+                    debug!(microvm = %row.microvm_id, "launched from the warm pool");
+                    self.pools.count_launch(true);
+                    return Ok((vm, agent, read));
+                }
+                // The name is taken: a cold launch would fail the same way.
+                Err(err @ VmError::Exists(_)) => return Err(err.into()),
+                Err(err) => {
+                    warn!(microvm = %row.microvm_id, error = %error_chain(&err), "warm pool slot unusable; discarded");
+                }
+            }
+        }
+        self.pools.count_launch(false);
+        let (vm, agent) = self
+            .driver
+            .launch_with_egress(&snapshot, &row.vm_name, egress)
+            .await?;
+        Ok((vm, agent, read))
+    }
+
+    /// Empties every pool and stops refilling them (the server is going away,
+    /// or a test ends): no slot's QEMU is left behind.
+    pub async fn shutdown_pools(&self) {
+        self.pools.set_settings(PoolSettings {
+            max_total: 0,
+            ..self.pools.settings()
+        });
+        let deadline = std::time::Instant::now() + POOL_SHUTDOWN_GRACE;
+        // A slot being prepared is finished and then discarded by its refiller.
+        while self.pools.filling() > 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for slot in self.pools.drain_all() {
+            self.driver.discard_prewarmed(slot).await;
+        }
+    }
+
+    /// Runs forever: keeps the warm pools at their targets (one slot at a
+    /// time: preparing one costs a QEMU start and a restore), drops pools
+    /// whose demand ended, dead slots, and slots when host memory runs short.
+    pub async fn run_pools(self: Arc<Self>) {
+        loop {
+            let now = std::time::Instant::now();
+            let mut gone = self.pools.expire(now);
+            gone.extend(self.pools.take_dead(|vm| self.driver.is_alive(vm)));
+            for slot in gone {
+                self.driver.discard_prewarmed(slot).await;
+            }
+            let quiet_in = self.pools.quiet_in(now);
+            if !quiet_in.is_zero() {
+                tokio::time::sleep(quiet_in).await;
+                continue;
+            }
+            let settings = self.pools.settings();
+            if available_mib().is_some_and(|mib| mib < settings.min_available_mib) {
+                if let Some(slot) = self.pools.shrink_one() {
+                    info!("host memory is short: discarding a warm pool slot");
+                    self.driver.discard_prewarmed(slot).await;
+                    continue;
+                }
+                self.pool_idle().await;
+                continue;
+            }
+            let Some(ticket) = self.pools.next_fill(now) else {
+                self.pool_idle().await;
+                continue;
+            };
+            let slot = self.prepare_slot(&ticket.key).await;
+            let failed = slot.is_none();
+            if let Some(unwanted) = self.pools.finish_fill(&ticket, slot) {
+                self.driver.discard_prewarmed(unwanted).await;
+            }
+            if failed {
+                // Not in a tight loop: the snapshot may be gone or the host short.
+                self.pool_idle().await;
+            }
+        }
+    }
+
+    async fn pool_idle(&self) {
+        tokio::select! {
+            _ = tokio::time::sleep(POOL_TICK) => {}
+            _ = self.pools.wake.notified() => {}
+        }
+    }
+
+    /// Prepares one slot of `key`'s version if it may still run microVMs.
+    async fn prepare_slot(&self, key: &PoolKey) -> Option<hearth_vm::Prewarmed> {
+        let (store, account, image, version) = (
+            self.store.clone(),
+            key.account_id.clone(),
+            key.image_name.clone(),
+            key.version,
+        );
+        let row = store
+            .blocking(move |store| store.version(&account, &image, version))
+            .await
+            .ok()??;
+        let runnable = row.status == VersionStatus::Active
+            && row.state == VersionState::Successful
+            && row.snapshot_dir.as_deref() == Some(key.snapshot_dir.as_path());
+        if !runnable {
+            return None;
+        }
+        let snapshot = self.snapshot(&key.snapshot_dir).ok()?;
+        match self.driver.prewarm(&snapshot).await {
+            Ok(slot) => Some(slot),
+            Err(VmError::Unsupported(_)) => None,
+            Err(err) => {
+                warn!(image = %key.image_name, version = key.version, error = %error_chain(&err), "cannot prepare a warm pool slot");
+                None
+            }
+        }
+    }
+
+    /// After a restart: versions launched within the demand window get their
+    /// pools back (slots themselves do not survive a restart).
+    pub fn seed_pool_demand(&self) -> Result<(), EngineError> {
+        let window = self.pools.settings().demand_window;
+        let since = unix_now_ms() - i64::try_from(window.as_millis()).unwrap_or(i64::MAX);
+        for (account, image, version, memory_mib) in self.store.recent_launches(since)? {
+            let Some(row) = self.store.version(&account, &image, version)? else {
+                continue;
+            };
+            let Some(snapshot_dir) = row.snapshot_dir else {
+                continue;
+            };
+            if row.status != VersionStatus::Active {
+                continue;
+            }
+            self.pools.note_demand(
+                &PoolKey {
+                    account_id: account,
+                    image_name: image,
+                    version,
+                    snapshot_dir,
+                },
+                u64::from(memory_mib),
+            );
+        }
+        Ok(())
     }
 
     /// The agent of a RUNNING microVM, connecting when there is none yet.
@@ -126,7 +325,11 @@ impl Engine {
         if let Some(agent) = lock(&self.agents).get(&row.microvm_id) {
             return Ok(agent.clone());
         }
-        let current = self.store.microvm_by_id(&row.microvm_id)?;
+        let id = row.microvm_id.clone();
+        let current = self
+            .store
+            .blocking(move |store| store.microvm_by_id(&id))
+            .await?;
         if current.map(|r| r.state) != Some(MicrovmState::Running) {
             return Err(EngineError::NotRunning(row.microvm_id.clone()));
         }
@@ -183,9 +386,12 @@ impl Engine {
     ) -> Result<Arc<AgentClient>, ConnectError> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
+            // SQLite blocks (disk, the connection's lock): off the async workers.
+            let id = microvm_id.to_string();
             let row = self
                 .store
-                .microvm_by_id(microvm_id)
+                .blocking(move |store| store.microvm_by_id(&id))
+                .await
                 .map_err(|_| ConnectError::Unavailable)?
                 .ok_or(ConnectError::Unavailable)?;
             let auto_resume = row.spec.auto_resume();
@@ -231,22 +437,11 @@ impl Engine {
     }
 
     pub(super) async fn launch(&self, row: MicrovmRow, snapshot_dir: PathBuf) {
+        // Pools wait for launches (and their `/run` hooks) to finish.
+        let _launching = self.pools.launching();
         let guard = self.lock_for(&row.microvm_id);
         let _held = guard.lock().await;
-        let launched = async {
-            let snapshot = self.snapshot(&snapshot_dir)?;
-            let egress = row.spec.egress(self.default_egress.load(Ordering::Relaxed));
-            // What a launch reads: the memory the snapshot stores (a sparse
-            // file's holes are never read) and the device state.
-            let read = meter::stored_bytes(&snapshot.memory())
-                + std::fs::metadata(snapshot.state()).map_or(0, |m| m.len());
-            let (vm, agent) = self
-                .driver
-                .launch_with_egress(&snapshot, &row.vm_name, egress)
-                .await?;
-            Ok::<_, EngineError>((vm, agent, read))
-        }
-        .await;
+        let launched = self.start_vm(&row, &snapshot_dir).await;
         match launched {
             Ok((_vm, agent, read)) => {
                 // `/run` comes before the VM counts as RUNNING (and before the
@@ -265,17 +460,21 @@ impl Engine {
                 }
                 lock(&self.agents).insert(row.microvm_id.clone(), Arc::new(agent));
                 // The snapshot read is recorded with RUNNING, in one commit.
-                match self.store.transition_microvm_metered(
-                    &row.microvm_id,
-                    &[MicrovmState::Pending],
-                    MicrovmState::Running,
-                    None,
-                    &[meter::snapshot_transfer(
-                        &row,
-                        UsageType::SnapshotRead,
-                        read,
-                    )],
-                ) {
+                let id = row.microvm_id.clone();
+                let transfer = meter::snapshot_transfer(&row, UsageType::SnapshotRead, read);
+                let moved = self
+                    .store
+                    .blocking(move |store| {
+                        store.transition_microvm_metered(
+                            &id,
+                            &[MicrovmState::Pending],
+                            MicrovmState::Running,
+                            None,
+                            &[transfer],
+                        )
+                    })
+                    .await;
+                match moved {
                     Ok(Some(_)) => info!(microvm = %row.microvm_id, "running"),
                     // Terminated meanwhile: its terminate task removes the VM.
                     Ok(None) => {}
@@ -320,7 +519,13 @@ impl Engine {
         let suspended = async {
             let mut vm = self.driver.load(&row.vm_name)?;
             self.driver.suspend(&mut vm).await?;
-            Ok::<_, EngineError>(meter::stored_bytes(&vm.suspend_state()))
+            // A lean suspend writes the state and keeps RAM in a file beside it.
+            Ok::<_, EngineError>(
+                meter::stored_bytes(&vm.suspend_state())
+                    + vm.suspended_memory
+                        .as_deref()
+                        .map_or(0, meter::stored_bytes),
+            )
         }
         .await;
         match suspended {
@@ -366,11 +571,16 @@ impl Engine {
     }
 
     pub(super) async fn resume(&self, row: MicrovmRow) {
+        let _launching = self.pools.launching();
         let guard = self.lock_for(&row.microvm_id);
         let _held = guard.lock().await;
         let resumed = async {
             let mut vm = self.driver.load(&row.vm_name)?;
-            let read = meter::stored_bytes(&vm.suspend_state());
+            // The state file, and the RAM file a lean suspend kept beside it.
+            let read = meter::stored_bytes(&vm.suspend_state())
+                + vm.suspended_memory
+                    .as_deref()
+                    .map_or(0, meter::stored_bytes);
             self.driver.resume(&mut vm).await?;
             let agent = self.driver.agent(&vm).await?;
             Ok::<_, EngineError>((agent, read))
@@ -386,17 +596,20 @@ impl Engine {
                     }
                 }
                 lock(&self.agents).insert(row.microvm_id.clone(), Arc::new(agent));
-                let _ = self.store.transition_microvm_metered(
-                    &row.microvm_id,
-                    &[MicrovmState::Pending],
-                    MicrovmState::Running,
-                    None,
-                    &[meter::snapshot_transfer(
-                        &row,
-                        UsageType::SnapshotRead,
-                        read,
-                    )],
-                );
+                let id = row.microvm_id.clone();
+                let transfer = meter::snapshot_transfer(&row, UsageType::SnapshotRead, read);
+                let _ = self
+                    .store
+                    .blocking(move |store| {
+                        store.transition_microvm_metered(
+                            &id,
+                            &[MicrovmState::Pending],
+                            MicrovmState::Running,
+                            None,
+                            &[transfer],
+                        )
+                    })
+                    .await;
                 info!(microvm = %row.microvm_id, "resumed");
             }
             Err(err) => {

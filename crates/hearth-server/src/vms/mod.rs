@@ -7,6 +7,7 @@ pub mod hooks;
 pub mod log_collector;
 pub mod log_store;
 pub mod meter;
+pub mod pool;
 pub mod reconcile;
 
 #[cfg(test)]

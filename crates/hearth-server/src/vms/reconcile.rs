@@ -79,6 +79,17 @@ impl Engine {
                         .and_then(|vm| vm.pid)
                         .filter(|_| state == Running);
                     keep.insert(row.vm_name.clone(), pid);
+                    // A VM launched from the warm pool runs from its slot's
+                    // directory (`vms/NAME` is a symlink to `.pool-ID`): its
+                    // QEMU names that directory, which must not look ownerless.
+                    if let Some(dir) = vm
+                        .as_ref()
+                        .and_then(|vm| vm.dir.file_name())
+                        .and_then(|n| n.to_str())
+                        .filter(|dir| *dir != row.vm_name)
+                    {
+                        keep.insert(dir.to_string(), pid);
+                    }
                     if let Some(agent) = agent {
                         lock(&self.agents).insert(row.microvm_id.clone(), Arc::new(agent));
                     }
@@ -107,7 +118,8 @@ impl Engine {
             }
         }
         // VM directories no live record owns: left by a crash between creating
-        // the VM and recording it, or by a terminate that did not finish.
+        // the VM and recording it, or by a terminate that did not finish, and
+        // warm pool slots (not kept across a restart; their QEMUs ended above).
         for name in self.driver.vm_names() {
             if keep.contains_key(&name) || layout::is_import_vm(&name) {
                 continue;

@@ -98,7 +98,7 @@ impl QemuDriver {
         if !self.jail.enabled() {
             return Ok((Vec::new(), Vec::new()));
         }
-        let (vm, qmp) = self.prepare_clone(snapshot, name, false).await?;
+        let (vm, qmp) = self.prepare_clone(snapshot, name, false, false).await?;
         drop(qmp);
         let timed = async {
             let stub = self.kernel_stub(&vm.kernel)?;
@@ -108,7 +108,7 @@ impl QemuDriver {
             let mut plain = Vec::new();
             for _ in 0..rounds {
                 let start = Instant::now();
-                let spec = self.jail_spec(&vm, &stub, Incoming::Defer)?;
+                let spec = self.jail_spec(&vm, &stub, Incoming::Defer, None)?;
                 let (plan, pipe) = super::Plan::new(&self.jail, &spec, &root)?;
                 let mut command = std::process::Command::new("/usr/bin/true");
                 // SAFETY: `Plan::enter` makes only system calls on prepared data.

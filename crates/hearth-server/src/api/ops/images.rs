@@ -268,6 +268,9 @@ fn remove_version_files(state: &AppState, version: &VersionRow) {
         tracing::warn!(dir = %dir.display(), error = %err, "cannot remove version files");
     }
     state.engine.forget_snapshot(&layout::snapshot_dir(&dir));
+    if let Some(snapshot) = &version.snapshot_dir {
+        state.engine.drain_pool(snapshot);
+    }
 }
 
 /// Snapshot files are read-only (0400) and their directories 0700; the owner
@@ -325,6 +328,12 @@ pub(super) fn update_version(
         .store
         .set_version_status(&caller.account_id, &image.name, version.version, status)
         .map_err(internal)?;
+    if status == VersionStatus::Inactive {
+        // No new microVM runs from it: its warm pool goes.
+        if let Some(dir) = &version.snapshot_dir {
+            state.engine.drain_pool(dir);
+        }
+    }
     let updated = state
         .store
         .version(&caller.account_id, &image.name, version.version)
