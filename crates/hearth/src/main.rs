@@ -13,6 +13,7 @@ mod app_logs_cli;
 mod bench;
 mod bench_api;
 mod bench_build;
+mod bench_density;
 mod bench_endpoint;
 mod client_cli;
 mod connect;
@@ -281,6 +282,9 @@ enum BenchCommand {
     /// Dockerfile builds on real guests: fresh build, cached rebuild,
     /// snapshot sizes, first 200 from the built image.
     Build(bench_build::BuildArgs),
+    /// Idle microVMs on real guests: CPU, RSS and PSS per idle microVM, and
+    /// RunMicrovm -> first 200 with 0, 10, 50 (--idle) microVMs idling.
+    Density(bench_density::DensityArgs),
 }
 
 fn main() -> ExitCode {
@@ -350,6 +354,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Bench(BenchCommand::Api(args)) => bench_api::api(args).await,
         Command::Bench(BenchCommand::Endpoint(args)) => bench_endpoint::endpoint(args).await,
         Command::Bench(BenchCommand::Build(args)) => bench_build::build(args).await,
+        Command::Bench(BenchCommand::Density(args)) => bench_density::density(args).await,
         Command::Shell(args) => Ok(shell::main(args).await),
         Command::Token(args) => Ok(endpoint_cli::token(args).await),
         Command::Open(args) => Ok(endpoint_cli::open(args).await),
