@@ -148,6 +148,12 @@ pub async fn density(args: DensityArgs) -> Result<ExitCode> {
         image: imported.image_arn.clone(),
     };
 
+    // One launch unmeasured: the first after an import also pays for reading
+    // the snapshot into the page cache and starting the proxy's clients.
+    progress("one unmeasured RunMicrovm to first 200 (warm-up)");
+    let (warm_up, _) = bench.run_to_200().await?;
+    terminate(&client, &warm_up).await?;
+
     let mut idle: Vec<Idle> = Vec::new();
     let mut levels = Vec::new();
     let mut stopped = None;
