@@ -174,34 +174,50 @@ impl Port {
     /// on `EAGAIN` (a whole guest CPU while a host was connected).
     pub fn connect(&self) -> Result<(PortReader, PortWriter), ChannelError> {
         let display = || self.path.display().to_string();
-        let file = self.file.try_clone().map_err(|source| ChannelError::Dup {
-            path: display(),
-            source,
-        })?;
-        let fd = sys::register_async(file).map_err(|source| ChannelError::Register {
-            path: display(),
-            source,
-        })?;
-        let fd = Arc::new(fd);
-        Ok((PortReader { fd: fd.clone() }, PortWriter { fd }))
+        let register = |file: File| {
+            sys::register_async(file).map_err(|source| ChannelError::Register {
+                path: display(),
+                source,
+            })
+        };
+        let dup = || {
+            self.file.try_clone().map_err(|source| ChannelError::Dup {
+                path: display(),
+                source,
+            })
+        };
+        Ok((
+            PortReader {
+                fd: register(dup()?)?,
+            },
+            PortWriter {
+                fd: register(dup()?)?,
+            },
+        ))
     }
 }
 
-/// The read half of a [`Port`].
+/// The read half of a [`Port`], with its own registration.
 #[derive(Debug)]
 pub struct PortReader {
-    fd: Arc<AsyncFd<File>>,
+    fd: AsyncFd<File>,
 }
 
-/// The write half of a [`Port`].
+/// The write half of a [`Port`], with its own registration.
 #[derive(Debug)]
 pub struct PortWriter {
-    fd: Arc<AsyncFd<File>>,
+    fd: AsyncFd<File>,
+}
+
+/// A new registration of the same open port (a duplicate descriptor), for a
+/// half whose registration holds a stale hang-up.
+fn reregister(fd: &AsyncFd<File>) -> io::Result<AsyncFd<File>> {
+    sys::register_async(fd.get_ref().try_clone()?)
 }
 
 impl AsyncRead for PortReader {
     fn poll_read(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
@@ -215,10 +231,14 @@ impl AsyncRead for PortReader {
                     return Poll::Ready(Ok(()));
                 }
                 Ok(Err(err)) => return Poll::Ready(Err(err)),
-                // The host went away and came back before a read saw the
-                // end: this registration would stay "readable" for ever.
-                // End the session (as at EOF) so the next one registers anew.
-                Err(_would_block) if hung_up => return Poll::Ready(Ok(())),
+                // The host left and came back (a restored clone's new host)
+                // before a read saw the end: the session goes on, but this
+                // registration would report "readable" for ever and the loop
+                // would spin. A fresh one reports only what is true now.
+                Err(_would_block) if hung_up => {
+                    let fresh = reregister(&self.fd)?;
+                    self.fd = fresh;
+                }
                 Err(_would_block) => continue,
             }
         }
@@ -227,7 +247,7 @@ impl AsyncRead for PortReader {
 
 impl AsyncWrite for PortWriter {
     fn poll_write(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
@@ -238,7 +258,8 @@ impl AsyncWrite for PortWriter {
                 Ok(result) => return Poll::Ready(result),
                 // As in `poll_read`: a stale hang-up would make this spin.
                 Err(_would_block) if hung_up => {
-                    return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()))
+                    let fresh = reregister(&self.fd)?;
+                    self.fd = fresh;
                 }
                 Err(_would_block) => continue,
             }
