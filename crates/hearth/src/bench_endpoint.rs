@@ -31,7 +31,7 @@ use crate::progress::progress;
 
 /// The in-guest app: `/` answers a small body, `/big?bytes=N` streams N
 /// bytes in 1 MiB chunks; POSTs (the ready hook) answer 200.
-const APP: &str = r#"
+pub(crate) const APP: &str = r#"
 import http.server, urllib.parse
 SMALL = b'hello from the guest\n'
 CHUNK = b'x' * (1 << 20)
@@ -69,7 +69,7 @@ class Server(http.server.ThreadingHTTPServer):
 Server(('0.0.0.0', 8080), App).serve_forever()
 "#;
 
-const APP_PORT: u16 = 8080;
+pub(crate) const APP_PORT: u16 = 8080;
 const REGION: &str = "us-east-1";
 
 #[derive(Debug, Args)]

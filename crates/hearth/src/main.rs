@@ -13,6 +13,7 @@ mod app_logs_cli;
 mod bench;
 mod bench_api;
 mod bench_build;
+mod bench_density;
 mod bench_endpoint;
 mod bench_net;
 mod client_cli;
@@ -400,6 +401,9 @@ enum BenchCommand {
     /// VM networks (as root): launch to first exec with and without a
     /// network, and one guest's download speed from a namespace "internet".
     Net(bench_net::NetArgs),
+    /// Idle microVMs on real guests: CPU, RSS and PSS per idle microVM, and
+    /// RunMicrovm -> first 200 with 0, 10, 50 (--idle) microVMs idling.
+    Density(bench_density::DensityArgs),
 }
 
 fn main() -> ExitCode {
@@ -470,6 +474,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Bench(BenchCommand::Net(args)) => bench_net::net(args, driver()?).await,
         Command::Bench(BenchCommand::Endpoint(args)) => bench_endpoint::endpoint(args).await,
         Command::Bench(BenchCommand::Build(args)) => bench_build::build(args).await,
+        Command::Bench(BenchCommand::Density(args)) => bench_density::density(args).await,
         Command::Shell(args) => Ok(shell::main(args).await),
         Command::Token(args) => Ok(endpoint_cli::token(args).await),
         Command::Open(args) => Ok(endpoint_cli::open(args).await),
