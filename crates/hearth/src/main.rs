@@ -13,6 +13,7 @@ mod app_logs_cli;
 mod bench;
 mod bench_api;
 mod bench_build;
+mod bench_chaos;
 mod bench_endpoint;
 mod client_cli;
 mod connect;
@@ -281,6 +282,10 @@ enum BenchCommand {
     /// Dockerfile builds on real guests: fresh build, cached rebuild,
     /// snapshot sizes, first 200 from the built image.
     Build(bench_build::BuildArgs),
+    /// Crash safety under load: rounds of mixed calls, the server killed
+    /// (-9) in each and restarted; accepted calls carried out, orphans,
+    /// duplicate microVMs, time to settle.
+    Chaos(bench_chaos::ChaosArgs),
 }
 
 fn main() -> ExitCode {
@@ -350,6 +355,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Bench(BenchCommand::Api(args)) => bench_api::api(args).await,
         Command::Bench(BenchCommand::Endpoint(args)) => bench_endpoint::endpoint(args).await,
         Command::Bench(BenchCommand::Build(args)) => bench_build::build(args).await,
+        Command::Bench(BenchCommand::Chaos(args)) => bench_chaos::chaos(args).await,
         Command::Shell(args) => Ok(shell::main(args).await),
         Command::Token(args) => Ok(endpoint_cli::token(args).await),
         Command::Open(args) => Ok(endpoint_cli::open(args).await),

@@ -557,6 +557,38 @@ impl Store {
         }))
     }
 
+    /// Lets a build run again after a restart interrupts it: its whole
+    /// request is stored (it has no build arguments).
+    pub fn allow_build_restart(&self, build_id: &str) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE builds SET restartable = 1 WHERE build_id = ?1",
+            params![build_id],
+        )?;
+        Ok(())
+    }
+
+    /// Puts an interrupted restartable build (and its version) back to
+    /// PENDING, to run again; false if it may not run again.
+    pub fn requeue_build(&self, build_id: &str) -> Result<bool, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let changed = tx.execute(
+            "UPDATE builds SET state = 'PENDING', owner_pid = NULL, owner_start = NULL
+             WHERE build_id = ?1 AND restartable = 1 AND state IN ('PENDING', 'IN_PROGRESS')",
+            params![build_id],
+        )?;
+        if changed == 1 {
+            tx.execute(
+                "UPDATE image_versions SET state = 'PENDING', updated_at = ?2
+                 WHERE state = 'IN_PROGRESS' AND (account_id, image_name, version) =
+                   (SELECT account_id, image_name, version FROM builds WHERE build_id = ?1)",
+                params![build_id, unix_now_ms()],
+            )?;
+        }
+        tx.commit()?;
+        Ok(changed == 1)
+    }
+
     /// Marks a build IN_PROGRESS (and its version).
     pub fn build_started(&self, account: &str, build_id: &str) -> Result<(), StoreError> {
         let mut conn = self.conn();

@@ -110,6 +110,9 @@ const MIGRATIONS: &[&str] = &[
     // 4: a build's owner is its pid and that process's start time, so a new
     // process that happens to get the same pid is not taken for the owner.
     "ALTER TABLE builds ADD COLUMN owner_start INTEGER;",
+    // 5: whether a build interrupted by a restart may run again from its
+    // stored request (not when it had build arguments, which are not stored).
+    "ALTER TABLE builds ADD COLUMN restartable INTEGER NOT NULL DEFAULT 0;",
 ];
 
 #[derive(Debug, thiserror::Error)]

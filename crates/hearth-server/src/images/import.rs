@@ -318,7 +318,8 @@ pub async fn reap_interrupted_builds(
     store: &Store,
     driver: &dyn Driver,
     data_dir: &Path,
-) -> Result<(), StoreError> {
+) -> Result<Vec<InterruptedBuild>, StoreError> {
+    let mut restart = Vec::new();
     for build in store.unfinished_builds()? {
         let owner_alive = store
             .build_owner(&build.build_id)?
@@ -329,22 +330,51 @@ pub async fn reap_interrupted_builds(
         if let Ok(vm) = driver.load(&layout::import_vm_name(&build.build_id)) {
             let _ = driver.remove(&vm).await;
         }
+        // What the interrupted build wrote (a half-made snapshot included)
+        // goes; the step cache keeps its finished steps for the next run.
         let _ = std::fs::remove_dir_all(layout::version_dir(
             data_dir,
             &build.account_id,
             &build.image_name,
             build.version,
         ));
+        let version = store.version(&build.account_id, &build.image_name, build.version)?;
+        if let Some(version) = version {
+            if store.requeue_build(&build.build_id)? {
+                tracing::info!(build = %build.build_id, "restarting a build a restart interrupted");
+                restart.push(InterruptedBuild {
+                    account_id: build.account_id,
+                    image_name: build.image_name,
+                    version: build.version,
+                    build_id: build.build_id,
+                    spec: version.spec,
+                    memory_mib: version.memory_mib,
+                });
+                continue;
+            }
+        }
         store.finish_build(
             &build.account_id,
             &build.build_id,
             Err(BuildFailure::new(
                 BuildErrorCode::InternalPlatformError,
-                "the build was interrupted",
+                "the build was interrupted by a restart of the hearth server and cannot run again \
+                 (its build arguments are not stored, or it was an operator import)",
             )),
         )?;
     }
-    Ok(())
+    Ok(restart)
+}
+
+/// A build [`reap_interrupted_builds`] put back to PENDING to run again.
+#[derive(Debug, Clone)]
+pub struct InterruptedBuild {
+    pub account_id: String,
+    pub image_name: String,
+    pub version: u32,
+    pub build_id: String,
+    pub spec: crate::db::spec::ImageSpec,
+    pub memory_mib: u32,
 }
 
 impl From<VmError> for ImportError {
