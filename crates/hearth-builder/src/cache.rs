@@ -201,7 +201,12 @@ impl LayerCache {
         // a power cut a marker never points at a layer missing writes.
         std::fs::File::open(layer)
             .and_then(|file| file.sync_all())
-            .map_err(|e| CacheError::Record(key.as_str().to_string(), disk::DiskError::Io(layer.to_path_buf(), e)))?;
+            .map_err(|e| {
+                CacheError::Record(
+                    key.as_str().to_string(),
+                    disk::DiskError::Io(layer.to_path_buf(), e),
+                )
+            })?;
         let marker = self.dir.join(format!("{}.done", key.as_str()));
         disk::write_atomic(&marker, name.as_bytes())
             .map_err(|e| CacheError::Record(key.as_str().to_string(), e))

@@ -43,8 +43,8 @@ pub struct ChaosArgs {
     #[arg(long, default_value_t = 1500, value_parser = clap::value_parser!(u64).range(1..=60_000))]
     max_kill_ms: u64,
     /// MicroVMs kept alive between rounds (older ones are terminated).
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(usize).range(2..=50))]
-    fleet: usize,
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(2..=50))]
+    fleet: u32,
     /// Guest memory of the imported image, MiB.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(128..=8192))]
     memory: u32,
@@ -104,10 +104,23 @@ pub async fn chaos(args: ChaosArgs) -> Result<ExitCode> {
     let account = hearth_server::db::store::Store::open(&data)?.create_account("chaos")?;
     progress("importing an image (boot, start the app, snapshot)");
     let import = Command::new(&hearth)
-        .args(["image", "import", "--account", &account.account_id, "--name", "chaos"])
+        .args([
+            "image",
+            "import",
+            "--account",
+            &account.account_id,
+            "--name",
+            "chaos",
+        ])
         .arg("--rootfs")
         .arg(&rootfs)
-        .args(["--memory", &args.memory.to_string(), "--region", "us-east-1", "--json"])
+        .args([
+            "--memory",
+            &args.memory.to_string(),
+            "--region",
+            "us-east-1",
+            "--json",
+        ])
         .arg("--data-dir")
         .arg(&data)
         .args(["--cmd", "python3", "-m", "http.server", "8080"])
@@ -148,17 +161,17 @@ pub async fn chaos(args: ChaosArgs) -> Result<ExitCode> {
             let restarted = Instant::now();
             server = Server::start(&hearth, &data).await?;
             let client = server.client(&account)?;
-            let states = match wait_settled(&client, Duration::from_secs(args.settle_timeout)).await?
-            {
-                Some(states) => {
-                    settle.push(ms(restarted.elapsed()));
-                    states
-                }
-                None => {
-                    report.unsettled_rounds += 1;
-                    list(&client).await?
-                }
-            };
+            let states =
+                match wait_settled(&client, Duration::from_secs(args.settle_timeout)).await? {
+                    Some(states) => {
+                        settle.push(ms(restarted.elapsed()));
+                        states
+                    }
+                    None => {
+                        report.unsettled_rounds += 1;
+                        list(&client).await?
+                    }
+                };
             for op in &accepted {
                 let (state, reason) = states
                     .get(&op.microvm_id)
@@ -193,7 +206,7 @@ pub async fn chaos(args: ChaosArgs) -> Result<ExitCode> {
                 .map(|(id, _)| vm_name(id))
                 .collect();
             report.orphaned_processes += orphans(&data, &running);
-            trim_fleet(&client, &states, args.fleet).await?;
+            trim_fleet(&client, &states, args.fleet as usize).await?;
         }
         Ok::<(), anyhow::Error>(())
     }
@@ -244,7 +257,12 @@ impl Server {
             .arg("serve")
             .arg("--data-dir")
             .arg(data)
-            .args(["--listen", "127.0.0.1:0", "--endpoint-listen", "127.0.0.1:0"])
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--endpoint-listen",
+                "127.0.0.1:0",
+            ])
             .args(["--region", "us-east-1"]);
         for op in [
             "RunMicrovm",
@@ -439,7 +457,13 @@ async fn list(client: &Client) -> Result<HashMap<String, (String, String)>> {
         let page = client.call("ListMicrovms", input).await?;
         for item in page["items"].as_array().into_iter().flatten() {
             let id = item["microvmId"].as_str().unwrap_or_default().to_string();
-            out.insert(id, (item["state"].as_str().unwrap_or("?").to_string(), String::new()));
+            out.insert(
+                id,
+                (
+                    item["state"].as_str().unwrap_or("?").to_string(),
+                    String::new(),
+                ),
+            );
         }
         match page["nextToken"].as_str() {
             Some(next) => token = Some(next.to_string()),
@@ -537,7 +561,10 @@ fn qemu_processes(data: &Path) -> Vec<(u32, String)> {
         };
         let zombie = std::fs::read_to_string(entry.path().join("stat"))
             .ok()
-            .and_then(|stat| stat.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('Z')))
+            .and_then(|stat| {
+                stat.rsplit_once(')')
+                    .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+            })
             .unwrap_or(true);
         let argv: Vec<String> = raw
             .split(|b| *b == 0)
@@ -567,15 +594,24 @@ fn orphans(data: &Path, running: &HashSet<String>) -> usize {
 }
 
 fn print_table(r: &Report) {
-    println!("hearth bench chaos: {} rounds, kill -9 of the server in each", r.rounds);
+    println!(
+        "hearth bench chaos: {} rounds, kill -9 of the server in each",
+        r.rounds
+    );
     println!("accepted operations            {:>8}", r.accepted_ops);
     for (op, n) in &r.accepted_by_operation {
         println!("  {op:<28} {n:>8}");
     }
-    println!("carried out after the restart  {:>8}", r.carried_out_after_restart);
+    println!(
+        "carried out after the restart  {:>8}",
+        r.carried_out_after_restart
+    );
     println!("lost                           {:>8}", r.lost_ops);
     println!("orphaned QEMU processes        {:>8}", r.orphaned_processes);
-    println!("duplicate microVMs per token   {:>8}", r.duplicate_microvms_per_client_token);
+    println!(
+        "duplicate microVMs per token   {:>8}",
+        r.duplicate_microvms_per_client_token
+    );
     println!("execs answered                 {:>8}", r.execs_answered);
     println!("rounds not settled in time     {:>8}", r.unsettled_rounds);
     let s = &r.time_to_settle_ms;

@@ -1290,6 +1290,70 @@ mod tests {
     }
 
     #[test]
+    fn only_a_build_whose_whole_request_is_stored_is_requeued() {
+        let (_dir, store, account) = store();
+        let spec: ImageSpec = serde_json::from_str(LEGACY_VERSION_SPEC).expect("parse");
+        let whole = version(&store, &account, spec.clone());
+        store.allow_build_restart(&whole.build_id).expect("allow");
+        store
+            .build_started(&account, &whole.build_id)
+            .expect("started");
+        assert!(store.requeue_build(&whole.build_id).expect("requeue"));
+        let build = store
+            .build(&account, &whole.build_id)
+            .expect("query")
+            .expect("build");
+        assert_eq!(build.state, BuildState::Pending);
+        assert_eq!(store.build_owner(&whole.build_id).expect("owner"), None);
+        let version = store
+            .version(&account, "web", whole.version)
+            .expect("query")
+            .expect("version");
+        assert_eq!(version.state, VersionState::Pending);
+        // Runs again: PENDING -> IN_PROGRESS as the first time.
+        store
+            .build_started(&account, &whole.build_id)
+            .expect("started");
+        assert!(store.build_owner(&whole.build_id).expect("owner").is_some());
+
+        // Build arguments (never stored): not requeued; nor a finished build.
+        let quota = Quotas {
+            concurrent_builds: 10,
+            ..Quotas::default()
+        };
+        let partial = store
+            .start_version(
+                &NewVersion {
+                    account_id: account.clone(),
+                    image_name: "other".into(),
+                    memory_mib: spec.memory_mib(),
+                    spec,
+                    architecture: "X86_64".into(),
+                    chipset: "INTEL".into(),
+                    client_token: None,
+                    fingerprint: String::new(),
+                    create: true,
+                },
+                &quota,
+            )
+            .expect("store")
+            .expect("recorded");
+        store
+            .build_started(&account, &partial.build_id)
+            .expect("started");
+        assert!(!store.requeue_build(&partial.build_id).expect("requeue"));
+        let sizes = SnapshotSizes {
+            memory_snapshot_size_in_bytes: 1,
+            disk_snapshot_size_in_bytes: 1,
+            code_install_size_in_bytes: 0,
+        };
+        store
+            .finish_build(&account, &whole.build_id, Ok((PathBuf::from("/s"), sizes)))
+            .expect("finish");
+        assert!(!store.requeue_build(&whole.build_id).expect("requeue"));
+    }
+
+    #[test]
     fn rows_keep_typed_specs_and_read_legacy_ones() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("open");

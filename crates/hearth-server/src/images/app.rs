@@ -86,7 +86,7 @@ pub async fn snapshot_ready_app(
     progress: &(dyn Fn(&str) + Sync),
 ) -> Result<SnapshotSizes, BuildFailure> {
     // The cause goes to the log, not to the tenant.
-    let platform = |what: &str, err: &dyn std::error::Error| {
+    let platform = |what: &str, err: &(dyn std::error::Error + 'static)| {
         tracing::warn!(error = %error_chain(err), "{what}");
         // A full data directory is the caller's to fix, not a platform fault;
         // the snapshot leaves no half-written files (a temporary directory,
@@ -401,8 +401,8 @@ mod tests {
 
 /// Whether `err` (or an error it wraps) is ENOSPC or EDQUOT, from the OS or
 /// reported by QEMU (whose messages carry the OS's text).
-pub(crate) fn is_disk_full(err: &dyn std::error::Error) -> bool {
-    let mut next: Option<&dyn std::error::Error> = Some(err);
+pub(crate) fn is_disk_full(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(err) = next {
         if let Some(io) = err.downcast_ref::<std::io::Error>() {
             if matches!(

@@ -40,6 +40,7 @@ pub(crate) enum Intent {
 }
 
 impl Intent {
+    #[cfg(test)]
     pub(crate) const ALL: [Intent; 7] = [
         Intent::Launch,
         Intent::Resume,
@@ -89,21 +90,23 @@ pub(crate) enum Recovery {
 /// answering agent (`running`) and/or has a whole suspend state saved
 /// (`suspended`: written, fsynced and recorded in vm.json).
 pub(crate) fn recovery(intent: Intent, running: bool, suspended: bool) -> Recovery {
-    use Intent::*;
-    use Recovery::*;
+    use Intent as I;
+    use Recovery as R;
     match (intent, running, suspended) {
-        (Launch, true, _) => FinishLaunch,
+        (I::Launch, true, _) => R::FinishLaunch,
         // A half-made VM (or a stale file) is no use: start from the snapshot.
-        (Launch, false, _) => Relaunch,
-        (Resume, true, _) => FinishResume,
-        (Resume, false, true) => Resume,
-        (Run, true, _) => Adopt(MicrovmState::Running),
-        (Suspend | StaySuspended, true, _) => Suspend,
-        (Suspend | StaySuspended, false, true) => Adopt(MicrovmState::Suspended),
-        (Resume | Run | Suspend | StaySuspended, false, false) => Terminate { lost: true },
+        (I::Launch, false, _) => R::Relaunch,
+        (I::Resume, true, _) => R::FinishResume,
+        (I::Resume, false, true) => R::Resume,
+        (I::Run, true, _) => R::Adopt(MicrovmState::Running),
+        (I::Suspend | I::StaySuspended, true, _) => R::Suspend,
+        (I::Suspend | I::StaySuspended, false, true) => R::Adopt(MicrovmState::Suspended),
+        (I::Resume | I::Run | I::Suspend | I::StaySuspended, false, false) => {
+            R::Terminate { lost: true }
+        }
         // A RUNNING record never suspended: a saved state is stale.
-        (Run, false, true) => Terminate { lost: true },
-        (Terminate | Done, _, _) => Terminate { lost: false },
+        (I::Run, false, true) => R::Terminate { lost: true },
+        (I::Terminate | I::Done, _, _) => R::Terminate { lost: false },
     }
 }
 
@@ -308,8 +311,8 @@ impl Engine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use Intent::*;
-    use Recovery::*;
+    use Intent::{Done, Launch, Run, StaySuspended};
+    use Recovery::{Adopt, FinishLaunch, FinishResume, Relaunch};
 
     const LOST_VM: Recovery = Recovery::Terminate { lost: true };
     const FINISH: Recovery = Recovery::Terminate { lost: false };
@@ -324,11 +327,11 @@ mod tests {
             (Launch, true, true, FinishLaunch),
             (Launch, false, true, Relaunch),
             (Launch, false, false, Relaunch),
-            (Resume, true, false, FinishResume),
-            (Resume, true, true, FinishResume),
-            (Resume, false, true, Recovery::Resume),
+            (Intent::Resume, true, false, FinishResume),
+            (Intent::Resume, true, true, FinishResume),
+            (Intent::Resume, false, true, Recovery::Resume),
             // Resumed (state file consumed) and then the process died.
-            (Resume, false, false, LOST_VM),
+            (Intent::Resume, false, false, LOST_VM),
             (Run, true, false, Adopt(MicrovmState::Running)),
             (Run, true, true, Adopt(MicrovmState::Running)),
             // A RUNNING record never suspended: a saved state is stale.
@@ -385,6 +388,10 @@ mod tests {
             .iter()
             .flat_map(|s| [Intent::of(*s, None), Intent::of(*s, Some(1))])
             .collect();
-        assert_eq!(intents.len(), Intent::ALL.len(), "every intent is reachable");
+        assert_eq!(
+            intents.len(),
+            Intent::ALL.len(),
+            "every intent is reachable"
+        );
     }
 }

@@ -594,7 +594,10 @@ async fn reconcile_adopts_live_vms_and_finishes_interrupted_changes() {
     f.engine.reconcile().await.unwrap();
     // The redone steps run in the background, as the API's do.
     for _ in 0..200 {
-        if [5, 6, 7].iter().all(|&n| f.state(n) != Pending && f.state(n) != Suspending) {
+        if [5, 6, 7]
+            .iter()
+            .all(|&n| f.state(n) != Pending && f.state(n) != Suspending)
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
