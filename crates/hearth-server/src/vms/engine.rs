@@ -479,7 +479,10 @@ impl Engine {
         }
         let now = unix_now_ms();
         // Every IO_CHECK_TICKS ticks: a QMP round trip per running VM.
-        let io_check = self.ticks.fetch_add(1, Ordering::Relaxed) % IO_CHECK_TICKS == 0;
+        let io_check = self
+            .ticks
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(IO_CHECK_TICKS);
         for row in self.store.live_microvms()? {
             if row.state == MicrovmState::Terminating {
                 continue;
