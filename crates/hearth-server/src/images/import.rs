@@ -330,8 +330,11 @@ pub async fn reap_interrupted_builds(
         if let Ok(vm) = driver.load(&layout::import_vm_name(&build.build_id)) {
             let _ = driver.remove(&vm).await;
         }
-        // What the interrupted build wrote (a half-made snapshot included)
-        // goes; the step cache keeps its finished steps for the next run.
+        // What the interrupted build wrote (a half-made snapshot, its fetched
+        // artifact and context) goes; the step cache keeps its finished steps
+        // for the next run, the build log stays.
+        let _ = std::fs::remove_dir_all(layout::build_context(data_dir, &build.build_id));
+        let _ = std::fs::remove_file(layout::build_artifact(data_dir, &build.build_id));
         let _ = std::fs::remove_dir_all(layout::version_dir(
             data_dir,
             &build.account_id,
