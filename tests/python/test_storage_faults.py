@@ -94,6 +94,11 @@ def scratch(request):
     rams = []
 
     def cleanup():
+        # The servers' logs outlive the loop devices (for a failure's story).
+        keep = pathlib.Path(request.config.rootpath) / ".." / ".." / "target" / "storage-fault-logs"
+        keep.mkdir(parents=True, exist_ok=True)
+        for log in base.glob("*/serve-*.log"):
+            shutil.copy(log, keep / f"{request.node.name}-{log.name}")
         kill_qemu_under(f"{base}/")
         for ram in rams:
             kill_qemu_under(f"{ram}/")
@@ -218,20 +223,21 @@ def test_after_a_power_cut_at_any_point_the_server_starts_consistent(scratch, ap
 def fill(path):
     """Fills the file system of path to the last block; returns the filler."""
     filler = path / "filler"
-    with open(filler, "wb") as out:
-        chunk = b"\0" * (1 << 20)
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for size in (1 << 20, 4096):
+            chunk = b"\0" * size
+            try:
+                while True:
+                    os.write(fd, chunk)
+            except OSError:
+                pass
         try:
-            while True:
-                out.write(chunk)
-                out.flush()
+            os.fsync(fd)
         except OSError:
             pass
-        try:
-            while True:
-                out.write(b"\0" * 4096)
-                out.flush()
-        except OSError:
-            pass
+    finally:
+        os.close(fd)
     return filler
 
 
