@@ -187,6 +187,7 @@ pub async fn start(config: ServerConfig) -> Result<Arc<AppState>, ServerError> {
             memory_mib: build.memory_mib,
             spec: build.spec,
             build_args: Vec::new(),
+            restarted: true,
         });
     }
     tokio::spawn(engine.clone().watch());

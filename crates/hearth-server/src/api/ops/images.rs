@@ -609,6 +609,7 @@ pub(super) fn create_or_update(
                         .collect()
                 })
                 .unwrap_or_default(),
+            restarted: false,
         });
     }
     let image = state
