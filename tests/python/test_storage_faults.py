@@ -270,7 +270,8 @@ def test_a_full_data_disk_harms_no_running_vm_and_everything_recovers(scratch, a
             got, _ = wait_for_state(client, refused, {"RUNNING", "TERMINATED"}, timeout=120)
             assert got["state"] == "TERMINATED" and got.get("stateReason"), got
         except botocore.exceptions.ClientError as err:
-            assert err.response["Error"]["Code"] and err.response["ResponseMetadata"]["HTTPStatusCode"] >= 400
+            assert err.response["ResponseMetadata"]["HTTPStatusCode"] >= 400
+            assert "storage is full" in err.response["Error"]["Message"], err.response
         # A suspend that cannot be written leaves the VM running and no state file.
         try:
             client.suspend_microvm(microvmIdentifier=vm)

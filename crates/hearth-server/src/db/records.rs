@@ -1290,6 +1290,21 @@ mod tests {
     }
 
     #[test]
+    fn a_full_disk_is_told_apart_from_other_database_failures() {
+        let full = StoreError::Query(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+            None,
+        ));
+        assert!(full.is_disk_full());
+        let busy = StoreError::Query(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+            None,
+        ));
+        assert!(!busy.is_disk_full());
+        assert!(!StoreError::BadAccountName.is_disk_full());
+    }
+
+    #[test]
     fn only_a_build_whose_whole_request_is_stored_is_requeued() {
         let (_dir, store, account) = store();
         let spec: ImageSpec = serde_json::from_str(LEGACY_VERSION_SPEC).expect("parse");

@@ -139,6 +139,23 @@ pub enum StoreError {
     Spec(#[source] serde_json::Error),
 }
 
+impl StoreError {
+    /// Whether SQLite could not write for want of disk space.
+    pub fn is_disk_full(&self) -> bool {
+        let sqlite = match self {
+            StoreError::Query(err) | StoreError::Open(_, err) | StoreError::Migration(_, err) => {
+                err
+            }
+            _ => return false,
+        };
+        matches!(
+            sqlite,
+            rusqlite::Error::SqliteFailure(failure, _)
+                if failure.code == rusqlite::ErrorCode::DiskFull
+        )
+    }
+}
+
 /// A tenant.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
