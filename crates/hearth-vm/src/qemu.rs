@@ -1033,6 +1033,11 @@ impl Driver for QemuDriver {
         vm.state = VmState::Suspended;
         let pid = vm.pid.take();
         self.save(vm)?;
+        // The VM directory's own entry too: after a power cut the saved state
+        // is the only copy of the guest.
+        if let Some(vms) = vm.dir.parent() {
+            disk::sync_dir(vms)?;
+        }
         let _ = qmp.quit().await;
         if let Some(pid) = pid {
             if !wait_gone(pid, &vm.instance, Duration::from_secs(5)).await {

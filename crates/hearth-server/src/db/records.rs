@@ -1126,10 +1126,14 @@ impl Store {
 
     /// Sets a state without the transition check: only for reconciliation
     /// after a restart, which undoes or finishes interrupted steps.
+    /// SUSPENDED sets `suspended_at` as a transition does (a later PENDING is
+    /// then known for a resume, and the idle timer counts from it).
     pub fn force_microvm_state(&self, id: &str, to: MicrovmState) -> Result<(), StoreError> {
+        let suspended_at = (to == MicrovmState::Suspended).then(unix_now_ms);
         self.conn().execute(
-            "UPDATE microvms SET state = ?2 WHERE microvm_id = ?1 AND state != 'TERMINATED'",
-            params![id, to.as_str()],
+            "UPDATE microvms SET state = ?2, suspended_at = COALESCE(?3, suspended_at)
+             WHERE microvm_id = ?1 AND state != 'TERMINATED'",
+            params![id, to.as_str(), suspended_at],
         )?;
         Ok(())
     }

@@ -613,6 +613,8 @@ async fn reconcile_adopts_live_vms_and_finishes_interrupted_changes() {
         .await
         .unwrap();
     assert_eq!(f.state(2), Suspended);
+    // Recorded as a suspend: a later PENDING of it is a resume, not a launch.
+    assert!(f.read(2).suspended_at.is_some());
     assert!(f.fake.load("mv-2").is_ok());
     let lost = f.read(3);
     assert_eq!(lost.state, Terminated);
