@@ -437,3 +437,62 @@ fn import_spec(request: &ImportRequest, runtime_hooks: &[RuntimeHook]) -> ImageS
         ..Default::default()
     }
 }
+
+#[cfg(test)]
+mod reap_tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::db::resources::BuildState;
+    use crate::db::spec::ImageSpec;
+
+    fn start(store: &Store, account: &str, image: &str) -> String {
+        store
+            .start_version(
+                &NewVersion {
+                    account_id: account.into(),
+                    image_name: image.into(),
+                    spec: ImageSpec::default(),
+                    memory_mib: 256,
+                    architecture: "X86_64".into(),
+                    chipset: "INTEL".into(),
+                    client_token: None,
+                    fingerprint: String::new(),
+                    create: true,
+                },
+                &Quotas::default(),
+            )
+            .unwrap()
+            .unwrap()
+            .build_id
+    }
+
+    #[tokio::test]
+    async fn an_interrupted_build_runs_again_only_if_its_request_is_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let account = store.create_account("a").unwrap().account_id;
+        let fake = hearth_vm::testing::FakeDriver::without_agent(&dir.path().join("vmm"));
+        // No owner process (it died before marking the build started).
+        let whole = start(&store, &account, "whole");
+        store.allow_build_restart(&whole).unwrap();
+        let with_args = start(&store, &account, "args");
+
+        let again = reap_interrupted_builds(&store, &fake, dir.path())
+            .await
+            .unwrap();
+        assert_eq!(
+            again
+                .iter()
+                .map(|b| b.build_id.as_str())
+                .collect::<Vec<_>>(),
+            vec![whole.as_str()]
+        );
+        let requeued = store.build(&account, &whole).unwrap().unwrap();
+        assert_eq!(requeued.state, BuildState::Pending);
+        let failed = store.build(&account, &with_args).unwrap().unwrap();
+        assert_eq!(failed.state, BuildState::Failed);
+        let reason = failed.state_reason.unwrap_or_default();
+        assert!(reason.contains("restart"), "{reason}");
+    }
+}
