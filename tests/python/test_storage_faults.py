@@ -31,7 +31,7 @@ import uuid
 import botocore.exceptions
 import pytest
 
-from conftest import (FAST_RATES, IDLE_CMD, client_for, create_account, exec_request, import_image, kill_qemu_under,
+from conftest import (FAST_RATES, IDLE_CMD, ROOT, client_for, create_account, exec_request, import_image, kill_qemu_under,
                       qemu_vm_dirs, start_server, stop_server, vm_dir_name, wait_for_state)
 
 SETTLED = {"RUNNING", "SUSPENDED", "TERMINATED"}
@@ -95,7 +95,7 @@ def scratch(request):
 
     def cleanup():
         # The servers' logs outlive the loop devices (for a failure's story).
-        keep = pathlib.Path(request.config.rootpath) / ".." / ".." / "target" / "storage-fault-logs"
+        keep = ROOT / "target" / "storage-fault-logs"
         keep.mkdir(parents=True, exist_ok=True)
         for log in base.glob("*/serve-*.log"):
             shutil.copy(log, keep / f"{request.node.name}-{log.name}")
