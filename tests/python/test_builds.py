@@ -740,3 +740,35 @@ def test_restart_sweeps_the_step_cache_and_keeps_images(hearth, s3, built):
     assert image["state"] == "UPDATED", build_of(hearth.client, name, version)
     log = build_log(hearth, [name, "--version", version])
     assert re.search(r"steps: 0 run, \d+ from the cache", log), log
+
+
+def test_a_build_interrupted_by_kill9_runs_again_after_the_restart(hearth, s3, built):
+    """kill -9 of the server in the middle of a build: the restarted server
+    runs the build again from its stored request (finished steps from the step
+    cache), and the version it makes works."""
+    name, _, _ = built
+    s3.put_object(Bucket="build-artifacts", Key="app/crash.zip", Body=app_zip("crash"))
+    out = hearth.client.update_microvm_image(imageIdentifier=name, baseImageArn=BASE_ARN, buildRoleArn=ROLE,
+                                             codeArtifact={"uri": "s3://build-artifacts/app/crash.zip"},
+                                             resources=[{"minimumMemoryInMiB": 512}], hooks=hooks())
+    version = out["imageVersion"]
+    # Killed as soon as the build is under way.
+    deadline = time.monotonic() + 300
+    while build_of(hearth.client, name, version)["buildState"] != "IN_PROGRESS":
+        assert time.monotonic() < deadline, build_of(hearth.client, name, version)
+        time.sleep(0.1)
+    hearth.kill9()
+    hearth.restart()
+    image = wait_image(hearth.client, name, ("UPDATED", "UPDATE_FAILED"))
+    build = build_of(hearth.client, name, version)
+    assert build["buildState"] == "SUCCESSFUL", build
+    assert image["latestActiveImageVersion"] == version, image
+    log = build_log(hearth, [name, "--version", version])
+    assert "restarted during this build" in log, log
+    vm = run_vm(hearth, name, connectors=(HTTP_INGRESS,), imageVersion=version)
+    try:
+        token = app_token(hearth, vm["microvmId"], APP_PORT)
+        answer = ep_request(hearth, vm["endpoint"], token=token)
+        assert answer.status_code == 200 and answer.json()["release"] == "crash", answer.text
+    finally:
+        terminate_quietly(hearth, vm["microvmId"])

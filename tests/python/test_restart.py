@@ -1,7 +1,9 @@
 """A hearth server killed with SIGKILL in the middle of microVM operations, then
 started again on the same data directory: running VMs are adopted (same QEMU
-process), suspended ones stay suspended, interrupted operations are finished
-or undone, and every RUNNING microVM has exactly one QEMU process."""
+process), suspended ones stay suspended, every accepted change is carried out
+(a launch answered PENDING ends RUNNING, an accepted suspend SUSPENDED, a
+resume RUNNING, a terminate TERMINATED), and every RUNNING microVM has exactly
+one QEMU process."""
 import json
 import time
 
@@ -82,7 +84,8 @@ def test_restart_adopts_vms_and_settles_interrupted_operations(fleet):
         server["url"] = url
         client = client_for(server, account)
         everything = ids + started
-        after = wait_all(client, everything, SETTLED, timeout=60)
+        # Launches may start over from the snapshot: give them a launch's time.
+        after = wait_all(client, everything, SETTLED, timeout=240)
 
         running = {i for i in everything if after[i] == "RUNNING"}
         # Accepted terminations were finished; untouched VMs were adopted as
@@ -92,8 +95,11 @@ def test_restart_adopts_vms_and_settles_interrupted_operations(fleet):
             assert (got["state"], got.get("stateReason")) == ("TERMINATED", "Success."), got
         assert all(after[i] == "RUNNING" for i in untouched), {i: after[i] for i in untouched}
         assert after[suspended[2]] == "SUSPENDED"
-        # An interrupted resume still has its suspend.state: undone or finished, not lost.
-        assert after[suspended[0]] in ("SUSPENDED", "RUNNING")
+        # What was accepted before the kill is carried out: the launches run,
+        # the suspends happened, the resume too.
+        assert all(after[i] == "RUNNING" for i in started), {i: after[i] for i in started}
+        assert (after[ids[3]], after[ids[4]]) == ("SUSPENDED", "SUSPENDED")
+        assert after[suspended[0]] == "RUNNING"
         for microvm_id in everything:
             if after[microvm_id] == "TERMINATED":
                 got = client.get_microvm(microvmIdentifier=microvm_id)
@@ -125,10 +131,10 @@ def test_restart_adopts_vms_and_settles_interrupted_operations(fleet):
         kill_qemu_under(f"{data}/")
 
 
-def test_interrupted_suspend_keeps_the_microvm(fleet):
+def test_interrupted_suspend_is_carried_out(fleet):
     """A suspend cut short by kill -9 of the server leaves a live, paused QEMU
-    writing suspend.state; the restarted server should finish the suspend
-    (SUSPENDED) or undo it (RUNNING), not throw the microVM away."""
+    writing suspend.state; the restarted server suspends it (the partial file
+    is never taken for a saved state) and it resumes into a working guest."""
     data, account = fleet["data_dir"], fleet["account"]
     proc, url = start_server(data, *FAST_RATES)
     try:
@@ -148,9 +154,58 @@ def test_interrupted_suspend_keeps_the_microvm(fleet):
         proc, url = start_server(data, *FAST_RATES)
         server["url"] = url
         client = client_for(server, account)
-        got, _ = wait_for_state(client, microvm_id, {"RUNNING", "SUSPENDED", "TERMINATED"}, timeout=60)
+        got, _ = wait_for_state(client, microvm_id, {"SUSPENDED", "TERMINATED"}, timeout=120)
+        assert got["state"] == "SUSPENDED", got
+        assert not qemu_processes(f"{vm_dir}/")
+        client.resume_microvm(microvmIdentifier=microvm_id)
+        wait_for_state(client, microvm_id, "RUNNING", timeout=120)
+        assert exec_request(server, account, microvm_id, ["echo", "ok"]).json()["stdout"] == "b2sK"
         client.terminate_microvm(microvmIdentifier=microvm_id)
-        assert got["state"] in ("RUNNING", "SUSPENDED"), got
+    finally:
+        stop_server(proc)
+        kill_qemu_under(f"{data}/")
+
+
+@pytest.mark.parametrize("delay", [0.05, 0.4, 1.5])
+def test_kill9_mid_launch_mid_resume_mid_terminate_carries_each_out(fleet, delay):
+    """kill -9 at a few moments after RunMicrovm, ResumeMicrovm and
+    TerminateMicrovm were answered: after the restart the launch is RUNNING,
+    the resume RUNNING, the terminate TERMINATED (reason Success.), with one
+    QEMU per RUNNING microVM and none for the others."""
+    data, account = fleet["data_dir"], fleet["account"]
+    proc, url = start_server(data, *FAST_RATES)
+    try:
+        server = {"url": url, "data_dir": data}
+        client = client_for(server, account)
+        to_resume = client.run_microvm(imageIdentifier="fleet")["microvmId"]
+        to_terminate = client.run_microvm(imageIdentifier="fleet")["microvmId"]
+        wait_all(client, [to_resume, to_terminate], {"RUNNING"}, timeout=240)
+        client.suspend_microvm(microvmIdentifier=to_resume)
+        wait_for_state(client, to_resume, "SUSPENDED", timeout=120)
+
+        launched = client.run_microvm(imageIdentifier="fleet", clientToken=f"crash-{delay}")["microvmId"]
+        client.resume_microvm(microvmIdentifier=to_resume)
+        client.terminate_microvm(microvmIdentifier=to_terminate)
+        time.sleep(delay)
+        proc.kill()
+        proc.wait()
+
+        proc, url = start_server(data, *FAST_RATES)
+        server["url"] = url
+        client = client_for(server, account)
+        after = wait_all(client, [launched, to_resume, to_terminate], SETTLED, timeout=240)
+        assert (after[launched], after[to_resume], after[to_terminate]) == ("RUNNING", "RUNNING", "TERMINATED"), after
+        assert client.get_microvm(microvmIdentifier=to_terminate).get("stateReason") == "Success."
+        # The same clientToken names the same microVM: no second one was made.
+        again = client.run_microvm(imageIdentifier="fleet", clientToken=f"crash-{delay}")["microvmId"]
+        assert again == launched
+        vm_dirs = sorted(qemu_vm_dirs(data).values())
+        assert vm_dirs == sorted([vm_dir_name(launched), vm_dir_name(to_resume)]), vm_dirs
+        for microvm_id in (launched, to_resume):
+            assert exec_request(server, account, microvm_id, ["echo", "ok"]).json()["stdout"] == "b2sK"
+            client.terminate_microvm(microvmIdentifier=microvm_id)
+        wait_all(client, [launched, to_resume], {"TERMINATED"}, timeout=120)
+        assert qemu_vm_dirs(data) == {}
     finally:
         stop_server(proc)
         kill_qemu_under(f"{data}/")

@@ -172,7 +172,8 @@ pub async fn start(config: ServerConfig) -> Result<Arc<AppState>, ServerError> {
         warn!("VM networks off: microVMs and build steps have no network");
     }
     let driver: Arc<dyn hearth_vm::Driver> = Arc::new(qemu);
-    images::import::reap_interrupted_builds(&store, driver.as_ref(), &config.data_dir).await?;
+    let interrupted =
+        images::import::reap_interrupted_builds(&store, driver.as_ref(), &config.data_dir).await?;
     let (s3, artifacts) = api::s3::build(&config, &store).map_err(ServerError::Artifacts)?;
     let builds = Arc::new(
         images::build::Builds::new(
@@ -206,6 +207,19 @@ pub async fn start(config: ServerConfig) -> Result<Arc<AppState>, ServerError> {
     tokio::spawn(engine.clone().run_pools());
     // No build runs yet: what interrupted builds left in the step cache can go.
     builds.sweep_cache();
+    // Builds a restart interrupted run again; finished steps come from the cache.
+    for build in interrupted {
+        builds.spawn(images::build::BuildJob {
+            account_id: build.account_id,
+            image_name: build.image_name,
+            version: build.version,
+            build_id: build.build_id,
+            memory_mib: build.memory_mib,
+            spec: build.spec,
+            build_args: Vec::new(),
+            restarted: true,
+        });
+    }
     tokio::spawn(engine.clone().watch());
     let app_logs = vms::log_store::LogStore::new(&config.data_dir);
     tokio::spawn(vms::log_collector::LogCollector::new(engine.clone(), app_logs).run());

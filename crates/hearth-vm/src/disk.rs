@@ -272,6 +272,24 @@ pub fn sync_dir(dir: &Path) -> Result<(), DiskError> {
         .map_err(|e| DiskError::Io(dir.to_path_buf(), e))
 }
 
+/// `create_dir_all`, and durable: the parent of each directory it made is
+/// fsynced, so after a power cut no file renamed into `path` hangs from a
+/// directory entry that was never written.
+pub fn create_dir_all_synced(path: &Path) -> Result<(), DiskError> {
+    let missing: Vec<PathBuf> = path
+        .ancestors()
+        .take_while(|dir| !dir.as_os_str().is_empty() && !dir.exists())
+        .map(Path::to_path_buf)
+        .collect();
+    std::fs::create_dir_all(path).map_err(|e| DiskError::Io(path.to_path_buf(), e))?;
+    for dir in missing.iter().rev() {
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_dir(parent)?;
+        }
+    }
+    Ok(())
+}
+
 /// Writes `bytes` to `path` atomically: temporary file, fsync, rename, fsync dir.
 /// The temporary file is made new (never opened through a link someone left
 /// at its name: a VM directory is writable by its jailed QEMU).

@@ -161,6 +161,13 @@ pub trait Driver: Send + Sync + std::fmt::Debug {
     /// operation (a paused guest, a half-written suspend state); the caller
     /// then checks the agent.
     async fn recover(&self, vm: &VmRecord) -> Result<(), VmError>;
+    /// Lets a VM run again that its VMM paused on a disk write error (QEMU's
+    /// `werror=enospc`, virtio-blk's default: a full disk pauses the guest
+    /// instead of failing its writes). Ok(true) if it was paused so; a disk
+    /// still full pauses it again at the next write, so callers retry later.
+    async fn continue_after_io_error(&self, _vm: &VmRecord) -> Result<bool, VmError> {
+        Ok(false)
+    }
     /// Pauses the VM, writes a snapshot into `out`, and lets the VM run on.
     async fn snapshot(&self, vm: &VmRecord, out: &Path) -> Result<Snapshot, VmError>;
     /// Freezes the VM's disk overlay: later writes go to `new_overlay`, so the

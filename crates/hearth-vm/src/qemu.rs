@@ -1298,6 +1298,16 @@ impl Driver for QemuDriver {
         Ok(())
     }
 
+    async fn continue_after_io_error(&self, vm: &VmRecord) -> Result<bool, VmError> {
+        let mut qmp = Qmp::connect(&vm.qmp_socket()).await?;
+        // `io-error`: paused by a BLOCK_IO_ERROR whose policy is to stop.
+        if qmp.query_status().await?.status != "io-error" {
+            return Ok(false);
+        }
+        qmp.cont().await?;
+        Ok(true)
+    }
+
     /// Freezes the VM's current disk overlay: QEMU creates `new_overlay` on top
     /// of it and sends all later writes there (QMP `blockdev-snapshot-sync`),
     /// so the old overlay keeps the disk exactly as it is now. The guest
@@ -1415,7 +1425,7 @@ impl Driver for QemuDriver {
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."))
             .to_path_buf();
-        std::fs::create_dir_all(&parent).map_err(|e| VmError::Io(parent.clone(), e))?;
+        disk::create_dir_all_synced(&parent)?;
         let file_name = out
             .file_name()
             .map(|n| n.to_string_lossy().to_string())
@@ -1589,6 +1599,11 @@ impl Driver for QemuDriver {
         vm.suspended_memory = shared_ram.as_ref().map(|_| memory_file.clone());
         let pid = vm.pid.take();
         self.save(vm)?;
+        // The VM directory's own entry too: after a power cut the saved state
+        // is the only copy of the guest.
+        if let Some(vms) = vm.dir.parent() {
+            disk::sync_dir(vms)?;
+        }
         let _ = qmp.quit().await;
         if let Some(pid) = pid {
             if !wait_gone(pid, &vm.instance, Duration::from_secs(5)).await {

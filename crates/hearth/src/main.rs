@@ -13,6 +13,7 @@ mod app_logs_cli;
 mod bench;
 mod bench_api;
 mod bench_build;
+mod bench_chaos;
 mod bench_density;
 mod bench_endpoint;
 mod bench_net;
@@ -404,6 +405,10 @@ enum BenchCommand {
     /// Idle microVMs on real guests: CPU, RSS and PSS per idle microVM, and
     /// RunMicrovm -> first 200 with 0, 10, 50 (--idle) microVMs idling.
     Density(bench_density::DensityArgs),
+    /// Crash safety under load: rounds of mixed calls, the server killed
+    /// (-9) in each and restarted; accepted calls carried out, orphans,
+    /// duplicate microVMs, time to settle.
+    Chaos(bench_chaos::ChaosArgs),
 }
 
 fn main() -> ExitCode {
@@ -413,6 +418,9 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        // A log that cannot be written (stderr on a full disk) is dropped:
+        // reporting it would eprintln!, which panics the request's task.
+        .log_internal_errors(false)
         .init();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -475,6 +483,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Bench(BenchCommand::Endpoint(args)) => bench_endpoint::endpoint(args).await,
         Command::Bench(BenchCommand::Build(args)) => bench_build::build(args).await,
         Command::Bench(BenchCommand::Density(args)) => bench_density::density(args).await,
+        Command::Bench(BenchCommand::Chaos(args)) => bench_chaos::chaos(args).await,
         Command::Shell(args) => Ok(shell::main(args).await),
         Command::Token(args) => Ok(endpoint_cli::token(args).await),
         Command::Open(args) => Ok(endpoint_cli::open(args).await),

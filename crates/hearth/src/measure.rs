@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 /// Percentiles of a set of samples (nearest rank).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 pub(crate) struct Stats {
     pub n: usize,
     pub p50: f64,

@@ -557,6 +557,38 @@ impl Store {
         }))
     }
 
+    /// Lets a build run again after a restart interrupts it: its whole
+    /// request is stored (it has no build arguments).
+    pub fn allow_build_restart(&self, build_id: &str) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE builds SET restartable = 1 WHERE build_id = ?1",
+            params![build_id],
+        )?;
+        Ok(())
+    }
+
+    /// Puts an interrupted restartable build (and its version) back to
+    /// PENDING, to run again; false if it may not run again.
+    pub fn requeue_build(&self, build_id: &str) -> Result<bool, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let changed = tx.execute(
+            "UPDATE builds SET state = 'PENDING', owner_pid = NULL, owner_start = NULL
+             WHERE build_id = ?1 AND restartable = 1 AND state IN ('PENDING', 'IN_PROGRESS')",
+            params![build_id],
+        )?;
+        if changed == 1 {
+            tx.execute(
+                "UPDATE image_versions SET state = 'PENDING', updated_at = ?2
+                 WHERE state = 'IN_PROGRESS' AND (account_id, image_name, version) =
+                   (SELECT account_id, image_name, version FROM builds WHERE build_id = ?1)",
+                params![build_id, unix_now_ms()],
+            )?;
+        }
+        tx.commit()?;
+        Ok(changed == 1)
+    }
+
     /// Marks a build IN_PROGRESS (and its version).
     pub fn build_started(&self, account: &str, build_id: &str) -> Result<(), StoreError> {
         let mut conn = self.conn();
@@ -1139,10 +1171,14 @@ impl Store {
 
     /// Sets a state without the transition check: only for reconciliation
     /// after a restart, which undoes or finishes interrupted steps.
+    /// SUSPENDED sets `suspended_at` as a transition does (a later PENDING is
+    /// then known for a resume, and the idle timer counts from it).
     pub fn force_microvm_state(&self, id: &str, to: MicrovmState) -> Result<(), StoreError> {
+        let suspended_at = (to == MicrovmState::Suspended).then(unix_now_ms);
         self.conn().execute(
-            "UPDATE microvms SET state = ?2 WHERE microvm_id = ?1 AND state != 'TERMINATED'",
-            params![id, to.as_str()],
+            "UPDATE microvms SET state = ?2, suspended_at = COALESCE(?3, suspended_at)
+             WHERE microvm_id = ?1 AND state != 'TERMINATED'",
+            params![id, to.as_str(), suspended_at],
         )?;
         Ok(())
     }
@@ -1300,6 +1336,85 @@ mod tests {
             start_ticks: None
         }
         .is_alive());
+    }
+
+    #[test]
+    fn a_full_disk_is_told_apart_from_other_database_failures() {
+        let full = StoreError::Query(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+            None,
+        ));
+        assert!(full.is_disk_full());
+        let busy = StoreError::Query(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+            None,
+        ));
+        assert!(!busy.is_disk_full());
+        assert!(!StoreError::BadAccountName.is_disk_full());
+    }
+
+    #[test]
+    fn only_a_build_whose_whole_request_is_stored_is_requeued() {
+        let (_dir, store, account) = store();
+        let spec: ImageSpec = serde_json::from_str(LEGACY_VERSION_SPEC).expect("parse");
+        let whole = version(&store, &account, spec.clone());
+        store.allow_build_restart(&whole.build_id).expect("allow");
+        store
+            .build_started(&account, &whole.build_id)
+            .expect("started");
+        assert!(store.requeue_build(&whole.build_id).expect("requeue"));
+        let build = store
+            .build(&account, &whole.build_id)
+            .expect("query")
+            .expect("build");
+        assert_eq!(build.state, BuildState::Pending);
+        assert_eq!(store.build_owner(&whole.build_id).expect("owner"), None);
+        let version = store
+            .version(&account, "web", whole.version)
+            .expect("query")
+            .expect("version");
+        assert_eq!(version.state, VersionState::Pending);
+        // Runs again: PENDING -> IN_PROGRESS as the first time.
+        store
+            .build_started(&account, &whole.build_id)
+            .expect("started");
+        assert!(store.build_owner(&whole.build_id).expect("owner").is_some());
+
+        // Build arguments (never stored): not requeued; nor a finished build.
+        let quota = Quotas {
+            concurrent_builds: 10,
+            ..Quotas::default()
+        };
+        let partial = store
+            .start_version(
+                &NewVersion {
+                    account_id: account.clone(),
+                    image_name: "other".into(),
+                    memory_mib: spec.memory_mib(),
+                    spec,
+                    architecture: "X86_64".into(),
+                    chipset: "INTEL".into(),
+                    client_token: None,
+                    fingerprint: String::new(),
+                    create: true,
+                },
+                &quota,
+            )
+            .expect("store")
+            .expect("recorded");
+        store
+            .build_started(&account, &partial.build_id)
+            .expect("started");
+        assert!(!store.requeue_build(&partial.build_id).expect("requeue"));
+        let sizes = SnapshotSizes {
+            memory_snapshot_size_in_bytes: 1,
+            disk_snapshot_size_in_bytes: 1,
+            code_install_size_in_bytes: 0,
+        };
+        store
+            .finish_build(&account, &whole.build_id, Ok((PathBuf::from("/s"), sizes)))
+            .expect("finish");
+        assert!(!store.requeue_build(&whole.build_id).expect("requeue"));
     }
 
     #[test]

@@ -140,6 +140,9 @@ const MIGRATIONS: &[&str] = &[
         image_name TEXT NOT NULL DEFAULT '',
         since INTEGER NOT NULL DEFAULT 0
     );",
+    // 6: whether a build interrupted by a restart may run again from its
+    // stored request (not when it had build arguments, which are not stored).
+    "ALTER TABLE builds ADD COLUMN restartable INTEGER NOT NULL DEFAULT 0;",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -166,6 +169,23 @@ pub enum StoreError {
     Spec(#[source] serde_json::Error),
     #[error("a database task was interrupted")]
     Interrupted,
+}
+
+impl StoreError {
+    /// Whether SQLite could not write for want of disk space.
+    pub fn is_disk_full(&self) -> bool {
+        let sqlite = match self {
+            StoreError::Query(err) | StoreError::Open(_, err) | StoreError::Migration(_, err) => {
+                err
+            }
+            _ => return false,
+        };
+        matches!(
+            sqlite,
+            rusqlite::Error::SqliteFailure(failure, _)
+                if failure.code == rusqlite::ErrorCode::DiskFull
+        )
+    }
 }
 
 /// A tenant.

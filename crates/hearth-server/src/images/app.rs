@@ -86,9 +86,17 @@ pub async fn snapshot_ready_app(
     progress: &(dyn Fn(&str) + Sync),
 ) -> Result<SnapshotSizes, BuildFailure> {
     // The cause goes to the log, not to the tenant.
-    let platform = |what: &str, err: &dyn std::error::Error| {
+    let platform = |what: &str, err: &(dyn std::error::Error + 'static)| {
         tracing::warn!(error = %error_chain(err), "{what}");
-        BuildFailure::new(BuildErrorCode::InternalPlatformError, what)
+        // A full data directory is the caller's to fix, not a platform fault;
+        // the snapshot leaves no half-written files (a temporary directory,
+        // renamed only when whole).
+        let code = if is_disk_full(err) {
+            BuildErrorCode::DiskStorageFull
+        } else {
+            BuildErrorCode::InternalPlatformError
+        };
+        BuildFailure::new(code, what)
     };
     progress("booting the snapshot VM");
     let vm = driver
@@ -412,5 +420,48 @@ mod tests {
         assert_eq!(stat_cpu_ticks(stat), Some(164));
         assert_eq!(stat_cpu_ticks("garbage"), None);
         assert_eq!(stat_cpu_ticks("1 (x) S 1"), None);
+    }
+}
+
+/// Whether `err` (or an error it wraps) is ENOSPC or EDQUOT, from the OS or
+/// reported by QEMU (whose messages carry the OS's text).
+pub(crate) fn is_disk_full(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(err) = next {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+            ) {
+                return true;
+            }
+        }
+        let text = err.to_string();
+        if text.contains("No space left on device") || text.contains("Disk quota exceeded") {
+            return true;
+        }
+        next = err.source();
+    }
+    false
+}
+
+#[cfg(test)]
+mod disk_full_tests {
+    use super::is_disk_full;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("snapshot failed")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn enospc_is_found_through_the_chain_and_nothing_else_is() {
+        let full = Outer(std::io::Error::from_raw_os_error(28));
+        assert!(is_disk_full(&full));
+        let quota = Outer(std::io::Error::from_raw_os_error(122));
+        assert!(is_disk_full(&quota));
+        let denied = Outer(std::io::Error::from_raw_os_error(13));
+        assert!(!is_disk_full(&denied));
+        let qemu = std::io::Error::other("migration failed: No space left on device");
+        assert!(is_disk_full(&qemu));
     }
 }

@@ -116,6 +116,8 @@ pub struct BuildJob {
     pub memory_mib: u32,
     /// `ARG` values for this build only (not persisted; masked in the log).
     pub build_args: Vec<(String, String)>,
+    /// Run again after a server restart interrupted it.
+    pub restarted: bool,
 }
 
 /// The operator's settings for builds.
@@ -241,6 +243,9 @@ impl Builds {
             .map(|(_, v)| v.clone())
             .filter(|v| v.len() >= 3)
             .collect();
+        if job.restarted {
+            log.line("the hearth server restarted during this build: running it again (finished steps come from the step cache)");
+        }
         log.line(&format!(
             "build {} of {} version {}.0",
             job.build_id, job.image_name, job.version

@@ -320,7 +320,8 @@ pub async fn reap_interrupted_builds(
     store: &Store,
     driver: &dyn Driver,
     data_dir: &Path,
-) -> Result<(), StoreError> {
+) -> Result<Vec<InterruptedBuild>, StoreError> {
+    let mut restart = Vec::new();
     for build in store.unfinished_builds()? {
         let owner_alive = store
             .build_owner(&build.build_id)?
@@ -331,22 +332,54 @@ pub async fn reap_interrupted_builds(
         if let Ok(vm) = driver.load(&layout::import_vm_name(&build.build_id)) {
             let _ = driver.remove(&vm).await;
         }
+        // What the interrupted build wrote (a half-made snapshot, its fetched
+        // artifact and context) goes; the step cache keeps its finished steps
+        // for the next run, the build log stays.
+        let _ = std::fs::remove_dir_all(layout::build_context(data_dir, &build.build_id));
+        let _ = std::fs::remove_file(layout::build_artifact(data_dir, &build.build_id));
         let _ = std::fs::remove_dir_all(layout::version_dir(
             data_dir,
             &build.account_id,
             &build.image_name,
             build.version,
         ));
+        let version = store.version(&build.account_id, &build.image_name, build.version)?;
+        if let Some(version) = version {
+            if store.requeue_build(&build.build_id)? {
+                tracing::info!(build = %build.build_id, "restarting a build a restart interrupted");
+                restart.push(InterruptedBuild {
+                    account_id: build.account_id,
+                    image_name: build.image_name,
+                    version: build.version,
+                    build_id: build.build_id,
+                    spec: version.spec,
+                    memory_mib: version.memory_mib,
+                });
+                continue;
+            }
+        }
         store.finish_build(
             &build.account_id,
             &build.build_id,
             Err(BuildFailure::new(
                 BuildErrorCode::InternalPlatformError,
-                "the build was interrupted",
+                "the build was interrupted by a restart of the hearth server and cannot run again \
+                 (its build arguments are not stored, or it was an operator import)",
             )),
         )?;
     }
-    Ok(())
+    Ok(restart)
+}
+
+/// A build [`reap_interrupted_builds`] put back to PENDING to run again.
+#[derive(Debug, Clone)]
+pub struct InterruptedBuild {
+    pub account_id: String,
+    pub image_name: String,
+    pub version: u32,
+    pub build_id: String,
+    pub spec: crate::db::spec::ImageSpec,
+    pub memory_mib: u32,
 }
 
 impl From<VmError> for ImportError {
@@ -404,5 +437,64 @@ fn import_spec(request: &ImportRequest, runtime_hooks: &[RuntimeHook]) -> ImageS
         environment_variables: (!request.environment.is_empty())
             .then(|| request.environment.iter().cloned().collect()),
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod reap_tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::db::resources::BuildState;
+    use crate::db::spec::ImageSpec;
+
+    fn start(store: &Store, account: &str, image: &str) -> String {
+        store
+            .start_version(
+                &NewVersion {
+                    account_id: account.into(),
+                    image_name: image.into(),
+                    spec: ImageSpec::default(),
+                    memory_mib: 256,
+                    architecture: "X86_64".into(),
+                    chipset: "INTEL".into(),
+                    client_token: None,
+                    fingerprint: String::new(),
+                    create: true,
+                },
+                &Quotas::default(),
+            )
+            .unwrap()
+            .unwrap()
+            .build_id
+    }
+
+    #[tokio::test]
+    async fn an_interrupted_build_runs_again_only_if_its_request_is_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let account = store.create_account("a").unwrap().account_id;
+        let fake = hearth_vm::testing::FakeDriver::without_agent(&dir.path().join("vmm"));
+        // No owner process (it died before marking the build started).
+        let whole = start(&store, &account, "whole");
+        store.allow_build_restart(&whole).unwrap();
+        let with_args = start(&store, &account, "args");
+
+        let again = reap_interrupted_builds(&store, &fake, dir.path())
+            .await
+            .unwrap();
+        assert_eq!(
+            again
+                .iter()
+                .map(|b| b.build_id.as_str())
+                .collect::<Vec<_>>(),
+            vec![whole.as_str()]
+        );
+        let requeued = store.build(&account, &whole).unwrap().unwrap();
+        assert_eq!(requeued.state, BuildState::Pending);
+        let failed = store.build(&account, &with_args).unwrap().unwrap();
+        assert_eq!(failed.state, BuildState::Failed);
+        let reason = failed.state_reason.unwrap_or_default();
+        assert!(reason.contains("restart"), "{reason}");
     }
 }

@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -37,8 +37,14 @@ const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 const POOL_TICK: Duration = Duration::from_secs(1);
 /// How long [`Engine::shutdown_pools`] waits for a slot in preparation.
 const POOL_SHUTDOWN_GRACE: Duration = Duration::from_secs(60);
+/// How many watch ticks apart running VMs are checked for a pause on a disk
+/// write error.
+const IO_CHECK_TICKS: u64 = 5;
 /// How long an adopted VM's agent may take to answer after a restart.
 pub(super) const ADOPT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The reason of a launch that could not start its VM (also after a restart).
+pub(super) const LAUNCH_FAILED: &str =
+    "Launch failed: the MicroVM could not be started from its image snapshot.";
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -68,6 +74,8 @@ pub struct Engine {
     default_egress: AtomicBool,
     /// Prewarmed VMs per image version ([`Self::run_pools`] fills them).
     pub pools: WarmPools,
+    /// Watch ticks so far.
+    ticks: AtomicU64,
 }
 
 impl Engine {
@@ -81,6 +89,7 @@ impl Engine {
             activity: Mutex::default(),
             default_egress: AtomicBool::new(true),
             pools: WarmPools::new(PoolSettings::default()),
+            ticks: AtomicU64::new(0),
         })
     }
 
@@ -98,7 +107,7 @@ impl Engine {
         self.driver.as_ref()
     }
 
-    fn lock_for(&self, id: &str) -> Arc<AsyncMutex<()>> {
+    pub(super) fn lock_for(&self, id: &str) -> Arc<AsyncMutex<()>> {
         lock(&self.locks)
             .entry(id.to_string())
             .or_insert_with(|| Arc::new(AsyncMutex::new(())))
@@ -443,55 +452,63 @@ impl Engine {
         let _held = guard.lock().await;
         let launched = self.start_vm(&row, &snapshot_dir).await;
         match launched {
-            Ok((_vm, agent, read)) => {
-                // `/run` comes before the VM counts as RUNNING (and before the
-                // endpoint forwards traffic to it).
-                if let Some(hook) = row.spec.hook(RuntimeHook::Run) {
-                    let body = json!({
-                        "microvmId": row.microvm_id,
-                        "runHookPayload": row.spec.run_hook_payload.as_deref().unwrap_or_default(),
-                    })
-                    .to_string();
-                    if let Err(reason) = call_hook(&agent, &hook, Some(body.as_bytes())).await {
-                        drop(agent);
-                        self.fail(&row, &reason).await;
-                        return;
-                    }
-                }
-                lock(&self.agents).insert(row.microvm_id.clone(), Arc::new(agent));
-                // The snapshot read is recorded with RUNNING, in one commit.
-                let id = row.microvm_id.clone();
-                let transfer = meter::snapshot_transfer(&row, UsageType::SnapshotRead, read);
-                let moved = self
-                    .store
-                    .blocking(move |store| {
-                        store.transition_microvm_metered(
-                            &id,
-                            &[MicrovmState::Pending],
-                            MicrovmState::Running,
-                            None,
-                            &[transfer],
-                        )
-                    })
-                    .await;
-                match moved {
-                    Ok(Some(_)) => info!(microvm = %row.microvm_id, "running"),
-                    // Terminated meanwhile: its terminate task removes the VM.
-                    Ok(None) => {}
-                    Err(err) => {
-                        warn!(microvm = %row.microvm_id, error = %err, "cannot record RUNNING")
-                    }
-                }
-            }
+            Ok((_vm, agent, read)) => self.finish_launch(&row, agent, read).await,
             Err(err) => {
                 warn!(microvm = %row.microvm_id, error = %error_chain(&err), "launch failed");
-                self.fail(
-                    &row,
-                    "Launch failed: the MicroVM could not be started from its image snapshot.",
-                )
-                .await;
+                self.fail(&row, LAUNCH_FAILED).await;
             }
         }
+    }
+
+    /// The rest of a launch whose VM answers: the `/run` hook, then RUNNING.
+    /// The caller holds the VM's lock (a launch, or reconcile finishing one).
+    /// `read`: the snapshot bytes the launch read (metered with RUNNING).
+    pub(super) async fn finish_launch(&self, row: &MicrovmRow, agent: AgentClient, read: u64) {
+        // `/run` comes before the VM counts as RUNNING (and before the
+        // endpoint forwards traffic to it).
+        if let Some(hook) = row.spec.hook(RuntimeHook::Run) {
+            let body = json!({
+                "microvmId": row.microvm_id,
+                "runHookPayload": row.spec.run_hook_payload.as_deref().unwrap_or_default(),
+            })
+            .to_string();
+            if let Err(reason) = call_hook(&agent, &hook, Some(body.as_bytes())).await {
+                drop(agent);
+                self.fail(row, &reason).await;
+                return;
+            }
+        }
+        lock(&self.agents).insert(row.microvm_id.clone(), Arc::new(agent));
+        match self.record_running(row, read).await {
+            Ok(Some(_)) => info!(microvm = %row.microvm_id, "running"),
+            // Terminated meanwhile: its terminate task removes the VM.
+            Ok(None) => {}
+            Err(err) => {
+                warn!(microvm = %row.microvm_id, error = %err, "cannot record RUNNING")
+            }
+        }
+    }
+
+    /// PENDING -> RUNNING with the snapshot read, in one commit, off the
+    /// async workers.
+    async fn record_running(
+        &self,
+        row: &MicrovmRow,
+        read: u64,
+    ) -> Result<Option<MicrovmState>, crate::db::store::StoreError> {
+        let id = row.microvm_id.clone();
+        let transfer = meter::snapshot_transfer(row, UsageType::SnapshotRead, read);
+        self.store
+            .blocking(move |store| {
+                store.transition_microvm_metered(
+                    &id,
+                    &[MicrovmState::Pending],
+                    MicrovmState::Running,
+                    None,
+                    &[transfer],
+                )
+            })
+            .await
     }
 
     /// Suspends a SUSPENDING microVM (in the background).
@@ -587,37 +604,28 @@ impl Engine {
         }
         .await;
         match resumed {
-            Ok((agent, read)) => {
-                if let Some(hook) = row.spec.hook(RuntimeHook::Resume) {
-                    if let Err(reason) = call_hook(&agent, &hook, None).await {
-                        drop(agent);
-                        self.fail(&row, &reason).await;
-                        return;
-                    }
-                }
-                lock(&self.agents).insert(row.microvm_id.clone(), Arc::new(agent));
-                let id = row.microvm_id.clone();
-                let transfer = meter::snapshot_transfer(&row, UsageType::SnapshotRead, read);
-                let _ = self
-                    .store
-                    .blocking(move |store| {
-                        store.transition_microvm_metered(
-                            &id,
-                            &[MicrovmState::Pending],
-                            MicrovmState::Running,
-                            None,
-                            &[transfer],
-                        )
-                    })
-                    .await;
-                info!(microvm = %row.microvm_id, "resumed");
-            }
+            Ok((agent, read)) => self.finish_resume(&row, agent, read).await,
             Err(err) => {
                 warn!(microvm = %row.microvm_id, error = %error_chain(&err), "resume failed");
                 self.fail(&row, "Resume failed: the MicroVM could not be restored.")
                     .await;
             }
         }
+    }
+
+    /// The rest of a resume whose VM answers: the `/resume` hook, then RUNNING.
+    /// The caller holds the VM's lock (a resume, or reconcile finishing one).
+    pub(super) async fn finish_resume(&self, row: &MicrovmRow, agent: AgentClient, read: u64) {
+        if let Some(hook) = row.spec.hook(RuntimeHook::Resume) {
+            if let Err(reason) = call_hook(&agent, &hook, None).await {
+                drop(agent);
+                self.fail(row, &reason).await;
+                return;
+            }
+        }
+        lock(&self.agents).insert(row.microvm_id.clone(), Arc::new(agent));
+        let _ = self.record_running(row, read).await;
+        info!(microvm = %row.microvm_id, "resumed");
     }
 
     /// Terminates a TERMINATING microVM (in the background).
@@ -670,7 +678,7 @@ impl Engine {
 
     /// A failed step: the VM goes TERMINATING → TERMINATED with `reason`.
     /// The caller holds the VM's lock.
-    async fn fail(&self, row: &MicrovmRow, reason: &str) {
+    pub(super) async fn fail(&self, row: &MicrovmRow, reason: &str) {
         self.remove_vm(row).await;
         let moved = self.store.transition_microvm(
             &row.microvm_id,
@@ -715,6 +723,11 @@ impl Engine {
             self.store.note_activity(&id, at)?;
         }
         let now = unix_now_ms();
+        // Every IO_CHECK_TICKS ticks: a QMP round trip per running VM.
+        let io_check = self
+            .ticks
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(IO_CHECK_TICKS);
         for row in self.store.live_microvms()? {
             if row.state == MicrovmState::Terminating {
                 continue;
@@ -777,10 +790,21 @@ impl Engine {
                 // may be between processes.
                 let guard = self.lock_for(&row.microvm_id);
                 let Ok(held) = guard.try_lock() else { continue };
-                let alive = self
-                    .driver
-                    .load(&row.vm_name)
-                    .is_ok_and(|vm| self.driver.is_alive(&vm));
+                let vm = self.driver.load(&row.vm_name).ok();
+                let alive = vm.as_ref().is_some_and(|vm| self.driver.is_alive(vm));
+                if let (true, true, Some(vm)) = (alive, io_check, &vm) {
+                    // A full disk paused it (QEMU stops a guest on ENOSPC rather
+                    // than fail its writes): let it run once space may be back.
+                    match self.driver.continue_after_io_error(vm).await {
+                        Ok(true) => {
+                            warn!(microvm = %row.microvm_id, "disk write error paused the VM; continued")
+                        }
+                        Ok(false) => {}
+                        Err(err) => {
+                            warn!(microvm = %row.microvm_id, error = %error_chain(&err), "cannot check the VM for disk errors")
+                        }
+                    }
+                }
                 let still_running = self
                     .store
                     .microvm_by_id(&row.microvm_id)?

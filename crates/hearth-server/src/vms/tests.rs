@@ -15,9 +15,9 @@ use hearth_vm::{Driver, VmState};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::config::Quotas;
-use crate::db::records::MicrovmRow;
+use crate::db::records::{MicrovmRow, NewVersion, SnapshotSizes};
 use crate::db::resources::MicrovmState::{self, *};
-use crate::db::spec::{HookState, Hooks, IdlePolicy, MicrovmHooks, MicrovmSpec};
+use crate::db::spec::{HookState, Hooks, IdlePolicy, ImageSpec, MicrovmHooks, MicrovmSpec};
 use crate::db::store::{test_clock, unix_now_ms, Store};
 use crate::vms::engine::{ConnectError, Engine};
 
@@ -579,9 +579,29 @@ async fn reconcile_adopts_live_vms_and_finishes_interrupted_changes() {
     // 4: TERMINATING: finished.
     f.fake.insert_running("mv-4");
     f.row(4, Terminating, spec(3600));
-    // 5: PENDING with no VM at all: lost.
+    // 5: PENDING (a launch) with no VM and no image snapshot to launch from:
+    // fails as the launch would have.
     f.row(5, Pending, spec(3600));
+    // 6: SUSPENDING and its VM still runs: suspended now.
+    f.fake.insert_running("mv-6");
+    f.row(6, Suspending, spec(3600));
+    // 7: PENDING after SUSPENDED (a resume), the state still saved: resumed.
+    f.fake.insert_suspended("mv-7");
+    f.row(7, Running, spec(3600));
+    f.move_to(7, Running, Suspending).await;
+    f.move_to(7, Suspending, Suspended).await;
+    f.move_to(7, Suspended, Pending).await;
     f.engine.reconcile().await.unwrap();
+    // The redone steps run in the background, as the API's do.
+    for _ in 0..200 {
+        if [5, 6, 7]
+            .iter()
+            .all(|&n| f.state(n) != Pending && f.state(n) != Suspending)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     assert_eq!(f.state(1), Running);
     assert!(f.fake.load("mv-1").is_ok());
@@ -593,6 +613,8 @@ async fn reconcile_adopts_live_vms_and_finishes_interrupted_changes() {
         .await
         .unwrap();
     assert_eq!(f.state(2), Suspended);
+    // Recorded as a suspend: a later PENDING of it is a resume, not a launch.
+    assert!(f.read(2).suspended_at.is_some());
     assert!(f.fake.load("mv-2").is_ok());
     let lost = f.read(3);
     assert_eq!(lost.state, Terminated);
@@ -603,7 +625,62 @@ async fn reconcile_adopts_live_vms_and_finishes_interrupted_changes() {
     assert!(f.fake.load("mv-3").is_err());
     assert_eq!(f.read(4).state_reason.as_deref(), Some("Success."));
     assert!(f.fake.load("mv-4").is_err());
-    assert_eq!(f.state(5), Terminated);
+    let failed = f.read(5);
+    assert_eq!(failed.state, Terminated);
+    assert_eq!(
+        failed.state_reason.as_deref(),
+        Some("Launch failed: the MicroVM could not be started from its image snapshot.")
+    );
+    assert_eq!(f.state(6), Suspended);
+    assert!(f.fake.ops("mv-6").contains(&Op::Suspend));
+    assert_eq!(f.state(7), Running);
+    assert!(f.fake.ops("mv-7").contains(&Op::Resume));
+}
+
+#[tokio::test]
+async fn reconcile_launches_an_interrupted_launch_again_from_its_snapshot() {
+    let f = Fixture::new();
+    let snapshot = f.snapshot();
+    // The version the microVM runs, with the snapshot a launch starts from.
+    let started = f
+        .store
+        .start_version(
+            &NewVersion {
+                account_id: f.account.clone(),
+                image_name: "web".into(),
+                spec: ImageSpec::default(),
+                memory_mib: 256,
+                architecture: "X86_64".into(),
+                chipset: "INTEL".into(),
+                client_token: None,
+                fingerprint: String::new(),
+                create: true,
+            },
+            &Quotas::default(),
+        )
+        .unwrap()
+        .unwrap();
+    let sizes = SnapshotSizes {
+        memory_snapshot_size_in_bytes: 1,
+        disk_snapshot_size_in_bytes: 1,
+        code_install_size_in_bytes: 0,
+    };
+    f.store
+        .finish_build(&f.account, &started.build_id, Ok((snapshot, sizes)))
+        .unwrap();
+    f.row(1, Pending, spec(3600));
+    // What the interrupted launch left: a VM directory whose process is gone.
+    f.fake.insert_running("mv-1");
+    f.fake.kill("mv-1");
+    f.engine.reconcile().await.unwrap();
+    for _ in 0..200 {
+        if f.state(1) != Pending {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(f.state(1), Running);
+    assert!(f.fake.ops("mv-1").contains(&Op::Launch));
 }
 
 #[tokio::test]

@@ -608,6 +608,18 @@ pub(super) fn create_or_update(
         }
     }
     if !started.replayed {
+        // Persisted before the answer: after a crash the build runs again
+        // from its stored request, which holds everything but build arguments.
+        if input
+            .get(BUILD_ARGS_MEMBER)
+            .and_then(Value::as_object)
+            .is_none_or(|args| args.is_empty())
+        {
+            state
+                .store
+                .allow_build_restart(&started.build_id)
+                .map_err(internal)?;
+        }
         state.builds.spawn(BuildJob {
             account_id: caller.account_id.clone(),
             image_name: name.clone(),
@@ -624,6 +636,7 @@ pub(super) fn create_or_update(
                         .collect()
                 })
                 .unwrap_or_default(),
+            restarted: false,
         });
     }
     let image = state

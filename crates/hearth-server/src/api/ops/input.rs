@@ -18,6 +18,13 @@ pub struct Caller {
 /// A database failure: logged here, a generic 500 to the caller.
 pub(crate) fn internal(err: StoreError) -> ApiError {
     tracing::error!(error = %hearth_vm::error_chain(&err), "database failure");
+    if err.is_disk_full() {
+        // Says why, so the operator (and client) know it passes once space is freed.
+        return ApiError::new(
+            ErrorCode::InternalServer,
+            "The server's storage is full; try again once space is freed",
+        );
+    }
     ApiError::new(ErrorCode::InternalServer, "Internal error")
 }
 
