@@ -8,9 +8,9 @@ use crate::agent::{AgentClient, AgentError};
 use crate::assets::AssetError;
 use crate::disk::{self, DiskError};
 use crate::pins::UntestedHost;
-use crate::pool::Prewarmed;
 use crate::qmp::QmpError;
 use crate::record::{MachineShape, VmRecord, VmState};
+use crate::slot::Prewarmed;
 use crate::snapshot::{Snapshot, SnapshotError};
 use crate::usage::VmUsage;
 

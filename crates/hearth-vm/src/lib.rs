@@ -24,6 +24,7 @@ pub mod pool;
 pub mod qemu;
 pub mod qmp;
 pub mod record;
+pub mod slot;
 pub mod snapshot;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -36,9 +37,9 @@ pub use cgroup::{CgroupConfig, CgroupError, CgroupLimits, VmCgroup, VmUsage};
 pub use driver::{BootRequest, ColdBoot, Driver, VmError, VmProcess};
 pub use errors::error_chain;
 pub use jail::{JailConfig, JailError, JailMode};
-pub use pool::Prewarmed;
 pub use qemu::QemuDriver;
 pub use record::{
     is_pool_slot_name, validate_name, MachineShape, Memory, Origin, VmRecord, VmState,
 };
+pub use slot::Prewarmed;
 pub use snapshot::{Snapshot, SnapshotError, Verify};

@@ -26,21 +26,8 @@ use crate::driver::{Driver, VmError};
 use crate::qemu::{new_instance_id, QemuDriver};
 use crate::qmp::Qmp;
 use crate::record::{validate_name, VmRecord, POOL_SLOT_PREFIX};
+use crate::slot::Prewarmed;
 use crate::snapshot::Snapshot;
-
-/// A VM restored ahead of time under a slot name, its agent greeted, one
-/// command run and then paused: what the server's warm pool holds
-/// ([`Driver::prewarm`], [`Driver::launch_prewarmed`]).
-#[derive(Debug)]
-pub struct Prewarmed {
-    /// The slot's record (named `.pool-ID`); its directory keeps that name
-    /// when launched (QEMU reopens its disk by path).
-    pub vm: VmRecord,
-    pub(crate) agent: AgentClient,
-    /// Kept open: QEMU serves one QMP client at a time, and a launch should
-    /// not pay for the handshake.
-    pub(crate) qmp: Qmp,
-}
 
 impl QemuDriver {
     /// Restores a new slot of `snapshot`, runs one command in it and pauses it.

@@ -27,11 +27,11 @@ use crate::jail::{
 };
 use crate::net::{EgressLimits, Network};
 use crate::pins::HostPins;
-use crate::pool::Prewarmed;
 use crate::qmp::{Qmp, QmpError};
 use crate::record::{
     is_pool_slot_name, validate_name, MachineShape, Memory, Origin, VmRecord, VmState,
 };
+use crate::slot::Prewarmed;
 use crate::snapshot::{self, Manifest, Snapshot, SnapshotError};
 
 #[cfg(feature = "bench")]

@@ -8,7 +8,6 @@ use std::path::PathBuf;
 
 use rusqlite::{params, OptionalExtension, Row, Transaction};
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
 
 use crate::config::Quotas;
 use crate::db::resources::{BuildState, ImageState, MicrovmState, VersionState, VersionStatus};
@@ -57,15 +56,7 @@ pub struct BuildRow {
     pub created_at: i64,
 }
 
-/// What a successful build's snapshot takes on disk: `snapshotBuild` on the
-/// wire, stored as that JSON.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct SnapshotSizes {
-    pub memory_snapshot_size_in_bytes: u64,
-    pub disk_snapshot_size_in_bytes: u64,
-    pub code_install_size_in_bytes: u64,
-}
+pub use crate::db::spec::SnapshotSizes;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct MicrovmRow {

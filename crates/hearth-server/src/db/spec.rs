@@ -403,6 +403,16 @@ fn seconds_to_ms(seconds: u64) -> i64 {
         .saturating_mul(1000)
 }
 
+/// What a successful build's snapshot takes on disk: `snapshotBuild` on the
+/// wire, stored as that JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotSizes {
+    pub memory_snapshot_size_in_bytes: u64,
+    pub disk_snapshot_size_in_bytes: u64,
+    pub code_install_size_in_bytes: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

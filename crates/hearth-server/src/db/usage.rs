@@ -301,7 +301,7 @@ impl Store {
         let rows = versions.query_map([], |row| {
             let sizes: Option<String> = row.get(4)?;
             let bytes = sizes
-                .and_then(|s| serde_json::from_str::<crate::db::records::SnapshotSizes>(&s).ok())
+                .and_then(|s| serde_json::from_str::<crate::db::spec::SnapshotSizes>(&s).ok())
                 .map_or(0, |s| {
                     s.memory_snapshot_size_in_bytes
                         .saturating_add(s.disk_snapshot_size_in_bytes)
