@@ -746,6 +746,7 @@ impl BuildRun<'_> {
             vm,
             agent: Arc::new(agent),
         });
+        self.log.vms_live(self.vms.len());
         let index = self.vms.len() - 1;
         if keep_layers {
             if disk.format == BackingFormat::Raw {
@@ -803,6 +804,7 @@ impl BuildRun<'_> {
             drop(agent);
             vms.push(vm);
         }
+        self.log.vms_live(0);
         // A boot the time limit interrupted: its record is on disk, its QEMU may run.
         for name in self.started.drain(..) {
             if !vms.iter().any(|vm| vm.name == name) {

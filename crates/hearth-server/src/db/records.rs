@@ -242,7 +242,8 @@ fn idempotency_record(
     Ok(())
 }
 
-/// Memory held by the account's non-terminated microVMs and running builds.
+/// Memory held by the account's non-terminated microVMs and running builds
+/// (every VM a build holds: one per live stage).
 fn memory_in_use(tx: &Transaction<'_>, account: &str) -> Result<u64, StoreError> {
     let vms: i64 = tx.query_row(
         "SELECT COALESCE(SUM(memory_mib), 0) FROM microvms
@@ -251,7 +252,7 @@ fn memory_in_use(tx: &Transaction<'_>, account: &str) -> Result<u64, StoreError>
         |row| row.get(0),
     )?;
     let builds: i64 = tx.query_row(
-        "SELECT COALESCE(SUM(v.memory_mib), 0) FROM builds b
+        "SELECT COALESCE(SUM(v.memory_mib * MAX(b.live_vms, 1)), 0) FROM builds b
          JOIN image_versions v ON v.account_id = b.account_id
             AND v.image_name = b.image_name AND v.version = b.version
          WHERE b.account_id = ?1 AND b.state IN ('PENDING', 'IN_PROGRESS')",
@@ -602,6 +603,16 @@ impl Store {
 
     /// Ends a build: its version SUCCESSFUL or FAILED, the image CREATED/UPDATED
     /// or *_FAILED with its latest versions.
+    /// Records how many VMs a running build holds now (see `memory_in_use`).
+    pub fn set_build_live_vms(&self, build_id: &str, count: usize) -> Result<(), StoreError> {
+        let count = i64::try_from(count).unwrap_or(i64::MAX);
+        self.conn().execute(
+            "UPDATE builds SET live_vms = ?2 WHERE build_id = ?1",
+            params![build_id, count],
+        )?;
+        Ok(())
+    }
+
     pub fn finish_build(
         &self,
         account: &str,
@@ -1556,6 +1567,35 @@ mod tests {
             .insert_microvm(&numbered(&other, 3, 1024), None, "", &quotas)
             .expect("store")
             .expect("own quota");
+    }
+
+    #[test]
+    fn every_live_vm_of_a_build_counts_against_the_memory_quota() {
+        let (_dir, store, account) = store();
+        // The legacy spec asks for 512 MiB.
+        let spec: ImageSpec = serde_json::from_str(LEGACY_VERSION_SPEC).expect("parse");
+        let started = version(&store, &account, spec);
+        let quotas = quota(1536);
+        // The build's one VM and one microVM fit.
+        store
+            .insert_microvm(&numbered(&account, 0, 512), None, "", &quotas)
+            .expect("store")
+            .expect("within the quota");
+        // A second stage VM of the build takes the rest.
+        store
+            .set_build_live_vms(&started.build_id, 2)
+            .expect("record");
+        let refused = store
+            .insert_microvm(&numbered(&account, 1, 512), None, "", &quotas)
+            .expect("store");
+        assert!(matches!(refused, Err(Refusal::Quota(_))), "{refused:?}");
+        store
+            .set_build_live_vms(&started.build_id, 1)
+            .expect("record");
+        store
+            .insert_microvm(&numbered(&account, 1, 512), None, "", &quotas)
+            .expect("store")
+            .expect("room again");
     }
 
     #[test]

@@ -143,6 +143,9 @@ const MIGRATIONS: &[&str] = &[
     // 6: whether a build interrupted by a restart may run again from its
     // stored request (not when it had build arguments, which are not stored).
     "ALTER TABLE builds ADD COLUMN restartable INTEGER NOT NULL DEFAULT 0;",
+    // 7: how many VMs a running build holds (a multi-stage build keeps a VM
+    // per stage it still needs); each counts against the account's memory.
+    "ALTER TABLE builds ADD COLUMN live_vms INTEGER NOT NULL DEFAULT 1;",
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -243,6 +243,7 @@ impl Builds {
             .map(|(_, v)| v.clone())
             .filter(|v| v.len() >= 3)
             .collect();
+        log.live_vms = Some((self.store.clone(), job.build_id.clone()));
         if job.restarted {
             log.line("the hearth server restarted during this build: running it again (finished steps come from the step cache)");
         }
@@ -581,6 +582,8 @@ struct FileLog {
     written: Mutex<u64>,
     /// Build-argument values, replaced by `***` in every line.
     secrets: Vec<String>,
+    /// Where the count of the build's live VMs is recorded (the quota).
+    live_vms: Option<(Store, String)>,
 }
 
 impl FileLog {
@@ -597,11 +600,21 @@ impl FileLog {
             file: Mutex::new(file),
             written: Mutex::new(0),
             secrets: Vec::new(),
+            live_vms: None,
         }
     }
 }
 
 impl BuildLog for FileLog {
+    fn vms_live(&self, count: usize) {
+        // Zero once the build is over: its row no longer counts anyway.
+        if let Some((store, build_id)) = &self.live_vms {
+            if let Err(err) = store.set_build_live_vms(build_id, count.max(1)) {
+                tracing::warn!(build = %build_id, error = %error_chain(&err), "cannot record the build's VMs");
+            }
+        }
+    }
+
     fn line(&self, text: &str) {
         let mut text = text.to_string();
         for secret in &self.secrets {
