@@ -200,10 +200,15 @@ pub struct Limits {
 pub const BASE_DEVICES: [&str; 4] = ["/dev/null", "/dev/zero", "/dev/urandom", "/dev/random"];
 
 /// One step of building the private root, in the child.
+/// The host setting QEMU reads before `reserve=off` (see [`Plan::new`]).
+const OVERCOMMIT_MEMORY: &str = "/proc/sys/vm/overcommit_memory";
+
 #[derive(Debug)]
 enum Step {
     Dir(CString),
     File(CString),
+    /// A file of the skeleton with these contents (a copy, not a bind).
+    Contents(CString, Vec<u8>),
     Symlink {
         target: CString,
         at: CString,
@@ -389,6 +394,18 @@ impl Plan {
             steps.push(Step::Dir(cstring(&under(root, dir))?));
         }
         steps.extend(leaves);
+        // No /proc in the jail, but QEMU reads the host's overcommit mode
+        // before mapping guest RAM without a swap reservation (a clone's
+        // `reserve=off`): a copy of that one value, not the host's /proc.
+        if let Ok(mode) = std::fs::read(OVERCOMMIT_MEMORY) {
+            for dir in ["/proc", "/proc/sys", "/proc/sys/vm"] {
+                steps.push(Step::Dir(cstring(&under(root, Path::new(dir)))?));
+            }
+            steps.push(Step::Contents(
+                cstring(&under(root, Path::new(OVERCOMMIT_MEMORY)))?,
+                mode,
+            ));
+        }
         let mut bound = std::collections::HashSet::new();
         for (at, is_dir, read_only, device) in binds {
             if !bound.insert(at.clone()) {
@@ -540,6 +557,18 @@ impl Plan {
                         libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC | libc::O_NOFOLLOW,
                     )?;
                     close(fd);
+                }
+                Step::Contents(path, bytes) => {
+                    let fd = open(
+                        path,
+                        libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+                    )?;
+                    // SAFETY: writes a buffer prepared before the fork, within its bounds.
+                    let n = unsafe { libc::write(fd, bytes.as_ptr().cast(), bytes.len()) };
+                    close(fd);
+                    if n < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
                 }
                 // SAFETY: symlink(2) on prepared strings.
                 Step::Symlink { target, at } => unsafe {
