@@ -559,10 +559,18 @@ impl Plan {
                     close(fd);
                 }
                 Step::Contents(path, bytes) => {
-                    let fd = open(
-                        path,
-                        libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC | libc::O_NOFOLLOW,
-                    )?;
+                    // SAFETY: open(2) on a NUL-terminated string; readable by
+                    // QEMU's uid, as the host's own file is.
+                    let fd = unsafe {
+                        libc::open(
+                            path.as_ptr(),
+                            libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+                            0o444,
+                        )
+                    };
+                    if fd < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
                     // SAFETY: writes a buffer prepared before the fork, within its bounds.
                     let n = unsafe { libc::write(fd, bytes.as_ptr().cast(), bytes.len()) };
                     close(fd);
