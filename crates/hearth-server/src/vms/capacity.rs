@@ -451,12 +451,17 @@ mod tests {
 
     #[test]
     fn demand_follows_the_start() {
+        // The 512 MiB size: memory at the baseline (plus QEMU), files at the
+        // 2 GiB peak the guest may fill.
         let launch = demand_of(512, hearth_vm::Accel::Tcg, Start::Launch);
         assert_eq!(launch.ram_fs, 0);
-        assert_eq!(launch.disk, 512 * MIB);
-        assert!(launch.memory > 512 * MIB);
+        assert_eq!(launch.disk, 2048 * MIB);
+        assert_eq!(
+            launch.memory,
+            (512 + hearth_vm::cgroup::qemu_overhead_mib(hearth_vm::Accel::Tcg)) * MIB
+        );
         let resume = demand_of(512, hearth_vm::Accel::Tcg, Start::WithRamFile);
-        assert_eq!(resume.ram_fs, 512 * MIB);
+        assert_eq!(resume.ram_fs, 2048 * MIB);
     }
 
     /// Running VMs count at what they may still grow into (cgroup limit
