@@ -14,28 +14,21 @@ use std::time::Duration;
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::UnixListener;
-use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::session::{run_session, SessionEnd};
 use crate::stream::Agent;
 use crate::{log, sys};
 
 const PORTS_DIR: &str = "/sys/class/virtio-ports";
-/// How often to look for the host while it is away when SIGIO cannot be had
-/// (snapshot restore wants the reconnect noticed within a few milliseconds).
+/// How often to look for the host while it is away (snapshot restore wants the
+/// reconnect noticed within a few milliseconds).
 const HOST_POLL: Duration = Duration::from_millis(2);
-/// With SIGIO the kernel says when the host connects; this slow look is only a
-/// safety net. A 2 ms poll kept an idle guest's timer tick running (250
-/// interrupts/s, each emulated under TCG): a tenth of a host core per idle VM.
-const HOST_POLL_WITH_SIGIO: Duration = Duration::from_secs(1);
 const DISCOVERY_POLL: Duration = Duration::from_millis(20);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChannelError {
     #[error("open {path}: {source}")]
     Open { path: String, source: io::Error },
-    #[error("duplicate the descriptor of {path}: {source}")]
-    Dup { path: String, source: io::Error },
     #[error("register {path} with the reactor: {source}")]
     Register { path: String, source: io::Error },
     #[error("listen on {path}: {source}")]
@@ -73,157 +66,80 @@ async fn discover_port() -> PathBuf {
     }
 }
 
-/// An open character device in non-blocking mode. Each session registers it
-/// with the reactor afresh (see [`Port::connect`]).
-#[derive(Debug)]
+/// An open character device in non-blocking mode, registered with the reactor.
+#[derive(Debug, Clone)]
 pub struct Port {
-    file: File,
-    path: PathBuf,
-    /// SIGIO, when it could be watched: the kernel's word that the host side
-    /// connected.
-    sigio: Option<Signal>,
+    fd: Arc<AsyncFd<File>>,
 }
 
 impl Port {
     pub fn open(path: &Path) -> Result<Self, ChannelError> {
+        let display = || path.display().to_string();
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
             .open(path)
             .map_err(|source| ChannelError::Open {
-                path: path.display().to_string(),
+                path: display(),
                 source,
             })?;
-        // The handler must be in place before O_ASYNC is ever set: SIGIO's
-        // default action ends a process that is not PID 1.
-        let sigio = match signal(SignalKind::io()) {
-            Ok(stream) => Some(stream),
-            Err(err) => {
-                log!("cannot watch SIGIO, polling for the host: {err}");
-                None
-            }
-        };
-        Ok(Self {
-            file,
-            path: path.to_path_buf(),
-            sigio,
-        })
+        let fd = sys::register_async(file).map_err(|source| ChannelError::Register {
+            path: display(),
+            source,
+        })?;
+        Ok(Self { fd: Arc::new(fd) })
     }
 
-    fn host_connected(&self) -> bool {
-        match sys::poll_now(&self.file, libc::POLLIN) {
-            Ok(revents) => revents & libc::POLLHUP == 0,
-            Err(err) => {
-                log!("poll on the agent port: {err}");
-                false
-            }
-        }
-    }
-
-    /// Returns once the host side is connected. While it is not,
-    /// virtio_console reports POLLHUP (and reads return EOF), so readiness
-    /// cannot be waited for; the driver sends SIGIO on every change of the
-    /// host's connection instead.
+    /// Returns once the host side is connected. While it is not, virtio_console
+    /// reports POLLHUP (and reads return EOF), so poll on a short timer.
     ///
     /// Nothing is read here: the host may reconnect between the poll and a read,
     /// and its `Hello` must reach the new session. Bytes a previous connection
     /// left behind are dropped by the session until it sees a `Hello`.
-    pub async fn wait_for_host(&mut self) {
-        if self.host_connected() {
-            return;
-        }
-        let sigio_on = self.sigio.is_some() && self.set_sigio(true);
+    pub async fn wait_for_host(&self) {
         loop {
-            // Checked after O_ASYNC is on: a connection made before it was set
-            // is seen here, one made after it raises SIGIO, which the stream
-            // keeps until `recv`.
-            if self.host_connected() {
-                break;
+            match sys::poll_now(self.fd.get_ref(), libc::POLLIN) {
+                Ok(revents) if revents & libc::POLLHUP == 0 => return,
+                Ok(_) => {}
+                Err(err) => log!("poll on the agent port: {err}"),
             }
-            match (&mut self.sigio, sigio_on) {
-                (Some(sigio), true) => {
-                    tokio::select! {
-                        _ = sigio.recv() => {}
-                        _ = tokio::time::sleep(HOST_POLL_WITH_SIGIO) => {}
-                    }
-                }
-                _ => tokio::time::sleep(HOST_POLL).await,
-            }
-        }
-        if sigio_on {
-            // Connected: data arrival would raise SIGIO too, for nothing.
-            self.set_sigio(false);
+            tokio::time::sleep(HOST_POLL).await;
         }
     }
 
-    fn set_sigio(&self, on: bool) -> bool {
-        match sys::set_sigio(&self.file, on) {
-            Ok(()) => true,
-            Err(err) => {
-                log!("SIGIO on the agent port: {err}");
-                false
-            }
-        }
-    }
-
-    /// Registers the port with the reactor for one session. A registration
-    /// must not outlive a hang-up: tokio keeps the "closed" readiness that
-    /// `POLLHUP` gave it for good, so a registration made while the host was
-    /// away would report the port readable for ever and the reader would spin
-    /// on `EAGAIN` (a whole guest CPU while a host was connected).
-    pub fn connect(&self) -> Result<(PortReader, PortWriter), ChannelError> {
-        let display = || self.path.display().to_string();
-        let register = |file: File| {
-            sys::register_async(file).map_err(|source| ChannelError::Register {
-                path: display(),
-                source,
-            })
-        };
-        let dup = || {
-            self.file.try_clone().map_err(|source| ChannelError::Dup {
-                path: display(),
-                source,
-            })
-        };
-        Ok((
+    pub fn split(&self) -> (PortReader, PortWriter) {
+        (
             PortReader {
-                fd: register(dup()?)?,
+                fd: self.fd.clone(),
             },
             PortWriter {
-                fd: register(dup()?)?,
+                fd: self.fd.clone(),
             },
-        ))
+        )
     }
 }
 
-/// The read half of a [`Port`], with its own registration.
+/// The read half of a [`Port`].
 #[derive(Debug)]
 pub struct PortReader {
-    fd: AsyncFd<File>,
+    fd: Arc<AsyncFd<File>>,
 }
 
-/// The write half of a [`Port`], with its own registration.
+/// The write half of a [`Port`].
 #[derive(Debug)]
 pub struct PortWriter {
-    fd: AsyncFd<File>,
-}
-
-/// A new registration of the same open port (a duplicate descriptor), for a
-/// half whose registration holds a stale hang-up.
-fn reregister(fd: &AsyncFd<File>) -> io::Result<AsyncFd<File>> {
-    sys::register_async(fd.get_ref().try_clone()?)
+    fd: Arc<AsyncFd<File>>,
 }
 
 impl AsyncRead for PortReader {
     fn poll_read(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         loop {
             let mut guard = ready!(self.fd.poll_read_ready(cx))?;
-            let hung_up = guard.ready().is_read_closed();
             let unfilled = buf.initialize_unfilled();
             match guard.try_io(|inner| inner.get_ref().read(unfilled)) {
                 Ok(Ok(n)) => {
@@ -231,14 +147,6 @@ impl AsyncRead for PortReader {
                     return Poll::Ready(Ok(()));
                 }
                 Ok(Err(err)) => return Poll::Ready(Err(err)),
-                // The host left and came back (a restored clone's new host)
-                // before a read saw the end: the session goes on, but this
-                // registration would report "readable" for ever and the loop
-                // would spin. A fresh one reports only what is true now.
-                Err(_would_block) if hung_up => {
-                    let fresh = reregister(&self.fd)?;
-                    self.fd = fresh;
-                }
                 Err(_would_block) => continue,
             }
         }
@@ -247,20 +155,14 @@ impl AsyncRead for PortReader {
 
 impl AsyncWrite for PortWriter {
     fn poll_write(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         loop {
             let mut guard = ready!(self.fd.poll_write_ready(cx))?;
-            let hung_up = guard.ready().is_write_closed();
             match guard.try_io(|inner| inner.get_ref().write(buf)) {
                 Ok(result) => return Poll::Ready(result),
-                // As in `poll_read`: a stale hang-up would make this spin.
-                Err(_would_block) if hung_up => {
-                    let fresh = reregister(&self.fd)?;
-                    self.fd = fresh;
-                }
                 Err(_would_block) => continue,
             }
         }
@@ -283,7 +185,7 @@ pub async fn serve_port(fixed_path: Option<PathBuf>, agent: Arc<Agent>) {
             Some(path) => path.clone(),
             None => discover_port().await,
         };
-        let mut port = match Port::open(&path) {
+        let port = match Port::open(&path) {
             Ok(port) => port,
             Err(err) => {
                 log!("{err}");
@@ -294,14 +196,7 @@ pub async fn serve_port(fixed_path: Option<PathBuf>, agent: Arc<Agent>) {
         log!("serving on {}", path.display());
         loop {
             port.wait_for_host().await;
-            let (reader, writer) = match port.connect() {
-                Ok(halves) => halves,
-                Err(err) => {
-                    log!("{err}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    break;
-                }
-            };
+            let (reader, writer) = port.split();
             match run_session(reader, writer, agent.clone()).await {
                 SessionEnd::Disconnected => {}
                 SessionEnd::Failed(err) => {

@@ -102,11 +102,8 @@ pub async fn run_reaper(children: std::sync::Arc<Children>) {
             None
         }
     };
-    // Each SIGCHLD reaps every child that has ended, so coalesced signals lose
-    // nothing; the slow tick only covers a child that ended before the
-    // handler was installed. Kept long: an idle guest should not wake.
     let tick = if sigchld.is_some() {
-        Duration::from_secs(10)
+        Duration::from_millis(500)
     } else {
         Duration::from_millis(20)
     };

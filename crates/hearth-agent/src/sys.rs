@@ -277,28 +277,6 @@ pub fn power_off() -> io::Error {
     io::Error::last_os_error()
 }
 
-/// Turns SIGIO delivery to this process on or off for `fd` (`F_SETOWN` and
-/// `O_ASYNC`). virtio_console sends it when the host side of a port connects
-/// or disconnects, which `poll` cannot wait for (a port without a host is
-/// always "ready" with `POLLHUP`).
-pub fn set_sigio(fd: &impl AsFd, on: bool) -> io::Result<()> {
-    let raw = fd.as_fd().as_raw_fd();
-    // SAFETY: fcntl on a descriptor borrowed for the call; F_SETOWN, F_GETFL and
-    // F_SETFL take and return plain integers and touch no memory.
-    unsafe {
-        if on {
-            check(libc::fcntl(raw, libc::F_SETOWN, libc::getpid()))?;
-        }
-        let flags = check(libc::fcntl(raw, libc::F_GETFL))?;
-        let flags = if on {
-            flags | libc::O_ASYNC
-        } else {
-            flags & !libc::O_ASYNC
-        };
-        check(libc::fcntl(raw, libc::F_SETFL, flags)).map(drop)
-    }
-}
-
 /// Polls one descriptor without waiting and returns its `revents`.
 pub fn poll_now(fd: &impl AsFd, events: libc::c_short) -> io::Result<libc::c_short> {
     let mut entry = libc::pollfd {
