@@ -255,6 +255,10 @@ def start_server(data_dir, *extra, timeout=120):
     Its output goes to files in data_dir (a pipe nobody reads would fill)."""
     data_dir = pathlib.Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
+    # No warm pool unless a test asks for one: slots are QEMUs no microVM
+    # owns, and the tests count QEMUs (the pool has its own tests).
+    if not any(str(arg).startswith("--warm-pool") for arg in extra):
+        extra = ("--warm-pool-max", "0", *extra)
     stamp = f"{time.time_ns()}"
     out_path = data_dir / f"serve-{stamp}.out"
     err_path = data_dir / f"serve-{stamp}.log"

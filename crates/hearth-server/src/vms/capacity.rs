@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hearth_vm::{CgroupLimits, Driver, MachineShape, Memory, VmState};
+use hearth_vm::{CgroupLimits, Driver, Memory, VmState};
 
 const MIB: u64 = 1 << 20;
 /// How long an admission is counted on its own before its VM must show up
@@ -146,17 +146,13 @@ pub enum Start {
 }
 
 /// The demand of a VM of size `baseline_mib` (its `minimumMemoryInMiB`)
-/// started as `start`. Host memory counts the baseline plus QEMU's overhead,
-/// as the reference's quota counts the baseline: a burst is temporary and
-/// the cgroup caps it at the peak. A RAM file is counted at the peak: a full
-/// tmpfs would SIGBUS a running guest, so no overcommit there.
+/// started as `start`: everything at the baseline, as the reference's quota
+/// counts it (the cgroup caps a burst at the peak; counting peaks refused
+/// most builds on a 23 GiB host).
 pub fn demand_of(baseline_mib: u32, accel: hearth_vm::Accel, start: Start) -> Demand {
-    let peak = MachineShape::burst_of(baseline_mib);
-    let memory =
-        (u64::from(baseline_mib) << 20) + (hearth_vm::cgroup::qemu_overhead_mib(accel) << 20);
-    let guest = u64::from(peak.memory_mib) * MIB;
+    let guest = u64::from(baseline_mib) * MIB;
     Demand {
-        memory,
+        memory: guest + (hearth_vm::cgroup::qemu_overhead_mib(accel) << 20),
         ram_fs: match start {
             Start::Launch => 0,
             Start::WithRamFile => guest,
@@ -451,17 +447,16 @@ mod tests {
 
     #[test]
     fn demand_follows_the_start() {
-        // The 512 MiB size: memory at the baseline (plus QEMU), files at the
-        // 2 GiB peak the guest may fill.
+        // The 512 MiB size: everything at the baseline (plus QEMU).
         let launch = demand_of(512, hearth_vm::Accel::Tcg, Start::Launch);
         assert_eq!(launch.ram_fs, 0);
-        assert_eq!(launch.disk, 2048 * MIB);
+        assert_eq!(launch.disk, 512 * MIB);
         assert_eq!(
             launch.memory,
             (512 + hearth_vm::cgroup::qemu_overhead_mib(hearth_vm::Accel::Tcg)) * MIB
         );
         let resume = demand_of(512, hearth_vm::Accel::Tcg, Start::WithRamFile);
-        assert_eq!(resume.ram_fs, 2048 * MIB);
+        assert_eq!(resume.ram_fs, 512 * MIB);
     }
 
     /// Running VMs count at what they may still grow into (cgroup limit
