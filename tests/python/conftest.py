@@ -313,10 +313,11 @@ def server(model_path, guest_cleanup, tmp_path_factory):
 def create_account(server, name):
     out = subprocess.run(
         [str(HEARTH), "account", "create", "--name", name, "--json", "--data-dir", str(server["data_dir"])],
-        check=True,
         capture_output=True,
         text=True,
     )
+    # Its stderr in the failure: a bare exit status says nothing.
+    assert out.returncode == 0, f"hearth account create failed: {out.stderr}"
     return json.loads(out.stdout)
 
 
