@@ -175,7 +175,7 @@ def test_internet(tmp_path_factory):
     remove_test_network()
     netns, link = f"hnp-inet-{NET_TAG}", f"hnpi{NET_TAG}"
     transit = NET_TAG % 64 * 4
-    host, inner = f"192.0.2.{transit + 1}", f"192.0.2.{transit + 2}"
+    host, inner = f"203.0.113.{transit + 1}", f"203.0.113.{transit + 2}"
     ip("netns", "add", netns)
     ip("link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", netns)
     ip("addr", "add", f"{host}/30", "dev", link)

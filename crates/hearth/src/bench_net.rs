@@ -103,8 +103,8 @@ impl BenchInternet {
         };
         let transit = (tag % 60) as u8 * 4;
         let (host, inner) = (
-            Ipv4Addr::new(192, 0, 2, transit + 1),
-            Ipv4Addr::new(192, 0, 2, transit + 2),
+            Ipv4Addr::new(203, 0, 113, transit + 1),
+            Ipv4Addr::new(203, 0, 113, transit + 2),
         );
         let (netns, link) = (this.netns.as_str(), this.link.as_str());
         ip(&["netns", "add", netns])?;

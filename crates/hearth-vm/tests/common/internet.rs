@@ -2,7 +2,7 @@
 //! packet ever leaves the machine (as root; names start with `hn`).
 //!
 //! - Namespace `hn-inet-PID` reached from the host through the veth
-//!   `hniPID` on a transit /30 of 192.0.2.0/24 (documentation addresses).
+//!   `hniPID` on a transit /30 of 203.0.113.0/24 (documentation addresses).
 //!   Every packet from the test's VM address pool is routed there by a policy
 //!   rule, whatever its destination: a filter that fails sends a forbidden
 //!   packet into this namespace, never onto the host's real network.
@@ -72,8 +72,8 @@ impl TestInternet {
         let netns = format!("hn-inet-{tag}");
         let host_link = format!("hni{tag}");
         let transit = (pid % 60) as u8 * 4;
-        let host_address = Ipv4Addr::new(192, 0, 2, transit + 1);
-        let inner = Ipv4Addr::new(192, 0, 2, transit + 2);
+        let host_address = Ipv4Addr::new(203, 0, 113, transit + 1);
+        let inner = Ipv4Addr::new(203, 0, 113, transit + 2);
         let pool = Ipv4Net::new(Ipv4Addr::new(10, 213, (pid % 250) as u8, 0), 24).expect("pool");
         let route_table = 42_000 + tag % 10_000;
         // Leftovers of an earlier run with this pid.
