@@ -209,8 +209,9 @@ impl Engine {
             ..self.pools.settings()
         });
         let deadline = std::time::Instant::now() + POOL_SHUTDOWN_GRACE;
-        // A slot being prepared is finished and then discarded by its refiller.
-        while self.pools.filling() > 0 && std::time::Instant::now() < deadline {
+        // A slot being prepared is finished and then discarded by its refiller
+        // (its pool may already be gone, so `filling` is not enough).
+        while self.pools.refills_in_hand() > 0 && std::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         for slot in self.pools.drain_all() {
@@ -253,6 +254,7 @@ impl Engine {
             if let Some(unwanted) = self.pools.finish_fill(&ticket, slot) {
                 self.driver.discard_prewarmed(unwanted).await;
             }
+            self.pools.refill_ended();
             if failed {
                 // Not in a tight loop: the snapshot may be gone or the host short.
                 self.pool_idle().await;

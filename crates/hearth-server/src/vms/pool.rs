@@ -101,6 +101,10 @@ pub struct WarmPools {
     /// only when launches leave the CPU alone (see [`Self::quiet`]).
     launching: AtomicUsize,
     last_launch: Mutex<Option<Instant>>,
+    /// Fills from [`Self::next_fill`] until the refiller is done with them
+    /// (slot stored or discarded). Unlike `filling`, a drained pool's fill
+    /// still counts here: shutdown waits on it so no slot's QEMU outlives it.
+    refills_in_hand: AtomicUsize,
 }
 
 /// Ends a launch's claim on the CPU when dropped.
@@ -130,6 +134,7 @@ impl WarmPools {
             cold_launches: AtomicU64::new(0),
             launching: AtomicUsize::new(0),
             last_launch: Mutex::new(None),
+            refills_in_hand: AtomicUsize::new(0),
         }
     }
 
@@ -273,6 +278,7 @@ impl WarmPools {
             })
             .max_by_key(|(_, p)| p.last_demand)?;
         pool.filling += 1;
+        self.refills_in_hand.fetch_add(1, Ordering::SeqCst);
         Some(FillTicket {
             key: key.clone(),
             generation: pool.generation,
@@ -309,6 +315,18 @@ impl WarmPools {
                 .and_then(|pool| pool.slots.pop_back());
         }
         None
+    }
+
+    /// The refiller is done with a ticket: its slot is stored or discarded.
+    pub(crate) fn refill_ended(&self) {
+        let _ = self
+            .refills_in_hand
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+    }
+
+    /// Tickets handed out whose slot the refiller still holds.
+    pub fn refills_in_hand(&self) -> usize {
+        self.refills_in_hand.load(Ordering::SeqCst)
     }
 
     /// Slots being prepared now, all pools together.
@@ -445,8 +463,12 @@ mod tests {
         assert_eq!(pools.filling(), 1);
         assert!(pools.drain_snapshot(&key("a", 1).snapshot_dir).is_empty());
         assert_eq!(pools.filling(), 0);
+        // Shutdown still waits for the refiller holding that ticket.
+        assert_eq!(pools.refills_in_hand(), 1);
         // The fill of the drained pool ends without joining anything.
         assert!(pools.finish_fill(&ticket, None).is_none());
+        pools.refill_ended();
+        assert_eq!(pools.refills_in_hand(), 0);
         assert_eq!(pools.ready(), 0);
         // New demand makes a new pool, which an old ticket cannot fill.
         pools.note_demand(&key("a", 1), 256);
