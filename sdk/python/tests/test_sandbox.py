@@ -241,7 +241,7 @@ def test_context_manager_terminates(image):
 
 
 def test_memory_is_checked_against_the_image(image):
-    with pytest.raises(hearth.ValidationError, match="256 MiB"):
+    with pytest.raises(hearth.ValidationError, match="512 MiB"):
         hearth.Sandbox.create("sdk-web", memory=4096)
 
 
