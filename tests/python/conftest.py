@@ -107,6 +107,10 @@ INTERNET_WEB = "198.51.100.10"
 INTERNET_DNS = "198.51.100.53"
 INTERNET_NAME = "web.hn.test"
 INTERNET_FORBIDDEN = ["10.99.0.10", "169.254.169.254"]
+# The build tests' image registry (test_builds.py), served inside the
+# namespace too and routed to from the host only (the server pulls, guests do
+# not): no test daemon listens on the host's own addresses.
+INTERNET_REGISTRY = "198.51.100.30"
 NET_ARGS = ["--vm-net-name", NET_NAME, "--vm-address-pool", VM_POOL, "--dns", INTERNET_DNS]
 
 INTERNET_SERVER = r'''
@@ -184,8 +188,9 @@ def test_internet(tmp_path_factory):
     ip("-n", netns, "addr", "add", f"{inner}/30", "dev", "eth0")
     ip("-n", netns, "link", "set", "eth0", "up")
     ip("-n", netns, "route", "add", "default", "via", host)
-    for address in [INTERNET_WEB, INTERNET_DNS, *INTERNET_FORBIDDEN]:
+    for address in [INTERNET_WEB, INTERNET_DNS, INTERNET_REGISTRY, *INTERNET_FORBIDDEN]:
         ip("-n", netns, "addr", "add", f"{address}/32", "dev", "lo")
+    ip("route", "add", f"{INTERNET_REGISTRY}/32", "via", inner, "dev", link)
     table = str(43000 + NET_TAG)
     ip("route", "add", "default", "via", inner, "dev", link, "table", table)
     ip("rule", "add", "from", VM_POOL, "lookup", table, "priority", "101")
@@ -200,7 +205,7 @@ def test_internet(tmp_path_factory):
         if probe.returncode == 0:
             break
         time.sleep(0.1)
-    yield {"connections": connections, "host_address": host}
+    yield {"connections": connections, "host_address": host, "netns": netns}
     proc.terminate()
     proc.wait(timeout=10)
     remove_test_network()

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use hearth_proto::ExecRequest;
-use hearth_vm::net::{EgressLimits, Ipv4Net, NetConfig, Network};
+use hearth_vm::net::{Ipv4Net, NetConfig, Network};
 use hearth_vm::pool::PoolMode;
 use hearth_vm::{BootRequest, Driver, MachineShape, QemuDriver};
 use serde::Serialize;
@@ -294,7 +294,7 @@ async fn run(
             .create(
                 &instance,
                 0,
-                Some(EgressLimits::for_shape(MachineShape::default())),
+                Some(network.config().limits_for(MachineShape::default())),
             )
             .await?;
         setup.push(crate::measure::ms(start.elapsed()));
