@@ -50,7 +50,7 @@ enum Command {
     #[command(subcommand)]
     Bench(BenchCommand),
     /// Serve the Lambda MicroVMs API.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Manage tenant accounts (works while the server runs).
     #[command(subcommand)]
     Account(AccountCommand),
@@ -510,6 +510,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Token(args) => Ok(endpoint_cli::token(args).await),
         Command::Open(args) => Ok(endpoint_cli::open(args).await),
         Command::Serve(args) => {
+            let args = *args;
             let network = vm_network(&args)?;
             let mut config =
                 hearth_server::ServerConfig::new(data_dir(args.data_dir), args.listen, args.region);
