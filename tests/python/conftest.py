@@ -101,12 +101,19 @@ IDLE_CMD = ["python3", "-c", "import time; time.sleep(100000)"]
 # listener on port 80 serves them all and appends the address each connection
 # was made to to a file (`connections`).
 NET_TAG = os.getpid() % 10000
-NET_NAME = f"hnp{NET_TAG}"
+# `hnp`, or `$HEARTH_TEST_NET_PREFIX` + `p` when several people test on one
+# host (at most 3 letters: a server's --vm-net-name has at most 8).
+NET_PREFIX = (os.environ.get("HEARTH_TEST_NET_PREFIX", "hn")[:3] or "hn") + "p"
+NET_NAME = f"{NET_PREFIX}{NET_TAG}"
 VM_POOL = f"10.214.{NET_TAG % 64 * 4}.0/22"
 INTERNET_WEB = "198.51.100.10"
 INTERNET_DNS = "198.51.100.53"
 INTERNET_NAME = "web.hn.test"
 INTERNET_FORBIDDEN = ["10.99.0.10", "169.254.169.254"]
+# The build tests' image registry (test_builds.py), served inside the
+# namespace too and routed to from the host only (the server pulls, guests do
+# not): no test daemon listens on the host's own addresses.
+INTERNET_REGISTRY = "198.51.100.30"
 NET_ARGS = ["--vm-net-name", NET_NAME, "--vm-address-pool", VM_POOL, "--dns", INTERNET_DNS]
 
 INTERNET_SERVER = r'''
@@ -157,10 +164,10 @@ def remove_test_network():
     VMs' namespaces and links (their QEMU is gone), the servers' nft table."""
     ip("rule", "del", "from", VM_POOL, check=False)
     ip("route", "flush", "table", str(43000 + NET_TAG), check=False)
-    ip("link", "delete", f"hnpi{NET_TAG}", check=False)
+    ip("link", "delete", f"{NET_PREFIX}i{NET_TAG}", check=False)
     for line in ip("netns", "list", check=False).stdout.splitlines():
         name = line.split(" ")[0]
-        if name == f"hnp-inet-{NET_TAG}" or name.startswith(f"{NET_NAME}-"):
+        if name == f"{NET_PREFIX}-inet-{NET_TAG}" or name.startswith(f"{NET_NAME}-"):
             ip("netns", "delete", name, check=False)
     subprocess.run(["nft", "delete", "table", "inet", NET_NAME], capture_output=True)
 
@@ -173,7 +180,7 @@ def test_internet(tmp_path_factory):
         yield None
         return
     remove_test_network()
-    netns, link = f"hnp-inet-{NET_TAG}", f"hnpi{NET_TAG}"
+    netns, link = f"{NET_PREFIX}-inet-{NET_TAG}", f"{NET_PREFIX}i{NET_TAG}"
     transit = NET_TAG % 64 * 4
     host, inner = f"203.0.113.{transit + 1}", f"203.0.113.{transit + 2}"
     ip("netns", "add", netns)
@@ -184,8 +191,9 @@ def test_internet(tmp_path_factory):
     ip("-n", netns, "addr", "add", f"{inner}/30", "dev", "eth0")
     ip("-n", netns, "link", "set", "eth0", "up")
     ip("-n", netns, "route", "add", "default", "via", host)
-    for address in [INTERNET_WEB, INTERNET_DNS, *INTERNET_FORBIDDEN]:
+    for address in [INTERNET_WEB, INTERNET_DNS, INTERNET_REGISTRY, *INTERNET_FORBIDDEN]:
         ip("-n", netns, "addr", "add", f"{address}/32", "dev", "lo")
+    ip("route", "add", f"{INTERNET_REGISTRY}/32", "via", inner, "dev", link)
     table = str(43000 + NET_TAG)
     ip("route", "add", "default", "via", inner, "dev", link, "table", table)
     ip("rule", "add", "from", VM_POOL, "lookup", table, "priority", "101")
@@ -200,7 +208,7 @@ def test_internet(tmp_path_factory):
         if probe.returncode == 0:
             break
         time.sleep(0.1)
-    yield {"connections": connections, "host_address": host}
+    yield {"connections": connections, "host_address": host, "netns": netns}
     proc.terminate()
     proc.wait(timeout=10)
     remove_test_network()

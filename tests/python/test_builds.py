@@ -593,24 +593,34 @@ def test_run_steps_reach_the_network_only_with_internet_egress(hearth, s3, test_
 # ---------------------------------------------------------------- FROM a registry
 
 
-def start_registry(directory):
-    """Debian's docker-registry on a free loopback port (scripts/setup-host
-    installs it); returns (process, host:port)."""
+def start_registry(directory, test_internet):
+    """Debian's docker-registry (scripts/setup-host installs it); returns
+    (process, host:port). As root it runs inside the session's stand-in
+    internet namespace on a documentation address the host routes to (no
+    registry on the host's own addresses for anything to reach); without root
+    (no namespaces), on a free loopback port."""
     import socket
     import subprocess
 
     import requests
 
+    from conftest import INTERNET_REGISTRY
+
     binary = pathlib.Path("/usr/bin/docker-registry")
     assert binary.exists(), f"{binary} is missing: run scripts/setup-host"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    addr = f"127.0.0.1:{port}"
+    if test_internet is not None:
+        addr = f"{INTERNET_REGISTRY}:5000"
+        prefix = ["ip", "netns", "exec", test_internet["netns"]]
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        addr = f"127.0.0.1:{port}"
+        prefix = []
     config = directory / "registry.yml"
     config.write_text(f"version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n"
                       f"    rootdirectory: {directory / 'data'}\nhttp:\n  addr: {addr}\n")
-    proc = subprocess.Popen([str(binary), "serve", str(config)], stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([*prefix, str(binary), "serve", str(config)], stdout=subprocess.DEVNULL,
                             stderr=open(directory / "registry.log", "w"))
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -669,13 +679,14 @@ def push_image(addr, name, tag, files, config):
     assert out.status_code == 201, out.text
 
 
-def test_from_an_image_of_the_configured_registry(model_path, guest_cleanup, tmp_path_factory, request):
+def test_from_an_image_of_the_configured_registry(model_path, guest_cleanup, test_internet, tmp_path_factory,
+                                                  request):
     """`hearth serve --registry`: FROM pulls through the distribution API; the
     image's Env and WorkingDir carry into the build."""
     from conftest import start_server, stop_server
 
     reg_dir = tmp_path_factory.mktemp("registry")
-    registry, addr = start_registry(reg_dir)
+    registry, addr = start_registry(reg_dir, test_internet)
     request.addfinalizer(registry.kill)
     push_image(addr, "tiny", "1", {"etc/passwd": b"root:x:0:0:root:/root:/bin/sh\n", "srv/base.txt": b"base\n"},
                {"architecture": "amd64", "os": "linux", "config": {"Env": ["FROM_IMAGE=yes"], "WorkingDir": "/srv"}})

@@ -6,7 +6,8 @@ all go to the stand-in internet of conftest (`test_internet`):
   (10.0.2.2, the host's addresses) nor a forbidden address, whose listeners
   record nothing;
 - egress survives suspend/resume;
-- `NO_INGRESS` refuses every endpoint request with 403, before the VM is asked.
+- `NO_INGRESS` refuses every endpoint request with 403, before the VM is asked;
+- a bad `--egress-allow-domain` or CIDR stops the server at start with a clear message.
 """
 import subprocess
 import types
@@ -109,3 +110,20 @@ def test_no_ingress_refuses_every_endpoint_request(client, microvms, net_image, 
         refused = ep_request(hearth, shut_vm["endpoint"], path="/ready", token=token,
                              port=HOOKS_PORT if port == "all" else port)
         assert refused.status_code == 403, refused.text
+
+
+@pytest.mark.parametrize("flag,value,says", [
+    ("--egress-allow-domain", "*.example.com", "wildcards are not supported"),
+    ("--egress-allow-domain", "203.0.113.5", "use --egress-allow"),
+    ("--egress-allow-domain", "localhost", "at least two labels"),
+    ("--egress-deny", "10.0.0.0/33", "not a CIDR range"),
+])
+def test_a_bad_network_flag_stops_the_server_with_a_clear_message(tmp_path, flag, value, says):
+    """Checked at start, before anything is opened or listened on."""
+    from conftest import HEARTH
+
+    out = subprocess.run([str(HEARTH), "serve", "--data-dir", str(tmp_path), flag, value], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode != 0
+    assert says in out.stderr and value in out.stderr, out.stderr
+    assert "panicked" not in out.stderr

@@ -23,6 +23,13 @@
 //! broadcast) unless an operator's allow range covers it, with the operator's
 //! deny ranges first; then masquerades the pool out of the host.
 //!
+//! Domain allows (`--egress-allow-domain`): the server resolves each name
+//! through the VMs' own resolver and keeps the answers in the host table's
+//! set `domains4`, each element with a timeout from the answer's TTL,
+//! refreshed before it runs out ([`DomainAllow`]). The forward chain accepts
+//! those addresses before the operator's deny ranges but never when they are
+//! in a forbidden range no allow range opens.
+//!
 //! Why tap + nftables (not passt or slirp4netns): the kernel does the NAT and
 //! the filtering at full speed, the rules are one table an operator can read
 //! with `nft list table inet hearth`, and the namespace holds no process of its
@@ -31,16 +38,19 @@
 //! crates: one batched `ip` call and one `nft -f` per VM set everything up,
 //! and both are what an operator uses to inspect the result.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
 
 pub use ipnet::{IpNet, Ipv4Net};
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
+use tokio::time::Instant;
 
 use crate::record::MachineShape;
 
@@ -59,6 +69,10 @@ const UPLINK: &str = "up0";
 const TAP_MAC: &str = "02:68:72:74:68:01";
 /// The nftables table in each VM namespace.
 const VM_TABLE: &str = "hearthvm";
+
+/// The host table's set of the allowed domains' addresses (IPv4 only: guests
+/// have no IPv6 route).
+const DOMAIN_SET: &str = "domains4";
 
 /// Ranges no VM reaches unless an operator's `--egress-allow` covers them.
 pub const FORBIDDEN: &[&str] = &[
@@ -101,6 +115,54 @@ pub enum NetError {
     Forwarding(#[source] std::io::Error),
     #[error("unreadable nft counter")]
     Counter,
+    #[error("{name:?} is not a domain name to allow: {why}")]
+    BadDomain { name: String, why: &'static str },
+    #[error("cannot make a resolver for the allowed domains")]
+    Resolver(#[source] hickory_resolver::net::NetError),
+}
+
+/// Checks and normalises (lower case, no final dot) an operator's domain
+/// name to allow. Wildcards are refused: the server resolves each name
+/// itself and cannot list a domain's subdomains.
+pub fn parse_domain(text: &str) -> Result<String, NetError> {
+    let bad = |why| NetError::BadDomain {
+        name: text.to_string(),
+        why,
+    };
+    let name = text.trim().trim_end_matches('.').to_ascii_lowercase();
+    if name.starts_with("*.") {
+        return Err(bad("wildcards are not supported, list each name"));
+    }
+    if name.parse::<IpAddr>().is_ok() {
+        return Err(bad("an address, use --egress-allow"));
+    }
+    if name.is_empty() || name.len() > 253 {
+        return Err(bad("it must have 1 to 253 characters"));
+    }
+    let labels: Vec<&str> = name.split('.').collect();
+    if labels.len() < 2 {
+        return Err(bad("it needs at least two labels (example.com)"));
+    }
+    for label in &labels {
+        let valid = (1..=63).contains(&label.len())
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+            && !label.starts_with('-')
+            && !label.ends_with('-');
+        if !valid {
+            return Err(bad(
+                "each label is 1 to 63 of a-z 0-9 - _ and does not start or end with -",
+            ));
+        }
+    }
+    if labels
+        .last()
+        .is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Err(bad("its last label is all digits"));
+    }
+    Ok(name)
 }
 
 /// Parses an operator's CIDR range; a bare address is a /32 or /128.
@@ -121,6 +183,12 @@ pub struct NetConfig {
     pub allow: Vec<IpNet>,
     /// Ranges VMs never reach; wins over `allow`.
     pub deny: Vec<IpNet>,
+    /// Names ([`parse_domain`]) whose addresses, as the VMs' resolver
+    /// answers, VMs reach even inside a deny range (never a forbidden one
+    /// that `allow` does not open).
+    pub allow_domains: Vec<String>,
+    /// Egress limits per vCPU of a VM's shape ([`Self::limits_for`]).
+    pub limits_per_vcpu: EgressLimits,
     /// The resolver the guests' DNS (10.0.2.3) is sent to.
     pub dns: Ipv4Addr,
     /// Name of the host's nftables table (`inet`).
@@ -139,6 +207,8 @@ impl NetConfig {
             pool: Ipv4Net::new(Ipv4Addr::new(10, 201, 0, 0), 16).expect("valid prefix length"),
             allow: Vec::new(),
             deny: Vec::new(),
+            allow_domains: Vec::new(),
+            limits_per_vcpu: EgressLimits::DEFAULT_PER_VCPU,
             dns,
             table: "hearth".into(),
             link_prefix: "hearth".into(),
@@ -168,7 +238,25 @@ impl NetConfig {
         Err(NetError::NoDns)
     }
 
+    /// The egress limits of a VM of shape `shape`.
+    pub fn limits_for(&self, shape: MachineShape) -> EgressLimits {
+        let vcpus = shape.vcpus.max(1);
+        EgressLimits {
+            bytes_per_second: self
+                .limits_per_vcpu
+                .bytes_per_second
+                .saturating_mul(u64::from(vcpus)),
+            connections: self
+                .limits_per_vcpu
+                .connections
+                .saturating_mul(u32::from(vcpus)),
+        }
+    }
+
     fn check(&self) -> Result<(), NetError> {
+        for name in &self.allow_domains {
+            parse_domain(name)?;
+        }
         if self.pool.prefix_len() > 30 {
             return Err(NetError::BadPool(self.pool));
         }
@@ -213,6 +301,8 @@ impl NetConfig {
              \t\toifname {veths} ct state established,related accept\n\
              \t\toifname {veths} drop\n\
              \t\tiifname {veths} ip daddr {dns} meta l4proto {{ tcp, udp }} th dport 53 accept\n\
+             \t\tiifname {veths} ip daddr @{DOMAIN_SET} ip daddr != @forbidden4 fib daddr type unicast accept\n\
+             \t\tiifname {veths} ip daddr @{DOMAIN_SET} ip daddr @allow4 fib daddr type unicast accept\n\
              \t\tiifname {veths} ip daddr @deny4 drop\n\
              \t\tiifname {veths} ip6 daddr @deny6 drop\n\
              \t\tiifname {veths} ip daddr @allow4 accept\n\
@@ -233,6 +323,7 @@ impl NetConfig {
                 set("allow6", "ipv6_addr", &allow6),
                 set("deny4", "ipv4_addr", &deny4),
                 set("deny6", "ipv6_addr", &deny6),
+                format!("\tset {DOMAIN_SET} {{\n\t\ttype ipv4_addr; flags timeout;\n\t}}\n"),
             ]
             .concat(),
         )
@@ -261,14 +352,12 @@ pub struct EgressLimits {
 }
 
 impl EgressLimits {
-    /// 100 Mbit/s and 512 concurrent connections per vCPU.
-    pub fn for_shape(shape: MachineShape) -> Self {
-        let vcpus = u64::from(shape.vcpus.max(1));
-        Self {
-            bytes_per_second: 12_500_000 * vcpus,
-            connections: 512 * u32::from(shape.vcpus.max(1)),
-        }
-    }
+    /// Per vCPU unless the operator says otherwise: 100 Mbit/s each way and
+    /// 512 concurrent connections.
+    pub const DEFAULT_PER_VCPU: Self = Self {
+        bytes_per_second: 12_500_000,
+        connections: 512,
+    };
 }
 
 /// Sets up and tears down VM networks on this host (see the module docs).
@@ -278,6 +367,16 @@ pub struct Network {
     /// Where the next slot search starts (slots are claimed by creating the
     /// host's veth: the kernel refuses a name that exists).
     next_slot: AtomicU32,
+    /// The task keeping the allowed domains' addresses fresh (ends with this).
+    domains: Option<tokio::task::AbortHandle>,
+}
+
+impl Drop for Network {
+    fn drop(&mut self) {
+        if let Some(task) = &self.domains {
+            task.abort();
+        }
+    }
 }
 
 impl Network {
@@ -288,7 +387,19 @@ impl Network {
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").map_err(NetError::Forwarding)?;
         run_with_input("nft", &["-f", "-"], &config.host_ruleset()).await?;
         let next_slot = AtomicU32::new(rand::random::<u32>() % config.slots());
-        Ok(Self { config, next_slot })
+        let domains = if config.allow_domains.is_empty() {
+            None
+        } else {
+            let mut allow = DomainAllow::new(&config)?;
+            // Once before any VM starts, then in the background.
+            allow.refresh_due().await;
+            Some(tokio::spawn(allow.run()).abort_handle())
+        };
+        Ok(Self {
+            config,
+            next_slot,
+            domains,
+        })
     }
 
     pub fn config(&self) -> &NetConfig {
@@ -386,43 +497,28 @@ impl Network {
             ),
         )
         .await?;
-        let dns = self.config.dns;
-        let EgressLimits {
-            bytes_per_second,
-            connections,
-        } = limits;
-        // Replaced whole: a namespace given egress again gets no duplicates.
-        // `inet`: the input and forward policies drop IPv6 as well.
-        let rules = format!(
-            "table inet {VM_TABLE} {{}}\n\
-             delete table inet {VM_TABLE}\n\
-             table inet {VM_TABLE} {{\n\
-             \tcounter egress {{}}\n\
-             \tchain prerouting {{\n\
-             \t\ttype nat hook prerouting priority dstnat; policy accept;\n\
-             \t\tiifname {TAP} ip daddr {GUEST_DNS} meta l4proto {{ tcp, udp }} th dport 53 dnat ip to {dns}\n\
-             \t}}\n\
-             \tchain input {{\n\
-             \t\ttype filter hook input priority filter; policy drop;\n\
-             \t\tiifname lo accept\n\
-             \t}}\n\
-             \tchain forward {{\n\
-             \t\ttype filter hook forward priority filter; policy drop;\n\
-             \t\tiifname {UPLINK} oifname {TAP} ct state established,related accept\n\
-             \t\tiifname {TAP} oifname {UPLINK} meta l4proto tcp ct state new tcp flags & (syn | ack) != syn reject with tcp reset\n\
-             \t\tiifname {TAP} oifname {UPLINK} ct state new ct count over {connections} drop\n\
-             \t\tiifname {TAP} oifname {UPLINK} limit rate over {bytes_per_second} bytes/second drop\n\
-             \t\tiifname {TAP} oifname {UPLINK} counter name egress accept\n\
-             \t}}\n\
-             \tchain postrouting {{\n\
-             \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
-             \t\toifname {UPLINK} masquerade\n\
-             \t}}\n\
-             }}\n"
-        );
+        let rules = vm_ruleset(self.config.dns, limits);
         nft_in(&self.netns_path(instance), &["-f", "-"], Some(&rules), true)
             .await
             .map(drop)
+    }
+
+    /// Gives instance `instance`'s uplink new limits (its forward chain is
+    /// replaced; the egress counter carries on). Connections over a new,
+    /// lower connection limit stay open: only new ones are counted.
+    pub async fn set_limits(&self, instance: &str, limits: EgressLimits) -> Result<(), NetError> {
+        let mut script = format!("flush chain inet {VM_TABLE} forward\n");
+        for rule in forward_rules(limits) {
+            script.push_str(&format!("add rule inet {VM_TABLE} forward {rule}\n"));
+        }
+        nft_in(
+            &self.netns_path(instance),
+            &["-f", "-"],
+            Some(&script),
+            false,
+        )
+        .await
+        .map(drop)
     }
 
     /// Takes instance `instance`'s uplink away (deleting one end of a veth
@@ -467,15 +563,244 @@ impl Network {
     }
 }
 
+/// Keeps the host set [`DOMAIN_SET`] holding the addresses the operator's
+/// allowed domains resolve to, asking the VMs' own resolver (so the server
+/// sees the answers a guest gets, as far as that resolver answers alike).
+///
+/// Each answer is kept for its TTL, clamped to [`TTL_FLOOR`, `TTL_CEILING`],
+/// plus [`GRACE`] (a guest may still hold an answer the server has seen
+/// expire); a name is asked again at half its TTL. A name that does not
+/// resolve is logged and asked again after [`RETRY`]; its earlier addresses
+/// stay until they expire. Why a resolver crate and not the guest's own
+/// queries: the kernel sees DNS answers only as packets, and the set must be
+/// filled before the guest connects; hickory-resolver is the well-kept
+/// Rust stub resolver.
+struct DomainAllow {
+    names: Vec<String>,
+    resolver: hickory_resolver::TokioResolver,
+    table: String,
+    /// When each name is due to be asked again (same order as `names`).
+    due: Vec<Instant>,
+    /// Every address kept, with when it expires.
+    addresses: HashMap<Ipv4Addr, Instant>,
+}
+
+const TTL_FLOOR: Duration = Duration::from_secs(30);
+const TTL_CEILING: Duration = Duration::from_secs(3600);
+const GRACE: Duration = Duration::from_secs(30);
+const RETRY: Duration = Duration::from_secs(15);
+
+impl DomainAllow {
+    fn new(config: &NetConfig) -> Result<Self, NetError> {
+        use hickory_resolver::config::{NameServerConfig, ResolverConfig};
+        let servers = vec![NameServerConfig::udp_and_tcp(IpAddr::V4(config.dns))];
+        let mut builder = hickory_resolver::Resolver::builder_with_config(
+            ResolverConfig::from_parts(None, Vec::new(), servers),
+            hickory_resolver::net::runtime::TokioRuntimeProvider::default(),
+        );
+        let options = builder.options_mut();
+        // Every refresh asks the server: a cached answer's shrinking TTL
+        // would make the refreshes ever more frequent.
+        options.cache_size = 0;
+        options.timeout = Duration::from_secs(2);
+        options.attempts = 2;
+        let resolver = builder.build().map_err(NetError::Resolver)?;
+        let now = Instant::now();
+        Ok(Self {
+            names: config.allow_domains.clone(),
+            resolver,
+            table: config.table.clone(),
+            due: vec![now; config.allow_domains.len()],
+            addresses: HashMap::new(),
+        })
+    }
+
+    async fn run(mut self) {
+        loop {
+            let next = self.due.iter().min().copied().unwrap_or_else(Instant::now);
+            tokio::time::sleep_until(next.max(Instant::now() + Duration::from_secs(1))).await;
+            self.refresh_due().await;
+        }
+    }
+
+    /// Asks again every name that is due, then rewrites the set.
+    async fn refresh_due(&mut self) {
+        let now = Instant::now();
+        let due: Vec<usize> = (0..self.names.len())
+            .filter(|&i| self.due[i] <= now)
+            .collect();
+        let answers = futures::future::join_all(
+            due.iter()
+                .map(|&i| resolve_ipv4(&self.resolver, &self.names[i])),
+        )
+        .await;
+        for (i, answer) in due.into_iter().zip(answers) {
+            let name = &self.names[i];
+            match answer {
+                Ok((found, ttl)) => {
+                    let ttl = ttl.clamp(TTL_FLOOR, TTL_CEILING);
+                    tracing::debug!(%name, ?found, ttl_s = ttl.as_secs(), "allowed domain resolved");
+                    for address in found {
+                        let expires = now + ttl + GRACE;
+                        let kept = self.addresses.entry(address).or_insert(expires);
+                        *kept = (*kept).max(expires);
+                    }
+                    self.due[i] = now + ttl / 2;
+                }
+                Err(error) => {
+                    let error = crate::errors::error_chain(&error);
+                    tracing::warn!(%name, %error, "an allowed domain did not resolve; asking again soon");
+                    self.due[i] = now + RETRY;
+                }
+            }
+        }
+        self.addresses.retain(|_, expires| *expires > now);
+        let script = domain_set_script(&self.table, &self.addresses, now);
+        if let Err(error) = run_with_input("nft", &["-f", "-"], &script).await {
+            let error = crate::errors::error_chain(&error);
+            tracing::warn!(%error, "cannot update the allowed domains' addresses");
+        }
+    }
+}
+
+impl fmt::Debug for DomainAllow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DomainAllow")
+            .field("names", &self.names)
+            .field("addresses", &self.addresses.len())
+            .finish()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ResolveError {
+    #[error("lookup failed")]
+    Lookup(#[source] hickory_resolver::net::NetError),
+    #[error("no IPv4 address")]
+    NoAddress,
+}
+
+/// The IPv4 addresses `name` resolves to and how long the answer holds.
+async fn resolve_ipv4(
+    resolver: &hickory_resolver::TokioResolver,
+    name: &str,
+) -> Result<(Vec<Ipv4Addr>, Duration), ResolveError> {
+    // A final dot: the name is complete, no search domains.
+    let lookup = resolver
+        .ipv4_lookup(format!("{name}."))
+        .await
+        .map_err(ResolveError::Lookup)?;
+    let found: Vec<Ipv4Addr> = lookup
+        .answers()
+        .iter()
+        .filter_map(|record| match &record.data {
+            hickory_resolver::proto::rr::RData::A(a) => Some(a.0),
+            _ => None,
+        })
+        .collect();
+    if found.is_empty() {
+        return Err(ResolveError::NoAddress);
+    }
+    let ttl = lookup
+        .valid_until()
+        .saturating_duration_since(std::time::Instant::now());
+    Ok((found, ttl))
+}
+
+/// One atomic nft transaction that replaces the set's elements, each with
+/// the time it has left.
+fn domain_set_script(table: &str, addresses: &HashMap<Ipv4Addr, Instant>, now: Instant) -> String {
+    let mut script = format!("flush set inet {table} {DOMAIN_SET}\n");
+    if !addresses.is_empty() {
+        let mut elements: Vec<(Ipv4Addr, u64)> = addresses
+            .iter()
+            .map(|(address, expires)| {
+                (
+                    *address,
+                    expires.saturating_duration_since(now).as_secs().max(1),
+                )
+            })
+            .collect();
+        elements.sort();
+        let list: Vec<String> = elements
+            .iter()
+            .map(|(address, seconds)| format!("{address} timeout {seconds}s"))
+            .collect();
+        script.push_str(&format!(
+            "add element inet {table} {DOMAIN_SET} {{ {} }}\n",
+            list.join(", ")
+        ));
+    }
+    script
+}
+
+/// A VM namespace's table, replaced whole (a namespace given egress again
+/// gets no duplicates). `inet`: the input and forward policies drop IPv6 as
+/// well.
+fn vm_ruleset(dns: Ipv4Addr, limits: EgressLimits) -> String {
+    let forward: String = forward_rules(limits)
+        .iter()
+        .map(|rule| format!("\t\t{rule}\n"))
+        .collect();
+    format!(
+        "table inet {VM_TABLE} {{}}\n\
+         delete table inet {VM_TABLE}\n\
+         table inet {VM_TABLE} {{\n\
+         \tcounter egress {{}}\n\
+         \tchain prerouting {{\n\
+         \t\ttype nat hook prerouting priority dstnat; policy accept;\n\
+         \t\tiifname {TAP} ip daddr {GUEST_DNS} meta l4proto {{ tcp, udp }} th dport 53 dnat ip to {dns}\n\
+         \t}}\n\
+         \tchain input {{\n\
+         \t\ttype filter hook input priority filter; policy drop;\n\
+         \t\tiifname lo accept\n\
+         \t}}\n\
+         \tchain forward {{\n\
+         \t\ttype filter hook forward priority filter; policy drop;\n\
+         {forward}\
+         \t}}\n\
+         \tchain postrouting {{\n\
+         \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+         \t\toifname {UPLINK} masquerade\n\
+         \t}}\n\
+         }}\n"
+    )
+}
+
+/// The VM namespace's forward chain: replies in, the guest's new connections
+/// out (a TCP segment of a connection the namespace never saw open is reset),
+/// within its limits. The bandwidth limit polices each direction on its own,
+/// with a tenth of a second's bytes as burst so TCP settles near the rate
+/// rather than far below it.
+fn forward_rules(limits: EgressLimits) -> Vec<String> {
+    let EgressLimits {
+        bytes_per_second,
+        connections,
+    } = limits;
+    let burst = (bytes_per_second / 10).max(16 * 1024);
+    let rate = format!("limit rate over {bytes_per_second} bytes/second burst {burst} bytes drop");
+    vec![
+        format!("iifname {UPLINK} oifname {TAP} {rate}"),
+        format!("iifname {UPLINK} oifname {TAP} ct state established,related accept"),
+        format!("iifname {TAP} oifname {UPLINK} meta l4proto tcp ct state new tcp flags & (syn | ack) != syn reject with tcp reset"),
+        format!("iifname {TAP} oifname {UPLINK} ct state new ct count over {connections} drop"),
+        format!("iifname {TAP} oifname {UPLINK} {rate}"),
+        format!("iifname {TAP} oifname {UPLINK} counter name egress accept"),
+    ]
+}
+
 impl fmt::Display for NetConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "pool {}, DNS {}, allow [{}], deny [{}]",
+            "pool {}, DNS {}, allow [{}], deny [{}], allow domains [{}], per vCPU {} bytes/s and {} connections",
             self.pool,
             self.dns,
             join(&self.allow),
-            join(&self.deny)
+            join(&self.deny),
+            self.allow_domains.join(", "),
+            self.limits_per_vcpu.bytes_per_second,
+            self.limits_per_vcpu.connections,
         )
     }
 }
@@ -699,5 +1024,112 @@ mod tests {
         config.dns = Ipv4Addr::new(192, 0, 2, 53);
         config.pool = Ipv4Net::new(Ipv4Addr::new(10, 0, 0, 0), 31).expect("valid");
         assert!(matches!(config.check(), Err(NetError::BadPool(_))));
+    }
+
+    #[test]
+    fn domain_names_are_checked_and_normalised() {
+        assert_eq!(parse_domain("Web.HN.test.").expect("valid"), "web.hn.test");
+        assert_eq!(
+            parse_domain("pypi.org").expect("valid"),
+            "pypi.org",
+            "a plain name"
+        );
+        assert_eq!(
+            parse_domain("_srv.a-b.example").expect("valid"),
+            "_srv.a-b.example"
+        );
+        for (bad, says) in [
+            ("*.example.com", "wildcards"),
+            ("198.51.100.10", "--egress-allow"),
+            ("localhost", "two labels"),
+            ("", "1 to 253"),
+            ("a..example.com", "each label"),
+            ("-a.example.com", "each label"),
+            ("a b.example.com", "each label"),
+            ("example.123", "all digits"),
+        ] {
+            let err = parse_domain(bad).expect_err(bad);
+            let text = err.to_string();
+            assert!(text.contains(says), "{bad}: {text}");
+            assert!(text.contains(&format!("{bad:?}")), "{bad}: {text}");
+        }
+        let long = format!("{}.com", "a".repeat(64));
+        assert!(parse_domain(&long).is_err());
+        let mut config = NetConfig::new(Ipv4Addr::new(192, 0, 2, 53));
+        config.allow_domains = vec!["*.example.com".into()];
+        assert!(matches!(config.check(), Err(NetError::BadDomain { .. })));
+    }
+
+    #[test]
+    fn domain_addresses_pass_before_deny_but_not_into_forbidden_ranges() {
+        let mut config = NetConfig::new(Ipv4Addr::new(192, 0, 2, 53));
+        config.deny = vec![parse_cidr("0.0.0.0/0").expect("valid")];
+        config.allow_domains = vec!["web.example.com".into()];
+        let rules = config.host_ruleset();
+        let dns = rules.find("th dport 53 accept").expect("dns");
+        let domains = rules
+            .find("ip daddr @domains4 ip daddr != @forbidden4 fib daddr type unicast accept")
+            .expect("domain rule");
+        let opened = rules
+            .find("ip daddr @domains4 ip daddr @allow4 fib daddr type unicast accept")
+            .expect("domain rule in an allowed range");
+        let deny = rules.find("@deny4 drop").expect("deny");
+        assert!(
+            dns < domains && domains < opened && opened < deny,
+            "{rules}"
+        );
+        assert!(rules.contains("set domains4 {\n\t\ttype ipv4_addr; flags timeout;"));
+    }
+
+    #[test]
+    fn the_domain_set_is_replaced_with_the_time_each_address_has_left() {
+        let now = Instant::now();
+        let mut addresses = HashMap::new();
+        assert_eq!(
+            domain_set_script("t", &addresses, now),
+            "flush set inet t domains4\n"
+        );
+        addresses.insert(
+            Ipv4Addr::new(198, 51, 100, 20),
+            now + Duration::from_secs(90),
+        );
+        addresses.insert(Ipv4Addr::new(198, 51, 100, 10), now);
+        assert_eq!(
+            domain_set_script("t", &addresses, now),
+            "flush set inet t domains4\n\
+             add element inet t domains4 { 198.51.100.10 timeout 1s, 198.51.100.20 timeout 90s }\n"
+        );
+    }
+
+    #[test]
+    fn limits_scale_with_vcpus_and_police_both_ways() {
+        let mut config = NetConfig::new(Ipv4Addr::new(192, 0, 2, 53));
+        assert_eq!(
+            config.limits_for(MachineShape::fixed(1024, 2)),
+            EgressLimits {
+                bytes_per_second: 25_000_000,
+                connections: 1024
+            }
+        );
+        config.limits_per_vcpu = EgressLimits {
+            bytes_per_second: 1_000_000,
+            connections: 4,
+        };
+        let limits = config.limits_for(MachineShape::default());
+        assert_eq!(limits.connections, 4);
+        let rules = vm_ruleset(config.dns, limits);
+        assert!(rules.contains(
+            "iifname up0 oifname tap0 limit rate over 1000000 bytes/second burst 100000 bytes drop"
+        ));
+        assert!(rules.contains(
+            "iifname tap0 oifname up0 limit rate over 1000000 bytes/second burst 100000 bytes drop"
+        ));
+        assert!(rules.contains("ct state new ct count over 4 drop"));
+        // The download limit comes before established traffic is accepted.
+        let download = rules.find("iifname up0 oifname tap0 limit").expect("limit");
+        let established = rules
+            .find("ct state established,related accept")
+            .expect("accept");
+        assert!(download < established, "{rules}");
     }
 }

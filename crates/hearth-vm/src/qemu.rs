@@ -25,7 +25,7 @@ use crate::jail::{
     self, JailConfig, JailError, JailMode, JailSpec, Limits, Network as JailNetwork, Plan,
     UidClaims,
 };
-use crate::net::{EgressLimits, Network};
+use crate::net::Network;
 use crate::pins::HostPins;
 use crate::qmp::{Qmp, QmpError};
 use crate::record::{
@@ -704,7 +704,7 @@ impl QemuDriver {
         network: &Network,
         vm: &VmRecord,
     ) -> Result<std::fs::File, VmError> {
-        let limits = vm.egress.then(|| EgressLimits::for_shape(vm.shape));
+        let limits = vm.egress.then(|| network.config().limits_for(vm.shape));
         network
             .create(
                 &vm.instance,
@@ -1753,7 +1753,7 @@ impl Driver for QemuDriver {
         if let (Some(network), true, VmState::Running) = (&self.network, vm.nic, vm.state) {
             if egress {
                 network
-                    .connect(&vm.instance, EgressLimits::for_shape(vm.shape))
+                    .connect(&vm.instance, network.config().limits_for(vm.shape))
                     .await?;
             } else {
                 network.disconnect(&vm.instance).await?;

@@ -6,7 +6,10 @@
 //! name, a VM without egress, no way to the host (10.0.2.2, the VM's own
 //! gateway, the host's addresses) or to another VM, the forbidden ranges
 //! (their listeners record nothing), the egress counter, suspend/resume and
-//! the operator's allow and deny ranges.
+//! the operator's allow and deny ranges. Two more guests: the domain allow
+//! list, and the limits (bandwidth each way, concurrent connections). The
+//! tests run one at a time ([`SERIAL`]): each boots a guest, and the stand-in
+//! internet's names are the process's.
 
 mod common;
 #[path = "common/internet.rs"]
@@ -18,9 +21,14 @@ use std::time::Instant;
 
 use common::sh;
 use hearth_proto::ExecRequest;
-use hearth_vm::net::{parse_cidr, Network};
-use hearth_vm::{AgentClient, Assets, BootRequest, ColdBoot, Driver, MachineShape, QemuDriver};
-use internet::{TestInternet, FORBIDDEN, GREETING, WEB, WEB_NAME};
+use hearth_vm::net::{parse_cidr, EgressLimits, NetConfig, Network};
+use hearth_vm::{
+    AgentClient, Assets, BootRequest, ColdBoot, Driver, MachineShape, QemuDriver, VmRecord,
+};
+use internet::{TestInternet, FORBIDDEN, GREETING, PRIVATE_NAME, UNNAMED_WEB, WEB, WEB_NAME};
+
+/// Held by every test here for its whole run.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// A Python one-liner: GET http://HOST:PORT/PATH within 4 s, print the body.
 fn fetch_script(host: &str, port: u16, path: &str) -> String {
@@ -95,6 +103,7 @@ impl Drop for KillOnDrop {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vm_networks_reach_the_internet_and_nothing_else() {
+    let _serial = SERIAL.lock().await;
     assert_eq!(
         // SAFETY: geteuid(2) cannot fail.
         unsafe { libc::geteuid() },
@@ -330,4 +339,253 @@ cat /tmp/held"
         );
     }
     host_task.abort();
+}
+
+fn assert_root() {
+    assert_eq!(
+        // SAFETY: geteuid(2) cannot fail.
+        unsafe { libc::geteuid() },
+        0,
+        "VM network tests need root"
+    );
+}
+
+/// A driver on `network` and its state directory (removed on drop).
+fn driver_on(network: Arc<Network>) -> (QemuDriver, Assets, tempfile::TempDir) {
+    let state = tempfile::Builder::new()
+        .prefix("hnet")
+        .tempdir_in("/tmp")
+        .expect("state dir");
+    let assets = Assets {
+        state_dir: state.path().to_path_buf(),
+        ..Assets::from_env()
+    };
+    let driver = QemuDriver::new(assets.clone())
+        .expect("driver")
+        .with_network(network);
+    (driver, assets, state)
+}
+
+/// A cold-booted guest with egress.
+async fn boot_with_egress(driver: &QemuDriver, assets: &Assets, name: &str) -> VmRecord {
+    let base = assets.base_image("debian-12").expect("base image");
+    driver
+        .boot_with(
+            &BootRequest {
+                name: name.into(),
+                image: "debian-12".into(),
+                shape: MachineShape::default(),
+            },
+            &ColdBoot {
+                base,
+                base_format: hearth_vm::disk::BackingFormat::Raw,
+                overlay: None,
+                egress: true,
+                disk_size: None,
+                free_page_reporting: false,
+            },
+        )
+        .await
+        .expect("boot")
+}
+
+/// The addresses in the host table's set of allowed domains' addresses.
+fn domain_set(config: &NetConfig) -> String {
+    let out = std::process::Command::new("nft")
+        .args(["list", "set", "inet", &config.table, "domains4"])
+        .output()
+        .expect("nft");
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allowed_domains_open_what_their_names_resolve_to_and_nothing_more() {
+    let _serial = SERIAL.lock().await;
+    assert_root();
+    let internet = TestInternet::start().await;
+    let base = internet.net_config();
+    // Everything denied but the names: the operator's "only these domains".
+    let mut config = base.clone();
+    config.deny = vec![parse_cidr("0.0.0.0/0").expect("cidr")];
+    config.allow_domains = vec![WEB_NAME.to_string(), PRIVATE_NAME.to_string()];
+    let network = Arc::new(Network::start(config.clone()).await.expect("network"));
+    let set = domain_set(&config);
+    assert!(set.contains(&WEB.to_string()), "{set}");
+    let (driver, assets, _state) = driver_on(network.clone());
+    let _cleanup = KillOnDrop(driver.clone());
+    let vm = boot_with_egress(&driver, &assets, "domains").await;
+    let agent = driver.agent(&vm).await.expect("agent");
+
+    // The allowed name's address, by name and by address.
+    assert_eq!(sh(&agent, &fetch_script(WEB_NAME, 80, "/")).await, GREETING);
+    assert_eq!(
+        sh(&agent, &fetch_script(&WEB.to_string(), 80, "/")).await,
+        GREETING
+    );
+    // A web server no allowed name points to stays denied: nothing arrives.
+    assert!(!connects(&agent, &UNNAMED_WEB.to_string(), 80).await);
+    assert_eq!(
+        internet.connections_to(UNNAMED_WEB),
+        0,
+        "reached {UNNAMED_WEB}"
+    );
+    // A name that resolves into a forbidden range does not open it...
+    assert!(!connects(&agent, PRIVATE_NAME, 80).await);
+    assert_eq!(internet.connections_to(FORBIDDEN[0]), 0);
+    // ... unless the operator's allow range opens that range too (the deny
+    // of everything still in place: the domain is what lets it through).
+    let mut opened = config.clone();
+    opened.allow = vec![parse_cidr("10.99.0.0/24").expect("cidr")];
+    let opened_network = Network::start(opened).await.expect("allow range");
+    assert!(connects(&agent, PRIVATE_NAME, 80).await);
+    assert_eq!(internet.connections_to(FORBIDDEN[0]), 1);
+    drop(opened_network);
+    // Without the domain list the deny holds for the web server too: the
+    // list was what opened it.
+    let mut without = config.clone();
+    without.allow_domains.clear();
+    Network::start(without).await.expect("no domains");
+    let before = internet.connections_to(WEB);
+    assert!(!connects(&agent, &WEB.to_string(), 80).await);
+    assert_eq!(internet.connections_to(WEB), before);
+
+    drop(agent);
+    driver.remove(&vm).await.expect("remove");
+}
+
+/// Runs `python3 -c`-style `code` in the guest and returns its stdout.
+async fn python(agent: &AgentClient, code: &str) -> String {
+    sh(
+        agent,
+        &format!("cat > /tmp/t.py <<'EOF'\n{code}\nEOF\npython3 /tmp/t.py"),
+    )
+    .await
+}
+
+/// Bytes per second of a download of `bytes` from the web server, timed in
+/// the guest.
+async fn download_rate(agent: &AgentClient, bytes: usize) -> f64 {
+    let out = python(
+        agent,
+        &format!(
+            "import time, urllib.request as u\n\
+             t = time.monotonic()\n\
+             n = len(u.urlopen('http://{WEB}/bytes/{bytes}', timeout=120).read())\n\
+             print(n, time.monotonic() - t)"
+        ),
+    )
+    .await;
+    rate_of(&out, bytes)
+}
+
+/// Bytes per second of an upload of `bytes` to the web server, timed in the
+/// guest (until the server says it has them all).
+async fn upload_rate(agent: &AgentClient, bytes: usize) -> f64 {
+    let out = python(
+        agent,
+        &format!(
+            "import time, urllib.request as u\n\
+             body = b'y' * {bytes}\n\
+             t = time.monotonic()\n\
+             n = int(u.urlopen(u.Request('http://{WEB}/sink', data=body), timeout=120).read())\n\
+             print(n, time.monotonic() - t)"
+        ),
+    )
+    .await;
+    rate_of(&out, bytes)
+}
+
+fn rate_of(out: &str, bytes: usize) -> f64 {
+    let mut words = out.split_whitespace();
+    let moved: usize = words.next().and_then(|w| w.parse().ok()).expect(out);
+    let seconds: f64 = words.next().and_then(|w| w.parse().ok()).expect(out);
+    assert_eq!(moved, bytes, "{out}");
+    bytes as f64 / seconds
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_is_held_to_its_bandwidth_and_connection_limits() {
+    let _serial = SERIAL.lock().await;
+    assert_root();
+    let internet = TestInternet::start().await;
+    let mut config = internet.net_config();
+    // First no practical limit, to measure what this host does without one.
+    config.limits_per_vcpu = EgressLimits {
+        bytes_per_second: 10_000_000_000,
+        connections: 512,
+    };
+    let network = Arc::new(Network::start(config).await.expect("network"));
+    let (driver, assets, _state) = driver_on(network.clone());
+    let _cleanup = KillOnDrop(driver.clone());
+    let vm = boot_with_egress(&driver, &assets, "limits").await;
+    let agent = driver.agent(&vm).await.expect("agent");
+
+    let free_down = download_rate(&agent, 16 << 20).await;
+    let free_up = upload_rate(&agent, 16 << 20).await;
+    // The limit: a fifth of the slower direction's free rate (so the free
+    // rate is well above it), within 100 KB/s..2 MB/s (a few seconds each).
+    let limit = (free_down.min(free_up) / 5.0).clamp(100e3, 2e6);
+    let connections = 4;
+    network
+        .set_limits(
+            &vm.instance,
+            EgressLimits {
+                bytes_per_second: limit as u64,
+                connections,
+            },
+        )
+        .await
+        .expect("set limits");
+    let bytes = (limit * 4.0) as usize;
+    let down = download_rate(&agent, bytes).await;
+    let up = upload_rate(&agent, bytes).await;
+    println!(
+        "free: down {:.2} MB/s, up {:.2} MB/s; limit {:.2} MB/s: down {:.2} MB/s, up {:.2} MB/s",
+        free_down / 1e6,
+        free_up / 1e6,
+        limit / 1e6,
+        down / 1e6,
+        up / 1e6
+    );
+    assert!(
+        free_down > 2.0 * limit && free_up > 2.0 * limit,
+        "the free rates are too close to the limit to tell"
+    );
+    for (direction, rate) in [("download", down), ("upload", up)] {
+        assert!(
+            rate < 2.0 * limit,
+            "{direction} at {rate:.0} B/s over a limit of {limit:.0}"
+        );
+        assert!(
+            rate > limit / 4.0,
+            "{direction} at {rate:.0} B/s starved by a limit of {limit:.0}"
+        );
+    }
+
+    // Connections: the first `connections` open, the rest are dropped; once
+    // they close, new ones open again.
+    let before = internet.connections_to(WEB);
+    let opened = python(
+        &agent,
+        &format!(
+            "import socket\n\
+             held, results = [], []\n\
+             for i in range({}):\n\
+             \x20   try:\n\
+             \x20       held.append(socket.create_connection(('{WEB}', 80), timeout=3))\n\
+             \x20       results.append('ok')\n\
+             \x20   except OSError:\n\
+             \x20       results.append('no')\n\
+             print(' '.join(results))",
+            connections + 2
+        ),
+    )
+    .await;
+    assert_eq!(opened, "ok ok ok ok no no");
+    assert_eq!(internet.connections_to(WEB), before + connections as usize);
+    // The script has ended: its sockets are closed.
+    assert!(connects(&agent, &WEB.to_string(), 80).await);
+
+    drop(agent);
+    driver.remove(&vm).await.expect("remove");
 }

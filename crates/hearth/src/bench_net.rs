@@ -16,7 +16,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use hearth_proto::ExecRequest;
-use hearth_vm::net::{EgressLimits, Ipv4Net, NetConfig, Network};
+use hearth_vm::net::{Ipv4Net, NetConfig, Network};
 use hearth_vm::pool::PoolMode;
 use hearth_vm::{BootRequest, Driver, MachineShape, QemuDriver};
 use serde::Serialize;
@@ -41,6 +41,12 @@ pub struct NetArgs {
     download_mib: u32,
     #[arg(long, default_value = "debian-12")]
     image: String,
+    /// The guest's bandwidth per vCPU, each way, as `hearth serve
+    /// --egress-mbit-per-vcpu` (default: the server's); a large value
+    /// measures the network path itself.
+    #[arg(long, value_name = "MBIT", default_value_t = 100,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    egress_mbit_per_vcpu: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -59,6 +65,8 @@ struct Report {
     download_bytes: u64,
     download_seconds: f64,
     download_mb_per_s: f64,
+    /// The guest's bandwidth limit during the download.
+    download_limit_mb_per_s: f64,
 }
 
 /// The benchmark's stand-in internet; removed on drop.
@@ -86,7 +94,7 @@ fn ip(args: &[&str]) -> Result<()> {
 }
 
 impl BenchInternet {
-    fn start() -> Result<(Self, std::net::TcpListener)> {
+    fn start(mbit_per_vcpu: u64) -> Result<(Self, std::net::TcpListener)> {
         let tag = std::process::id() % 100_000;
         let pool = Ipv4Net::new(Ipv4Addr::new(10, 215, (tag % 250) as u8, 0), 24)?;
         let mut config = NetConfig::new(Ipv4Addr::new(198, 51, 100, 53));
@@ -94,6 +102,7 @@ impl BenchInternet {
         config.table = format!("hb{tag}");
         config.link_prefix = format!("hb{tag}v");
         config.netns_prefix = format!("hb{tag}-");
+        config.limits_per_vcpu.bytes_per_second = mbit_per_vcpu * 125_000;
         let this = Self {
             netns: format!("hbench-inet-{tag}"),
             link: format!("hbi{tag}"),
@@ -234,7 +243,7 @@ pub async fn net(args: NetArgs, plain: QemuDriver) -> Result<ExitCode> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("hearth bench net needs root (network namespaces and nftables)");
     }
-    let (internet, listener) = BenchInternet::start()?;
+    let (internet, listener) = BenchInternet::start(args.egress_mbit_per_vcpu)?;
     let download_bytes = u64::from(args.download_mib) << 20;
     let server = tokio::spawn(serve(listener, download_bytes));
     let network = Arc::new(
@@ -294,7 +303,7 @@ async fn run(
             .create(
                 &instance,
                 0,
-                Some(EgressLimits::for_shape(MachineShape::default())),
+                Some(network.config().limits_for(MachineShape::default())),
             )
             .await?;
         setup.push(crate::measure::ms(start.elapsed()));
@@ -415,6 +424,7 @@ async fn run(
         download_bytes: got,
         download_seconds: seconds,
         download_mb_per_s: got as f64 / seconds / 1e6,
+        download_limit_mb_per_s: args.egress_mbit_per_vcpu as f64 * 0.125,
     })
 }
 
@@ -450,7 +460,7 @@ fn print_table(r: &Report) {
         r.warm_pool_network_cost_p50_ms, r.empty_pool_network_cost_p50_ms
     );
     println!(
-        "download: {} bytes in {:.2} s: {:.1} MB/s",
-        r.download_bytes, r.download_seconds, r.download_mb_per_s
+        "download: {} bytes in {:.2} s: {:.1} MB/s (limit {:.1} MB/s)",
+        r.download_bytes, r.download_seconds, r.download_mb_per_s, r.download_limit_mb_per_s
     );
 }

@@ -50,7 +50,7 @@ enum Command {
     #[command(subcommand)]
     Bench(BenchCommand),
     /// Serve the Lambda MicroVMs API.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Manage tenant accounts (works while the server runs).
     #[command(subcommand)]
     Account(AccountCommand),
@@ -173,6 +173,19 @@ struct ServeArgs {
     /// Never let VMs reach this range; wins over --egress-allow (repeatable).
     #[arg(long = "egress-deny", value_name = "CIDR", value_parser = parse_cidr)]
     egress_deny: Vec<hearth_vm::net::IpNet>,
+    /// Let VMs reach the addresses NAME resolves to through the VMs' resolver
+    /// (--dns), even inside an --egress-deny range; never a forbidden default
+    /// range that --egress-allow does not open (repeatable; no wildcards).
+    #[arg(long = "egress-allow-domain", value_name = "NAME", value_parser = parse_domain)]
+    egress_allow_domain: Vec<String>,
+    /// Each VM's bandwidth, each way, per vCPU of its shape (Mbit/s).
+    #[arg(long, value_name = "MBIT", default_value_t = 100,
+          value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    egress_mbit_per_vcpu: u64,
+    /// Each VM's concurrent outbound connections per vCPU of its shape.
+    #[arg(long, value_name = "N", default_value_t = 512,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    egress_connections_per_vcpu: u32,
     /// The resolver VMs' DNS goes to (IPv4; default: the first usable
     /// nameserver of /etc/resolv.conf).
     #[arg(long, value_name = "ADDR")]
@@ -227,6 +240,10 @@ enum DefaultEgress {
     None,
 }
 
+fn parse_domain(text: &str) -> Result<String, String> {
+    hearth_vm::net::parse_domain(text).map_err(|e| e.to_string())
+}
+
 fn parse_cidr(text: &str) -> Result<hearth_vm::net::IpNet, String> {
     hearth_vm::net::parse_cidr(text).map_err(|e| e.to_string())
 }
@@ -249,6 +266,11 @@ fn vm_network(args: &ServeArgs) -> Result<Option<hearth_vm::net::NetConfig>> {
     net.pool = args.vm_address_pool;
     net.allow = args.egress_allow.clone();
     net.deny = args.egress_deny.clone();
+    net.allow_domains = args.egress_allow_domain.clone();
+    net.limits_per_vcpu = hearth_vm::net::EgressLimits {
+        bytes_per_second: args.egress_mbit_per_vcpu * 125_000,
+        connections: args.egress_connections_per_vcpu,
+    };
     net.table = args.vm_net_name.clone();
     net.link_prefix = args.vm_net_name.clone();
     net.netns_prefix = format!("{}-", args.vm_net_name);
@@ -488,6 +510,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Token(args) => Ok(endpoint_cli::token(args).await),
         Command::Open(args) => Ok(endpoint_cli::open(args).await),
         Command::Serve(args) => {
+            let args = *args;
             let network = vm_network(&args)?;
             let mut config =
                 hearth_server::ServerConfig::new(data_dir(args.data_dir), args.listen, args.region);

@@ -1,13 +1,18 @@
 //! A stand-in internet for VM network tests, made of network namespaces so no
-//! packet ever leaves the machine (as root; names start with `hn`).
+//! packet ever leaves the machine (as root; names start with `hn`, or with
+//! `$HEARTH_TEST_NET_PREFIX` when several people test on one host).
 //!
 //! - Namespace `hn-inet-PID` reached from the host through the veth
 //!   `hniPID` on a transit /30 of 203.0.113.0/24 (documentation addresses).
+//!   The host routes [`DNS`] there too, for the server's own lookups of
+//!   allowed domains.
 //!   Every packet from the test's VM address pool is routed there by a policy
 //!   rule, whatever its destination: a filter that fails sends a forbidden
 //!   packet into this namespace, never onto the host's real network.
-//! - In it, on its loopback: the "internet" web server 198.51.100.10, a DNS
-//!   server 198.51.100.53 that answers `web.hn.test`, and forbidden
+//! - In it, on its loopback: the "internet" web servers 198.51.100.10 and
+//!   198.51.100.20 (which no name points to), a DNS server 198.51.100.53 that
+//!   answers `web.hn.test` and `private.hn.test` (a forbidden address), and
+//!   forbidden
 //!   destinations 10.99.0.10, 192.168.77.10 and 169.254.169.254. One TCP
 //!   listener on port 80 serves them all and records the address every
 //!   connection was made to.
@@ -25,6 +30,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 pub const WEB: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
 pub const DNS: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 53);
 pub const WEB_NAME: &str = "web.hn.test";
+/// A second web server that no DNS name points to.
+pub const UNNAMED_WEB: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 20);
+/// A name the test DNS answers with a forbidden address ([`FORBIDDEN`]`[0]`).
+pub const PRIVATE_NAME: &str = "private.hn.test";
 /// Forbidden by default: a private address of each RFC 1918 kind used, and
 /// the cloud metadata address.
 pub const FORBIDDEN: [Ipv4Addr; 3] = [
@@ -34,7 +43,8 @@ pub const FORBIDDEN: [Ipv4Addr; 3] = [
 ];
 /// What the web server answers on `/`.
 pub const GREETING: &str = "hello-from-the-test-internet";
-/// Size of `/big`, for throughput.
+/// Size of `/big`, for throughput (`/bytes/N` serves N bytes; `POST /sink`
+/// reads its body and answers with its length).
 pub const BIG_BYTES: usize = 32 << 20;
 
 /// The stand-in internet; removed on drop.
@@ -46,6 +56,7 @@ pub struct TestInternet {
     pub host_address: Ipv4Addr,
     pub pool: Ipv4Net,
     route_table: u32,
+    inner: Ipv4Addr,
     /// Local address of every TCP connection the namespace accepted.
     pub connections: Arc<Mutex<Vec<Ipv4Addr>>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -69,8 +80,9 @@ impl TestInternet {
     pub async fn start() -> Self {
         let pid = std::process::id();
         let tag = pid % 100_000;
-        let netns = format!("hn-inet-{tag}");
-        let host_link = format!("hni{tag}");
+        let p = prefix();
+        let netns = format!("{p}-inet-{tag}");
+        let host_link = format!("{p}i{tag}");
         let transit = (pid % 60) as u8 * 4;
         let host_address = Ipv4Addr::new(203, 0, 113, transit + 1);
         let inner = Ipv4Addr::new(203, 0, 113, transit + 2);
@@ -80,6 +92,7 @@ impl TestInternet {
         ip_quiet(&["netns", "delete", &netns]);
         ip_quiet(&["link", "delete", &host_link]);
         ip_quiet(&["rule", "del", "from", &pool.to_string()]);
+        ip_quiet(&["route", "del", &format!("{DNS}/32"), "dev", &host_link]);
         ip(&["netns", "add", &netns]);
         ip(&[
             "link", "add", &host_link, "type", "veth", "peer", "name", "eth0", "netns", &netns,
@@ -112,7 +125,7 @@ impl TestInternet {
             "via",
             &host_address.to_string(),
         ]);
-        for address in [WEB, DNS].iter().chain(FORBIDDEN.iter()) {
+        for address in [WEB, UNNAMED_WEB, DNS].iter().chain(FORBIDDEN.iter()) {
             ip(&[
                 "-n",
                 &netns,
@@ -144,6 +157,16 @@ impl TestInternet {
             "priority",
             "100",
         ]);
+        // The server resolves allowed domains itself, from the host.
+        ip(&[
+            "route",
+            "add",
+            &format!("{DNS}/32"),
+            "via",
+            &inner.to_string(),
+            "dev",
+            &host_link,
+        ]);
         let (tcp, udp) = bind_in(&netns);
         let connections = Arc::new(Mutex::new(Vec::new()));
         let tasks = vec![
@@ -156,6 +179,7 @@ impl TestInternet {
             host_address,
             pool,
             route_table,
+            inner,
             connections,
             tasks,
         }
@@ -165,11 +189,12 @@ impl TestInternet {
     /// and whose VMs' packets all go to this stand-in internet.
     pub fn net_config(&self) -> NetConfig {
         let tag = std::process::id() % 10_000;
+        let p = prefix();
         let mut config = NetConfig::new(DNS);
         config.pool = self.pool;
-        config.table = format!("hn_test_{tag}");
-        config.link_prefix = format!("hn{tag}v");
-        config.netns_prefix = format!("hn-{tag}-");
+        config.table = format!("{p}_test_{tag}");
+        config.link_prefix = format!("{p}{tag}v");
+        config.netns_prefix = format!("{p}-{tag}-");
         config
     }
 
@@ -192,8 +217,30 @@ impl Drop for TestInternet {
         }
         ip_quiet(&["rule", "del", "from", &self.pool.to_string()]);
         ip_quiet(&["route", "flush", "table", &self.route_table.to_string()]);
+        ip_quiet(&[
+            "route",
+            "del",
+            &format!("{DNS}/32"),
+            "via",
+            &self.inner.to_string(),
+        ]);
         ip_quiet(&["link", "delete", &self.host_link]);
         ip_quiet(&["netns", "delete", &self.netns]);
+    }
+}
+
+/// The first letters of every name the test makes: `hn`, or
+/// `$HEARTH_TEST_NET_PREFIX` (at most 4 of a-z and 0-9).
+fn prefix() -> String {
+    match std::env::var("HEARTH_TEST_NET_PREFIX") {
+        Ok(p)
+            if (1..=4).contains(&p.len())
+                && p.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()) =>
+        {
+            p
+        }
+        _ => "hn".to_string(),
     }
 }
 
@@ -243,8 +290,31 @@ async fn serve_web(listener: std::net::TcpListener, connections: Arc<Mutex<Vec<I
                     Ok(n) => request.extend_from_slice(&buf[..n]),
                 }
             }
-            let body: Vec<u8> = if request.starts_with(b"GET /big") {
+            let head_end = request
+                .windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .map_or(request.len(), |at| at + 4);
+            let head = String::from_utf8_lossy(&request[..head_end]).to_lowercase();
+            let body: Vec<u8> = if head.starts_with("get /big") {
                 vec![b'x'; BIG_BYTES]
+            } else if let Some(size) = head
+                .strip_prefix("get /bytes/")
+                .and_then(|rest| rest.split_whitespace().next()?.parse::<usize>().ok())
+            {
+                vec![b'x'; size.min(256 << 20)]
+            } else if head.starts_with("post /sink") {
+                let length: usize = head
+                    .lines()
+                    .find_map(|line| line.strip_prefix("content-length:")?.trim().parse().ok())
+                    .unwrap_or(0);
+                let mut received = request.len() - head_end;
+                while received < length {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => received += n,
+                    }
+                }
+                received.to_string().into_bytes()
             } else {
                 GREETING.as_bytes().to_vec()
             };
@@ -259,7 +329,8 @@ async fn serve_web(listener: std::net::TcpListener, connections: Arc<Mutex<Vec<I
     }
 }
 
-/// Answers A queries for [`WEB_NAME`] with [`WEB`], anything else NXDOMAIN.
+/// Answers A queries for [`WEB_NAME`] with [`WEB`] and for [`PRIVATE_NAME`]
+/// with a forbidden address, anything else NXDOMAIN.
 async fn serve_dns(socket: std::net::UdpSocket) {
     let socket = tokio::net::UdpSocket::from_std(socket).expect("tokio udp");
     let mut buf = [0u8; 512];
@@ -291,7 +362,15 @@ fn dns_answer(query: &[u8]) -> Option<Vec<u8>> {
     }
     let qtype = u16::from_be_bytes([*query.get(at)?, *query.get(at + 1)?]);
     let question = query.get(12..at + 4)?;
-    let found = labels.join(".") == WEB_NAME;
+    let name = labels.join(".");
+    let address = if name == WEB_NAME {
+        Some(WEB)
+    } else if name == PRIVATE_NAME {
+        Some(FORBIDDEN[0])
+    } else {
+        None
+    };
+    let found = address.is_some();
     let mut reply = Vec::new();
     reply.extend_from_slice(&query[0..2]);
     // Response, recursion desired/available; NXDOMAIN unless found.
@@ -301,9 +380,9 @@ fn dns_answer(query: &[u8]) -> Option<Vec<u8>> {
     reply.extend_from_slice(&answers.to_be_bytes());
     reply.extend_from_slice(&[0, 0, 0, 0]);
     reply.extend_from_slice(question);
-    if answers == 1 {
+    if let (1, Some(address)) = (answers, address) {
         reply.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
-        reply.extend_from_slice(&WEB.octets());
+        reply.extend_from_slice(&address.octets());
     }
     Some(reply)
 }
