@@ -37,9 +37,14 @@ pub struct ApiArgs {
     /// GetMicrovm calls per client.
     #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(u32).range(1..=10000))]
     gets: u32,
-    /// Idle microVMs kept running while the usage meter's own CPU is measured.
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(0..=500))]
+    /// Idle microVMs kept running while the usage meter's own CPU is measured
+    /// (and while the launches with the meter on and off are timed).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(0..=500))]
     idle_vms: u32,
+    /// RunMicrovm calls to RUNNING timed among the idle microVMs, alternately
+    /// with metering on (sampler and transfer records) and off.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(0..=500))]
+    meter_launches: u32,
     /// Seconds the meter is measured over them (sampling every 2 s).
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(4..=3600))]
     idle_seconds: u64,
@@ -83,6 +88,11 @@ struct Report {
     /// bound of what metering adds to a launch (the engine puts it in the
     /// RUNNING change's own commit).
     meter_record_ms: Stats,
+    /// RunMicrovm -> RUNNING among the idle microVMs, alternately with the
+    /// meter on and off, and the difference of the medians.
+    launch_meter_on_ms: Stats,
+    launch_meter_off_ms: Stats,
+    launch_meter_added_p50_ms: f64,
     concurrent_runs: u32,
     concurrent_run_to_running_ms: Stats,
 }
@@ -319,6 +329,9 @@ pub async fn api(args: ApiArgs) -> Result<ExitCode> {
         meter_rounds: meter.rounds,
         meter_round_cpu_ms: meter.round_cpu_ms,
         meter_cpu_percent_at_10s: meter.round_cpu_ms / 10_000.0 * 100.0,
+        launch_meter_added_p50_ms: meter.launch_on_ms.p50 - meter.launch_off_ms.p50,
+        launch_meter_on_ms: meter.launch_on_ms,
+        launch_meter_off_ms: meter.launch_off_ms,
         meter_record_ms: meter.record_ms,
         concurrent_runs: args.concurrent,
         concurrent_run_to_running_ms: Stats::of(concurrent),
@@ -337,11 +350,15 @@ struct MeterFigures {
     rounds: u64,
     round_cpu_ms: f64,
     record_ms: Stats,
+    launch_on_ms: Stats,
+    launch_off_ms: Stats,
 }
 
 /// Runs `idle_vms` microVMs, lets them idle for `idle_seconds` while the meter
 /// samples them, and reads the meter's own CPU counter (thread CPU time of
-/// its rounds); then times the snapshot-transfer record.
+/// its rounds); times launches among them with metering on and off,
+/// alternately (so the machine's changing load falls on both alike); then
+/// times the snapshot-transfer record.
 async fn measure_meter(
     state: &hearth_server::AppState,
     client: &Client,
@@ -374,6 +391,37 @@ async fn measure_meter(
     } else {
         (spent_after - spent_before) * 1000.0 / rounds as f64
     };
+    let (mut launch_on, mut launch_off) = (Vec::new(), Vec::new());
+    for i in 0..args.meter_launches {
+        let on = i % 2 == 0;
+        progress(&format!(
+            "RunMicrovm with the meter {} {}/{}",
+            if on { "on" } else { "off" },
+            i + 1,
+            args.meter_launches
+        ));
+        if !args.pool_empty {
+            wait_pool(state).await?;
+        }
+        state.engine.set_metering(on);
+        state.meter.set_paused(!on);
+        let start = Instant::now();
+        let run = client
+            .call("RunMicrovm", json!({"imageIdentifier": image_arn}))
+            .await?;
+        let id = run["microvmId"].as_str().context("microvmId")?.to_string();
+        let reached = wait_for(client, &id, "RUNNING").await;
+        let took = ms(start.elapsed());
+        state.engine.set_metering(true);
+        state.meter.set_paused(false);
+        reached?;
+        if on {
+            launch_on.push(took);
+        } else {
+            launch_off.push(took);
+        }
+        terminate(client, &id).await?;
+    }
     for id in &ids {
         terminate(client, id).await?;
     }
@@ -400,6 +448,8 @@ async fn measure_meter(
         rounds,
         round_cpu_ms,
         record_ms: Stats::of(record),
+        launch_on_ms: Stats::of(launch_on),
+        launch_off_ms: Stats::of(launch_off),
     })
 }
 
@@ -490,6 +540,18 @@ fn print_table(r: &Report) {
         r.get_throughput_per_s
     );
     row("usage record, committed alone", &r.meter_record_ms);
+    row(
+        &format!("RunMicrovm -> RUNNING, meter on ({} idle)", r.meter_idle_vms),
+        &r.launch_meter_on_ms,
+    );
+    row(
+        &format!("RunMicrovm -> RUNNING, meter off ({} idle)", r.meter_idle_vms),
+        &r.launch_meter_off_ms,
+    );
+    println!(
+        "metering adds {:.1} ms to the launch p50",
+        r.launch_meter_added_p50_ms
+    );
     println!(
         "usage meter, {} idle microVMs: {:.2} ms CPU per round ({} rounds), {:.4} % of a core at 10 s",
         r.meter_idle_vms, r.meter_round_cpu_ms, r.meter_rounds, r.meter_cpu_percent_at_10s
