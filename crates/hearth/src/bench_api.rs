@@ -541,11 +541,17 @@ fn print_table(r: &Report) {
     );
     row("usage record, committed alone", &r.meter_record_ms);
     row(
-        &format!("RunMicrovm -> RUNNING, meter on ({} idle)", r.meter_idle_vms),
+        &format!(
+            "RunMicrovm -> RUNNING, meter on ({} idle)",
+            r.meter_idle_vms
+        ),
         &r.launch_meter_on_ms,
     );
     row(
-        &format!("RunMicrovm -> RUNNING, meter off ({} idle)", r.meter_idle_vms),
+        &format!(
+            "RunMicrovm -> RUNNING, meter off ({} idle)",
+            r.meter_idle_vms
+        ),
         &r.launch_meter_off_ms,
     );
     println!(

@@ -22,11 +22,11 @@ use serde_json::json;
 use tokio::sync::Mutex as AsyncMutex;
 use tracing::{debug, info, warn};
 
-use crate::db::usage::Increment;
 use crate::db::records::MicrovmRow;
 use crate::db::resources::{MicrovmState, VersionState, VersionStatus};
 use crate::db::spec::{HookCall, RuntimeHook};
 use crate::db::store::{unix_now_ms, Store, StoreError};
+use crate::db::usage::Increment;
 use crate::pricing::UsageType;
 use crate::vms::hooks::{self, HookError};
 use crate::vms::meter;
@@ -518,11 +518,7 @@ impl Engine {
         read: u64,
     ) -> Result<Option<MicrovmState>, crate::db::store::StoreError> {
         let id = row.microvm_id.clone();
-        let transfer = self.metered(meter::snapshot_transfer(
-            row,
-            UsageType::SnapshotRead,
-            read,
-        ));
+        let transfer = self.metered(meter::snapshot_transfer(row, UsageType::SnapshotRead, read));
         self.store
             .blocking(move |store| {
                 store.transition_microvm_metered(
