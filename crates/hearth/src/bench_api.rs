@@ -437,8 +437,14 @@ async fn start_idle(
             Err(err) => return Err(err.into()),
         };
         let id = run["microvmId"].as_str().context("microvmId")?.to_string();
-        ids.push(id.clone());
-        wait_for(client, &id, "RUNNING").await?;
+        if let Err(err) = wait_for(client, &id, "RUNNING").await {
+            // A launch can fail on a loaded host (its agent not answering in
+            // time): the VM is left out of the idle ones.
+            progress(&format!("{err:#}: left out"));
+            let _ = terminate(client, &id).await;
+            continue;
+        }
+        ids.push(id);
     }
     Ok(())
 }
@@ -469,6 +475,7 @@ async fn measure_among(
         (spent_after - spent_before) * 1000.0 / rounds as f64
     };
     let (mut launch_on, mut launch_off) = (Vec::new(), Vec::new());
+    let mut failed = 0;
     for i in 0..args.meter_launches {
         let on = i % 2 == 0;
         progress(&format!(
@@ -489,7 +496,15 @@ async fn measure_among(
         state.engine.set_metering(true);
         state.meter.set_paused(false);
         let ended = terminate(client, &id).await;
-        reached?;
+        if let Err(err) = reached {
+            // As for the idle VMs: a failed launch is not timed.
+            failed += 1;
+            progress(&format!("{err:#}: not timed"));
+            if failed > args.meter_launches / 4 {
+                return Err(err.context("too many launches failed"));
+            }
+            continue;
+        }
         ended?;
         if on {
             launch_on.push(took);
