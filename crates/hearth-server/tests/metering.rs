@@ -9,6 +9,8 @@
 //!
 //! The meter is driven by hand (`sample_round`) so each interval is the
 //! test's own; the server's sampler runs at a one-hour interval meanwhile.
+//! A real `kill -9` of `hearth serve` mid-run, checked against the VM
+//! cgroup's counters, is `tests/python/test_usage.py`.
 //! Needs the host set-up (scripts/setup-host).
 
 use std::collections::HashMap;

@@ -37,9 +37,14 @@ pub struct ApiArgs {
     /// GetMicrovm calls per client.
     #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(u32).range(1..=10000))]
     gets: u32,
-    /// Idle microVMs kept running while the usage meter's own CPU is measured.
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(0..=500))]
+    /// Idle microVMs kept running while the usage meter's own CPU is measured
+    /// (and while the launches with the meter on and off are timed).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(0..=500))]
     idle_vms: u32,
+    /// RunMicrovm calls to RUNNING timed among the idle microVMs, alternately
+    /// with metering on (sampler and transfer records) and off.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(0..=500))]
+    meter_launches: u32,
     /// Seconds the meter is measured over them (sampling every 2 s).
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(4..=3600))]
     idle_seconds: u64,
@@ -79,10 +84,18 @@ struct Report {
     meter_rounds: u64,
     meter_round_cpu_ms: f64,
     meter_cpu_percent_at_10s: f64,
+    /// The same scaled to 50 idle microVMs (a round's work is per VM), for
+    /// hosts that admit fewer.
+    meter_cpu_percent_at_10s_for_50: f64,
     /// What one snapshot-transfer record costs committed alone: an upper
     /// bound of what metering adds to a launch (the engine puts it in the
     /// RUNNING change's own commit).
     meter_record_ms: Stats,
+    /// RunMicrovm -> RUNNING among the idle microVMs, alternately with the
+    /// meter on and off, and the difference of the medians.
+    launch_meter_on_ms: Stats,
+    launch_meter_off_ms: Stats,
+    launch_meter_added_p50_ms: f64,
     concurrent_runs: u32,
     concurrent_run_to_running_ms: Stats,
 }
@@ -115,6 +128,20 @@ pub async fn api(args: ApiArgs) -> Result<ExitCode> {
         hearth_server::vms::pool::PoolSettings::default()
     };
     let state = hearth_server::start(config).await?;
+    let outcome = run(&state, &args, &data, &rootfs).await;
+    if outcome.is_err() {
+        // Warm-pool slots are QEMUs of their own, which outlive the bench.
+        state.engine.shutdown_pools().await;
+    }
+    outcome
+}
+
+async fn run(
+    state: &Arc<hearth_server::AppState>,
+    args: &ApiArgs,
+    data: &std::path::Path,
+    rootfs: &std::path::Path,
+) -> Result<ExitCode> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?;
     let app = hearth_server::app(state.clone());
@@ -123,7 +150,7 @@ pub async fn api(args: ApiArgs) -> Result<ExitCode> {
 
     progress("importing an image (boot, start the app, snapshot)");
     let imported = hearth_server::images::import::import_image(
-        &data,
+        data,
         &state.store,
         state.engine.driver(),
         &state.config.quotas,
@@ -131,7 +158,7 @@ pub async fn api(args: ApiArgs) -> Result<ExitCode> {
             account_id: account.account_id.clone(),
             image_name: "bench".into(),
             region: "us-east-1".into(),
-            rootfs: rootfs.clone(),
+            rootfs: rootfs.to_path_buf(),
             command: vec![
                 "python3".into(),
                 "-m".into(),
@@ -176,7 +203,7 @@ pub async fn api(args: ApiArgs) -> Result<ExitCode> {
     for i in 0..args.runs {
         progress(&format!("RunMicrovm {}/{}", i + 1, args.runs));
         if !args.pool_empty {
-            wait_pool(&state).await?;
+            wait_pool(state).await?;
         }
         let start = Instant::now();
         let run = client
@@ -249,14 +276,14 @@ pub async fn api(args: ApiArgs) -> Result<ExitCode> {
     let elapsed = started.elapsed().as_secs_f64();
     let throughput = get_samples.len() as f64 / elapsed;
     terminate(&client, &id).await?;
-    let meter = measure_meter(&state, &client, &imported.image_arn, &args).await?;
+    let meter = measure_meter(state, &client, &imported.image_arn, args).await?;
     let launches_after = state.engine.pools.launch_counts();
 
     // Many RunMicrovm calls at once, each to RUNNING.
     let mut concurrent = Vec::new();
     if args.concurrent > 0 {
         if !args.pool_empty {
-            wait_pool(&state).await?;
+            wait_pool(state).await?;
         }
         progress(&format!("{} RunMicrovm calls at once", args.concurrent));
         let mut tasks = Vec::new();
@@ -315,10 +342,17 @@ pub async fn api(args: ApiArgs) -> Result<ExitCode> {
         get_clients: args.clients,
         get_latency_ms: Stats::of(get_samples),
         get_throughput_per_s: throughput,
-        meter_idle_vms: args.idle_vms,
+        meter_idle_vms: meter.idle_vms,
         meter_rounds: meter.rounds,
         meter_round_cpu_ms: meter.round_cpu_ms,
         meter_cpu_percent_at_10s: meter.round_cpu_ms / 10_000.0 * 100.0,
+        meter_cpu_percent_at_10s_for_50: meter.round_cpu_ms / f64::from(meter.idle_vms.max(1))
+            * 50.0
+            / 10_000.0
+            * 100.0,
+        launch_meter_added_p50_ms: meter.launch_on_ms.p50 - meter.launch_off_ms.p50,
+        launch_meter_on_ms: meter.launch_on_ms,
+        launch_meter_off_ms: meter.launch_off_ms,
         meter_record_ms: meter.record_ms,
         concurrent_runs: args.concurrent,
         concurrent_run_to_running_ms: Stats::of(concurrent),
@@ -334,14 +368,20 @@ pub async fn api(args: ApiArgs) -> Result<ExitCode> {
 const METER_BENCH_INTERVAL: Duration = Duration::from_secs(2);
 
 struct MeterFigures {
+    /// The idle microVMs the host admitted.
+    idle_vms: u32,
     rounds: u64,
     round_cpu_ms: f64,
     record_ms: Stats,
+    launch_on_ms: Stats,
+    launch_off_ms: Stats,
 }
 
 /// Runs `idle_vms` microVMs, lets them idle for `idle_seconds` while the meter
 /// samples them, and reads the meter's own CPU counter (thread CPU time of
-/// its rounds); then times the snapshot-transfer record.
+/// its rounds); times launches among them with metering on and off,
+/// alternately (so the machine's changing load falls on both alike); then
+/// times the snapshot-transfer record.
 async fn measure_meter(
     state: &hearth_server::AppState,
     client: &Client,
@@ -349,15 +389,75 @@ async fn measure_meter(
     args: &ApiArgs,
 ) -> Result<MeterFigures> {
     let mut ids = Vec::new();
-    for i in 0..args.idle_vms {
-        progress(&format!("idle microVM {}/{}", i + 1, args.idle_vms));
-        let run = client
+    let started = start_idle(client, image_arn, args.idle_vms, &mut ids).await;
+    let measured = match started {
+        Ok(()) => measure_among(state, client, image_arn, args, &ids).await,
+        Err(err) => Err(err),
+    };
+    // The idle VMs end whatever happened (their QEMUs outlive the bench).
+    for id in &ids {
+        if let Err(err) = terminate(client, id).await {
+            progress(&format!("cannot terminate {id}: {err:#}"));
+        }
+    }
+    let mut measured = measured?;
+    measured.record_ms = time_usage_record(state)?;
+    Ok(measured)
+}
+
+/// Runs up to `count` microVMs to RUNNING, into `ids`. A shared host may not
+/// admit them all: then the last two are ended again, so the launches timed
+/// among them (and their warm-pool slots) are admitted, and the rest are
+/// measured.
+async fn start_idle(
+    client: &Client,
+    image_arn: &str,
+    count: u32,
+    ids: &mut Vec<String>,
+) -> Result<()> {
+    for i in 0..count {
+        progress(&format!("idle microVM {}/{}", i + 1, count));
+        let run = match client
             .call("RunMicrovm", json!({"imageIdentifier": image_arn}))
-            .await?;
+            .await
+        {
+            Ok(run) => run,
+            Err(hearth_client::ClientError::Api { code, .. })
+                if code == "InsufficientCapacityException" =>
+            {
+                for id in ids.split_off(ids.len().saturating_sub(2)) {
+                    terminate(client, &id).await?;
+                }
+                progress(&format!(
+                    "the host admitted {i} idle microVMs: measuring among {}",
+                    ids.len()
+                ));
+                return Ok(());
+            }
+            Err(err) => return Err(err.into()),
+        };
         let id = run["microvmId"].as_str().context("microvmId")?.to_string();
-        wait_for(client, &id, "RUNNING").await?;
+        if let Err(err) = wait_for(client, &id, "RUNNING").await {
+            // A launch can fail on a loaded host (its agent not answering in
+            // time): the VM is left out of the idle ones.
+            progress(&format!("{err:#}: left out"));
+            let _ = terminate(client, &id).await;
+            continue;
+        }
         ids.push(id);
     }
+    Ok(())
+}
+
+/// The meter's CPU over the idle microVMs `ids`, and launches among them
+/// with the meter on and off.
+async fn measure_among(
+    state: &hearth_server::AppState,
+    client: &Client,
+    image_arn: &str,
+    args: &ApiArgs,
+    ids: &[String],
+) -> Result<MeterFigures> {
     progress(&format!(
         "metering {} idle microVMs for {} s",
         ids.len(),
@@ -374,9 +474,78 @@ async fn measure_meter(
     } else {
         (spent_after - spent_before) * 1000.0 / rounds as f64
     };
-    for id in &ids {
-        terminate(client, id).await?;
+    let (mut launch_on, mut launch_off) = (Vec::new(), Vec::new());
+    let mut failed = 0;
+    for i in 0..args.meter_launches {
+        let on = i % 2 == 0;
+        progress(&format!(
+            "RunMicrovm with the meter {} {}/{}",
+            if on { "on" } else { "off" },
+            i + 1,
+            args.meter_launches
+        ));
+        if !args.pool_empty {
+            wait_pool(state).await?;
+        }
+        state.engine.set_metering(on);
+        state.meter.set_paused(!on);
+        let (run, start) = run_when_admitted(client, image_arn).await?;
+        let id = run["microvmId"].as_str().context("microvmId")?.to_string();
+        let reached = wait_for(client, &id, "RUNNING").await;
+        let took = ms(start.elapsed());
+        state.engine.set_metering(true);
+        state.meter.set_paused(false);
+        let ended = terminate(client, &id).await;
+        if let Err(err) = reached {
+            // As for the idle VMs: a failed launch is not timed.
+            failed += 1;
+            progress(&format!("{err:#}: not timed"));
+            if failed > args.meter_launches / 4 {
+                return Err(err.context("too many launches failed"));
+            }
+            continue;
+        }
+        ended?;
+        if on {
+            launch_on.push(took);
+        } else {
+            launch_off.push(took);
+        }
     }
+    Ok(MeterFigures {
+        idle_vms: u32::try_from(ids.len()).unwrap_or(u32::MAX),
+        rounds,
+        round_cpu_ms,
+        record_ms: Stats::of(Vec::new()),
+        launch_on_ms: Stats::of(launch_on),
+        launch_off_ms: Stats::of(launch_off),
+    })
+}
+
+/// RunMicrovm, tried again every 2 s for up to two minutes while the host
+/// has no room (other work on a shared host comes and goes); the run's
+/// answer and when the admitted call started.
+async fn run_when_admitted(client: &Client, image_arn: &str) -> Result<(Value, Instant)> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let start = Instant::now();
+        match client
+            .call("RunMicrovm", json!({"imageIdentifier": image_arn}))
+            .await
+        {
+            Ok(run) => return Ok((run, start)),
+            Err(hearth_client::ClientError::Api { code, .. })
+                if code == "InsufficientCapacityException" && Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            Err(err) => return Err(err.into()),
+        }
+    }
+}
+
+/// What one snapshot-transfer record costs committed on its own.
+fn time_usage_record(state: &hearth_server::AppState) -> Result<Stats> {
     let mut record = Vec::new();
     for _ in 0..50 {
         let now = std::time::SystemTime::now()
@@ -396,11 +565,7 @@ async fn measure_meter(
             }])?;
         record.push(ms(started.elapsed()));
     }
-    Ok(MeterFigures {
-        rounds,
-        round_cpu_ms,
-        record_ms: Stats::of(record),
-    })
+    Ok(Stats::of(record))
 }
 
 async fn axum_serve(listener: tokio::net::TcpListener, app: axum::Router) -> std::io::Result<()> {
@@ -490,9 +655,31 @@ fn print_table(r: &Report) {
         r.get_throughput_per_s
     );
     row("usage record, committed alone", &r.meter_record_ms);
+    row(
+        &format!(
+            "RunMicrovm -> RUNNING, meter on ({} idle)",
+            r.meter_idle_vms
+        ),
+        &r.launch_meter_on_ms,
+    );
+    row(
+        &format!(
+            "RunMicrovm -> RUNNING, meter off ({} idle)",
+            r.meter_idle_vms
+        ),
+        &r.launch_meter_off_ms,
+    );
     println!(
-        "usage meter, {} idle microVMs: {:.2} ms CPU per round ({} rounds), {:.4} % of a core at 10 s",
-        r.meter_idle_vms, r.meter_round_cpu_ms, r.meter_rounds, r.meter_cpu_percent_at_10s
+        "metering adds {:.1} ms to the launch p50",
+        r.launch_meter_added_p50_ms
+    );
+    println!(
+        "usage meter, {} idle microVMs: {:.2} ms CPU per round ({} rounds), {:.4} % of a core at 10 s ({:.4} % for 50)",
+        r.meter_idle_vms,
+        r.meter_round_cpu_ms,
+        r.meter_rounds,
+        r.meter_cpu_percent_at_10s,
+        r.meter_cpu_percent_at_10s_for_50
     );
     if r.concurrent_runs > 0 {
         row(

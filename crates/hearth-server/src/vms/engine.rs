@@ -26,6 +26,7 @@ use crate::db::records::MicrovmRow;
 use crate::db::resources::{MicrovmState, VersionState, VersionStatus};
 use crate::db::spec::{HookCall, RuntimeHook};
 use crate::db::store::{unix_now_ms, Store, StoreError};
+use crate::db::usage::Increment;
 use crate::pricing::UsageType;
 use crate::vms::hooks::{self, HookError};
 use crate::vms::meter;
@@ -76,6 +77,10 @@ pub struct Engine {
     pub pools: WarmPools,
     /// Watch ticks so far.
     ticks: AtomicU64,
+    /// Whether launches, resumes and suspends record their snapshot
+    /// transfers (always in `hearth serve`; `hearth bench api` turns it off
+    /// for half its launches to measure what metering adds).
+    metering: AtomicBool,
 }
 
 impl Engine {
@@ -90,7 +95,23 @@ impl Engine {
             default_egress: AtomicBool::new(true),
             pools: WarmPools::new(PoolSettings::default()),
             ticks: AtomicU64::new(0),
+            metering: AtomicBool::new(true),
         })
+    }
+
+    /// Turns the recording of snapshot transfers on or off (benchmarks).
+    pub fn set_metering(&self, on: bool) {
+        self.metering.store(on, Ordering::Relaxed);
+    }
+
+    /// `transfer` as the increments a state change commits: none while
+    /// metering is off.
+    fn metered(&self, transfer: Increment) -> Vec<Increment> {
+        if self.metering.load(Ordering::Relaxed) {
+            vec![transfer]
+        } else {
+            Vec::new()
+        }
     }
 
     /// Sets the egress of microVMs that name no egress connector.
@@ -499,7 +520,7 @@ impl Engine {
         read: u64,
     ) -> Result<Option<MicrovmState>, crate::db::store::StoreError> {
         let id = row.microvm_id.clone();
-        let transfer = meter::snapshot_transfer(row, UsageType::SnapshotRead, read);
+        let transfer = self.metered(meter::snapshot_transfer(row, UsageType::SnapshotRead, read));
         self.store
             .blocking(move |store| {
                 store.transition_microvm_metered(
@@ -507,7 +528,7 @@ impl Engine {
                     &[MicrovmState::Pending],
                     MicrovmState::Running,
                     None,
-                    &[transfer],
+                    &transfer,
                 )
             })
             .await
@@ -554,11 +575,11 @@ impl Engine {
                     &[MicrovmState::Suspending],
                     MicrovmState::Suspended,
                     None,
-                    &[meter::snapshot_transfer(
+                    &self.metered(meter::snapshot_transfer(
                         &row,
                         UsageType::SnapshotWrite,
                         written,
-                    )],
+                    )),
                 );
                 info!(microvm = %row.microvm_id, "suspended");
             }

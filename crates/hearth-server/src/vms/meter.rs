@@ -64,6 +64,9 @@ pub struct Meter {
     /// CPU time the meter's rounds took, in nanoseconds (for `hearth bench`).
     spent_ns: std::sync::atomic::AtomicU64,
     rounds: std::sync::atomic::AtomicU64,
+    /// Rounds are skipped while set (`hearth bench api` measures launches
+    /// without the meter); the marks stay, so the next round bills the time.
+    paused: std::sync::atomic::AtomicBool,
 }
 
 impl Meter {
@@ -75,7 +78,14 @@ impl Meter {
             figures: Mutex::default(),
             spent_ns: Default::default(),
             rounds: Default::default(),
+            paused: Default::default(),
         })
+    }
+
+    /// Skips the sampler's rounds until resumed (benchmarks).
+    pub fn set_paused(&self, paused: bool) {
+        self.paused
+            .store(paused, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Samples every `interval` until the process ends. Each round runs on
@@ -85,6 +95,9 @@ impl Meter {
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticks.tick().await;
+            if self.paused.load(std::sync::atomic::Ordering::Relaxed) {
+                continue;
+            }
             let egress = self.egress_counters().await;
             let meter = self.clone();
             match tokio::task::spawn_blocking(move || meter.sample_round_with(&egress)).await {

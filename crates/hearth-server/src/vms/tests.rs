@@ -838,6 +838,24 @@ mod metering {
     }
 
     #[tokio::test]
+    async fn with_metering_off_a_launch_records_no_transfer_and_still_runs() {
+        let f = Fixture::new();
+        let snapshot = f.snapshot();
+        f.engine.set_metering(false);
+        f.engine
+            .launch(f.row(1, Pending, spec(3600)), snapshot.clone())
+            .await;
+        assert_eq!(f.state(1), Running);
+        assert!(!totals(&f.store, &f.account, "microvm-1").contains_key(&UsageType::SnapshotRead));
+        // Back on, the next launch records its read again.
+        f.engine.set_metering(true);
+        f.engine
+            .launch(f.row(2, Pending, spec(3600)), snapshot)
+            .await;
+        assert!(totals(&f.store, &f.account, "microvm-2")[&UsageType::SnapshotRead] > 0);
+    }
+
+    #[tokio::test]
     async fn one_accounts_report_never_shows_another() {
         let f = Fixture::paused();
         let other = f.store.create_account("b").unwrap().account_id;
