@@ -758,6 +758,7 @@ def test_a_build_interrupted_by_kill9_runs_again_after_the_restart(hearth, s3, b
     runs the build again from its stored request (finished steps from the step
     cache), and the version it makes works."""
     name, _, _ = built
+    s3 = s3_client(hearth, hearth.account)  # an earlier test's restart moved the API's port
     s3.put_object(Bucket="build-artifacts", Key="app/crash.zip", Body=app_zip("crash"))
     out = hearth.client.update_microvm_image(imageIdentifier=name, baseImageArn=BASE_ARN, buildRoleArn=ROLE,
                                              codeArtifact={"uri": "s3://build-artifacts/app/crash.zip"},
