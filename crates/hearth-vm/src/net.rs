@@ -531,23 +531,20 @@ impl Network {
         }
     }
 
-    /// Bytes the guest has sent out of its namespace since it was made.
+    /// Bytes the guest has sent out of its namespace since it was made: what
+    /// its uplink transmitted, after the namespace's own filter and limits.
+    /// Read from the kernel's interface counters by a thread that enters the
+    /// namespace, not by an `nft` process: the meter asks for every VM each
+    /// round, and a process per VM would cost more than the rest of metering.
     pub async fn egress_bytes(&self, instance: &str) -> Result<u64, NetError> {
-        let out = nft_in(
-            &self.netns_path(instance),
-            &["-j", "list", "counter", "inet", VM_TABLE, "egress"],
-            None,
-            false,
-        )
-        .await?;
-        let json: serde_json::Value =
-            serde_json::from_slice(&out).map_err(|_| NetError::Counter)?;
-        json["nftables"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find_map(|item| item["counter"]["bytes"].as_u64())
-            .ok_or(NetError::Counter)
+        let path = self.netns_path(instance);
+        tokio::task::spawn_blocking(move || {
+            let netns = std::fs::File::open(&path).map_err(|_| NetError::Counter)?;
+            let table = read_net_dev(&netns).map_err(|_| NetError::Counter)?;
+            transmitted_bytes(&table, UPLINK).ok_or(NetError::Counter)
+        })
+        .await
+        .map_err(|_| NetError::Counter)?
     }
 
     /// Deletes instance `instance`'s namespace with everything in it (its
@@ -917,6 +914,39 @@ async fn spawn_with_input(
     Ok(out.stdout)
 }
 
+/// `/proc/net/dev` as seen from inside `netns`: a short-lived thread enters
+/// it (setns moves only the calling thread), as [`open_tap`] does.
+fn read_net_dev(netns: &std::fs::File) -> std::io::Result<String> {
+    use std::os::fd::AsRawFd;
+    let netns = netns.as_raw_fd();
+    std::thread::scope(|scope| {
+        scope
+            .spawn(move || {
+                // SAFETY: setns(2) on a descriptor the caller keeps open; it
+                // moves only this thread, which ends right after.
+                if unsafe { libc::setns(netns, libc::CLONE_NEWNET) } != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                std::fs::read_to_string("/proc/thread-self/net/dev")
+            })
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("counter thread panicked")))
+    })
+}
+
+/// The transmitted bytes of `link` in a `/proc/net/dev` table (per line:
+/// `name: rx_bytes packets errs drop fifo frame compressed multicast
+/// tx_bytes ...`).
+fn transmitted_bytes(table: &str, link: &str) -> Option<u64> {
+    table.lines().find_map(|line| {
+        let (name, counters) = line.split_once(':')?;
+        if name.trim() != link {
+            return None;
+        }
+        counters.split_whitespace().nth(8)?.parse().ok()
+    })
+}
+
 /// Opens the tap of a VM namespace for QEMU (`-netdev tap,fd=N`). The server
 /// opens it, not QEMU: a jailed QEMU has dropped root, and hosts differ in
 /// whether `/dev/net/tun` is open to other users. A tap is found by name in
@@ -964,6 +994,18 @@ pub fn open_tap(netns: &std::fs::File) -> std::io::Result<std::os::fd::OwnedFd> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn transmitted_bytes_come_from_the_links_own_line() {
+        let table = "Inter-|   Receive                                                |  Transmit\n \
+             face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed\n    \
+             lo:     120       2    0    0    0     0          0         0      120       2    0    0    0     0       0          0\n   \
+             up0: 9876543   12000    0    0    0     0          0         0 55555555   40000    0    0    0     0       0          0\n";
+        assert_eq!(transmitted_bytes(table, "up0"), Some(55_555_555));
+        assert_eq!(transmitted_bytes(table, "lo"), Some(120));
+        assert_eq!(transmitted_bytes(table, "tap0"), None);
+        assert_eq!(transmitted_bytes("up0: 1 2 3", "up0"), None);
+    }
 
     #[test]
     fn cidrs_parse_and_bad_ones_are_named() {
