@@ -91,23 +91,38 @@ pub struct ChaosArgs {
     no_vm_network: bool,
 }
 
-/// One kind of work's figures.
+/// One kind of work's figures. State changes and builds count calls; exec
+/// counts execs; endpoint counts rounds of traffic to one microVM (the
+/// requests themselves are in [`Requests`]).
 #[derive(Debug, Default, Serialize)]
 struct KindFigures {
-    /// Answered with success before the kill.
+    /// Answered with success before the kill (endpoint: rounds in which a
+    /// request was answered).
     accepted: usize,
-    /// Accepted and carried out after the restart (state changes: the asked
-    /// state reached; exec: its mark still in the same guest; endpoint: rounds
-    /// whose microVM answered through the proxy again; build: SUCCESSFUL).
+    /// Accepted and carried out after the restart. State changes: the asked
+    /// state reached; build: SUCCESSFUL; exec: its mark still in the same
+    /// guest; endpoint: the same microVM answered through the proxy again.
     carried_out_after_restart: usize,
     /// Builds only: FAILED with a reason naming the restart (allowed).
     failed_naming_restart: usize,
-    /// Accepted but not carried out (target 0).
+    /// Not carried out (target 0). Exec and endpoint: also a round whose
+    /// microVM did not answer exec or its endpoint after the restart.
     lost: usize,
-    /// In flight at the kill, never answered (may fail; not a broken promise).
+    /// In flight at the kill, never answered (may fail; not a broken
+    /// promise). Endpoint: rounds with a request in flight at the kill.
     interrupted: usize,
-    /// Failed while the server was still up (not caused by the kill).
-    failed_before_kill: usize,
+    /// Refused or failed while the server was up (not the kill's doing).
+    refused: usize,
+}
+
+/// The endpoint requests of all rounds.
+#[derive(Debug, Default, Serialize)]
+struct Requests {
+    answered: usize,
+    /// In flight at the kill.
+    interrupted: usize,
+    /// Failed while the server was up.
+    failed: usize,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -121,6 +136,7 @@ struct Report {
     interrupted_ops: usize,
     /// Per kind: run, suspend, resume, terminate, exec, endpoint, build.
     by_kind: HashMap<&'static str, KindFigures>,
+    endpoint_requests: Requests,
     /// Each loss as "round N kind target: what happened".
     lost: Vec<String>,
     /// Calls the live server refused (not losses: never accepted).
@@ -128,6 +144,9 @@ struct Report {
     /// QEMU processes no RUNNING microVM owns (and no live pool slot or build
     /// of the restarted server), after settling (target 0).
     orphaned_processes: usize,
+    /// Network namespaces of the server no live QEMU uses, after settling
+    /// (target 0).
+    orphaned_netns: usize,
     /// clientTokens whose replay named another microVM (target 0).
     duplicate_microvms_per_client_token: usize,
     /// Network namespaces of the server left after every microVM was
@@ -195,7 +214,7 @@ const SETTLED: [&str; 3] = ["RUNNING", "SUSPENDED", "TERMINATED"];
 
 pub async fn chaos(args: ChaosArgs) -> Result<ExitCode> {
     let work = tempfile::Builder::new()
-        .prefix("hc")
+        .prefix("hchaos-")
         .tempdir_in("/tmp")
         .context("temporary directory")?;
     let data = work.path().join("d");
@@ -359,6 +378,15 @@ impl Run {
                 ));
             }
             report.orphaned_processes += orphans.len();
+            if !self.args.no_vm_network {
+                let netns = orphaned_netns(&self.data, &self.args.vm_net_name).await;
+                if !netns.is_empty() {
+                    report
+                        .lost
+                        .push(format!("round {round} orphaned namespaces: {netns:?}"));
+                }
+                report.orphaned_netns += netns.len();
+            }
             trim_fleet(&client, &states, self.args.fleet as usize).await?;
         }
         report.time_to_settle_ms = Stats::of(settle);
@@ -704,7 +732,7 @@ async fn plan_round(
                     "CreateMicrovmAuthToken",
                     json!({
                         "microvmIdentifier": id,
-                        "expirationInMinutes": 600,
+                        "expirationInMinutes": 60,
                         "allowedPorts": [{ "port": APP_PORT }],
                     }),
                 )
@@ -759,7 +787,7 @@ async fn plan_build(client: &Client, round: u32) -> Result<Option<(&'static str,
         "baseImageArn": format!("arn:aws:lambda:{REGION}:aws:microvm-image:debian-12"),
         "buildRoleArn": "arn:aws:iam::000000000000:role/chaos",
         "codeArtifact": {"uri": format!("s3://{BUILD_BUCKET}/{key}")},
-        "resources": [{"minimumMemoryInMiB": 256}],
+        "resources": [{"minimumMemoryInMiB": 512}],
     });
     if operation == "CreateMicrovmImage" {
         input["name"] = json!(BUILD_IMAGE);
@@ -786,9 +814,10 @@ struct Fired {
     /// State changes answered with success.
     changes: Vec<Accepted>,
     /// State-change calls that got no answer.
-    changes_interrupted: usize,
+    /// Kinds of the state-change calls that got no answer.
+    changes_interrupted: Vec<&'static str>,
     /// State-change calls the live server refused (capacity, conflicts).
-    changes_refused: Vec<String>,
+    changes_refused: Vec<(&'static str, String)>,
     target: Option<(String, Endpoint)>,
     io: Interactive,
     build: Option<AcceptedBuild>,
@@ -804,7 +833,7 @@ async fn fire_and_kill(client: &Client, plan: Plan, server: &mut Server, kill_ms
     let changes = futures::future::join_all(plan.changes.into_iter().map(
         |(kind, operation, input, expect, client_token)| async move {
             let id = input["microvmIdentifier"].as_str().map(str::to_string);
-            match client.call(operation, input).await {
+            let answer = match client.call(operation, input).await {
                 Ok(out) => match id.or_else(|| out["microvmId"].as_str().map(str::to_string)) {
                     Some(microvm_id) => Answer::Accepted(Accepted {
                         kind,
@@ -816,7 +845,8 @@ async fn fire_and_kill(client: &Client, plan: Plan, server: &mut Server, kill_ms
                 },
                 Err(_) if killed.load(Ordering::SeqCst) => Answer::Interrupted,
                 Err(err) => Answer::Refused(format!("{operation}: {err}")),
-            }
+            };
+            (kind, answer)
         },
     ));
     let target = plan.target;
@@ -908,7 +938,7 @@ async fn fire_and_kill(client: &Client, plan: Plan, server: &mut Server, kill_ms
     };
     let mut fired = Fired {
         changes: Vec::new(),
-        changes_interrupted: 0,
+        changes_interrupted: Vec::new(),
         changes_refused: Vec::new(),
         target: target.clone(),
         io: Interactive::default(),
@@ -916,11 +946,11 @@ async fn fire_and_kill(client: &Client, plan: Plan, server: &mut Server, kill_ms
         build_interrupted: false,
         build_refused: None,
     };
-    for answer in answers {
+    for (kind, answer) in answers {
         match answer {
             Answer::Accepted(op) => fired.changes.push(op),
-            Answer::Interrupted => fired.changes_interrupted += 1,
-            Answer::Refused(why) => fired.changes_refused.push(why),
+            Answer::Interrupted => fired.changes_interrupted.push(kind),
+            Answer::Refused(why) => fired.changes_refused.push((kind, why)),
             Answer::Skipped => {}
         }
     }
@@ -952,26 +982,31 @@ fn tally_answers(report: &mut Report, fired: &Fired) {
     for op in &fired.changes {
         report.kind(op.kind).accepted += 1;
     }
-    // Unanswered and refused calls are not attributed to a kind by name: the
-    // refusals come from a live server (e.g. no capacity) and are listed.
-    report.kind("state change (any)").interrupted += fired.changes_interrupted;
-    report.kind("state change (any)").failed_before_kill += fired.changes_refused.len();
-    report.refused.extend(fired.changes_refused.iter().cloned());
+    for kind in &fired.changes_interrupted {
+        report.kind(kind).interrupted += 1;
+    }
+    for (kind, why) in &fired.changes_refused {
+        report.kind(kind).refused += 1;
+        report.refused.push(why.clone());
+    }
     report.refused.extend(fired.build_refused.iter().cloned());
     let exec = report.kind("exec");
     if fired.io.exec_mark.is_some() {
         exec.accepted += 1;
     }
     exec.interrupted += usize::from(fired.io.exec_interrupted);
-    exec.failed_before_kill += usize::from(fired.io.exec_failed);
+    exec.refused += usize::from(fired.io.exec_failed);
     let endpoint = report.kind("endpoint");
-    endpoint.accepted += fired.io.requests_answered;
-    endpoint.interrupted += fired.io.requests_interrupted;
-    endpoint.failed_before_kill += fired.io.requests_failed;
+    endpoint.accepted += usize::from(fired.io.requests_answered > 0);
+    endpoint.interrupted += usize::from(fired.io.requests_interrupted > 0);
+    endpoint.refused += usize::from(fired.io.requests_failed > 0);
+    report.endpoint_requests.answered += fired.io.requests_answered;
+    report.endpoint_requests.interrupted += fired.io.requests_interrupted;
+    report.endpoint_requests.failed += fired.io.requests_failed;
     let build = report.kind("build");
     build.accepted += usize::from(fired.build.is_some());
     build.interrupted += usize::from(fired.build_interrupted);
-    build.failed_before_kill += usize::from(fired.build_refused.is_some());
+    build.refused += usize::from(fired.build_refused.is_some());
 }
 
 /// Each accepted state change reached its state; each clientToken still
@@ -1056,7 +1091,10 @@ async fn check_interactive(
     // The token minted before the kill still opens the endpoint.
     let after = server.endpoint(id, before.token().to_string());
     match poll_until_200(&after).await {
-        Ok(()) => report.kind("endpoint").carried_out_after_restart += 1,
+        Ok(()) if io.requests_answered > 0 => {
+            report.kind("endpoint").carried_out_after_restart += 1;
+        }
+        Ok(()) => {}
         Err(err) => report.lose(
             round,
             "endpoint",
@@ -1242,6 +1280,8 @@ struct Qemu {
     /// The directory its command line names under `engine/vms/` (a VM name,
     /// or a warm pool slot's `.pool-ID`).
     dir: String,
+    /// Its instance id (`-name hearth-<instance>`), which names its namespace.
+    instance: String,
     started_ticks: u64,
 }
 
@@ -1285,9 +1325,17 @@ fn qemu_processes(data: &Path) -> Vec<Qemu> {
             let (_, rest) = arg.split_once(&vms)?;
             Some(rest.split('/').next().unwrap_or_default().to_string())
         }) {
+            let instance = argv
+                .iter()
+                .skip_while(|a| *a != "-name")
+                .nth(1)
+                .and_then(|n| n.strip_prefix("hearth-"))
+                .unwrap_or_default()
+                .to_string();
             found.push(Qemu {
                 pid,
                 dir,
+                instance,
                 started_ticks: start_ticks(pid).unwrap_or(0),
             });
         }
@@ -1334,6 +1382,28 @@ fn orphans(data: &Path, running: &HashSet<String>, server_started: u64) -> Vec<S
     found
 }
 
+/// The server's network namespaces no live QEMU uses, seen twice 2 s apart
+/// (one being made for a VM about to start is not counted).
+async fn orphaned_netns(data: &Path, name: &str) -> Vec<String> {
+    let unused = || {
+        let live: HashSet<String> = qemu_processes(data)
+            .into_iter()
+            .map(|q| format!("{name}-{}", q.instance))
+            .collect();
+        netns_named(name)
+            .into_iter()
+            .filter(|ns| !live.contains(ns))
+            .collect::<HashSet<String>>()
+    };
+    let first = unused();
+    if first.is_empty() {
+        return Vec::new();
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let second = unused();
+    first.intersection(&second).cloned().collect()
+}
+
 fn print_table(r: &Report) {
     println!(
         "hearth bench chaos: {} rounds, kill -9 of the server in each",
@@ -1341,7 +1411,7 @@ fn print_table(r: &Report) {
     );
     println!(
         "{:<22} {:>9} {:>11} {:>6} {:>12} {:>12}",
-        "kind", "accepted", "carried out", "lost", "interrupted", "failed live"
+        "kind", "accepted", "carried out", "lost", "interrupted", "refused"
     );
     let mut kinds: Vec<_> = r.by_kind.iter().collect();
     kinds.sort_by_key(|(kind, _)| *kind);
@@ -1356,7 +1426,7 @@ fn print_table(r: &Report) {
         };
         println!(
             "{:<22} {:>9} {:>11} {:>6} {:>12} {:>12}",
-            kind, k.accepted, carried, k.lost, k.interrupted, k.failed_before_kill
+            kind, k.accepted, carried, k.lost, k.interrupted, k.refused
         );
     }
     println!("accepted operations            {:>8}", r.accepted_ops);
@@ -1366,6 +1436,11 @@ fn print_table(r: &Report) {
     );
     println!("lost                           {:>8}", r.lost_ops);
     println!("interrupted (never answered)   {:>8}", r.interrupted_ops);
+    let q = &r.endpoint_requests;
+    println!(
+        "endpoint requests              {:>8} answered, {} interrupted, {} failed live",
+        q.answered, q.interrupted, q.failed
+    );
     println!("orphaned QEMU processes        {:>8}", r.orphaned_processes);
     println!(
         "duplicate microVMs per token   {:>8}",
