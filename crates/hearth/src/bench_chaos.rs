@@ -156,8 +156,10 @@ struct Report {
     unsettled_rounds: u32,
     /// From starting the server again to every microVM settled.
     time_to_settle_ms: Stats,
-    /// From starting the server again to the accepted build's end.
-    build_settle_ms: Stats,
+    /// From a build's acceptance to its end, over however many kills.
+    build_seconds: Stats,
+    /// Kills of the server that fell in the middle of an accepted build.
+    builds_killed_mid_run: usize,
     kill_after_ms: Stats,
 }
 
@@ -196,6 +198,10 @@ struct Accepted {
 #[derive(Debug, Clone)]
 struct AcceptedBuild {
     version: String,
+    round: u32,
+    accepted_at: Instant,
+    /// Kills of the server while it was unfinished.
+    kills: usize,
 }
 
 /// What the round's exec and endpoint traffic did before and at the kill.
@@ -316,7 +322,9 @@ impl Run {
             ..Report::default()
         };
         let mut settle = Vec::new();
-        let mut build_settle = Vec::new();
+        let mut build_seconds = Vec::new();
+        // At most one build in flight; it may span rounds (and kills).
+        let mut pending: Option<AcceptedBuild> = None;
         let mut kills = Vec::new();
         self.start_server().await?;
         if !self.args.no_builds {
@@ -356,15 +364,26 @@ impl Run {
             if let Some(target) = &fired.target {
                 check_interactive(&mut report, &client, server, round, target, &fired.io).await;
             }
+            if let Some(mut build) = pending.take() {
+                build.kills += 1;
+                report.builds_killed_mid_run += 1;
+                pending = Some(build);
+            }
             if let Some(build) = &fired.build {
-                let ended = wait_build(
-                    &client,
-                    &build.version,
-                    Duration::from_secs(self.args.build_timeout),
-                )
-                .await?;
-                build_settle.push(ms(restarted.elapsed()));
-                judge_build(&mut report, round, build, ended);
+                pending = Some(AcceptedBuild {
+                    round,
+                    ..build.clone()
+                });
+            }
+            // Ended already? (Else it runs on into the next rounds.)
+            if let Some(build) = pending.take() {
+                match wait_build(&client, &build.version, Duration::ZERO).await? {
+                    Some(ended) => {
+                        build_seconds.push(build.accepted_at.elapsed().as_secs_f64());
+                        judge_build(&mut report, &build, Some(ended));
+                    }
+                    None => pending = Some(build),
+                }
             }
             let running: HashSet<String> = states
                 .iter()
@@ -389,8 +408,21 @@ impl Run {
             }
             trim_fleet(&client, &states, self.args.fleet as usize).await?;
         }
+        if let Some(build) = pending.take() {
+            progress(&format!(
+                "waiting for the build of version {}",
+                build.version
+            ));
+            let client = self.server()?.client(&account)?;
+            let timeout = Duration::from_secs(self.args.build_timeout);
+            let ended = wait_build(&client, &build.version, timeout).await?;
+            if ended.is_some() {
+                build_seconds.push(build.accepted_at.elapsed().as_secs_f64());
+            }
+            judge_build(&mut report, &build, ended);
+        }
         report.time_to_settle_ms = Stats::of(settle);
-        report.build_settle_ms = Stats::of(build_settle);
+        report.build_seconds = Stats::of(build_seconds);
         report.kill_after_ms = Stats::of(kills);
         // Terminated through the API, so the server takes down their networks.
         if let Ok(client) = self.server()?.client(&account) {
@@ -911,6 +943,9 @@ async fn fire_and_kill(client: &Client, plan: Plan, server: &mut Server, kill_ms
             Ok(out) => match out["imageVersion"].as_str() {
                 Some(version) => Answer::Accepted(AcceptedBuild {
                     version: version.to_string(),
+                    round: 0,
+                    accepted_at: Instant::now(),
+                    kills: 0,
                 }),
                 None => Answer::Refused(format!("{operation}: no imageVersion in {out}")),
             },
@@ -1148,12 +1183,8 @@ async fn wait_build(
     }
 }
 
-fn judge_build(
-    report: &mut Report,
-    round: u32,
-    build: &AcceptedBuild,
-    ended: Option<(String, String)>,
-) {
+fn judge_build(report: &mut Report, build: &AcceptedBuild, ended: Option<(String, String)>) {
+    let round = build.round;
     match ended {
         Some((state, _)) if state == "SUCCESSFUL" => {
             report.kind("build").carried_out_after_restart += 1;
@@ -1164,7 +1195,10 @@ fn judge_build(
         Some((state, reason)) => report.lose(
             round,
             "build",
-            format!("version {}: ended {state} ({reason})", build.version),
+            format!(
+                "version {}: ended {state} ({reason}) after {} kills",
+                build.version, build.kills
+            ),
         ),
         None => report.lose(
             round,
@@ -1446,6 +1480,11 @@ fn print_table(r: &Report) {
         "duplicate microVMs per token   {:>8}",
         r.duplicate_microvms_per_client_token
     );
+    println!("orphaned namespaces            {:>8}", r.orphaned_netns);
+    println!(
+        "kills in the middle of a build {:>8}",
+        r.builds_killed_mid_run
+    );
     println!(
         "namespaces left at the end     {:>8}",
         r.leftover_netns_at_end
@@ -1453,7 +1492,7 @@ fn print_table(r: &Report) {
     println!("rounds not settled in time     {:>8}", r.unsettled_rounds);
     for (name, s) in [
         ("time to settle, ms", &r.time_to_settle_ms),
-        ("build ended after restart, ms", &r.build_settle_ms),
+        ("build accepted to ended, s", &r.build_seconds),
         ("kill after the calls, ms", &r.kill_after_ms),
     ] {
         println!(
