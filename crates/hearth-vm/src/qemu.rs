@@ -1721,20 +1721,31 @@ impl Driver for QemuDriver {
         let uri = format!("file:{}", state_file.display());
         let loaded = async {
             qmp.set_ignore_shared(lean.is_some()).await?;
-            qmp.migrate_incoming_and_wait(&uri, MIGRATION_TIMEOUT)
-                .await?;
-            qmp.cont().await
+            qmp.migrate_incoming_and_wait(&uri, MIGRATION_TIMEOUT).await
         }
-        .await;
-        if let Err(err) = loaded {
-            let err = self.qemu_failure(&running, err);
+        .await
+        .map_err(|err| self.qemu_failure(&running, err));
+        // Recorded running while the loaded guest is still paused: from
+        // `cont` on it writes into its RAM file, which after a lean suspend
+        // is the saved state's own, so the saved state is whole no more. A
+        // crash from here on is recovered by continuing this process
+        // (reconcile), never by resuming again from the consumed state.
+        let continued = match loaded.and_then(|()| self.save(&running)) {
+            Ok(()) => qmp
+                .cont()
+                .await
+                .map_err(|err| self.qemu_failure(&running, err)),
+            Err(err) => Err(err),
+        };
+        if let Err(err) = continued {
             self.stop_process(&running).await;
+            // The guest never ran: the saved state is still whole.
+            let _ = self.save(vm);
             if let Some(ram) = &fresh_ram {
                 let _ = std::fs::remove_file(ram);
             }
             return Err(err);
         }
-        self.save(&running)?;
         *vm = running;
         let _ = std::fs::remove_file(&state_file);
         let loaded_at = start.elapsed();

@@ -89,6 +89,9 @@ pub struct ChaosArgs {
     /// Give the microVMs no network (no namespaces at all).
     #[arg(long)]
     no_vm_network: bool,
+    /// Keep the servers' log here (the data directory goes at the end).
+    #[arg(long, value_name = "FILE")]
+    server_log: Option<PathBuf>,
 }
 
 /// One kind of work's figures. State changes and builds count calls; exec
@@ -237,6 +240,11 @@ pub async fn chaos(args: ChaosArgs) -> Result<ExitCode> {
         () = crate::signals::interrupted() => Err(anyhow::anyhow!("interrupted")),
     };
     let leftover_netns = run.clean_up().await;
+    if let Some(keep) = &run.args.server_log {
+        if let Err(err) = std::fs::copy(run.data.join("chaos-serve.log"), keep) {
+            progress(&format!("cannot keep the server log: {err}"));
+        }
+    }
     let mut report = outcome?;
     report.leftover_netns_at_end = leftover_netns;
     report.total();
