@@ -217,6 +217,9 @@ struct Interactive {
     requests_answered: usize,
     requests_interrupted: usize,
     requests_failed: usize,
+    /// Why the first of them failed.
+    request_failure: Option<String>,
+    exec_failure: Option<String>,
 }
 
 const SETTLED: [&str; 3] = ["RUNNING", "SUSPENDED", "TERMINATED"];
@@ -915,28 +918,31 @@ async fn fire_and_kill(client: &Client, plan: Plan, server: &mut Server, kill_ms
         let Some((_, endpoint)) = &target else {
             return io;
         };
-        let mut sender = None;
         while !killed.load(Ordering::SeqCst) {
+            // A new connection per request: the app (python's http.server,
+            // HTTP/1.0) closes each one after its response.
             let ok = async {
-                let mut current = match sender.take() {
-                    Some(s) => s,
-                    None => endpoint.connect().await?,
-                };
-                current.ready().await?;
-                let response = current.send_request(endpoint.request("/")?).await?;
+                let mut sender = endpoint.connect().await?;
+                sender.ready().await?;
+                let response = sender.send_request(endpoint.request("/")?).await?;
                 let status = response.status();
                 response.into_body().collect().await?;
                 if status != http::StatusCode::OK {
                     bail!("answered {status}");
                 }
-                sender = Some(current);
                 Ok::<(), anyhow::Error>(())
             };
             match tokio::time::timeout(Duration::from_secs(30), ok).await {
                 Ok(Ok(())) => io.requests_answered += 1,
                 _ if killed.load(Ordering::SeqCst) => io.requests_interrupted += 1,
-                _ => {
+                failed => {
                     io.requests_failed += 1;
+                    if io.request_failure.is_none() {
+                        io.request_failure = Some(match failed {
+                            Ok(Err(err)) => format!("endpoint request: {err:#}"),
+                            _ => "endpoint request: no answer within 30 s".into(),
+                        });
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
@@ -1000,7 +1006,10 @@ async fn fire_and_kill(client: &Client, plan: Plan, server: &mut Server, kill_ms
     match exec {
         Answer::Accepted(mark) => io.exec_mark = Some(mark),
         Answer::Interrupted => io.exec_interrupted = true,
-        Answer::Refused(_) => io.exec_failed = true,
+        Answer::Refused(why) => {
+            io.exec_failed = true;
+            io.exec_failure = Some(format!("exec: {why}"));
+        }
         Answer::Skipped => {}
     }
     fired.io = io;
@@ -1033,6 +1042,10 @@ fn tally_answers(report: &mut Report, fired: &Fired) {
         report.refused.push(why.clone());
     }
     report.refused.extend(fired.build_refused.iter().cloned());
+    report.refused.extend(fired.io.exec_failure.iter().cloned());
+    report
+        .refused
+        .extend(fired.io.request_failure.iter().cloned());
     let exec = report.kind("exec");
     if fired.io.exec_mark.is_some() {
         exec.accepted += 1;
