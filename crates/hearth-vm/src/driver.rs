@@ -147,6 +147,10 @@ pub trait Driver: Send + Sync + std::fmt::Debug {
     /// Removes the per-VM resource groups (cgroups) no live VM process uses,
     /// left by a crash; called by reconcile after strays are killed.
     fn remove_stale_cgroups(&self) {}
+    /// Removes the per-VM network namespaces no live VM process uses, left by
+    /// a crash between making one and starting its QEMU; called by reconcile
+    /// after strays are killed, before anything new starts.
+    fn remove_stale_networks(&self) {}
     /// Removes what is left of a VM whose record cannot be read.
     fn discard(&self, name: &str) -> Result<(), VmError>;
 

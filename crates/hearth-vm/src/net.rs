@@ -411,6 +411,24 @@ impl Network {
         format!("{}{instance}", self.config.netns_prefix)
     }
 
+    /// The instances that have a namespace of this network's prefix.
+    pub fn instances(&self) -> Vec<String> {
+        std::fs::read_dir("/run/netns")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|entry| {
+                let name = entry.file_name();
+                let instance = name
+                    .to_str()?
+                    .strip_prefix(&self.config.netns_prefix)?
+                    .to_string();
+                (!instance.is_empty() && instance.chars().all(|c| c.is_ascii_alphanumeric()))
+                    .then_some(instance)
+            })
+            .collect()
+    }
+
     /// The namespace's file, which QEMU `setns`es into.
     pub fn netns_path(&self, instance: &str) -> PathBuf {
         PathBuf::from("/run/netns").join(self.netns_name(instance))

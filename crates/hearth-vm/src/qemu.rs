@@ -5,6 +5,7 @@
 //! change, so another process can find the VM and a crash leaves a record that
 //! says what was intended.
 
+use std::collections::HashSet;
 use std::ffi::OsString;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -226,6 +227,52 @@ impl QemuDriver {
         if let Some(network) = &self.network {
             network.remove(instance);
         }
+    }
+
+    /// Every live QEMU process that runs a VM of this driver's state
+    /// directory, with what its command line claims (instance, VM, RAM file).
+    fn claims(&self) -> Vec<(u32, QemuClaim)> {
+        // Only what hearth itself started counts: a process of this user (any
+        // local user can name a process like QEMU; another user's is ignored)
+        // whose command line names `-name hearth-<instance>` and runs from a
+        // directory directly under `vms`. Its RAM file is reported only when it
+        // is `<instance>.ram` in the RAM directory, resolved: reconcile kills
+        // what this returns and deletes that file, nothing else. The record is
+        // not required to name the instance: a crash between QEMU's start and
+        // the record's update (a resume) must not leave a QEMU no one ends.
+        let vms = canonical_or_self(&self.assets.vms_dir());
+        let ram_dir = canonical_or_self(&self.assets.ram_dir);
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        let mut found = Vec::new();
+        for entry in entries.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            // Jailed: a uid of the jail's range (root), or this user's.
+            if !process_uids(&entry.path())
+                .is_some_and(|uids| uids.iter().all(|u| self.jail.owns_uid(*u)))
+            {
+                continue;
+            }
+            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
+            let args: Vec<String> = cmdline
+                .split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            let Some(claim) = QemuClaim::parse(&args, &vms, &ram_dir) else {
+                continue;
+            };
+            found.push((pid, claim));
+        }
+        found
     }
 
     /// The cgroup configuration VMs are confined with, if any.
@@ -1072,51 +1119,14 @@ impl Driver for QemuDriver {
     /// outlive the process that started them, so after a crash this is how
     /// strays are found.
     fn processes(&self) -> Vec<VmProcess> {
-        // Only what hearth itself started counts: a process of this user (any
-        // local user can name a process like QEMU; another user's is ignored)
-        // whose command line names `-name hearth-<instance>` and runs from a
-        // directory directly under `vms`. Its RAM file is reported only when it
-        // is `<instance>.ram` in the RAM directory, resolved: reconcile kills
-        // what this returns and deletes that file, nothing else. The record is
-        // not required to name the instance: a crash between QEMU's start and
-        // the record's update (a resume) must not leave a QEMU no one ends.
-        let vms = canonical_or_self(&self.assets.vms_dir());
-        let ram_dir = canonical_or_self(&self.assets.ram_dir);
-        let Ok(entries) = std::fs::read_dir("/proc") else {
-            return Vec::new();
-        };
-        let mut found = Vec::new();
-        for entry in entries.flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            // Jailed: a uid of the jail's range (root), or this user's.
-            if !process_uids(&entry.path())
-                .is_some_and(|uids| uids.iter().all(|u| self.jail.owns_uid(*u)))
-            {
-                continue;
-            }
-            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-                continue;
-            };
-            let args: Vec<String> = cmdline
-                .split(|b| *b == 0)
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-                .collect();
-            let Some(claim) = QemuClaim::parse(&args, &vms, &ram_dir) else {
-                continue;
-            };
-            found.push(VmProcess {
+        self.claims()
+            .into_iter()
+            .map(|(pid, claim)| VmProcess {
                 pid,
                 vm: claim.vm,
                 ram: claim.ram,
-            });
-        }
-        found
+            })
+            .collect()
     }
 
     /// Kills a process found by [`Self::processes`] and removes its RAM file.
@@ -1161,6 +1171,30 @@ impl Driver for QemuDriver {
             Some(config) => VmCgroup::open(config, &vm.instance).usage().ok(),
             // Without cgroups (a server without root): the process's own.
             None => crate::usage::process_usage(vm.pid?),
+        }
+    }
+
+    fn remove_stale_networks(&self) {
+        let Some(network) = &self.network else {
+            return;
+        };
+        let live: HashSet<String> = self
+            .claims()
+            .into_iter()
+            .map(|(_, claim)| claim.instance)
+            .collect();
+        let mut removed = 0;
+        for instance in network.instances() {
+            if !live.contains(&instance) {
+                network.remove(&instance);
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            info!(
+                removed,
+                "removed the network namespaces of VMs that no longer run"
+            );
         }
     }
 
@@ -1687,20 +1721,31 @@ impl Driver for QemuDriver {
         let uri = format!("file:{}", state_file.display());
         let loaded = async {
             qmp.set_ignore_shared(lean.is_some()).await?;
-            qmp.migrate_incoming_and_wait(&uri, MIGRATION_TIMEOUT)
-                .await?;
-            qmp.cont().await
+            qmp.migrate_incoming_and_wait(&uri, MIGRATION_TIMEOUT).await
         }
-        .await;
-        if let Err(err) = loaded {
-            let err = self.qemu_failure(&running, err);
+        .await
+        .map_err(|err| self.qemu_failure(&running, err));
+        // Recorded running while the loaded guest is still paused: from
+        // `cont` on it writes into its RAM file, which after a lean suspend
+        // is the saved state's own, so the saved state is whole no more. A
+        // crash from here on is recovered by continuing this process
+        // (reconcile), never by resuming again from the consumed state.
+        let continued = match loaded.and_then(|()| self.save(&running)) {
+            Ok(()) => qmp
+                .cont()
+                .await
+                .map_err(|err| self.qemu_failure(&running, err)),
+            Err(err) => Err(err),
+        };
+        if let Err(err) = continued {
             self.stop_process(&running).await;
+            // The guest never ran: the saved state is still whole.
+            let _ = self.save(vm);
             if let Some(ram) = &fresh_ram {
                 let _ = std::fs::remove_file(ram);
             }
             return Err(err);
         }
-        self.save(&running)?;
         *vm = running;
         let _ = std::fs::remove_file(&state_file);
         let loaded_at = start.elapsed();

@@ -145,7 +145,17 @@ pub(crate) struct Endpoint {
 }
 
 impl Endpoint {
-    fn request(&self, path: &str) -> Result<http::Request<Empty<Bytes>>> {
+    /// Requests to `host` (`<microvm-id>.<domain>:<port>`) through the proxy at `proxy`.
+    pub(crate) fn new(proxy: SocketAddr, host: String, token: String) -> Self {
+        Self { proxy, host, token }
+    }
+
+    /// The token requests carry.
+    pub(crate) fn token(&self) -> &str {
+        &self.token
+    }
+
+    pub(crate) fn request(&self, path: &str) -> Result<http::Request<Empty<Bytes>>> {
         http::Request::get(path)
             .header(http::header::HOST, &self.host)
             .header(hearth_proxy::AUTH_HEADER, &self.token)
@@ -154,7 +164,7 @@ impl Endpoint {
     }
 
     /// A new HTTP/1.1 keep-alive connection to the proxy.
-    async fn connect(&self) -> Result<SendRequest<Empty<Bytes>>> {
+    pub(crate) async fn connect(&self) -> Result<SendRequest<Empty<Bytes>>> {
         let tcp = tokio::net::TcpStream::connect(self.proxy).await?;
         tcp.set_nodelay(true)?;
         let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;

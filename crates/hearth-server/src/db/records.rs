@@ -275,6 +275,10 @@ pub struct NewVersion {
     pub fingerprint: String,
     /// CreateMicrovmImage (the name must be new) or UpdateMicrovmImage (it must exist).
     pub create: bool,
+    /// The stored request is whole (no build arguments): after a restart
+    /// interrupts the build it runs again. Recorded with the build, so no
+    /// crash can fall between the two.
+    pub restartable: bool,
 }
 
 /// The version and build a [`NewVersion`] became.
@@ -533,6 +537,12 @@ impl Store {
                 now
             ],
         )?;
+        if new.restartable {
+            tx.execute(
+                "UPDATE builds SET restartable = 1 WHERE build_id = ?1",
+                params![build_id],
+            )?;
+        }
         idempotency_record(
             &tx,
             &new.account_id,
@@ -1276,6 +1286,7 @@ mod tests {
                     client_token: None,
                     fingerprint: String::new(),
                     create: true,
+                    restartable: false,
                 },
                 &Quotas::default(),
             )
@@ -1393,12 +1404,13 @@ mod tests {
                     account_id: account.clone(),
                     image_name: "other".into(),
                     memory_mib: spec.memory_mib(),
-                    spec,
+                    spec: spec.clone(),
                     architecture: "X86_64".into(),
                     chipset: "INTEL".into(),
                     client_token: None,
                     fingerprint: String::new(),
                     create: true,
+                    restartable: false,
                 },
                 &quota,
             )
@@ -1408,6 +1420,30 @@ mod tests {
             .build_started(&account, &partial.build_id)
             .expect("started");
         assert!(!store.requeue_build(&partial.build_id).expect("requeue"));
+        // Marked restartable with the version itself (no separate step a
+        // crash could fall before).
+        let recorded = store
+            .start_version(
+                &NewVersion {
+                    account_id: account.clone(),
+                    image_name: "third".into(),
+                    memory_mib: spec.memory_mib(),
+                    spec,
+                    architecture: "X86_64".into(),
+                    chipset: "INTEL".into(),
+                    client_token: None,
+                    fingerprint: String::new(),
+                    create: true,
+                    restartable: true,
+                },
+                &quota,
+            )
+            .expect("store")
+            .expect("recorded");
+        store
+            .build_started(&account, &recorded.build_id)
+            .expect("started");
+        assert!(store.requeue_build(&recorded.build_id).expect("requeue"));
         let sizes = SnapshotSizes {
             memory_snapshot_size_in_bytes: 1,
             disk_snapshot_size_in_bytes: 1,

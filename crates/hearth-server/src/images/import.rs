@@ -145,6 +145,7 @@ pub async fn import_image(
             client_token: None,
             fingerprint: String::new(),
             create,
+            restartable: false,
         },
         quotas,
     )?;
@@ -461,6 +462,7 @@ mod reap_tests {
                     client_token: None,
                     fingerprint: String::new(),
                     create: true,
+                    restartable: false,
                 },
                 &Quotas::default(),
             )

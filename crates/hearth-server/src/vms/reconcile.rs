@@ -254,6 +254,9 @@ impl Engine {
         // The cgroups of VMs that ended while no server ran (a crash, a
         // host-side kill): no process holds them any more.
         self.driver.remove_stale_cgroups();
+        // Likewise network namespaces made for a VM whose QEMU never started
+        // (a crash in between) or whose VM went above.
+        self.driver.remove_stale_networks();
         for work in deferred {
             self.start_deferred(work);
         }

@@ -655,6 +655,7 @@ async fn reconcile_launches_an_interrupted_launch_again_from_its_snapshot() {
                 client_token: None,
                 fingerprint: String::new(),
                 create: true,
+                restartable: false,
             },
             &Quotas::default(),
         )

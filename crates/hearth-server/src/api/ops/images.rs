@@ -573,6 +573,12 @@ pub(super) fn create_or_update(
                 client_token: string(input, "clientToken").map(str::to_string),
                 fingerprint: fingerprint(input),
                 create,
+                // After a crash the build runs again from its stored request,
+                // which holds everything but build arguments.
+                restartable: input
+                    .get(BUILD_ARGS_MEMBER)
+                    .and_then(Value::as_object)
+                    .is_none_or(|args| args.is_empty()),
             },
             &state.config.quotas,
         )
@@ -608,18 +614,6 @@ pub(super) fn create_or_update(
         }
     }
     if !started.replayed {
-        // Persisted before the answer: after a crash the build runs again
-        // from its stored request, which holds everything but build arguments.
-        if input
-            .get(BUILD_ARGS_MEMBER)
-            .and_then(Value::as_object)
-            .is_none_or(|args| args.is_empty())
-        {
-            state
-                .store
-                .allow_build_restart(&started.build_id)
-                .map_err(internal)?;
-        }
         state.builds.spawn(BuildJob {
             account_id: caller.account_id.clone(),
             image_name: name.clone(),
