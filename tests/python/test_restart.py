@@ -209,3 +209,62 @@ def test_kill9_mid_launch_mid_resume_mid_terminate_carries_each_out(fleet, delay
     finally:
         stop_server(proc)
         kill_qemu_under(f"{data}/")
+
+
+def test_a_process_named_like_hearths_qemu_is_left_alone_by_a_restart(fleet, tmp_path):
+    """Any local user can start a process whose command line reads like one of
+    hearth's QEMUs, pointing its RAM file at something worth deleting. A
+    restarted server (which kills stray QEMUs and deletes their RAM files as
+    root) must neither kill such a process nor delete that file: only
+    processes of the jail's uids are hearth's."""
+    import os
+    import pathlib
+    import signal
+    import subprocess
+
+    data, account = fleet["data_dir"], fleet["account"]
+    ram_dir = pathlib.Path(os.environ["HEARTH_RAM_DIR"])
+    ram_dir.mkdir(parents=True, exist_ok=True)
+    vm_dir = pathlib.Path(data) / "engine" / "vms" / "impostor"
+    vm_dir.mkdir(parents=True, exist_ok=True)
+    # The two files a claim would delete: the RAM file at the exact name a
+    # claimed instance's would have, and an outside file behind a hostile path.
+    ram_victim = ram_dir / "0badc0de0badc0de.ram"
+    ram_victim.write_text("precious")
+    outside = tmp_path / "shadow"
+    outside.write_text("precious")
+    crafted = []
+    escape = str(ram_dir) + "/.." * (len(ram_dir.parts) - 1) + str(outside)
+    for mem_path in (ram_victim, escape):
+        # sh runs the sleep (and stays, for the trailing `:`); argv[0] and the
+        # rest are what /proc shows.
+        argv = ["qemu-system-x86_64", "-c", "sleep 600; :",
+                "-name", "hearth-0badc0de0badc0de",
+                "-object", f"memory-backend-file,id=mem,size=256M,mem-path={mem_path},share=on",
+                "-serial", f"file:{vm_dir}/console.log"]
+        crafted.append(subprocess.Popen(argv, executable="/bin/sh", user=65534, group=65534,
+                                        start_new_session=True, stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    try:
+        time.sleep(0.5)
+        assert all(p.poll() is None for p in crafted), "the crafted processes did not start"
+        cmdline = pathlib.Path(f"/proc/{crafted[0].pid}/cmdline").read_bytes().split(b"\0")
+        assert cmdline[0] == b"qemu-system-x86_64" and b"-name" in cmdline, cmdline
+        proc, url = start_server(data, *FAST_RATES)
+        try:
+            client = client_for({"url": url, "data_dir": data}, account)
+            # Reconcile has run once the API answers; give it a moment more.
+            vm = client.run_microvm(imageIdentifier="fleet")["microvmId"]
+            wait_for_state(client, vm, "RUNNING", timeout=180)
+            client.terminate_microvm(microvmIdentifier=vm)
+            wait_for_state(client, vm, "TERMINATED", timeout=120)
+        finally:
+            stop_server(proc)
+        assert all(p.poll() is None for p in crafted), "a restart killed a process it does not own"
+        assert ram_victim.read_text() == "precious"
+        assert outside.read_text() == "precious"
+    finally:
+        for p in crafted:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=10)
+        ram_victim.unlink(missing_ok=True)
