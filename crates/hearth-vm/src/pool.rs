@@ -23,7 +23,7 @@ use tracing::warn;
 
 use crate::agent::AgentClient;
 use crate::driver::{Driver, VmError};
-use crate::qemu::{new_instance_id, QemuDriver};
+use crate::qemu::{new_instance_id, BootGuard, QemuDriver};
 use crate::qmp::Qmp;
 use crate::record::{validate_name, VmRecord, POOL_SLOT_PREFIX};
 use crate::slot::Prewarmed;
@@ -34,6 +34,13 @@ impl QemuDriver {
     pub(crate) async fn prewarm_slot(&self, snapshot: &Snapshot) -> Result<Prewarmed, VmError> {
         let name = format!("{POOL_SLOT_PREFIX}{}", new_instance_id());
         let (vm, mut qmp) = self.prepare_clone(snapshot, &name, true, true).await?;
+        // Ends the slot's QEMU if this future is dropped mid-way (a server
+        // shutting down while it refills): nothing else knows of it yet.
+        let mut guard = BootGuard {
+            network: self.network().cloned(),
+            process: vm.pid.map(|pid| (pid, vm.instance.clone())),
+            paths: vec![vm.dir.clone()],
+        };
         let warmed = async {
             let agent = self.restore_clone(&vm, &mut qmp, snapshot).await?;
             // One command translates the guest's exec path into QEMU's cache.
@@ -47,6 +54,7 @@ impl QemuDriver {
             Ok::<_, VmError>(agent)
         }
         .await;
+        guard.disarm();
         match warmed {
             Ok(agent) => Ok(Prewarmed { vm, agent, qmp }),
             Err(err) => {

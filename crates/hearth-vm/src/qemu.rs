@@ -2138,17 +2138,17 @@ fn canonical_or_self(path: &Path) -> PathBuf {
 /// Ends a booting VM's QEMU and removes its files unless disarmed: on an error,
 /// and when the boot future is dropped before it finishes (a cancelled build,
 /// an interrupted `hearth vm boot`), so a failed boot leaves no process behind.
-struct BootGuard {
+pub(crate) struct BootGuard {
     /// Where the VM's network namespace is to be deleted from.
-    network: Option<Arc<Network>>,
+    pub(crate) network: Option<Arc<Network>>,
     /// QEMU's pid and the instance id that identifies it in `/proc`.
-    process: Option<(u32, String)>,
+    pub(crate) process: Option<(u32, String)>,
     /// The VM's directory, RAM file and disk overlay.
-    paths: Vec<PathBuf>,
+    pub(crate) paths: Vec<PathBuf>,
 }
 
 impl BootGuard {
-    fn disarm(&mut self) {
+    pub(crate) fn disarm(&mut self) {
         self.process = None;
         self.paths.clear();
     }

@@ -238,6 +238,35 @@ impl Engine {
         for slot in self.pools.drain_all() {
             self.driver.discard_prewarmed(slot).await;
         }
+        // Slots never outlive the server (a restart starts its pools afresh),
+        // so any slot QEMU the bookkeeping no longer holds ends here too. A
+        // slot launched as a microVM runs from the same directory, named by
+        // the microVM's link: those stay.
+        let launched: std::collections::HashSet<String> = self
+            .driver
+            .vm_names()
+            .into_iter()
+            .filter(|name| !hearth_vm::is_pool_slot_name(name))
+            .filter_map(|name| self.driver.load(&name).ok())
+            .filter_map(|vm| Some(vm.dir.file_name()?.to_string_lossy().into_owned()))
+            .collect();
+        let mut ended = Vec::new();
+        for process in self.driver.processes() {
+            if hearth_vm::is_pool_slot_name(&process.vm) && !launched.contains(&process.vm) {
+                warn!(vm = %process.vm, pid = process.pid, "ending a warm pool slot no pool holds");
+                self.driver.kill_process(&process);
+                ended.push(process.pid);
+            }
+        }
+        // SIGKILL is not instant (a QEMU unmaps its memory first): wait a
+        // little so that whoever called this finds them gone.
+        for _ in 0..50 {
+            let alive = self.driver.processes();
+            if !alive.iter().any(|p| ended.contains(&p.pid)) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Runs forever: keeps the warm pools at their targets (one slot at a
