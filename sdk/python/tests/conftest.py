@@ -65,6 +65,9 @@ def server(tmp_path_factory):
         suite.kill_qemu_under(f"{base}/")
         suite.kill_qemu_under(f"{data_dir}/")
         suite.kill_qemu_under(f"{ram_dir}/")
+        # The server's VM networks (namespaces, its nft table): this session
+        # has no tests/python session fixture to remove them.
+        suite.remove_test_network()
         shutil.rmtree(ram_dir, ignore_errors=True)
         shutil.rmtree(data_dir, ignore_errors=True)
         for key, value in saved.items():
