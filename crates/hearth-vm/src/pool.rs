@@ -346,6 +346,13 @@ async fn prepare_slot(shared: &Shared, name: &str) -> Result<Slot, VmError> {
             agent: None,
         });
     }
+    // Ends the slot's QEMU if this future is dropped mid-way (a shutdown that
+    // ran out of patience aborts the refiller): nothing else knows of it yet.
+    let mut guard = BootGuard {
+        network: driver.network().cloned(),
+        process: vm.pid.map(|pid| (pid, vm.instance.clone())),
+        paths: vec![vm.dir.clone()],
+    };
     let warmed = async {
         let agent = driver
             .restore_clone(&vm, &mut qmp, &shared.snapshot)
@@ -361,6 +368,7 @@ async fn prepare_slot(shared: &Shared, name: &str) -> Result<Slot, VmError> {
         Ok::<_, VmError>(agent)
     }
     .await;
+    guard.disarm();
     match warmed {
         Ok(agent) => Ok(Slot {
             vm,

@@ -90,7 +90,6 @@ fn boot_cmdline(accel: Accel, nic: bool) -> String {
     }
     cmdline.push_str(IDLE_CMDLINE);
     if accel == Accel::Tcg {
-        cmdline.push_str(TCG_IDLE_CMDLINE);
         // See `accel::host_tsc_khz`: without it a TCG boot on a busy host can hang.
         if let Some(khz) = accel::host_tsc_khz() {
             cmdline.push_str(&format!(" tsc_early_khz={khz}"));
@@ -108,13 +107,15 @@ fn boot_cmdline(accel: Accel, nic: bool) -> String {
 ///   a second to look at fragmentation.
 const IDLE_CMDLINE: &str = " nowatchdog sysctl.vm.compaction_proactiveness=0";
 
-/// Under TCG, `tsc=reliable`: the clocksource watchdog compares the TSC with
-/// the jiffies counter, and on a busy host the guest misses ticks, so it
-/// declared the TSC unstable in some boots and fell back to `refined-jiffies`.
-/// Without a high-resolution clocksource the kernel can neither use one-shot
-/// timers nor stop the tick when idle: the guest then took 250 timer interrupts
-/// a second for ever. TCG's TSC follows the host's clock, so it is reliable.
-const TCG_IDLE_CMDLINE: &str = " tsc=reliable";
+// Not `tsc=reliable` under TCG, though it lets idle guests stop their tick
+// (the clocksource watchdog, comparing the TSC with jiffies on a busy host,
+// declares the TSC unstable in some boots and the guest falls back to
+// `refined-jiffies` and a periodic tick, 250 interrupts a second). With it
+// every guest runs one-shot timers and NOHZ, and clones from snapshots then
+// intermittently never answered their agent (launch timeouts in CI, about one
+// launch in a few hundred, on a quiet host too); a one-shot timer lost across
+// the restore would leave an idle guest asleep for good. Suspected, not
+// proven: see the notes on the idle-cost work before turning it back on.
 
 /// The QEMU implementation of [`Driver`].
 #[derive(Debug, Clone)]
@@ -2346,16 +2347,13 @@ mod boot_failure_tests {
     }
 
     #[test]
-    fn idle_guests_keep_a_reliable_clock_and_no_periodic_timers() {
+    fn idle_guests_drop_background_timers_but_do_not_trust_tcgs_tsc() {
         let options = |cmdline: &str| -> Vec<String> {
             cmdline.split_whitespace().map(str::to_string).collect()
         };
         let tcg = options(&boot_cmdline(Accel::Tcg, false));
-        for wanted in [
-            "tsc=reliable",
-            "nowatchdog",
-            "sysctl.vm.compaction_proactiveness=0",
-        ] {
+        assert!(tcg.iter().all(|o| o != "tsc=reliable"), "{tcg:?}");
+        for wanted in ["nowatchdog", "sysctl.vm.compaction_proactiveness=0"] {
             assert!(tcg.iter().any(|o| o == wanted), "{wanted} in {tcg:?}");
         }
         // KVM guests use kvm-clock; the TSC is left to the kernel's checks.
