@@ -113,7 +113,7 @@ pub enum NetError {
     PoolFull(Ipv4Net),
     #[error("cannot enable IP forwarding")]
     Forwarding(#[source] std::io::Error),
-    #[error("unreadable nft counter")]
+    #[error("unreadable egress counter")]
     Counter,
     #[error("{name:?} is not a domain name to allow: {why}")]
     BadDomain { name: String, why: &'static str },
@@ -761,7 +761,6 @@ fn vm_ruleset(dns: Ipv4Addr, limits: EgressLimits) -> String {
         "table inet {VM_TABLE} {{}}\n\
          delete table inet {VM_TABLE}\n\
          table inet {VM_TABLE} {{\n\
-         \tcounter egress {{}}\n\
          \tchain prerouting {{\n\
          \t\ttype nat hook prerouting priority dstnat; policy accept;\n\
          \t\tiifname {TAP} ip daddr {GUEST_DNS} meta l4proto {{ tcp, udp }} th dport 53 dnat ip to {dns}\n\
@@ -800,7 +799,7 @@ fn forward_rules(limits: EgressLimits) -> Vec<String> {
         format!("iifname {TAP} oifname {UPLINK} meta l4proto tcp ct state new tcp flags & (syn | ack) != syn reject with tcp reset"),
         format!("iifname {TAP} oifname {UPLINK} ct state new ct count over {connections} drop"),
         format!("iifname {TAP} oifname {UPLINK} {rate}"),
-        format!("iifname {TAP} oifname {UPLINK} counter name egress accept"),
+        format!("iifname {TAP} oifname {UPLINK} accept"),
     ]
 }
 
@@ -932,9 +931,14 @@ async fn spawn_with_input(
     Ok(out.stdout)
 }
 
-/// `/proc/net/dev` as seen from inside `netns`: a short-lived thread enters
-/// it (setns moves only the calling thread), as [`open_tap`] does.
-fn read_net_dev(netns: &std::fs::File) -> std::io::Result<String> {
+/// Runs `work` on a short-lived thread inside the network namespace
+/// `netns` (setns(2) moves only the calling thread, which ends right after),
+/// for what the kernel resolves in the caller's namespace: a tap by name,
+/// `/proc/thread-self/net`.
+fn in_netns<T: Send>(
+    netns: &std::fs::File,
+    work: impl FnOnce() -> std::io::Result<T> + Send,
+) -> std::io::Result<T> {
     use std::os::fd::AsRawFd;
     let netns = netns.as_raw_fd();
     std::thread::scope(|scope| {
@@ -945,10 +949,17 @@ fn read_net_dev(netns: &std::fs::File) -> std::io::Result<String> {
                 if unsafe { libc::setns(netns, libc::CLONE_NEWNET) } != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                std::fs::read_to_string("/proc/thread-self/net/dev")
+                work()
             })
             .join()
-            .unwrap_or_else(|_| Err(std::io::Error::other("counter thread panicked")))
+            .unwrap_or_else(|_| Err(std::io::Error::other("namespace thread panicked")))
+    })
+}
+
+/// `/proc/net/dev` as seen from inside `netns`.
+fn read_net_dev(netns: &std::fs::File) -> std::io::Result<String> {
+    in_netns(netns, || {
+        std::fs::read_to_string("/proc/thread-self/net/dev")
     })
 }
 
@@ -973,39 +984,27 @@ fn transmitted_bytes(table: &str, link: &str) -> Option<u64> {
 /// which keeps pointing at the tap wherever QEMU then runs.
 pub fn open_tap(netns: &std::fs::File) -> std::io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    let netns = netns.as_raw_fd();
-    std::thread::scope(|scope| {
-        scope
-            .spawn(move || {
-                // SAFETY: setns(2) on a descriptor the caller keeps open; it
-                // moves only this thread, which ends right after.
-                if unsafe { libc::setns(netns, libc::CLONE_NEWNET) } != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // SAFETY: open(2) of a constant NUL-terminated path.
-                let fd =
-                    unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // SAFETY: `fd` was just opened and is owned by nothing else.
-                let tun = unsafe { OwnedFd::from_raw_fd(fd) };
-                // SAFETY: an all-zero ifreq is a valid value of the C struct.
-                let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
-                for (slot, byte) in request.ifr_name.iter_mut().zip(TAP.bytes()) {
-                    *slot = byte as libc::c_char;
-                }
-                request.ifr_ifru.ifru_flags =
-                    (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
-                // SAFETY: TUNSETIFF reads and writes the ifreq passed by pointer,
-                // which lives across the call.
-                if unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &mut request) } != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(tun)
-            })
-            .join()
-            .unwrap_or_else(|_| Err(std::io::Error::other("tap thread panicked")))
+    in_netns(netns, || {
+        // SAFETY: open(2) of a constant NUL-terminated path.
+        let fd = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just opened and is owned by nothing else.
+        let tun = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: an all-zero ifreq is a valid value of the C struct.
+        let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (slot, byte) in request.ifr_name.iter_mut().zip(TAP.bytes()) {
+            *slot = byte as libc::c_char;
+        }
+        request.ifr_ifru.ifru_flags =
+            (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+        // SAFETY: TUNSETIFF reads and writes the ifreq passed by pointer,
+        // which lives across the call.
+        if unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &mut request) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(tun)
     })
 }
 
