@@ -114,8 +114,10 @@ const IDLE_CMDLINE: &str = " nowatchdog sysctl.vm.compaction_proactiveness=0";
 // every guest runs one-shot timers and NOHZ, and clones from snapshots then
 // intermittently never answered their agent (launch timeouts in CI, about one
 // launch in a few hundred, on a quiet host too); a one-shot timer lost across
-// the restore would leave an idle guest asleep for good. Suspected, not
-// proven: see the notes on the idle-cost work before turning it back on.
+// the restore would leave an idle guest asleep for good. That suspicion has
+// since been contradicted: a quickstart launch (8 GiB peak, 4 vCPUs) hung the
+// same way without it. It stays off until the hang is understood, so two
+// causes are not mixed up.
 
 /// The QEMU implementation of [`Driver`].
 #[derive(Debug, Clone)]
