@@ -66,29 +66,25 @@ async fn discover_port() -> PathBuf {
     }
 }
 
-/// An open character device in non-blocking mode, registered with the reactor.
-#[derive(Debug, Clone)]
+/// An open character device in non-blocking mode. Each session registers its
+/// own copy of the descriptor with the reactor (see [`Port::session`]).
+#[derive(Debug)]
 pub struct Port {
-    fd: Arc<AsyncFd<File>>,
+    file: File,
 }
 
 impl Port {
     pub fn open(path: &Path) -> Result<Self, ChannelError> {
-        let display = || path.display().to_string();
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
             .open(path)
             .map_err(|source| ChannelError::Open {
-                path: display(),
+                path: path.display().to_string(),
                 source,
             })?;
-        let fd = sys::register_async(file).map_err(|source| ChannelError::Register {
-            path: display(),
-            source,
-        })?;
-        Ok(Self { fd: Arc::new(fd) })
+        Ok(Self { file })
     }
 
     /// Returns once the host side is connected. While it is not, virtio_console
@@ -99,7 +95,7 @@ impl Port {
     /// left behind are dropped by the session until it sees a `Hello`.
     pub async fn wait_for_host(&self) {
         loop {
-            match sys::poll_now(self.fd.get_ref(), libc::POLLIN) {
+            match sys::poll_now(&self.file, libc::POLLIN) {
                 Ok(revents) if revents & libc::POLLHUP == 0 => return,
                 Ok(_) => {}
                 Err(err) => log!("poll on the agent port: {err}"),
@@ -108,15 +104,20 @@ impl Port {
         }
     }
 
-    pub fn split(&self) -> (PortReader, PortWriter) {
-        (
-            PortReader {
-                fd: self.fd.clone(),
-            },
-            PortWriter {
-                fd: self.fd.clone(),
-            },
-        )
+    /// The two halves of one session, on a new registration with the reactor.
+    ///
+    /// A new one per session because tokio keeps a hang-up for good (closed
+    /// readiness is final): once the host has gone away, a registration
+    /// reports the port ready forever, and reads and writes that would block
+    /// would spin. A session ends when its host goes; the next host gets a
+    /// registration that has never seen a hang-up.
+    pub fn session(&self) -> Result<(PortReader, PortWriter), ChannelError> {
+        let register = || sys::register_async(self.file.try_clone()?);
+        let fd = Arc::new(register().map_err(|source| ChannelError::Register {
+            path: "the agent port".into(),
+            source,
+        })?);
+        Ok((PortReader { fd: fd.clone() }, PortWriter { fd }))
     }
 }
 
@@ -147,6 +148,12 @@ impl AsyncRead for PortReader {
                     return Poll::Ready(Ok(()));
                 }
                 Ok(Err(err)) => return Poll::Ready(Err(err)),
+                // The host hung up (and maybe came back: the read would block,
+                // not return EOF). End of this session either way, rather than
+                // spinning on a readiness that never clears.
+                Err(_would_block) if guard.ready().is_read_closed() => {
+                    return Poll::Ready(Ok(()));
+                }
                 Err(_would_block) => continue,
             }
         }
@@ -163,6 +170,10 @@ impl AsyncWrite for PortWriter {
             let mut guard = ready!(self.fd.poll_write_ready(cx))?;
             match guard.try_io(|inner| inner.get_ref().write(buf)) {
                 Ok(result) => return Poll::Ready(result),
+                // The host hung up: see `PortReader::poll_read`.
+                Err(_would_block) if guard.ready().is_write_closed() => {
+                    return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+                }
                 Err(_would_block) => continue,
             }
         }
@@ -196,7 +207,14 @@ pub async fn serve_port(fixed_path: Option<PathBuf>, agent: Arc<Agent>) {
         log!("serving on {}", path.display());
         loop {
             port.wait_for_host().await;
-            let (reader, writer) = port.split();
+            let (reader, writer) = match port.session() {
+                Ok(halves) => halves,
+                Err(err) => {
+                    log!("{err}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    break;
+                }
+            };
             match run_session(reader, writer, agent.clone()).await {
                 SessionEnd::Disconnected => {}
                 SessionEnd::Failed(err) => {

@@ -90,6 +90,10 @@ where
                 Some(Ok(incoming)) => session.handle(incoming).await,
             },
             result = &mut writer_task => break match result {
+                // The host hung up while we were writing to it.
+                Ok(Err(SessionError::Write(err))) if err.kind() == io::ErrorKind::BrokenPipe => {
+                    SessionEnd::Disconnected
+                }
                 Ok(Err(err)) => SessionEnd::Failed(err),
                 _ => SessionEnd::Failed(SessionError::WriterGone),
             },

@@ -24,6 +24,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 use tokio_util::codec::{Encoder, Framed, FramedParts};
+use tracing::debug;
 
 /// Frames buffered per stream before the reader task waits.
 const STREAM_QUEUE: usize = 64;
@@ -88,32 +89,31 @@ impl Drop for Inner {
 impl AgentClient {
     /// Connects to the agent socket and completes the `Hello` handshake, retrying
     /// until `timeout` (the guest may still be booting or being restored).
+    ///
+    /// An attempt that gets no answer is dropped and made again on a new
+    /// connection, waiting twice as long each time. QEMU's virtio-serial port
+    /// can stall in one direction for as long as a host connection lasts: when
+    /// the guest writes while no host is connected (a clone restored from a
+    /// snapshot whose guest still believed its host there), QEMU throttles the
+    /// port and only a disconnect releases it. The guest then got our `Hello`
+    /// but its answer never left QEMU. Closing the connection discards the
+    /// stalled bytes; the agent starts a new session on the next one.
     pub async fn connect(socket: &Path, timeout: Duration) -> Result<Self, AgentError> {
         let deadline = Instant::now() + timeout;
-        let stream = loop {
-            match UnixStream::connect(socket).await {
-                Ok(stream) => break stream,
-                Err(err) if Instant::now() >= deadline => return Err(AgentError::Connect(err)),
-                Err(_) => tokio::time::sleep(Duration::from_millis(2)).await,
+        let mut patience = FIRST_HELLO_PATIENCE;
+        let (stream, answer, rest) = loop {
+            let stream = connect_socket(socket, deadline).await?;
+            let attempt_end = (Instant::now() + patience).min(deadline);
+            match handshake(stream, attempt_end).await {
+                Ok(done) => break done,
+                Err(AgentError::Timeout(_)) if Instant::now() < deadline => {
+                    debug!(socket = %socket.display(), waited_ms = patience.as_millis() as u64, "no hello yet; reconnecting");
+                    patience *= 2;
+                }
+                Err(AgentError::Timeout(_)) => return Err(AgentError::Timeout(timeout)),
+                Err(err) => return Err(err),
             }
         };
-        let mut stream = stream;
-        let hello = Hello {
-            version: PROTOCOL_VERSION,
-            software: format!("hearth-vm {}", env!("CARGO_PKG_VERSION")),
-        };
-        let mut greeting = BytesMut::new();
-        FrameCodec::default()
-            .encode(
-                Frame::json(CONTROL_STREAM, FrameKind::Hello, &hello),
-                &mut greeting,
-            )
-            .map_err(AgentError::Io)?;
-        stream.write_all(&greeting).await.map_err(AgentError::Io)?;
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        let (answer, rest) = tokio::time::timeout(remaining, read_greeting(&mut stream))
-            .await
-            .map_err(|_| AgentError::Timeout(timeout))??;
         let software = match answer.kind {
             FrameKind::Hello => {
                 let hello: Hello = answer
@@ -705,6 +705,51 @@ const MAX_HELLO: usize = 4096;
 /// snapshot or suspend leaves the rest in the port), so the header is searched
 /// for byte by byte instead of decoding frames from the first byte.
 /// Returns the answer and the bytes after it.
+/// How long the first `Hello` waits for its answer before the connection is
+/// made again (see [`AgentClient::connect`]); each later attempt waits twice
+/// as long. A restored guest answers in tens of milliseconds.
+const FIRST_HELLO_PATIENCE: Duration = Duration::from_secs(1);
+
+/// Connects to the agent's socket, retrying until `deadline` (QEMU may not be
+/// listening yet).
+async fn connect_socket(socket: &Path, deadline: Instant) -> Result<UnixStream, AgentError> {
+    loop {
+        match UnixStream::connect(socket).await {
+            Ok(stream) => return Ok(stream),
+            Err(err) if Instant::now() >= deadline => return Err(AgentError::Connect(err)),
+            Err(_) => tokio::time::sleep(Duration::from_millis(2)).await,
+        }
+    }
+}
+
+/// Sends our `Hello` and reads the answer, until `deadline`
+/// ([`AgentError::Timeout`] then).
+async fn handshake(
+    mut stream: UnixStream,
+    deadline: Instant,
+) -> Result<(UnixStream, Frame, BytesMut), AgentError> {
+    let hello = Hello {
+        version: PROTOCOL_VERSION,
+        software: format!("hearth-vm {}", env!("CARGO_PKG_VERSION")),
+    };
+    let mut greeting = BytesMut::new();
+    FrameCodec::default()
+        .encode(
+            Frame::json(CONTROL_STREAM, FrameKind::Hello, &hello),
+            &mut greeting,
+        )
+        .map_err(AgentError::Io)?;
+    let exchange = async {
+        stream.write_all(&greeting).await.map_err(AgentError::Io)?;
+        read_greeting(&mut stream).await
+    };
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    let (answer, rest) = tokio::time::timeout(remaining, exchange)
+        .await
+        .map_err(|_| AgentError::Timeout(remaining))??;
+    Ok((stream, answer, rest))
+}
+
 async fn read_greeting(stream: &mut UnixStream) -> Result<(Frame, BytesMut), AgentError> {
     let mut buf = BytesMut::with_capacity(8192);
     let mut skipped = 0usize;

@@ -265,3 +265,76 @@ async fn stale_bytes_before_the_hello_are_skipped() {
     drop(client);
     peer.abort();
 }
+
+/// A connection on which the hello goes unanswered (QEMU can stall a port's
+/// guest-to-host direction until the host disconnects) is dropped and made
+/// again; the hello on the new connection is answered.
+#[tokio::test]
+async fn an_unanswered_hello_is_sent_again_on_a_new_connection() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("agent.sock");
+    let listener = UnixListener::bind(&socket).expect("bind");
+    let peer = tokio::spawn(async move {
+        // First connection: read the hello, never answer, notice the hang-up.
+        let (mut stalled, _) = listener.accept().await.expect("accept");
+        let mut sink = Vec::new();
+        let _ = stalled.read_to_end(&mut sink).await;
+        assert!(!sink.is_empty(), "the first hello never came");
+        // Second connection: a working agent.
+        let (stream, _) = listener.accept().await.expect("accept again");
+        let mut framed = Framed::new(stream, FrameCodec::default());
+        while let Some(Ok(Incoming::Frame(frame))) = framed.next().await {
+            if frame.kind == FrameKind::Hello {
+                let hello = Hello {
+                    version: PROTOCOL_VERSION,
+                    software: "second".into(),
+                };
+                framed
+                    .send(Frame::json(CONTROL_STREAM, FrameKind::Hello, &hello))
+                    .await
+                    .expect("hello");
+            }
+        }
+    });
+    let started = std::time::Instant::now();
+    let client = AgentClient::connect(&socket, Duration::from_secs(10))
+        .await
+        .expect("connect on the second attempt");
+    assert_eq!(client.agent_software(), "second");
+    // The first attempt waited about a second, not the whole timeout.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(client);
+    peer.abort();
+}
+
+/// The overall timeout still holds when no attempt is ever answered.
+#[tokio::test]
+async fn a_silent_agent_times_out_at_the_deadline() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("agent.sock");
+    let listener = UnixListener::bind(&socket).expect("bind");
+    let peer = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            held.push(stream);
+        }
+    });
+    let started = std::time::Instant::now();
+    let err = AgentClient::connect(&socket, Duration::from_secs(3))
+        .await
+        .expect_err("nobody answers");
+    assert!(
+        matches!(err, AgentError::Timeout(t) if t == Duration::from_secs(3)),
+        "{err}"
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(3) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
+    peer.abort();
+}
