@@ -167,7 +167,9 @@ pub async fn start(config: ServerConfig) -> Result<Arc<AppState>, ServerError> {
             .await
             .map_err(ServerError::Network)?;
         info!(network = %net, "VM networks on; IPv4 forwarding enabled");
-        qemu = qemu.with_network(Arc::new(network));
+        let network = Arc::new(network);
+        network.keep_spares();
+        qemu = qemu.with_network(network);
     } else {
         warn!("VM networks off: microVMs and build steps have no network");
     }

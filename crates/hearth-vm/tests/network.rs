@@ -589,3 +589,107 @@ async fn a_guest_is_held_to_its_bandwidth_and_connection_limits() {
     drop(agent);
     driver.remove(&vm).await.expect("remove");
 }
+
+/// Whether `/run/netns/NAME` exists.
+fn netns_exists(name: &str) -> bool {
+    std::path::Path::new("/run/netns").join(name).exists()
+}
+
+/// Waits up to 30 s until `network` has `count` spares ready.
+async fn wait_for_spares(network: &Network, count: usize) {
+    let start = Instant::now();
+    while network.spares_ready() < count {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(30),
+            "no spare network within 30 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// `nft list chain inet hearthvm forward` inside namespace `netns`.
+fn vm_forward_chain(netns: &str) -> String {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", netns, "nft", "list", "chain", "inet"])
+        .args(["hearthvm", "forward"])
+        .output()
+        .expect("nft");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_launch_with_egress_takes_a_spare_network_that_works_like_a_new_one() {
+    let _serial = SERIAL.lock().await;
+    assert_root();
+    let internet = TestInternet::start().await;
+    let mut config = internet.net_config();
+    config.spares = 1;
+    let network = Arc::new(Network::start(config.clone()).await.expect("network"));
+    network.keep_spares();
+    wait_for_spares(&network, 1).await;
+    let first = format!("{}spare-0", config.netns_prefix);
+    assert!(netns_exists(&first), "{first} missing");
+    let (driver, assets, _state) = driver_on(network.clone());
+    let cleanup = KillOnDrop(driver.clone());
+
+    let vm = boot_with_egress(&driver, &assets, "spare").await;
+    // The spare became the VM's namespace, and the next one is made.
+    assert!(!netns_exists(&first), "the spare was not taken");
+    assert!(netns_exists(&network.netns_name(&vm.instance)));
+    wait_for_spares(&network, 1).await;
+    assert!(netns_exists(&format!("{}spare-1", config.netns_prefix)));
+    // It works as a new one would: NAT, DNS, the filter, the counter.
+    let agent = driver.agent(&vm).await.expect("agent");
+    assert_eq!(sh(&agent, &fetch_script(WEB_NAME, 80, "/")).await, GREETING);
+    assert!(!connects(&agent, &FORBIDDEN[0].to_string(), 80).await);
+    assert_eq!(internet.connections_to(FORBIDDEN[0]), 0);
+    assert!(network.egress_bytes(&vm.instance).await.expect("counter") > 0);
+
+    // A larger shape's limits replace the spare's: the same rules as a
+    // namespace made for that shape from nothing (another network, no spares).
+    let shape = MachineShape {
+        vcpus: 4,
+        ..MachineShape::default()
+    };
+    network
+        .create("sparebig", 0, Some(config.limits_for(shape)))
+        .await
+        .expect("from a spare");
+    let mut fresh_config = config.clone();
+    fresh_config.spares = 0;
+    fresh_config.netns_prefix = format!("{}fresh-", config.netns_prefix);
+    let fresh = Network::start(fresh_config.clone())
+        .await
+        .expect("fresh network");
+    fresh
+        .create("big", 0, Some(fresh_config.limits_for(shape)))
+        .await
+        .expect("from nothing");
+    let taken = vm_forward_chain(&network.netns_name("sparebig"));
+    assert_eq!(taken, vm_forward_chain(&fresh.netns_name("big")));
+    assert_ne!(taken, vm_forward_chain(&network.netns_name(&vm.instance)));
+    fresh.remove("big");
+    network.remove("sparebig");
+
+    drop(agent);
+    driver.remove(&vm).await.expect("remove");
+    // Dropping the network deletes its spares (once its keeper is idle, it
+    // holds no reference).
+    wait_for_spares(&network, 1).await;
+    drop(driver);
+    drop(cleanup);
+    let spare = format!("{}spare-", config.netns_prefix);
+    drop(network);
+    assert!(
+        !std::fs::read_dir("/run/netns")
+            .expect("/run/netns")
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with(&spare)),
+        "spares left after the network ended"
+    );
+}

@@ -1445,9 +1445,11 @@ async fn orphaned_netns(data: &Path, name: &str) -> Vec<String> {
             .into_iter()
             .map(|q| format!("{name}-{}", q.instance))
             .collect();
+        let spare = format!("{name}-spare-");
         netns_named(name)
             .into_iter()
-            .filter(|ns| !live.contains(ns))
+            // Spares are the running server's, made ahead for launches.
+            .filter(|ns| !live.contains(ns) && !ns.starts_with(&spare))
             .collect::<HashSet<String>>()
     };
     let first = unused();

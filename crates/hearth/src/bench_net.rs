@@ -47,6 +47,11 @@ pub struct NetArgs {
     #[arg(long, value_name = "MBIT", default_value_t = 100,
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     egress_mbit_per_vcpu: u64,
+    /// Networks kept made ahead, as `hearth serve --vm-network-spares`
+    /// (measured after the fresh setups, which take none).
+    #[arg(long, value_name = "N", default_value_t = 2,
+          value_parser = clap::value_parser!(u16).range(0..=64))]
+    spare_networks: u16,
 }
 
 #[derive(Debug, Serialize)]
@@ -58,10 +63,14 @@ struct Report {
     empty_pool_with_network_ms: Stats,
     empty_pool_without_network_ms: Stats,
     empty_pool_network_cost_p50_ms: f64,
-    /// Creating one VM's namespace with tap and uplink (the part of an
-    /// empty-pool launch the network adds), and deleting it.
+    /// Spare networks kept during the launches (`--spare-networks`).
+    spare_networks: u16,
+    /// Creating one VM's namespace with tap and uplink from nothing (what an
+    /// empty-pool launch waits for when no spare is ready), and deleting it.
     network_setup_ms: Stats,
     network_teardown_ms: Stats,
+    /// Taking a spare network instead (empty with no spares).
+    network_from_spare_ms: Stats,
     download_bytes: u64,
     download_seconds: f64,
     download_mb_per_s: f64,
@@ -94,7 +103,7 @@ fn ip(args: &[&str]) -> Result<()> {
 }
 
 impl BenchInternet {
-    fn start(mbit_per_vcpu: u64) -> Result<(Self, std::net::TcpListener)> {
+    fn start(mbit_per_vcpu: u64, spares: u16) -> Result<(Self, std::net::TcpListener)> {
         let tag = std::process::id() % 100_000;
         let pool = Ipv4Net::new(Ipv4Addr::new(10, 215, (tag % 250) as u8, 0), 24)?;
         let mut config = NetConfig::new(Ipv4Addr::new(198, 51, 100, 53));
@@ -103,6 +112,7 @@ impl BenchInternet {
         config.link_prefix = format!("hb{tag}v");
         config.netns_prefix = format!("hb{tag}-");
         config.limits_per_vcpu.bytes_per_second = mbit_per_vcpu * 125_000;
+        config.spares = usize::from(spares);
         let this = Self {
             netns: format!("hbench-inet-{tag}"),
             link: format!("hbi{tag}"),
@@ -243,7 +253,8 @@ pub async fn net(args: NetArgs, plain: QemuDriver) -> Result<ExitCode> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("hearth bench net needs root (network namespaces and nftables)");
     }
-    let (internet, listener) = BenchInternet::start(args.egress_mbit_per_vcpu)?;
+    let (internet, listener) =
+        BenchInternet::start(args.egress_mbit_per_vcpu, args.spare_networks)?;
     let download_bytes = u64::from(args.download_mib) << 20;
     let server = tokio::spawn(serve(listener, download_bytes));
     let network = Arc::new(
@@ -310,6 +321,35 @@ async fn run(
         let start = std::time::Instant::now();
         network.remove(&instance);
         teardown.push(crate::measure::ms(start.elapsed()));
+    }
+    network.keep_spares();
+    let mut from_spare = Vec::new();
+    let rounds = if args.spare_networks == 0 {
+        0
+    } else {
+        args.launches
+    };
+    for i in 0..rounds {
+        progress(&format!("network from a spare {}/{}", i + 1, args.launches));
+        let ready = std::time::Instant::now();
+        while network.spares_ready() < usize::from(args.spare_networks) {
+            anyhow::ensure!(
+                ready.elapsed() < std::time::Duration::from_secs(30),
+                "no spare network within 30 s"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let instance = format!("{prefix}y{i}");
+        let start = std::time::Instant::now();
+        network
+            .create(
+                &instance,
+                0,
+                Some(network.config().limits_for(MachineShape::default())),
+            )
+            .await?;
+        from_spare.push(crate::measure::ms(start.elapsed()));
+        network.remove(&instance);
     }
     // One snapshot per driver: a card restores only onto the same backend
     // kind (a tap offers features a card without a backend does not).
@@ -419,8 +459,10 @@ async fn run(
         warm_pool_without_network_ms: warm_plain,
         empty_pool_with_network_ms: empty_net,
         empty_pool_without_network_ms: empty_plain,
+        spare_networks: args.spare_networks,
         network_setup_ms: Stats::of(setup),
         network_teardown_ms: Stats::of(teardown),
+        network_from_spare_ms: Stats::of(from_spare),
         download_bytes: got,
         download_seconds: seconds,
         download_mb_per_s: got as f64 / seconds / 1e6,
@@ -435,7 +477,10 @@ fn print_table(r: &Report) {
             s.p50, s.p95, s.min, s.max, s.n
         );
     };
-    println!("accelerator: {}", r.accel);
+    println!(
+        "accelerator: {}; spare networks: {}",
+        r.accel, r.spare_networks
+    );
     println!(
         "{:<44} {:>9} {:>9} {:>9} {:>9} {:>4}",
         "launch -> first exec, ms", "p50", "p95", "min", "max", "n"
@@ -451,10 +496,11 @@ fn print_table(r: &Report) {
         &r.empty_pool_without_network_ms,
     );
     row(
-        "network setup (namespace, tap, uplink)",
+        "network setup from nothing (namespace, tap, uplink)",
         &r.network_setup_ms,
     );
     row("network teardown", &r.network_teardown_ms);
+    row("network from a spare", &r.network_from_spare_ms);
     println!(
         "network cost at p50: warm pool {:+.1} ms, empty pool {:+.1} ms",
         r.warm_pool_network_cost_p50_ms, r.empty_pool_network_cost_p50_ms

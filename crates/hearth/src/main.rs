@@ -198,6 +198,11 @@ struct ServeArgs {
     /// different names and pools).
     #[arg(long, value_name = "NAME", default_value = "hearth", value_parser = parse_net_name)]
     vm_net_name: String,
+    /// VM networks (namespace, tap, uplink) kept made ahead, so a launch
+    /// with egress does not wait for one to be set up (0: none).
+    #[arg(long, value_name = "N", default_value_t = 2,
+          value_parser = clap::value_parser!(u16).range(0..=64))]
+    vm_network_spares: u16,
     /// Host memory (MiB) kept free: RunMicrovm, ResumeMicrovm and image builds
     /// are refused when the VM, at its full size, would eat into it.
     #[arg(long, default_value_t = 1024)]
@@ -274,6 +279,7 @@ fn vm_network(args: &ServeArgs) -> Result<Option<hearth_vm::net::NetConfig>> {
     net.table = args.vm_net_name.clone();
     net.link_prefix = args.vm_net_name.clone();
     net.netns_prefix = format!("{}-", args.vm_net_name);
+    net.spares = usize::from(args.vm_network_spares);
     Ok(Some(net))
 }
 
