@@ -200,6 +200,16 @@ impl FakeDriver {
         record
     }
 
+    /// [`Self::insert_running`] with shape `shape`.
+    pub fn insert_running_shaped(&self, name: &str, shape: MachineShape) -> VmRecord {
+        let mut record = self.insert_running(name);
+        record.shape = shape;
+        if let Some(vm) = self.state().vms.get_mut(name) {
+            vm.record = record.clone();
+        }
+        record
+    }
+
     /// A VM suspended with its state saved, made without a call.
     pub fn insert_suspended(&self, name: &str) -> VmRecord {
         let mut record = self.insert_running(name);

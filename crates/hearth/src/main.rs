@@ -210,6 +210,12 @@ struct ServeArgs {
     /// Disk space (MiB) of the data directory kept free, as --reserve-memory-mib.
     #[arg(long, default_value_t = 2048)]
     reserve_disk_mib: u64,
+    /// Admit new work counting running microVMs at their baseline memory, not
+    /// their peak: more fit (a 256 MiB size bursts to 1 GiB), and bursts
+    /// share what is left, so many at once can run the host short (QEMUs die
+    /// first, never the server).
+    #[arg(long)]
+    overcommit_memory: bool,
     /// Machine sizes to accept besides the reference's (JSON, see README).
     #[arg(long, value_name = "FILE")]
     shapes: Option<PathBuf>,
@@ -546,6 +552,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             config.reserve = hearth_server::vms::capacity::Reserve {
                 memory_mib: args.reserve_memory_mib,
                 disk_mib: args.reserve_disk_mib,
+                overcommit: args.overcommit_memory,
             };
             if let Some(file) = &args.shapes {
                 config.sizes = hearth_server::sizes::Sizes::load(file)?;

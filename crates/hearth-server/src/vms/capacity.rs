@@ -29,6 +29,11 @@ const STARTING_GRACE: Duration = Duration::from_secs(180);
 pub struct Reserve {
     pub memory_mib: u64,
     pub disk_mib: u64,
+    /// Count running microVMs at their baseline, not their peak (`hearth
+    /// serve --overcommit-memory`): many more fit, and bursts share what is
+    /// left, so enough of them at once can run the host short (QEMUs are the
+    /// OOM killer's first choice, `oom_score_adj` 1000, never the server).
+    pub overcommit: bool,
 }
 
 impl Default for Reserve {
@@ -38,6 +43,7 @@ impl Default for Reserve {
         Self {
             memory_mib: 1024,
             disk_mib: 2048,
+            overcommit: false,
         }
     }
 }
@@ -227,7 +233,13 @@ impl Capacity {
             if vm.state != VmState::Running || !self.driver.is_alive(&vm) {
                 continue;
             }
-            let limit = CgroupLimits::for_shape_on(&vm.shape, vm.accel).memory_bytes;
+            // What it may grow into: its peak (the cgroup's limit), or with
+            // overcommit what its admission counted.
+            let limit = if self.reserve.overcommit {
+                demand_of(vm.shape.baseline_memory_mib(), vm.accel, Start::Launch).memory
+            } else {
+                CgroupLimits::for_shape_on(&vm.shape, vm.accel).memory_bytes
+            };
             let guest = u64::from(vm.shape.memory_mib) * MIB;
             let ram_allocated = match &vm.memory {
                 Memory::SharedFile { path } => allocated_bytes(path),
@@ -327,6 +339,7 @@ mod tests {
         let reserve = Reserve {
             memory_mib: 1024,
             disk_mib: 2048,
+            overcommit: false,
         };
         let none = Demand::default();
         // (case, host free, committed, need, expected)
@@ -482,12 +495,12 @@ mod tests {
             Reserve {
                 memory_mib: 0,
                 disk_mib: 0,
+                overcommit: false,
             },
             dir.path(),
             dir.path(),
         );
         assert_eq!(capacity.committed().memory, limit - 100 * MIB);
-
         // Admitted and starting: counted in full until its VM runs.
         let need = demand_of(256, hearth_vm::Accel::Tcg, Start::Launch);
         capacity
@@ -501,6 +514,39 @@ mod tests {
         capacity.admit("failed", need).expect("fits");
         capacity.release("failed");
         assert_eq!(capacity.committed().memory, limit - 100 * MIB + next_limit);
+
+        // With overcommit a running VM counts at its baseline's demand.
+        let shaped = FakeDriver::without_agent(&dir.path().join("vmm2"));
+        let bursting =
+            shaped.insert_running_shaped("bursting", hearth_vm::MachineShape::burst_of(256));
+        shaped.set_usage(
+            "bursting",
+            hearth_vm::VmUsage {
+                cpu_ns: 0,
+                memory_bytes: 100 * MIB,
+            },
+        );
+        let overcommitted = Capacity::new(
+            Arc::new(shaped),
+            Reserve {
+                memory_mib: 0,
+                disk_mib: 0,
+                overcommit: true,
+            },
+            dir.path(),
+            dir.path(),
+        );
+        let baseline = demand_of(
+            bursting.shape.baseline_memory_mib(),
+            bursting.accel,
+            Start::Launch,
+        );
+        let peak = CgroupLimits::for_shape_on(&bursting.shape, bursting.accel).memory_bytes;
+        assert!(baseline.memory < peak);
+        assert_eq!(
+            overcommitted.committed().memory,
+            baseline.memory - 100 * MIB
+        );
     }
 
     #[test]
