@@ -120,3 +120,24 @@ def test_run_is_refused_past_host_capacity_and_admitted_when_it_returns(big_imag
         wait_for_state(client, second, "TERMINATED", timeout=60)
     finally:
         stop_server(proc)
+
+
+def test_a_microvm_that_ends_before_anything_saw_it_run_gives_its_capacity_back(big_image):
+    """A short job: RunMicrovm, then TerminateMicrovm with no other admission
+    in between (none saw it running). Its admission must end with it, not
+    hold the host's capacity for the admission's grace period (minutes)."""
+    data, account = big_image["data_dir"], big_image["account"]
+    reserve = mem_available_mib() - NEED_MIB * 3 // 2
+    if reserve < 0:
+        pytest.skip(f"the host has less than {NEED_MIB * 3 // 2} MiB available")
+    proc, url = start_server(data, *FAST_RATES, "--reserve-memory-mib", str(reserve))
+    try:
+        client = client_for({"url": url, "data_dir": data}, account)
+        for _ in range(2):
+            microvm = client.run_microvm(imageIdentifier="big")["microvmId"]
+            wait_for_state(client, microvm, "RUNNING", timeout=180)
+            client.terminate_microvm(microvmIdentifier=microvm)
+            wait_for_state(client, microvm, "TERMINATED", timeout=60)
+        assert live_ids(client) == []
+    finally:
+        stop_server(proc)

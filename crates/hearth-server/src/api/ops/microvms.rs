@@ -301,6 +301,8 @@ pub(super) fn suspend(state: &AppState, caller: &Caller, input: &Value) -> Resul
                     row.microvm_id
                 )));
             }
+            // Its admission, if no admission saw it running, is done with.
+            state.capacity.release(&row.vm_name);
             state.engine.spawn_suspend(row);
             Ok(json!({}))
         }
@@ -376,6 +378,9 @@ pub(super) fn terminate(
         )
         .map_err(internal)?;
     if moved.is_some() {
+        // An admission counts a VM until one sees it running; one that ends
+        // sooner (a short job) must not hold host capacity for the grace.
+        state.capacity.release(&row.vm_name);
         state.engine.spawn_terminate(row, "Success.".into());
     }
     // Not moved: another request terminated it meanwhile, which is the same.
