@@ -99,8 +99,25 @@ impl AgentClient {
     /// but its answer never left QEMU. Closing the connection discards the
     /// stalled bytes; the agent starts a new session on the next one.
     pub async fn connect(socket: &Path, timeout: Duration) -> Result<Self, AgentError> {
+        Self::connect_patiently(socket, timeout, FIRST_HELLO_PATIENCE).await
+    }
+
+    /// [`Self::connect`] for a guest that is booting: one connection waits
+    /// for the agent's answer until `timeout`. A cold boot's agent is not up
+    /// for seconds, so a new connection would gain nothing, and one made while
+    /// the agent opens its port can leave the agent spinning on it (then
+    /// every clone of a snapshot of that VM spins too).
+    pub async fn connect_booting(socket: &Path, timeout: Duration) -> Result<Self, AgentError> {
+        Self::connect_patiently(socket, timeout, timeout).await
+    }
+
+    async fn connect_patiently(
+        socket: &Path,
+        timeout: Duration,
+        first_patience: Duration,
+    ) -> Result<Self, AgentError> {
         let deadline = Instant::now() + timeout;
-        let mut patience = FIRST_HELLO_PATIENCE;
+        let mut patience = first_patience;
         let (stream, answer, rest) = loop {
             let stream = connect_socket(socket, deadline).await?;
             let attempt_end = (Instant::now() + patience).min(deadline);
@@ -699,16 +716,13 @@ const MAX_STALE_BYTES: usize = 64 * 1024 * 1024;
 /// A hello is a small JSON document.
 const MAX_HELLO: usize = 4096;
 
-/// Reads until the agent's answer to our hello: a frame on stream 0 of kind
-/// `Hello` or `Error`. Bytes before it belong to an earlier session and may
-/// start in the middle of a frame (a host that went away mid-frame before a
-/// snapshot or suspend leaves the rest in the port), so the header is searched
-/// for byte by byte instead of decoding frames from the first byte.
-/// Returns the answer and the bytes after it.
-/// How long the first `Hello` waits for its answer before the connection is
-/// made again (see [`AgentClient::connect`]); each later attempt waits twice
-/// as long. A restored guest answers in tens of milliseconds.
-const FIRST_HELLO_PATIENCE: Duration = Duration::from_secs(1);
+/// How long the first `Hello` to a restored guest waits for its answer before
+/// the connection is made again (see [`AgentClient::connect`]); each later
+/// attempt waits twice as long. A restored guest answers in tens of
+/// milliseconds, on a busy host in a second or two; a reconnect while its
+/// agent is still answering costs that guest (see
+/// [`AgentClient::connect_booting`]), so not sooner.
+const FIRST_HELLO_PATIENCE: Duration = Duration::from_secs(2);
 
 /// Connects to the agent's socket, retrying until `deadline` (QEMU may not be
 /// listening yet).
@@ -750,6 +764,12 @@ async fn handshake(
     Ok((stream, answer, rest))
 }
 
+/// Reads until the agent's answer to our hello: a frame on stream 0 of kind
+/// `Hello` or `Error`. Bytes before it belong to an earlier session and may
+/// start in the middle of a frame (a host that went away mid-frame before a
+/// snapshot or suspend leaves the rest in the port), so the header is searched
+/// for byte by byte instead of decoding frames from the first byte.
+/// Returns the answer and the bytes after it.
 async fn read_greeting(stream: &mut UnixStream) -> Result<(Frame, BytesMut), AgentError> {
     let mut buf = BytesMut::with_capacity(8192);
     let mut skipped = 0usize;

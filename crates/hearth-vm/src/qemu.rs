@@ -94,6 +94,7 @@ fn boot_cmdline(accel: Accel, nic: bool) -> String {
         if let Some(khz) = accel::host_tsc_khz() {
             cmdline.push_str(&format!(" tsc_early_khz={khz}"));
         }
+        cmdline.push_str(TCG_IDLE_CMDLINE);
     }
     cmdline
 }
@@ -107,17 +108,18 @@ fn boot_cmdline(accel: Accel, nic: bool) -> String {
 ///   a second to look at fragmentation.
 const IDLE_CMDLINE: &str = " nowatchdog sysctl.vm.compaction_proactiveness=0";
 
-// Not `tsc=reliable` under TCG, though it lets idle guests stop their tick
-// (the clocksource watchdog, comparing the TSC with jiffies on a busy host,
-// declares the TSC unstable in some boots and the guest falls back to
-// `refined-jiffies` and a periodic tick, 250 interrupts a second). With it
-// every guest runs one-shot timers and NOHZ, and clones from snapshots then
-// intermittently never answered their agent (launch timeouts in CI, about one
-// launch in a few hundred, on a quiet host too); a one-shot timer lost across
-// the restore would leave an idle guest asleep for good. That suspicion has
-// since been contradicted: a quickstart launch (8 GiB peak, 4 vCPUs) hung the
-// same way without it. It stays off until the hang is understood, so two
-// causes are not mixed up.
+/// `tsc=reliable` under TCG: the clocksource watchdog, comparing the TSC with
+/// jiffies while a busy host starves the guest, declares the TSC unstable in
+/// some boots; the guest then falls back to `refined-jiffies` and a periodic
+/// 250 Hz tick, and every clone of that boot's snapshot pays it (an idle VM
+/// at ~20 % of a host core instead of ~1 %, measured with `hearth bench
+/// density` on two snapshots of the same app). Under TCG the guest's TSC is
+/// QEMU's host-clock-derived counter, which is monotonic and shared by every
+/// vCPU, so the watchdog has nothing real to catch. It was off for a while
+/// (Dec 2026) as a suspect in clones that never answered their agent; the
+/// cause was the agent's port registration (see `hearth-agent` `channel.rs`).
+/// KVM guests use kvm-clock and keep the kernel's checks.
+const TCG_IDLE_CMDLINE: &str = " tsc=reliable";
 
 /// The QEMU implementation of [`Driver`].
 #[derive(Debug, Clone)]
@@ -2046,7 +2048,7 @@ async fn await_agent(
     };
     let socket = vm.agent_socket();
     let reason = tokio::select! {
-        agent = AgentClient::connect(&socket, timeout) => match agent {
+        agent = AgentClient::connect_booting(&socket, timeout) => match agent {
             Ok(agent) => return Ok(agent),
             Err(AgentError::Timeout(t)) => format!("the agent did not answer within {}s", t.as_secs()),
             Err(err) if vm_alive(vm) => error_chain(&err),
@@ -2349,13 +2351,16 @@ mod boot_failure_tests {
     }
 
     #[test]
-    fn idle_guests_drop_background_timers_but_do_not_trust_tcgs_tsc() {
+    fn idle_guests_drop_background_timers_and_tcg_guests_trust_their_tsc() {
         let options = |cmdline: &str| -> Vec<String> {
             cmdline.split_whitespace().map(str::to_string).collect()
         };
         let tcg = options(&boot_cmdline(Accel::Tcg, false));
-        assert!(tcg.iter().all(|o| o != "tsc=reliable"), "{tcg:?}");
-        for wanted in ["nowatchdog", "sysctl.vm.compaction_proactiveness=0"] {
+        for wanted in [
+            "nowatchdog",
+            "sysctl.vm.compaction_proactiveness=0",
+            "tsc=reliable",
+        ] {
             assert!(tcg.iter().any(|o| o == wanted), "{wanted} in {tcg:?}");
         }
         // KVM guests use kvm-clock; the TSC is left to the kernel's checks.
