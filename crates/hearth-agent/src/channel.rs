@@ -141,6 +141,9 @@ impl AsyncRead for PortReader {
     ) -> Poll<io::Result<()>> {
         loop {
             let mut guard = ready!(self.fd.poll_read_ready(cx))?;
+            // Read before `try_io`: on would-block it clears the guard's event,
+            // after which `guard.ready()` is empty.
+            let hung_up = guard.ready().is_read_closed();
             let unfilled = buf.initialize_unfilled();
             match guard.try_io(|inner| inner.get_ref().read(unfilled)) {
                 Ok(Ok(n)) => {
@@ -148,12 +151,10 @@ impl AsyncRead for PortReader {
                     return Poll::Ready(Ok(()));
                 }
                 Ok(Err(err)) => return Poll::Ready(Err(err)),
-                // The host hung up (and maybe came back: the read would block,
-                // not return EOF). End of this session either way, rather than
-                // spinning on a readiness that never clears.
-                Err(_would_block) if guard.ready().is_read_closed() => {
-                    return Poll::Ready(Ok(()));
-                }
+                // The host hung up and came back before this read (it would
+                // block, not return EOF). End of this session, rather than
+                // spinning on a closed readiness, which never clears.
+                Err(_would_block) if hung_up => return Poll::Ready(Ok(())),
                 Err(_would_block) => continue,
             }
         }
@@ -168,10 +169,11 @@ impl AsyncWrite for PortWriter {
     ) -> Poll<io::Result<usize>> {
         loop {
             let mut guard = ready!(self.fd.poll_write_ready(cx))?;
+            let hung_up = guard.ready().is_write_closed();
             match guard.try_io(|inner| inner.get_ref().write(buf)) {
                 Ok(result) => return Poll::Ready(result),
                 // The host hung up: see `PortReader::poll_read`.
-                Err(_would_block) if guard.ready().is_write_closed() => {
+                Err(_would_block) if hung_up => {
                     return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
                 }
                 Err(_would_block) => continue,

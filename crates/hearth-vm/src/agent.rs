@@ -104,9 +104,9 @@ impl AgentClient {
 
     /// [`Self::connect`] for a guest that is booting: one connection waits
     /// for the agent's answer until `timeout`. A cold boot's agent is not up
-    /// for seconds, so a new connection would gain nothing, and one made while
-    /// the agent opens its port can leave the agent spinning on it (then
-    /// every clone of a snapshot of that VM spins too).
+    /// for seconds, so new connections would only churn its port (a quick
+    /// disconnect and reconnect is what once left agents spinning: see
+    /// `hearth-agent` `channel.rs`).
     pub async fn connect_booting(socket: &Path, timeout: Duration) -> Result<Self, AgentError> {
         Self::connect_patiently(socket, timeout, timeout).await
     }
@@ -719,9 +719,8 @@ const MAX_HELLO: usize = 4096;
 /// How long the first `Hello` to a restored guest waits for its answer before
 /// the connection is made again (see [`AgentClient::connect`]); each later
 /// attempt waits twice as long. A restored guest answers in tens of
-/// milliseconds, on a busy host in a second or two; a reconnect while its
-/// agent is still answering costs that guest (see
-/// [`AgentClient::connect_booting`]), so not sooner.
+/// milliseconds, on a busy host in a second or two: not sooner, so a busy
+/// host does not churn the port.
 const FIRST_HELLO_PATIENCE: Duration = Duration::from_secs(2);
 
 /// Connects to the agent's socket, retrying until `deadline` (QEMU may not be

@@ -88,7 +88,8 @@ impl BenchServer {
             .map(|op| format!("{op}=100000"))
             .collect();
         // Benches run dozens of idle microVMs: counted at their peaks (1 GiB
-        // for the 256 MiB size) a 24 GiB host admits about 15.
+        // for the 256 MiB size) a 24 GiB host admits about 15, at their
+        // baselines about 35.
         config.reserve.overcommit = true;
         let state = hearth_server::start(config).await?;
         let api_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
