@@ -46,7 +46,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -76,7 +76,7 @@ const TAP_MAC: &str = "02:68:72:74:68:01";
 /// The nftables table in each VM namespace.
 const VM_TABLE: &str = "hearthvm";
 
-/// Marks spare namespaces' names (`<prefix>spare-<n>`): never an instance
+/// Marks spare namespaces' names (`<prefix>spare-<pid>-<n>`): never an instance
 /// name, which is alphanumeric, so [`Network::instances`] leaves them out.
 const SPARE_TAG: &str = "spare-";
 /// How long the spare keeper waits after a spare could not be made.
@@ -496,14 +496,20 @@ impl Network {
 
     async fn make_spare(&self) -> Result<(), NetError> {
         let n = self.next_spare.fetch_add(1, Ordering::Relaxed);
-        let netns = format!("{}{SPARE_TAG}{n}", self.config.netns_prefix);
+        let netns = format!(
+            "{}{SPARE_TAG}{}-{n}",
+            self.config.netns_prefix,
+            std::process::id()
+        );
         let limits = self.config.limits_for(MachineShape::default());
         self.create_named(&netns, None, Some(limits)).await?;
         lock(&self.spares).push_back(Spare { netns, limits });
         Ok(())
     }
 
-    /// Spares a killed server left (two servers never share a prefix).
+    /// Spares a killed server left: those of a process that is gone (the
+    /// name carries its pid, so servers that share a prefix, as test suites
+    /// do, keep each other's).
     fn remove_stale_spares(&self) {
         let prefix = format!("{}{SPARE_TAG}", self.config.netns_prefix);
         for entry in std::fs::read_dir("/run/netns")
@@ -511,10 +517,21 @@ impl Network {
             .flatten()
             .flatten()
         {
-            if let Some(name) = entry.file_name().to_str() {
-                if name.starts_with(&prefix) {
-                    delete_netns(name);
-                }
+            let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            let Some(rest) = name.strip_prefix(&prefix) else {
+                continue;
+            };
+            let owner = rest
+                .split('-')
+                .next()
+                .and_then(|pid| pid.parse::<u32>().ok());
+            let alive = owner.is_some_and(|pid| {
+                pid != std::process::id() && Path::new("/proc").join(pid.to_string()).exists()
+            });
+            if !alive {
+                delete_netns(&name);
             }
         }
     }

@@ -629,10 +629,26 @@ async fn a_launch_with_egress_takes_a_spare_network_that_works_like_a_new_one() 
     let internet = TestInternet::start().await;
     let mut config = internet.net_config();
     config.spares = 1;
+    // At start, spares of a process that is gone are deleted; another live
+    // server's (pid 1 stands in for one) are kept.
+    let gone = format!("{}spare-4000000000-0", config.netns_prefix);
+    let other = format!("{}spare-1-0", config.netns_prefix);
+    for name in [&gone, &other] {
+        let made = std::process::Command::new("ip")
+            .args(["netns", "add", name])
+            .status()
+            .expect("ip");
+        assert!(made.success());
+    }
     let network = Arc::new(Network::start(config.clone()).await.expect("network"));
+    assert!(!netns_exists(&gone), "a dead server's spare is left");
+    assert!(netns_exists(&other), "a live server's spare was deleted");
+    let _ = std::process::Command::new("ip")
+        .args(["netns", "delete", &other])
+        .status();
     network.keep_spares();
     wait_for_spares(&network, 1).await;
-    let first = format!("{}spare-0", config.netns_prefix);
+    let first = format!("{}spare-{}-0", config.netns_prefix, std::process::id());
     assert!(netns_exists(&first), "{first} missing");
     let (driver, assets, _state) = driver_on(network.clone());
     let cleanup = KillOnDrop(driver.clone());
@@ -642,7 +658,11 @@ async fn a_launch_with_egress_takes_a_spare_network_that_works_like_a_new_one() 
     assert!(!netns_exists(&first), "the spare was not taken");
     assert!(netns_exists(&network.netns_name(&vm.instance)));
     wait_for_spares(&network, 1).await;
-    assert!(netns_exists(&format!("{}spare-1", config.netns_prefix)));
+    assert!(netns_exists(&format!(
+        "{}spare-{}-1",
+        config.netns_prefix,
+        std::process::id()
+    )));
     // It works as a new one would: NAT, DNS, the filter, the counter.
     let agent = driver.agent(&vm).await.expect("agent");
     assert_eq!(sh(&agent, &fetch_script(WEB_NAME, 80, "/")).await, GREETING);
