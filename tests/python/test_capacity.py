@@ -85,12 +85,18 @@ def live_ids(client):
     return sorted(item["microvmId"] for item in client.list_microvms()["items"] if item["state"] != "TERMINATED")
 
 
-def test_run_is_refused_past_host_capacity_and_admitted_when_it_returns(big_image):
-    data, account = big_image["data_dir"], big_image["account"]
+def start_server_with_room_for_one(data):
+    """A server whose memory reserve leaves room for one big microVM and a
+    half (skips the test on a host without that much available)."""
     reserve = mem_available_mib() - NEED_MIB * 3 // 2
     if reserve < 0:
         pytest.skip(f"the host has less than {NEED_MIB * 3 // 2} MiB available")
-    proc, url = start_server(data, *FAST_RATES, "--reserve-memory-mib", str(reserve))
+    return start_server(data, *FAST_RATES, "--reserve-memory-mib", str(reserve))
+
+
+def test_run_is_refused_past_host_capacity_and_admitted_when_it_returns(big_image):
+    data, account = big_image["data_dir"], big_image["account"]
+    proc, url = start_server_with_room_for_one(data)
     try:
         if may_lower_oom_score(proc.pid):
             with open(f"/proc/{proc.pid}/oom_score_adj") as f:
@@ -127,10 +133,7 @@ def test_a_microvm_that_ends_before_anything_saw_it_run_gives_its_capacity_back(
     in between (none saw it running). Its admission must end with it, not
     hold the host's capacity for the admission's grace period (minutes)."""
     data, account = big_image["data_dir"], big_image["account"]
-    reserve = mem_available_mib() - NEED_MIB * 3 // 2
-    if reserve < 0:
-        pytest.skip(f"the host has less than {NEED_MIB * 3 // 2} MiB available")
-    proc, url = start_server(data, *FAST_RATES, "--reserve-memory-mib", str(reserve))
+    proc, url = start_server_with_room_for_one(data)
     try:
         client = client_for({"url": url, "data_dir": data}, account)
         for _ in range(2):

@@ -309,15 +309,7 @@ async fn run(
     for i in 0..args.launches {
         progress(&format!("network setup {}/{}", i + 1, args.launches));
         let instance = format!("{prefix}x{i}");
-        let start = std::time::Instant::now();
-        network
-            .create(
-                &instance,
-                0,
-                Some(network.config().limits_for(MachineShape::default())),
-            )
-            .await?;
-        setup.push(crate::measure::ms(start.elapsed()));
+        setup.push(timed_create(network, &instance).await?);
         let start = std::time::Instant::now();
         network.remove(&instance);
         teardown.push(crate::measure::ms(start.elapsed()));
@@ -340,15 +332,7 @@ async fn run(
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
         let instance = format!("{prefix}y{i}");
-        let start = std::time::Instant::now();
-        network
-            .create(
-                &instance,
-                0,
-                Some(network.config().limits_for(MachineShape::default())),
-            )
-            .await?;
-        from_spare.push(crate::measure::ms(start.elapsed()));
+        from_spare.push(timed_create(network, &instance).await?);
         network.remove(&instance);
     }
     // One snapshot per driver: a card restores only onto the same backend
@@ -468,6 +452,20 @@ async fn run(
         download_mb_per_s: got as f64 / seconds / 1e6,
         download_limit_mb_per_s: args.egress_mbit_per_vcpu as f64 * 0.125,
     })
+}
+
+/// Milliseconds to give `instance` a default-shape network with egress
+/// (from a spare when one is ready).
+async fn timed_create(network: &Network, instance: &str) -> Result<f64> {
+    let start = std::time::Instant::now();
+    network
+        .create(
+            instance,
+            0,
+            Some(network.config().limits_for(MachineShape::default())),
+        )
+        .await?;
+    Ok(crate::measure::ms(start.elapsed()))
 }
 
 fn print_table(r: &Report) {
