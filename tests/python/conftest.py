@@ -224,6 +224,7 @@ def guest_cleanup(tmp_path_factory, test_internet):
     os.environ["HEARTH_RAM_DIR"] = str(ram_dir)
     yield base
     kill_qemu_under(f"{base}/")
+    kill_qemu_under(f"{short_base(tmp_path_factory)}/")
     kill_qemu_under(f"{ram_dir}/")
     shutil.rmtree(ram_dir, ignore_errors=True)
     if old_ram is None:
@@ -302,11 +303,43 @@ def stop_server(proc):
             proc.wait()
 
 
+# The server refuses a data directory longer than this: QEMU's UNIX sockets
+# live under DATA/engine/vms/<vm>/ and a socket path must fit 107 bytes
+# (layout.rs, check_socket_room).
+MAX_DATA_DIR = 44
+
+
+def short_base(tmp_path_factory):
+    """A short twin of pytest's base directory, /tmp/hpy/<run number>: pytest's
+    own (/tmp/pytest-of-<user>/pytest-<n>) grows a byte every time its run
+    counter gains a digit, which would push data directories past the socket
+    limit. Twins of runs pytest no longer keeps are removed."""
+    basetemp = tmp_path_factory.getbasetemp()
+    run = basetemp.name.rsplit("-", 1)[-1]
+    root = pathlib.Path("/tmp/hpy")
+    root.mkdir(mode=0o700, exist_ok=True)
+    base = root / run
+    if not base.exists():
+        kept = {p.name.rsplit("-", 1)[-1] for p in basetemp.parent.iterdir()}
+        for old in root.iterdir():
+            if old.name not in kept:
+                kill_qemu_under(f"{old}/")
+                shutil.rmtree(old, ignore_errors=True)
+        base.mkdir(mode=0o700, exist_ok=True)
+    return base
+
+
 def short_data_dir(tmp_path_factory, name):
-    """A fresh data directory with a short path: QEMU's UNIX sockets live under
-    DATA/engine/vms/<vm>/ and a socket path must stay under 108 bytes."""
-    data_dir = tmp_path_factory.mktemp(name)
-    assert len(str(data_dir)) <= 40, data_dir
+    """A fresh data directory with a short path (see short_base)."""
+    base = short_base(tmp_path_factory)
+    for n in range(10_000):
+        data_dir = base / f"{name}{n}"
+        try:
+            data_dir.mkdir(mode=0o700)
+            break
+        except FileExistsError:
+            continue
+    assert len(str(data_dir)) <= MAX_DATA_DIR, data_dir
     return data_dir
 
 
