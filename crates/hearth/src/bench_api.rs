@@ -7,6 +7,7 @@
 //! data directory, creates an account and imports an image from the cached
 //! `debian-12` root filesystem (unpacked with `debugfs rdump`).
 
+use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -55,7 +56,8 @@ pub struct ApiArgs {
     /// Without it each measured RunMicrovm waits until the pool has a slot.
     #[arg(long)]
     pool_empty: bool,
-    /// RunMicrovm calls made at once for the concurrency figure (0: skip).
+    /// RunMicrovm calls made at once for the concurrency figure (0: skip);
+    /// calls the host has no room for are reported as refused, by code.
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(0..=500))]
     concurrent: u32,
 }
@@ -98,6 +100,15 @@ struct Report {
     launch_meter_added_p50_ms: f64,
     concurrent_runs: u32,
     concurrent_run_to_running_ms: Stats,
+    /// Of the concurrent calls, those refused at the call, by error code
+    /// (InsufficientCapacityException on a host without room for all).
+    concurrent_refused: BTreeMap<String, u32>,
+}
+
+/// How one of the concurrent RunMicrovm calls ended.
+enum ConcurrentRun {
+    Running(String, f64),
+    Refused(String),
 }
 
 pub async fn api(args: ApiArgs) -> Result<ExitCode> {
@@ -284,6 +295,7 @@ async fn run(
 
     // Many RunMicrovm calls at once, each to RUNNING.
     let mut concurrent = Vec::new();
+    let mut concurrent_refused = BTreeMap::new();
     if args.concurrent > 0 {
         if !args.pool_empty {
             wait_pool(state).await?;
@@ -295,21 +307,33 @@ async fn run(
             let image = imported.image_arn.clone();
             tasks.push(tokio::spawn(async move {
                 let start = Instant::now();
-                let run = client
+                let run = match client
                     .call("RunMicrovm", json!({"imageIdentifier": image}))
-                    .await?;
+                    .await
+                {
+                    Ok(run) => run,
+                    // A host without room for all of them refuses some at
+                    // the call: that is an answer to report, not a failure.
+                    Err(hearth_client::ClientError::Api { code, .. }) => {
+                        return Ok(ConcurrentRun::Refused(code))
+                    }
+                    Err(err) => return Err(err.into()),
+                };
                 let id = run["microvmId"].as_str().unwrap_or_default().to_string();
                 wait_for(&client, &id, "RUNNING").await?;
-                Ok::<_, anyhow::Error>((id, ms(start.elapsed())))
+                Ok::<_, anyhow::Error>(ConcurrentRun::Running(id, ms(start.elapsed())))
             }));
         }
         let mut ids = Vec::new();
         let mut failure = None;
         for task in tasks {
             match task.await? {
-                Ok((id, took)) => {
+                Ok(ConcurrentRun::Running(id, took)) => {
                     ids.push(id);
                     concurrent.push(took);
+                }
+                Ok(ConcurrentRun::Refused(code)) => {
+                    *concurrent_refused.entry(code).or_insert(0) += 1;
                 }
                 Err(err) => failure = Some(err),
             }
@@ -323,6 +347,7 @@ async fn run(
         for end in ends {
             end.await??;
         }
+        // An accepted call whose microVM never ran is a failure.
         if let Some(err) = failure {
             return Err(err.context("a concurrent RunMicrovm did not become RUNNING"));
         }
@@ -359,6 +384,7 @@ async fn run(
         meter_record_ms: meter.record_ms,
         concurrent_runs: args.concurrent,
         concurrent_run_to_running_ms: Stats::of(concurrent),
+        concurrent_refused,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -689,5 +715,8 @@ fn print_table(r: &Report) {
             &format!("{} RunMicrovm at once -> RUNNING", r.concurrent_runs),
             &r.concurrent_run_to_running_ms,
         );
+        for (code, count) in &r.concurrent_refused {
+            println!("  {count} of them refused at the call: {code}");
+        }
     }
 }

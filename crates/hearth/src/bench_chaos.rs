@@ -1147,10 +1147,10 @@ async fn check_interactive(
     // The token minted before the kill still opens the endpoint.
     let after = server.endpoint(id, before.token().to_string());
     match poll_until_200(&after).await {
-        Ok(()) if io.requests_answered > 0 => {
+        Ok(_) if io.requests_answered > 0 => {
             report.kind("endpoint").carried_out_after_restart += 1;
         }
-        Ok(()) => {}
+        Ok(_) => {}
         Err(err) => report.lose(
             round,
             "endpoint",

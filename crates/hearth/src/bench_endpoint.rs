@@ -129,11 +129,37 @@ struct Report {
     warm_launches: u64,
     cold_launches: u64,
     run_to_first_200_ms: Stats,
+    first_200_breakdown: BreakdownStats,
     load: Load,
     large_body: Stream,
     suspend_to_suspended_ms: Stats,
     auto_resume_to_first_byte_ms: Stats,
     resume_to_first_200_ms: Stats,
+}
+
+/// Where RunMicrovm → first 200 goes, per run.
+#[derive(Debug, Default)]
+struct Breakdown {
+    run_call: Vec<f64>,
+    token: Vec<f64>,
+    polling: Vec<f64>,
+    attempts: Vec<f64>,
+    second_request: Vec<f64>,
+}
+
+#[derive(Debug, Serialize)]
+struct BreakdownStats {
+    /// RunMicrovm answered (PENDING).
+    run_call_ms: Stats,
+    /// CreateMicrovmAuthToken answered.
+    token_ms: Stats,
+    /// The token in hand to the first 200 (every attempt, the 10 ms waits
+    /// between them included).
+    polling_ms: Stats,
+    /// Requests sent until one answered 200.
+    attempts: Stats,
+    /// A second GET / on a new connection after the first 200.
+    second_request_ms: Stats,
 }
 
 /// The proxy's address and how requests name a microVM.
@@ -252,6 +278,7 @@ pub async fn endpoint(args: EndpointArgs) -> Result<ExitCode> {
 
     // RunMicrovm → first 200 through the endpoint, one microVM at a time.
     let mut first_200 = Vec::new();
+    let mut breakdown = Breakdown::default();
     for i in 0..args.runs {
         progress(&format!("RunMicrovm to first 200, {}/{}", i + 1, args.runs));
         if !args.pool_empty {
@@ -261,10 +288,21 @@ pub async fn endpoint(args: EndpointArgs) -> Result<ExitCode> {
         let run = client
             .call("RunMicrovm", json!({ "imageIdentifier": image }))
             .await?;
+        breakdown.run_call.push(ms(start.elapsed()));
         let id = microvm_id(&run)?;
+        let minting = Instant::now();
         let endpoint = endpoint_of(&client, proxy, &id).await?;
-        poll_until_200(&endpoint).await?;
+        breakdown.token.push(ms(minting.elapsed()));
+        let polling = Instant::now();
+        let attempts = poll_until_200(&endpoint).await?;
+        breakdown.polling.push(ms(polling.elapsed()));
+        breakdown.attempts.push(f64::from(attempts));
         first_200.push(ms(start.elapsed()));
+        // The same request again on a new connection: what the path costs
+        // once the guest has served one.
+        let again = Instant::now();
+        poll_until_200(&endpoint).await?;
+        breakdown.second_request.push(ms(again.elapsed()));
         terminate(&client, &id).await?;
     }
     let launches_after = state.engine.pools.launch_counts();
@@ -339,6 +377,13 @@ pub async fn endpoint(args: EndpointArgs) -> Result<ExitCode> {
         warm_launches: launches_after.0 - launches_before.0,
         cold_launches: launches_after.1 - launches_before.1,
         run_to_first_200_ms: Stats::of(first_200),
+        first_200_breakdown: BreakdownStats {
+            run_call_ms: Stats::of(breakdown.run_call),
+            token_ms: Stats::of(breakdown.token),
+            polling_ms: Stats::of(breakdown.polling),
+            attempts: Stats::of(breakdown.attempts),
+            second_request_ms: Stats::of(breakdown.second_request),
+        },
         load,
         large_body,
         suspend_to_suspended_ms: Stats::of(suspends),
@@ -385,9 +430,12 @@ pub(crate) async fn endpoint_of(client: &Client, proxy: SocketAddr, id: &str) ->
 }
 
 /// GET / until 200; 502/503/504 (not reachable yet) are retried every 10 ms.
-pub(crate) async fn poll_until_200(endpoint: &Endpoint) -> Result<()> {
+/// Answers how many requests it sent.
+pub(crate) async fn poll_until_200(endpoint: &Endpoint) -> Result<u32> {
     let deadline = Instant::now() + Duration::from_secs(120);
+    let mut attempts = 0;
     loop {
+        attempts += 1;
         let status = match endpoint.connect().await {
             Ok(mut sender) => match sender.send_request(endpoint.request("/")?).await {
                 Ok(response) => {
@@ -400,7 +448,7 @@ pub(crate) async fn poll_until_200(endpoint: &Endpoint) -> Result<()> {
             Err(_) => None,
         };
         match status {
-            Some(s) if s == http::StatusCode::OK => return Ok(()),
+            Some(s) if s == http::StatusCode::OK => return Ok(attempts),
             Some(s) if ![502, 503, 504].contains(&s.as_u16()) => {
                 bail!("the endpoint answered {s}")
             }
@@ -595,6 +643,12 @@ fn print_table(r: &Report) {
         "RunMicrovm -> first 200 via the endpoint",
         &r.run_to_first_200_ms,
     );
+    let b = &r.first_200_breakdown;
+    row("  of which RunMicrovm call", &b.run_call_ms);
+    row("  of which CreateMicrovmAuthToken", &b.token_ms);
+    row("  of which polling to the first 200", &b.polling_ms);
+    row("  requests sent until a 200 (count)", &b.attempts);
+    row("second GET / on a new connection", &b.second_request_ms);
     row(
         &format!(
             "GET / latency, {} keep-alive connections",
