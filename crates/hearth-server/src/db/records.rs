@@ -353,7 +353,7 @@ impl Store {
             "UpdateMicrovmImage"
         };
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = Store::write_transaction(&mut conn)?;
         match idempotency_check(
             &tx,
             &new.account_id,
@@ -573,7 +573,7 @@ impl Store {
     /// PENDING, to run again; false if it may not run again.
     pub fn requeue_build(&self, build_id: &str) -> Result<bool, StoreError> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = Store::write_transaction(&mut conn)?;
         let changed = tx.execute(
             "UPDATE builds SET state = 'PENDING', owner_pid = NULL, owner_start = NULL
              WHERE build_id = ?1 AND restartable = 1 AND state IN ('PENDING', 'IN_PROGRESS')",
@@ -594,7 +594,7 @@ impl Store {
     /// Marks a build IN_PROGRESS (and its version).
     pub fn build_started(&self, account: &str, build_id: &str) -> Result<(), StoreError> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = Store::write_transaction(&mut conn)?;
         let owner = ProcessIdentity::current();
         tx.execute(
             "UPDATE builds SET state = 'IN_PROGRESS', owner_pid = ?3, owner_start = ?4
@@ -630,7 +630,7 @@ impl Store {
         outcome: Result<(PathBuf, SnapshotSizes), hearth_api::BuildFailure>,
     ) -> Result<(), StoreError> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = Store::write_transaction(&mut conn)?;
         let build: BuildRow = tx.query_row(
             &format!("SELECT {BUILD_COLS} FROM builds WHERE build_id = ?1 AND account_id = ?2"),
             params![build_id, account],
@@ -951,7 +951,7 @@ impl Store {
         quotas: &Quotas,
     ) -> Result<Result<Option<String>, Refusal>, StoreError> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = Store::write_transaction(&mut conn)?;
         match idempotency_check(
             &tx,
             &row.account_id,
@@ -1120,7 +1120,7 @@ impl Store {
         let mut conn = self.conn();
         // IMMEDIATE: it reads, then writes; a deferred one could find another
         // connection's write lock in the way and fail with SQLITE_BUSY.
-        let conn = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let conn = Store::write_transaction(&mut conn)?;
         let current: Option<String> = conn
             .query_row(
                 "SELECT state FROM microvms WHERE microvm_id = ?1",
@@ -1219,7 +1219,7 @@ impl Store {
         max: usize,
     ) -> Result<Result<(), Refusal>, StoreError> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = Store::write_transaction(&mut conn)?;
         for (key, value) in tags {
             tx.execute(
                 "INSERT INTO tags (account_id, resource_arn, key, value) VALUES (?1, ?2, ?3, ?4)
@@ -1243,7 +1243,7 @@ impl Store {
 
     pub fn untag(&self, account: &str, arn: &str, keys: &[String]) -> Result<(), StoreError> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = Store::write_transaction(&mut conn)?;
         for key in keys {
             tx.execute(
                 "DELETE FROM tags WHERE account_id = ?1 AND resource_arn = ?2 AND key = ?3",

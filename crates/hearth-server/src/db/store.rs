@@ -281,6 +281,16 @@ impl Store {
             .map_err(|_| StoreError::Interrupted)?
     }
 
+    /// A transaction that takes the write lock at BEGIN, waiting up to the
+    /// busy timeout for it. Every writing transaction uses it: a deferred one
+    /// that reads first fails at its first write, without waiting, when
+    /// another process (the CLI beside the server) has written meanwhile.
+    pub(crate) fn write_transaction(
+        conn: &mut Connection,
+    ) -> rusqlite::Result<rusqlite::Transaction<'_>> {
+        conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+    }
+
     pub(crate) fn conn(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the lock leaves SQLite itself consistent.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
@@ -297,7 +307,7 @@ impl Store {
             return Err(StoreError::BadAccountName);
         }
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = Store::write_transaction(&mut conn)?;
         let exists: bool = tx.query_row(
             "SELECT EXISTS(SELECT 1 FROM accounts WHERE name = ?1)",
             params![name],
@@ -485,6 +495,35 @@ mod tests {
         std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).expect("chmod");
         Store::open(dir.path()).expect("reopen");
         assert_eq!(mode(&db), 0o600);
+    }
+
+    /// Two processes on one database (the server, and `hearth account
+    /// create` beside it): each write waits its turn. A deferred transaction
+    /// that read first and then wrote failed at once with "database is
+    /// locked" when the other had written meanwhile (SQLite does not wait on
+    /// that upgrade), which failed a CLI call beside a busy server.
+    #[test]
+    fn two_stores_on_one_database_both_write_without_locked_errors() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = Store::open(dir.path()).expect("open");
+        let second = Store::open(dir.path()).expect("open again");
+        let writers: Vec<_> = [("a", first), ("b", second)]
+            .into_iter()
+            .map(|(side, store)| {
+                std::thread::spawn(move || {
+                    for n in 0..60 {
+                        store
+                            .create_account(&format!("{side}-{n}"))
+                            .unwrap_or_else(|e| panic!("{side}-{n}: {e:?}"));
+                    }
+                })
+            })
+            .collect();
+        for writer in writers {
+            writer.join().expect("no write failed");
+        }
+        let store = Store::open(dir.path()).expect("reopen");
+        assert_eq!(store.accounts().expect("accounts").len(), 120);
     }
 
     #[test]

@@ -190,7 +190,7 @@ impl Store {
     /// Adds usage that happened once (a snapshot read or write, a build).
     pub fn add_usage(&self, increments: &[Increment]) -> Result<(), StoreError> {
         let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let tx = Store::write_transaction(&mut conn)?;
         add(&tx, increments)?;
         tx.commit()?;
         Ok(())
@@ -249,7 +249,7 @@ impl Store {
     /// mark, all together or none (one commit per round keeps the meter cheap).
     pub fn commit_meter(&self, updates: &[MeterUpdate]) -> Result<(), StoreError> {
         let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let tx = Store::write_transaction(&mut conn)?;
         for update in updates {
             if move_mark(&tx, &update.subject, update.previous, &update.change)? {
                 add(&tx, &update.increments)?;
