@@ -18,6 +18,7 @@ use hearth_client::{Client, ClientConfig};
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use crate::bench_endpoint::microvm_id;
 use crate::measure::{ms, unpack_base, Stats};
 use crate::progress::progress;
 
@@ -204,7 +205,7 @@ async fn run(
         let run = client
             .call("RunMicrovm", json!({"imageIdentifier": imported.image_arn}))
             .await?;
-        let id = run["microvmId"].as_str().unwrap_or_default().to_string();
+        let id = microvm_id(&run)?;
         wait_for(&client, &id, "RUNNING").await?;
         terminate(&client, &id).await?;
     }
@@ -224,7 +225,7 @@ async fn run(
             .call("RunMicrovm", json!({"imageIdentifier": imported.image_arn}))
             .await?;
         run_call.push(ms(start.elapsed()));
-        let id = run["microvmId"].as_str().unwrap_or_default().to_string();
+        let id = microvm_id(&run)?;
         wait_for(&client, &id, "RUNNING").await?;
         to_running.push(ms(start.elapsed()));
         exec_true(&client, &id).await?;
@@ -236,7 +237,7 @@ async fn run(
     let run = client
         .call("RunMicrovm", json!({"imageIdentifier": imported.image_arn}))
         .await?;
-    let id = run["microvmId"].as_str().unwrap_or_default().to_string();
+    let id = microvm_id(&run)?;
     wait_for(&client, &id, "RUNNING").await?;
     let mut suspends = Vec::new();
     let mut resumes = Vec::new();
@@ -319,7 +320,7 @@ async fn run(
                     }
                     Err(err) => return Err(err.into()),
                 };
-                let id = run["microvmId"].as_str().unwrap_or_default().to_string();
+                let id = microvm_id(&run)?;
                 wait_for(&client, &id, "RUNNING").await?;
                 Ok::<_, anyhow::Error>(ConcurrentRun::Running(id, ms(start.elapsed())))
             }));
@@ -465,7 +466,7 @@ async fn start_idle(
             }
             Err(err) => return Err(err.into()),
         };
-        let id = run["microvmId"].as_str().context("microvmId")?.to_string();
+        let id = microvm_id(&run)?;
         if let Err(err) = wait_for(client, &id, "RUNNING").await {
             // A launch can fail on a loaded host (its agent not answering in
             // time): the VM is left out of the idle ones.
@@ -519,7 +520,7 @@ async fn measure_among(
         state.engine.set_metering(on);
         state.meter.set_paused(!on);
         let (run, start) = run_when_admitted(client, image_arn).await?;
-        let id = run["microvmId"].as_str().context("microvmId")?.to_string();
+        let id = microvm_id(&run)?;
         let reached = wait_for(client, &id, "RUNNING").await;
         let took = ms(start.elapsed());
         state.engine.set_metering(true);

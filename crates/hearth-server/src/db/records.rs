@@ -1118,8 +1118,6 @@ impl Store {
         usage: &[crate::db::usage::Increment],
     ) -> Result<Option<MicrovmState>, StoreError> {
         let mut conn = self.conn();
-        // IMMEDIATE: it reads, then writes; a deferred one could find another
-        // connection's write lock in the way and fail with SQLITE_BUSY.
         let conn = Store::write_transaction(&mut conn)?;
         let current: Option<String> = conn
             .query_row(
