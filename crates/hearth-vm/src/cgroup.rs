@@ -130,6 +130,13 @@ impl CgroupLimits {
     }
 }
 
+/// What QEMU itself needs beyond the guest's RAM, its translation cache left
+/// out: what an overcommitting host counts per VM (the cache fills only as
+/// the guest runs new code; an idle clone's holds about 16 MiB).
+pub fn qemu_base_overhead_mib() -> u64 {
+    QEMU_BASE_OVERHEAD_MIB
+}
+
 /// Memory QEMU needs beyond the guest's RAM under `accel` (see the constants).
 pub fn qemu_overhead_mib(accel: Accel) -> u64 {
     match accel {

@@ -211,9 +211,10 @@ struct ServeArgs {
     #[arg(long, default_value_t = 2048)]
     reserve_disk_mib: u64,
     /// Admit new work counting running microVMs at their baseline memory, not
-    /// their peak: more fit (a 256 MiB size bursts to 1 GiB), and bursts
-    /// share what is left, so many at once can run the host short (QEMUs die
-    /// first, never the server).
+    /// their peak, and QEMU without its TCG translation cache: more fit (a
+    /// 256 MiB size bursts to 1 GiB), and bursts and caches share what is
+    /// left, so many at once can run the host short (QEMUs die first, never
+    /// the server).
     #[arg(long)]
     overcommit_memory: bool,
     /// Machine sizes to accept besides the reference's (JSON, see README).

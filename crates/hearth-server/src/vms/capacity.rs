@@ -154,11 +154,23 @@ pub enum Start {
 /// The demand of a VM of size `baseline_mib` (its `minimumMemoryInMiB`)
 /// started as `start`: everything at the baseline, as the reference's quota
 /// counts it (the cgroup caps a burst at the peak; counting peaks refused
-/// most builds on a 23 GiB host).
-pub fn demand_of(baseline_mib: u32, accel: hearth_vm::Accel, start: Start) -> Demand {
+/// most builds on a 23 GiB host). QEMU's allowance is its whole cgroup
+/// allowance, translation cache included, unless the host overcommits
+/// (`overcommit`): then the cache, like a burst, shares what is left.
+pub fn demand_of(
+    baseline_mib: u32,
+    accel: hearth_vm::Accel,
+    start: Start,
+    overcommit: bool,
+) -> Demand {
     let guest = u64::from(baseline_mib) * MIB;
+    let qemu_mib = if overcommit {
+        hearth_vm::cgroup::qemu_base_overhead_mib()
+    } else {
+        hearth_vm::cgroup::qemu_overhead_mib(accel)
+    };
     Demand {
-        memory: guest + (hearth_vm::cgroup::qemu_overhead_mib(accel) << 20),
+        memory: guest + (qemu_mib << 20),
         ram_fs: match start {
             Start::Launch => 0,
             Start::WithRamFile => guest,
@@ -203,6 +215,17 @@ impl Capacity {
         }
     }
 
+    /// What a VM of `baseline_mib` started as `start` counts on this host
+    /// ([`demand_of`] under the operator's overcommit choice).
+    pub fn demand(&self, baseline_mib: u32, start: Start) -> Demand {
+        demand_of(
+            baseline_mib,
+            self.driver.accel(),
+            start,
+            self.reserve.overcommit,
+        )
+    }
+
     /// Admits a VM that `key` names (the VM's name; a build's id for a build
     /// VM) needing `need`, or says what is short.
     pub fn admit(&self, key: &str, need: Demand) -> Result<(), CapacityError> {
@@ -236,7 +259,13 @@ impl Capacity {
             // What it may grow into: its peak (the cgroup's limit), or with
             // overcommit what its admission counted.
             let limit = if self.reserve.overcommit {
-                demand_of(vm.shape.baseline_memory_mib(), vm.accel, Start::Launch).memory
+                demand_of(
+                    vm.shape.baseline_memory_mib(),
+                    vm.accel,
+                    Start::Launch,
+                    true,
+                )
+                .memory
             } else {
                 CgroupLimits::for_shape_on(&vm.shape, vm.accel).memory_bytes
             };
@@ -461,15 +490,47 @@ mod tests {
     #[test]
     fn demand_follows_the_start() {
         // The 512 MiB size: everything at the baseline (plus QEMU).
-        let launch = demand_of(512, hearth_vm::Accel::Tcg, Start::Launch);
+        let launch = demand_of(512, hearth_vm::Accel::Tcg, Start::Launch, false);
         assert_eq!(launch.ram_fs, 0);
         assert_eq!(launch.disk, 512 * MIB);
         assert_eq!(
             launch.memory,
             (512 + hearth_vm::cgroup::qemu_overhead_mib(hearth_vm::Accel::Tcg)) * MIB
         );
-        let resume = demand_of(512, hearth_vm::Accel::Tcg, Start::WithRamFile);
+        let resume = demand_of(512, hearth_vm::Accel::Tcg, Start::WithRamFile, false);
         assert_eq!(resume.ram_fs, 512 * MIB);
+    }
+
+    /// An overcommitting host leaves the translation cache out of QEMU's
+    /// allowance (it fills as the guest runs new code, like a burst), so
+    /// fifty 256 MiB microVMs fit where they did not; the cgroup limit still
+    /// holds the whole cache.
+    #[test]
+    fn overcommit_leaves_the_translation_cache_out() {
+        let tcg = hearth_vm::Accel::Tcg;
+        let full = demand_of(256, tcg, Start::Launch, false);
+        let lean = demand_of(256, tcg, Start::Launch, true);
+        assert_eq!(lean.memory, (256 + 96) * MIB);
+        assert_eq!(full.memory, (256 + 96 + 256) * MIB);
+        assert_eq!((lean.ram_fs, lean.disk), (full.ram_fs, full.disk));
+        // Under KVM there is no cache: the two agree.
+        let kvm = hearth_vm::Accel::Kvm;
+        assert_eq!(
+            demand_of(256, kvm, Start::Launch, true),
+            demand_of(256, kvm, Start::Launch, false)
+        );
+        // 50 of them and the default reserve on a host with 20 GiB available.
+        let reserve = Reserve {
+            overcommit: true,
+            ..Reserve::default()
+        };
+        let fifty = |one: Demand| Demand {
+            memory: one.memory * 49,
+            ..Demand::default()
+        };
+        let host = free(20, 20, 100);
+        assert!(admit(host, reserve, fifty(lean), lean).is_ok());
+        assert!(admit(host, reserve, fifty(full), full).is_err());
     }
 
     /// Running VMs count at what they may still grow into (cgroup limit
@@ -502,7 +563,7 @@ mod tests {
         );
         assert_eq!(capacity.committed().memory, limit - 100 * MIB);
         // Admitted and starting: counted in full until its VM runs.
-        let need = demand_of(256, hearth_vm::Accel::Tcg, Start::Launch);
+        let need = demand_of(256, hearth_vm::Accel::Tcg, Start::Launch, false);
         capacity
             .admit("next", need)
             .expect("a tiny VM fits this host");
@@ -540,6 +601,7 @@ mod tests {
             bursting.shape.baseline_memory_mib(),
             bursting.accel,
             Start::Launch,
+            true,
         );
         let peak = CgroupLimits::for_shape_on(&bursting.shape, bursting.accel).memory_bytes;
         assert!(baseline.memory < peak);

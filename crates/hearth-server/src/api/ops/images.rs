@@ -16,7 +16,7 @@ use crate::db::resources::{ImageState, VersionState, VersionStatus};
 use crate::db::spec::{CpuConfiguration, ImageSpec, Resources};
 use crate::images::build::{BuildJob, BUILD_ARGS_MEMBER};
 use crate::layout;
-use crate::vms::capacity::{demand_of, Start};
+use crate::vms::capacity::Start;
 
 fn version_not_found(identifier: &str, version: &str) -> ApiError {
     ApiError::not_found(format!(
@@ -553,11 +553,7 @@ pub(super) fn create_or_update(
         .capacity
         .admit(
             &admission,
-            demand_of(
-                memory_mib,
-                state.engine.driver().accel(),
-                Start::WithRamFile,
-            ),
+            state.capacity.demand(memory_mib, Start::WithRamFile),
         )
         .map_err(|err| capacity_refusal(err, false))?;
     let started = state

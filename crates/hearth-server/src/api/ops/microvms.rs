@@ -20,7 +20,7 @@ use crate::db::resources::{MicrovmState, VersionState, VersionStatus};
 use crate::db::spec::{IdlePolicy, Logging, MicrovmSpec};
 use crate::db::store::{unix_now, unix_now_ms};
 use crate::endpoint::tokens::{Claims, PortRule, TokenKind};
-use crate::vms::capacity::{demand_of, Start};
+use crate::vms::capacity::Start;
 
 /// The members of RunMicrovm's input a microVM keeps as they are.
 #[derive(Debug, Deserialize)]
@@ -188,7 +188,7 @@ pub(super) fn run(state: &AppState, caller: &Caller, input: &Value) -> Result<Va
         .capacity
         .admit(
             &row.vm_name,
-            demand_of(row.memory_mib, state.engine.driver().accel(), Start::Launch),
+            state.capacity.demand(row.memory_mib, Start::Launch),
         )
         .map_err(|err| capacity_refusal(err, true))?;
     let inserted = store
@@ -321,11 +321,7 @@ pub(super) fn resume(state: &AppState, caller: &Caller, input: &Value) -> Result
                 .capacity
                 .admit(
                     &row.vm_name,
-                    demand_of(
-                        row.memory_mib,
-                        state.engine.driver().accel(),
-                        Start::WithRamFile,
-                    ),
+                    state.capacity.demand(row.memory_mib, Start::WithRamFile),
                 )
                 .map_err(|err| capacity_refusal(err, false))?;
             let moved = state
