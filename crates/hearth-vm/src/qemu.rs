@@ -1021,6 +1021,136 @@ impl QemuDriver {
         self.boot_with(request, &boot).await
     }
 
+    /// Writes the paused VM's state file, and keeps its RAM: beside it when it
+    /// is a shared file (lean: the state has CPU and devices only), in the
+    /// stream otherwise; `mapped_ram` puts a stream's pages at fixed offsets
+    /// (zero pages left out), for [`Self::relean`] to load.
+    async fn write_suspend(
+        &self,
+        qmp: &mut Qmp,
+        vm: &VmRecord,
+        shared_ram: Option<&Path>,
+        mapped_ram: bool,
+    ) -> Result<(), VmError> {
+        let state_file = vm.suspend_state();
+        let memory_file = vm.memory_file();
+        // QEMU migrates no VM that an earlier migration paused (a conversion
+        // that failed, or a suspend a crash interrupted): the guest runs a
+        // moment first, as if suspended a little later.
+        if qmp.query_status().await?.status == "postmigrate" {
+            qmp.cont().await?;
+            qmp.stop().await?;
+        }
+        // QEMU creates it (in its own directory, as its own uid).
+        let _ = std::fs::remove_file(&state_file);
+        qmp.set_ignore_shared(shared_ram.is_some()).await?;
+        qmp.set_mapped_ram(mapped_ram).await?;
+        let uri = format!("file:{}", state_file.display());
+        qmp.migrate_and_wait(&uri, MIGRATION_TIMEOUT).await?;
+        if let Some(ram) = shared_ram {
+            if ram == memory_file {
+                std::fs::File::open(ram)
+                    .and_then(|f| f.sync_all())
+                    .map_err(|e| VmError::Io(ram.to_path_buf(), e))?;
+            } else {
+                // tmp + rename: a crash never leaves a half-copied RAM file
+                // under the name a resume maps.
+                let tmp = vm.dir.join("memory.ram.tmp");
+                disk::sparse_copy(ram, &tmp)?;
+                std::fs::rename(&tmp, &memory_file)
+                    .map_err(|e| VmError::Io(memory_file.clone(), e))?;
+            }
+        }
+        // QEMU wrote it in its own directory: no symlink, no FIFO.
+        sync_own_file(&state_file)?;
+        Ok(disk::sync_dir(&vm.dir)?)
+    }
+
+    /// Turns a clone's streamed suspend (written with `mapped-ram`) into the
+    /// lean format: a second QEMU, whose guest never runs, loads the stream
+    /// into the VM's memory file (shared; only the pages the stream holds are
+    /// written, so the file stays sparse) and saves CPU and devices alone;
+    /// that state replaces the stream once both files are on disk. The
+    /// suspending QEMU is paused and alive, and the record still says
+    /// running: a crash anywhere here leaves that QEMU to be continued, and
+    /// on failure its sockets get their names back.
+    async fn relean(&self, vm: &VmRecord) -> Result<(), VmError> {
+        let stream = vm.suspend_state();
+        let lean_state = vm.dir.join("suspend.lean");
+        let memory = vm.memory_file();
+        let _ = std::fs::remove_file(&lean_state);
+        // Created here (the jail binds it, and hands it to the VM's uid);
+        // QEMU sizes it, sparse.
+        disk::create_fresh(&memory)?;
+        // The loader's sockets take the usual names (its start must not reach
+        // the suspending QEMU's QMP socket); the suspending QEMU keeps its
+        // own under other names until it quits.
+        let sockets = [vm.qmp_socket(), vm.agent_socket()];
+        let aside = |path: &Path| path.with_extension("sock.suspending");
+        for socket in &sockets {
+            let _ = std::fs::rename(socket, aside(socket));
+        }
+        let converted = self.load_and_save_lean(vm, &stream, &lean_state).await;
+        let kept = converted.and_then(|()| {
+            sync_own_file(&memory)?;
+            sync_own_file(&lean_state)?;
+            std::fs::rename(&lean_state, &stream).map_err(|e| VmError::Io(stream.clone(), e))?;
+            Ok(disk::sync_dir(&vm.dir)?)
+        });
+        match &kept {
+            Ok(()) => {
+                for socket in &sockets {
+                    let _ = std::fs::remove_file(aside(socket));
+                }
+            }
+            Err(_) => {
+                let _ = std::fs::remove_file(&lean_state);
+                let _ = std::fs::remove_file(&memory);
+                for socket in &sockets {
+                    let _ = std::fs::rename(aside(socket), socket);
+                }
+            }
+        }
+        kept
+    }
+
+    /// [`Self::relean`]'s second QEMU: loads `stream` into the VM's memory
+    /// file and writes `lean_state`, then ends.
+    async fn load_and_save_lean(
+        &self,
+        vm: &VmRecord,
+        stream: &Path,
+        lean_state: &Path,
+    ) -> Result<(), VmError> {
+        let mut loader = vm.clone();
+        loader.instance = new_instance_id();
+        loader.memory = Memory::SharedFile {
+            path: vm.memory_file(),
+        };
+        // No network: the card needs no backend in a guest that never runs.
+        let (pid, mut qmp) = self.spawn_in(&loader, Incoming::Defer, None).await?;
+        loader.pid = Some(pid);
+        let converted = async {
+            qmp.set_mapped_ram(true).await?;
+            let from = format!("file:{}", stream.display());
+            qmp.migrate_incoming_and_wait(&from, MIGRATION_TIMEOUT)
+                .await?;
+            // Loaded paused (the stream was saved paused): save it lean.
+            qmp.set_mapped_ram(false).await?;
+            qmp.set_ignore_shared(true).await?;
+            let to = format!("file:{}", lean_state.display());
+            qmp.migrate_and_wait(&to, MIGRATION_TIMEOUT).await
+        }
+        .await
+        .map_err(|err| self.qemu_failure(&loader, err));
+        let _ = qmp.quit().await;
+        if !wait_gone(pid, &loader.instance, Duration::from_secs(5)).await {
+            self.stop_process(&loader).await;
+        }
+        self.release_cgroup(&loader.instance);
+        converted
+    }
+
     /// Ends the VM's QEMU process: `quit` over QMP, SIGKILL if that fails.
     pub(crate) async fn stop_process(&self, vm: &VmRecord) {
         if let Some(pid) = vm.pid.filter(|pid| process_alive(*pid, &vm.instance)) {
@@ -1571,8 +1701,10 @@ impl Driver for QemuDriver {
     ///   lean format), only fsynced, so only the pages the guest dirtied are
     ///   written. Resume maps it instead of reading it back.
     /// - a private mapping (a clone launched from a snapshot): its written
-    ///   pages exist only in QEMU, so the state stream carries the RAM (the
-    ///   format of every suspend before the lean one).
+    ///   pages exist only in QEMU, so they are streamed out and the stream is
+    ///   turned into the lean format ([`Self::relean`]). Should that fail, the
+    ///   state stream carries the RAM (the format of every suspend before the
+    ///   lean one, which resume still reads).
     async fn suspend(&self, vm: &mut VmRecord) -> Result<(), VmError> {
         if !vm.state.can_become(VmState::Suspended) || !vm_alive(vm) {
             return Err(VmError::BadState {
@@ -1592,35 +1724,31 @@ impl Driver for QemuDriver {
         let mut qmp = Qmp::connect(&vm.qmp_socket()).await?;
         qmp.stop().await?;
         let start = Instant::now();
-        let saved = async {
-            qmp.set_ignore_shared(shared_ram.is_some()).await?;
-            let uri = format!("file:{}", state_file.display());
-            qmp.migrate_and_wait(&uri, MIGRATION_TIMEOUT).await?;
-            if let Some(ram) = &shared_ram {
-                if *ram == memory_file {
-                    std::fs::File::open(ram)
-                        .and_then(|f| f.sync_all())
-                        .map_err(|e| VmError::Io(ram.clone(), e))?;
-                } else {
-                    // tmp + rename: a crash never leaves a half-copied RAM file
-                    // under the name a resume maps.
-                    let tmp = vm.dir.join("memory.ram.tmp");
-                    disk::sparse_copy(ram, &tmp)?;
-                    std::fs::rename(&tmp, &memory_file)
-                        .map_err(|e| VmError::Io(memory_file.clone(), e))?;
+        // A clone's RAM is a private mapping of its snapshot: its written
+        // pages exist only in this QEMU, so they are streamed out, then the
+        // stream is turned into the lean format, so even the first resume
+        // reads nothing back.
+        let relean = shared_ram.is_none();
+        let mut saved = self
+            .write_suspend(&mut qmp, vm, shared_ram.as_deref(), relean)
+            .await;
+        let saved_at = start.elapsed();
+        let mut lean = shared_ram.is_some();
+        if saved.is_ok() && relean {
+            match self.relean(vm).await {
+                Ok(()) => lean = true,
+                Err(err) => {
+                    warn!(
+                        vm = %vm.name,
+                        error = %error_chain(&err),
+                        "a clone's suspend stays a stream; its resume reads the RAM back"
+                    );
+                    // That stream has its pages at fixed offsets (`mapped-ram`),
+                    // for the conversion: write the one resume reads instead.
+                    saved = self.write_suspend(&mut qmp, vm, None, false).await;
                 }
             }
-            // QEMU wrote it in its own directory: no symlink, no FIFO.
-            std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-                .open(&state_file)
-                .and_then(|f| f.sync_all())
-                .map_err(|e| VmError::Io(state_file.clone(), e))?;
-            disk::sync_dir(&vm.dir)?;
-            Ok::<(), VmError>(())
         }
-        .await;
         if let Err(err) = saved {
             let _ = qmp.set_ignore_shared(false).await;
             let _ = qmp.cont().await;
@@ -1630,12 +1758,13 @@ impl Driver for QemuDriver {
         }
         debug!(
             vm = %vm.name,
-            lean = shared_ram.is_some(),
-            save_ms = start.elapsed().as_secs_f64() * 1e3,
+            lean,
+            save_ms = saved_at.as_secs_f64() * 1e3,
+            total_ms = start.elapsed().as_secs_f64() * 1e3,
             "suspended"
         );
         vm.state = VmState::Suspended;
-        vm.suspended_memory = shared_ram.as_ref().map(|_| memory_file.clone());
+        vm.suspended_memory = lean.then(|| memory_file.clone());
         let pid = vm.pid.take();
         self.save(vm)?;
         // The VM directory's own entry too: after a power cut the saved state
@@ -1936,6 +2065,17 @@ pub(crate) fn unix_now() -> u64 {
 }
 
 /// A random id that names one QEMU process (`-name hearth-ID`).
+/// fsyncs a file a jailed QEMU wrote in its own directory, opened without
+/// following a symlink and without blocking on a FIFO.
+fn sync_own_file(path: &Path) -> Result<(), VmError> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| VmError::Io(path.to_path_buf(), e))
+}
+
 pub(crate) fn new_instance_id() -> String {
     hex::encode(rand::random::<[u8; 8]>())
 }

@@ -182,6 +182,18 @@ impl Qmp {
         .map(drop)
     }
 
+    /// Turns `mapped-ram` on or off: a `file:` stream with each RAM page at a
+    /// fixed offset and zero pages left out, loaded by reading only the
+    /// pages present (QEMU 9.0+).
+    pub async fn set_mapped_ram(&mut self, on: bool) -> Result<(), QmpError> {
+        self.execute::<Value>(
+            "migrate-set-capabilities",
+            Some(json!({"capabilities": [{"capability": "mapped-ram", "state": on}]})),
+        )
+        .await
+        .map(drop)
+    }
+
     /// Lifts the migration bandwidth cap (QEMU's default is 128 MiB/s, meant for
     /// live migration over a network; a stopped VM written to a local file
     /// should go as fast as the disk takes it).

@@ -148,6 +148,64 @@ async fn pool_launches_and_failures() {
     drop(stream);
     driver.remove(&web).await.expect("remove web");
 
+    // A clone's suspend. Its RAM is a private mapping of the snapshot, so the
+    // suspend streams it out and turns the stream into the lean format: the
+    // RAM kept as a sparse file that the resume maps, a state without RAM.
+    // When the conversion fails (here its state file's name is taken by a
+    // directory, so its second QEMU fails to save), the suspend keeps the
+    // stream format of every suspend before the lean one, which resume still
+    // reads. The mark lives in guest RAM (a tmpfs), so only a restored RAM
+    // has it.
+    use std::os::unix::fs::MetadataExt;
+    for (name, converts) in [("lean", true), ("stream", false)] {
+        let (mut vm, agent) = driver
+            .launch_with_agent(&snapshot, name)
+            .await
+            .expect("launch");
+        sh(
+            &agent,
+            "mkdir -p /mnt/ram && mount -t tmpfs ram /mnt/ram && echo in-ram > /mnt/ram/mark",
+        )
+        .await;
+        drop(agent);
+        let blocker = vm.dir.join("suspend.lean");
+        if !converts {
+            std::fs::create_dir(&blocker).expect("blocker");
+        }
+        let before = driver.processes().len();
+        driver.suspend(&mut vm).await.expect("suspend");
+        let state_len = std::fs::metadata(vm.suspend_state()).expect("state").len();
+        if converts {
+            assert_eq!(vm.suspended_memory, Some(vm.memory_file()));
+            assert!(state_len < 4 << 20, "state without RAM: {state_len} bytes");
+            let memory = std::fs::metadata(vm.memory_file()).expect("memory file");
+            assert_eq!(memory.len(), u64::from(vm.shape.memory_mib) << 20);
+            let allocated = memory.blocks() * 512;
+            assert!(
+                allocated < memory.len() / 2,
+                "sparse: {allocated} of {} bytes",
+                memory.len()
+            );
+            assert!(!blocker.exists());
+        } else {
+            assert_eq!(vm.suspended_memory, None);
+            assert!(state_len > 16 << 20, "RAM in the stream: {state_len} bytes");
+            assert!(!vm.memory_file().exists());
+            std::fs::remove_dir(&blocker).expect("blocker");
+        }
+        // The suspended QEMU and the converting one are gone, and the
+        // sockets set aside during the conversion too.
+        assert_eq!(driver.processes().len(), before - 1);
+        for aside in ["qmp.sock.suspending", "agent.sock.suspending"] {
+            assert!(!vm.dir.join(aside).exists(), "{aside} left");
+        }
+        driver.resume(&mut vm).await.expect("resume");
+        let agent = driver.agent(&vm).await.expect("agent");
+        assert_eq!(sh(&agent, "cat /mnt/ram/mark").await, "in-ram");
+        drop(agent);
+        driver.remove(&vm).await.expect("remove");
+    }
+
     // A QEMU that dies is a clear error for that VM only.
     let (victim, _agent) = driver
         .launch_with_agent(&snapshot, "victim")
