@@ -1127,8 +1127,11 @@ impl QemuDriver {
         loader.memory = Memory::SharedFile {
             path: vm.memory_file(),
         };
-        // No network: the card needs no backend in a guest that never runs.
-        let (pid, mut qmp) = self.spawn_in(&loader, Incoming::Defer, None).await?;
+        // A card's state loads only into a card with a backend of the same
+        // kind (a tap's offloads are part of it), so the loader gets a tap in
+        // a namespace of its own; without an uplink, as its guest never runs.
+        loader.egress = false;
+        let (pid, mut qmp) = self.spawn(&loader, Incoming::Defer).await?;
         loader.pid = Some(pid);
         let converted = async {
             qmp.set_mapped_ram(true).await?;
@@ -1147,6 +1150,7 @@ impl QemuDriver {
         if !wait_gone(pid, &loader.instance, Duration::from_secs(5)).await {
             self.stop_process(&loader).await;
         }
+        self.release_network(&loader.instance);
         self.release_cgroup(&loader.instance);
         converted
     }

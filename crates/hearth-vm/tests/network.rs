@@ -286,6 +286,9 @@ cat /tmp/held"
     // Egress survives suspend and resume.
     drop(open_agent);
     driver.suspend(&mut open).await.expect("suspend");
+    // A clone's suspend is made lean; the conversion's second QEMU needs a
+    // tap of its own, or the card's state (a tap's offloads) would not load.
+    assert_eq!(open.suspended_memory, Some(open.memory_file()));
     driver.resume(&mut open).await.expect("resume");
     let open_agent = driver.agent(&open).await.expect("agent");
     assert_eq!(
