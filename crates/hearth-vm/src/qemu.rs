@@ -1076,7 +1076,7 @@ impl QemuDriver {
     /// on failure its sockets get their names back.
     async fn relean(&self, vm: &VmRecord) -> Result<(), VmError> {
         let stream = vm.suspend_state();
-        let lean_state = vm.dir.join("suspend.lean");
+        let lean_state = vm.dir.join(LEAN_STATE_FILE);
         let memory = vm.memory_file();
         let _ = std::fs::remove_file(&lean_state);
         // Created here (the jail binds it, and hands it to the VM's uid);
@@ -1086,9 +1086,8 @@ impl QemuDriver {
         // the suspending QEMU's QMP socket); the suspending QEMU keeps its
         // own under other names until it quits.
         let sockets = [vm.qmp_socket(), vm.agent_socket()];
-        let aside = |path: &Path| path.with_extension("sock.suspending");
         for socket in &sockets {
-            let _ = std::fs::rename(socket, aside(socket));
+            let _ = std::fs::rename(socket, set_aside(socket));
         }
         let converted = self.load_and_save_lean(vm, &stream, &lean_state).await;
         let kept = converted.and_then(|()| {
@@ -1100,14 +1099,14 @@ impl QemuDriver {
         match &kept {
             Ok(()) => {
                 for socket in &sockets {
-                    let _ = std::fs::remove_file(aside(socket));
+                    let _ = std::fs::remove_file(set_aside(socket));
                 }
             }
             Err(_) => {
                 let _ = std::fs::remove_file(&lean_state);
                 let _ = std::fs::remove_file(&memory);
                 for socket in &sockets {
-                    let _ = std::fs::rename(aside(socket), socket);
+                    let _ = std::fs::rename(set_aside(socket), socket);
                 }
             }
         }
@@ -1446,6 +1445,16 @@ impl Driver for QemuDriver {
     /// cancels a migration in flight, lets the guest run again and drops the
     /// partial suspend state. The caller then checks the agent.
     async fn recover(&self, vm: &VmRecord) -> Result<(), VmError> {
+        // A suspend cut short while it converted a clone's state
+        // (`relean`) left this QEMU's sockets under other names, and its
+        // loader's (ended by reconcile as a second process) under these.
+        for socket in [vm.qmp_socket(), vm.agent_socket()] {
+            let aside = set_aside(&socket);
+            if aside.exists() {
+                let _ = std::fs::rename(&aside, &socket);
+            }
+        }
+        let _ = std::fs::remove_file(vm.dir.join(LEAN_STATE_FILE));
         let mut qmp = Qmp::connect_with_retry(&vm.qmp_socket(), Duration::from_secs(5)).await?;
         let _ = qmp
             .execute::<serde_json::Value>("migrate_cancel", None)
@@ -2069,6 +2078,16 @@ pub(crate) fn unix_now() -> u64 {
 }
 
 /// A random id that names one QEMU process (`-name hearth-ID`).
+/// The lean state a clone's suspend writes while it converts (`relean`),
+/// in the VM's directory, before it replaces the stream.
+const LEAN_STATE_FILE: &str = "suspend.lean";
+
+/// Where a suspending QEMU's socket `socket` is kept while its state is
+/// converted (`relean`).
+fn set_aside(socket: &Path) -> PathBuf {
+    socket.with_extension("sock.suspending")
+}
+
 /// fsyncs a file a jailed QEMU wrote in its own directory, opened without
 /// following a symlink and without blocking on a FIFO.
 fn sync_own_file(path: &Path) -> Result<(), VmError> {

@@ -205,6 +205,28 @@ async fn pool_launches_and_failures() {
         drop(agent);
         driver.remove(&vm).await.expect("remove");
     }
+    // A server killed while a suspend converted its clone's state leaves the
+    // QEMU's sockets under the names they are set aside to; recovery (the
+    // restarted server's, for a VM whose agent does not answer) gives them
+    // back.
+    let (aside, agent) = driver
+        .launch_with_agent(&snapshot, "aside")
+        .await
+        .expect("launch");
+    drop(agent);
+    for socket in ["qmp.sock", "agent.sock"] {
+        std::fs::rename(
+            aside.dir.join(socket),
+            aside.dir.join(format!("{socket}.suspending")),
+        )
+        .expect("set aside");
+    }
+    assert!(!aside.agent_socket().exists() && !aside.qmp_socket().exists());
+    driver.recover(&aside).await.expect("recover");
+    let agent = driver.agent(&aside).await.expect("agent");
+    assert_eq!(sh(&agent, "echo back").await, "back");
+    drop(agent);
+    driver.remove(&aside).await.expect("remove aside");
 
     // A QEMU that dies is a clear error for that VM only.
     let (victim, _agent) = driver
