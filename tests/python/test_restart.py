@@ -134,10 +134,13 @@ def test_restart_adopts_vms_and_settles_interrupted_operations(fleet):
         kill_qemu_under(f"{data}/")
 
 
-def test_interrupted_suspend_is_carried_out(fleet):
+@pytest.mark.parametrize("delay", [0.03, 0.5])
+def test_interrupted_suspend_is_carried_out(fleet, delay):
     """A suspend cut short by kill -9 of the server leaves a live, paused QEMU
-    writing suspend.state; the restarted server suspends it (the partial file
-    is never taken for a saved state) and it resumes into a working guest."""
+    writing suspend.state (at 0.03 s), or a clone's state half converted to
+    the lean format (at 0.5 s: a second QEMU loading it, the first one's
+    sockets set aside); the restarted server suspends it (the partial files
+    are never taken for a saved state) and it resumes into a working guest."""
     data, account = fleet["data_dir"], fleet["account"]
     proc, url = start_server(data, *FAST_RATES)
     try:
@@ -147,7 +150,7 @@ def test_interrupted_suspend_is_carried_out(fleet):
         wait_for_state(client, microvm_id, "RUNNING")
         vm_dir = data / "engine/vms" / vm_dir_name(microvm_id)
         client.suspend_microvm(microvmIdentifier=microvm_id)
-        time.sleep(0.03)
+        time.sleep(delay)
         proc.kill()
         proc.wait()
         # The premise: the suspend was under way (record SUSPENDING, QEMU alive).
