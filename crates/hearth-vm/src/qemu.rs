@@ -1727,8 +1727,6 @@ impl Driver for QemuDriver {
             });
         }
         let state_file = vm.suspend_state();
-        // QEMU creates it (in its own directory, as its own uid).
-        let _ = std::fs::remove_file(&state_file);
         let shared_ram = match &vm.memory {
             Memory::SharedFile { path } => Some(path.clone()),
             Memory::PrivateFile { .. } | Memory::Anonymous => None,
@@ -2077,7 +2075,6 @@ pub(crate) fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-/// A random id that names one QEMU process (`-name hearth-ID`).
 /// The lean state a clone's suspend writes while it converts (`relean`),
 /// in the VM's directory, before it replaces the stream.
 const LEAN_STATE_FILE: &str = "suspend.lean";
@@ -2099,6 +2096,7 @@ fn sync_own_file(path: &Path) -> Result<(), VmError> {
         .map_err(|e| VmError::Io(path.to_path_buf(), e))
 }
 
+/// A random id that names one QEMU process (`-name hearth-ID`).
 pub(crate) fn new_instance_id() -> String {
     hex::encode(rand::random::<[u8; 8]>())
 }

@@ -174,21 +174,21 @@ impl Qmp {
     /// Sets the `x-ignore-shared` migration capability: when on, RAM blocks backed
     /// by a shared named file are left out of the migration stream.
     pub async fn set_ignore_shared(&mut self, on: bool) -> Result<(), QmpError> {
-        self.execute::<Value>(
-            "migrate-set-capabilities",
-            Some(json!({"capabilities": [{"capability": "x-ignore-shared", "state": on}]})),
-        )
-        .await
-        .map(drop)
+        self.set_capability("x-ignore-shared", on).await
     }
 
     /// Turns `mapped-ram` on or off: a `file:` stream with each RAM page at a
     /// fixed offset and zero pages left out, loaded by reading only the
     /// pages present (QEMU 9.0+).
     pub async fn set_mapped_ram(&mut self, on: bool) -> Result<(), QmpError> {
+        self.set_capability("mapped-ram", on).await
+    }
+
+    /// Turns migration capability `name` on or off.
+    async fn set_capability(&mut self, name: &str, on: bool) -> Result<(), QmpError> {
         self.execute::<Value>(
             "migrate-set-capabilities",
-            Some(json!({"capabilities": [{"capability": "mapped-ram", "state": on}]})),
+            Some(json!({"capabilities": [{"capability": name, "state": on}]})),
         )
         .await
         .map(drop)
